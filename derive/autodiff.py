@@ -1,0 +1,212 @@
+"""Reverse mode in SymPy: index-aware derivatives of statements, adjoints statement by statement.
+
+The one differentiation rule is SymPy's ``diff`` on the scalar shell of an expression; the index
+bookkeeping (an entry's derivative is a product of Kronecker deltas, a sum's derivative is the sum
+of derivatives, a max routes to its argmax) is general and knows nothing of any particular op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from .indexalg import (
+    ArgMax,
+    IMax,
+    bound_indices,
+    ISum,
+    entry,
+    entry_indices,
+    entry_name,
+    free_indices,
+    fresh_indices,
+    is_entry,
+    tensor_names,
+)
+from .program import Program, Statement, TensorInfo
+
+_LEAVES = (ISum, IMax, ArgMax)
+
+
+def grad_name(name: str) -> str:
+    """The name of the adjoint (gradient) of tensor ``name``: ``dx`` for ``x``."""
+    return f"d{name}"
+
+
+class Differentiator:
+    """Derivatives with respect to one tensor's entry ``wrt(at)``.
+
+    With ``definitions`` the derivative is total (it goes through named intermediates by their
+    forward definitions); without, it is the partial derivative of one statement.
+    """
+
+    def __init__(self, wrt: str, at: tuple[sympy.Symbol, ...], definitions: dict[str, Statement] | None = None):
+        self.wrt = wrt
+        self.at = at
+        self.defs = definitions or {}
+        self.memo: dict[sympy.Expr, sympy.Expr] = {}
+        self._deps: dict[str, bool] = {}
+
+    def depends(self, e: sympy.Expr) -> bool:
+        """Whether ``e`` reads ``wrt``, directly or through the definitions."""
+        return any(self._name_depends(n) for n in tensor_names(e))
+
+    def _name_depends(self, name: str) -> bool:
+        if name == self.wrt:
+            return True
+        if name not in self._deps:
+            self._deps[name] = False
+            stmt = self.defs.get(name)
+            self._deps[name] = stmt is not None and self.depends(stmt.expr)
+        return self._deps[name]
+
+    def __call__(self, e: sympy.Expr) -> sympy.Expr:
+        if e not in self.memo:
+            self.memo[e] = self._derive(e) if self.depends(e) else sympy.S.Zero
+        return self.memo[e]
+
+    def _derive(self, e: sympy.Expr) -> sympy.Expr:
+        if is_entry(e):
+            if entry_name(e) == self.wrt:
+                return sympy.Mul(*(sympy.KroneckerDelta(i, w) for i, w in zip(entry_indices(e), self.at)))
+            return self(self.defs[entry_name(e)].at(entry_indices(e)))
+        if isinstance(e, ISum):
+            inner = self(e.body)
+            return sympy.S.Zero if inner == 0 else ISum(inner, e.var)
+        if isinstance(e, IMax):
+            k = e.var
+            return ISum(sympy.KroneckerDelta(k, ArgMax(e.body, k)) * self(e.body), k)
+        return self._chain_rule(e)
+
+    def _chain_rule(self, e: sympy.Expr) -> sympy.Expr:
+        """Differentiate the scalar shell with ``sympy.diff`` and chain into each index-level leaf."""
+        leaves = _leaves(e)
+        dummies = {leaf: sympy.Dummy(f"v{k}", real=True) for k, leaf in enumerate(leaves)}
+        shell = e.xreplace(dummies)
+        back = {u: leaf for leaf, u in dummies.items()}
+        total = sympy.S.Zero
+        for leaf, u in dummies.items():
+            inner = self(leaf)
+            if inner != 0:
+                total += sympy.diff(shell, u).xreplace(back) * inner
+        return total
+
+
+def _leaves(e: sympy.Expr) -> list[sympy.Expr]:
+    """The maximal index-level sub-expressions (entries, sums, max) of an expression."""
+    if is_entry(e) or isinstance(e, _LEAVES):
+        return [e]
+    out: list[sympy.Expr] = []
+    for a in e.args:
+        for leaf in _leaves(a):
+            if leaf not in out:
+                out.append(leaf)
+    return out
+
+
+def adjoint_of(output: sympy.Expr, out_indices: tuple[sympy.Symbol, ...], diff: Differentiator, seed: sympy.Expr) -> sympy.Expr:
+    """``Σ_out seed[out] · ∂output[out]/∂wrt[at]``: the vector-Jacobian product in index form."""
+    body = seed * diff(output)
+    for i in reversed(out_indices):
+        body = ISum(body, i)
+    return body
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One term of the atom-by-atom chain: what statement ``source`` adds to ``d<target>``."""
+
+    target: TensorInfo
+    source: Statement
+    local: sympy.Expr
+    expr: sympy.Expr
+    indices: tuple[sympy.Symbol, ...]
+
+
+def chain_steps(program: Program) -> list[Contribution]:
+    """The atom-by-atom backward: statements in reverse, each pushing gradient to what it reads."""
+    tensors = program.tensors
+    steps: list[Contribution] = []
+    reached = {program.output}
+    for stmt in reversed(program.statements):
+        if stmt.name not in reached:
+            continue
+        for name in sorted(tensor_names(stmt.expr), key=lambda n: _order(program, n)):
+            target = tensors[name]
+            if target.is_int:
+                continue
+            at = fresh_indices(target.dims, _all_indices(program))
+            diff = Differentiator(name, at)
+            local = diff(stmt.expr)
+            if local == 0:
+                continue
+            seed = entry(grad_name(stmt.name), stmt.target.indices)
+            steps.append(Contribution(target, stmt, local, adjoint_of(stmt.expr, stmt.target.indices, diff, seed), at))
+            reached.add(name)
+    return steps
+
+
+def cut_tensors(program: Program) -> list[str]:
+    """Tensors whose adjoint the fused backward materialises, output first.
+
+    Contractions and layers (statements reading two or more of the op's inputs) are natural
+    boundaries: they get named adjoints (``dlogits``, ``dh``), and everything between two
+    boundaries (a loss, a normalisation) is differentiated as one expression and simplified.
+    """
+    inputs = {t.name for t in program.inputs if not t.is_int}
+    cuts = {program.output} | inputs
+    for stmt in program.statements:
+        reads = tensor_names(stmt.expr)
+        if stmt.kind == "contraction":
+            cuts.add(stmt.name)
+            cuts |= reads
+        elif len(reads & inputs) >= 2 and reads - inputs - {t.name for t in program.inputs}:
+            cuts.add(stmt.name)  # a layer: parameters meet activations (gamma * xhat + beta)
+    order = [t.name for t in program.inputs] + [s.name for s in program.statements]
+    return [n for n in reversed(order) if n in cuts and not program.tensors[n].is_int]
+
+
+@dataclass(frozen=True)
+class FusedAdjoint:
+    """The adjoint of a boundary tensor as one index expression (not yet simplified)."""
+
+    wrt: TensorInfo
+    expr: sympy.Expr
+    at: tuple[sympy.Symbol, ...]
+
+
+def fused_adjoints(program: Program) -> list[FusedAdjoint]:
+    """Adjoints of the boundary tensors in reverse order, each differentiated through its region."""
+    cuts = cut_tensors(program)
+    region = {n: s for n, s in program.definitions.items() if n not in cuts}
+    avoid = _all_indices(program)
+    out: list[FusedAdjoint] = []
+    for name in cuts[1:]:
+        wrt = program.tensors[name]
+        at = fresh_indices(wrt.dims, avoid)
+        diff = Differentiator(name, at, region)
+        total = sympy.S.Zero
+        for consumer in cuts:
+            stmt = program.definitions.get(consumer)
+            if stmt is None or not diff.depends(stmt.expr):
+                continue
+            seed = entry(grad_name(consumer), stmt.target.indices)
+            total += adjoint_of(stmt.expr, stmt.target.indices, diff, seed)
+        out.append(FusedAdjoint(wrt, total, at))
+    return out
+
+
+def _all_indices(program: Program) -> set[sympy.Symbol]:
+    """Every index symbol used anywhere in the program, so new ones never capture or clash."""
+    out: set[sympy.Symbol] = set()
+    for stmt in program.statements:
+        out |= free_indices(stmt.expr) | bound_indices(stmt.expr) | set(stmt.target.indices)
+    for t in program.inputs:
+        out |= set(t.indices)
+    return out
+
+
+def _order(program: Program, name: str) -> int:
+    names = [t.name for t in program.inputs] + [s.name for s in program.statements]
+    return names.index(name)

@@ -1,0 +1,166 @@
+"""The pipeline's record: trace → differentiate → simplify → lower, for one op.
+
+:func:`derive` returns a :class:`Derivation` holding the forward program, the atom-by-atom chain,
+the fused gradients with the simplification steps that produced them, and the lowered code of
+the forward, fused backward and chain backward. Emission, verification and the report read it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import sympy
+
+from .autodiff import Contribution, chain_steps, fused_adjoints, grad_name
+from .indexalg import free_indices, substitute_indices, tensor_names
+from .lower import Lowerer
+from .program import Program, TensorInfo
+from .simplify import Simplifier, Step
+from .tensor import Op
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """The fused gradient of the op's output w.r.t. one input or one boundary intermediate."""
+
+    wrt: TensorInfo
+    raw: sympy.Expr
+    steps: tuple[Step, ...]
+    result: sympy.Expr
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """One simplified contribution of the chain rule: ``d<target> += expr``."""
+
+    contribution: Contribution
+    result: sympy.Expr
+
+
+@dataclass
+class Code:
+    """Lowered code of the generated module's three functions."""
+
+    sizes: list[tuple[str, str]]
+    forward: list[str]
+    saved: list[str]
+    backward: list[str]
+    backward_steps: list[str]
+    steps_outputs: list[str]
+
+
+@dataclass
+class Derivation:
+    """Everything derived for one op, in pipeline order."""
+
+    op: Op
+    program: Program
+    chain: list[ChainStep]
+    gradients: list[Gradient]
+    code: Code
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.program.name
+
+
+def _canonical(e: sympy.Expr, at: tuple[sympy.Symbol, ...], target: TensorInfo) -> sympy.Expr:
+    """Rename the free indices ``at`` of a gradient to the target's canonical indices."""
+    return substitute_indices(e, dict(zip(at, target.indices)))
+
+
+def derive(the_op: Op) -> Derivation:
+    """Run the pipeline on one op.
+
+    Example:
+        >>> from derive.ops import catalogue
+        >>> d = derive(catalogue()["tanh"])
+        >>> [g.wrt.name for g in d.gradients]
+        ['x']
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    program = the_op.program()
+    timings["trace"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    contributions = chain_steps(program)
+    raw = [(a.wrt, a.expr, a.at) for a in fused_adjoints(program)]
+    timings["differentiate"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    local = Simplifier(program, identities=False)
+    chain = [ChainStep(c, _canonical(local.run(c.expr)[0], c.indices, c.target)) for c in contributions]
+    gradients = []
+    for wrt, expr, at in raw:
+        simplifier = Simplifier(program)
+        result, steps = simplifier.run(expr)
+        steps = [Step(s.rule, s.identity, _canonical(s.result, at, wrt)) for s in steps]
+        gradients.append(Gradient(wrt, _canonical(expr, at, wrt), tuple(steps), _canonical(result, at, wrt)))
+    timings["simplify"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    code = lower_program(program, chain, gradients)
+    timings["lower"] = time.perf_counter() - t0
+    return Derivation(the_op, program, chain, gradients, code, timings)
+
+
+def lower_program(program: Program, chain: list[ChainStep], gradients: list[Gradient]) -> Code:
+    """Lower the forward statements, the fused gradients and the chain into torch code lines."""
+    tensors = program.tensors
+    out = tensors[program.output]
+    layouts = dict(tensors)
+    for t in list(tensors.values()):
+        layouts[grad_name(t.name)] = TensorInfo(grad_name(t.name), t.layout, t.is_int)
+
+    sizes = _size_lines(program)
+    fwd = Lowerer(layouts, ref=program.differentiable_inputs[0].name, names=set(layouts))
+    for stmt in program.statements:
+        fwd.assign(stmt.name, stmt.expr, stmt.target)
+
+    seed = grad_name(out.name)
+    bwd = Lowerer(layouts, ref=seed, names=set(layouts))
+    for g in gradients:
+        bwd.assign(grad_name(g.wrt.name), g.result, g.wrt)
+
+    steps = Lowerer(layouts, ref=seed, names=set(layouts))
+    assigned: set[str] = set()
+    outputs = [out.name]
+    for c in chain:
+        target = c.contribution.target
+        name = grad_name(target.name)
+        steps.assign(name, c.result, target, accumulate=name in assigned, comment=f"{target.name} <- {c.contribution.source.name}")
+        if name not in assigned:
+            outputs.append(target.name)
+        assigned.add(name)
+
+    needed: set[str] = set()
+    for e in [g.result for g in gradients] + [c.result for c in chain]:
+        needed |= {n for n in tensor_names(e) if n in tensors}
+    saved = [n for n in tensors if n in needed]
+    return Code(sizes, fwd.lines, saved, bwd.lines, steps.lines, [o for o in tensors if o in outputs])
+
+
+def _size_lines(program: Program) -> list[tuple[str, str]]:
+    """``(N, "x.shape[0]")`` for each plain dim, read from the first input that has it."""
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for t in program.inputs:
+        for axis, d in enumerate(t.layout):
+            if d is None:
+                continue
+            parts = d.parts or (d,)
+            if len(parts) == 1 and d.name not in seen:
+                seen.add(d.name)
+                out.append((str(d.size), f"{t.name}.shape[{axis}]"))
+    missing = [d.name for d in program.dims if not d.parts and d.name not in seen]
+    if missing:
+        from .errors import OpDefinitionError
+
+        raise OpDefinitionError(f"op '{program.name}': dims {missing} are not in any input, so their size is unknown")
+    return out
+
+
+__all__ = ["Derivation", "Gradient", "ChainStep", "Code", "derive", "free_indices"]

@@ -1,0 +1,245 @@
+"""Index algebra: named dims, index symbols and the index-level SymPy nodes (sums, max, deltas).
+
+Every statement of a forward program, every adjoint and every fused gradient is one SymPy
+expression over tensor entries such as ``x(n, d)``; these nodes are the only vocabulary beyond
+SymPy's own scalar functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import sympy
+from sympy.core.function import AppliedUndef
+
+__all__ = [
+    "Dim",
+    "ISum",
+    "IMax",
+    "ArgMax",
+    "Flat",
+    "Pack",
+    "entry",
+    "is_entry",
+    "entry_name",
+    "entry_indices",
+    "dim_of",
+    "is_index",
+    "free_indices",
+    "fresh_index",
+    "fresh_indices",
+    "bound_indices",
+    "tensor_names",
+]
+
+_DIMS: dict[str, "Dim"] = {}
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A named dimension. ``parts`` is non-empty for a dim made by flattening others."""
+
+    name: str
+    parts: tuple["Dim", ...] = field(default=())
+    fixed: int | None = None
+
+    def __post_init__(self) -> None:
+        _DIMS[self.name] = self
+
+    @property
+    def size(self) -> sympy.Expr:
+        """The symbolic size: ``N`` for dim ``n``; a product for a flattened dim."""
+        if self.fixed is not None:
+            return sympy.Integer(self.fixed)
+        if self.parts:
+            return sympy.Mul(*(p.size for p in self.parts))
+        return sympy.Symbol(self.name.upper(), integer=True, positive=True)
+
+    def index(self, k: int = 0) -> sympy.Symbol:
+        """The k-th index symbol ranging over this dim: ``n``, ``n2``, ``n3``..."""
+        name = self.name if k == 0 else f"{self.name}{k + 1}"
+        _DIMS[name] = self
+        return sympy.Symbol(name, integer=True)
+
+    def __repr__(self) -> str:
+        return f"Dim({self.name!r})"
+
+
+def dim_of(sym: sympy.Basic) -> Dim:
+    """The dim an index symbol ranges over."""
+    return _DIMS[str(sym)]
+
+
+def is_index(e: sympy.Basic) -> bool:
+    """True for a plain index symbol (not a size, a parameter or a compound index)."""
+    return isinstance(e, sympy.Symbol) and e.is_integer is True and e.is_positive is None and str(e) in _DIMS
+
+
+def fresh_index(dim: Dim, avoid: Iterable[sympy.Basic]) -> sympy.Symbol:
+    """The first index symbol of ``dim`` not in ``avoid``."""
+    taken = set(avoid)
+    k = 0
+    while dim.index(k) in taken:
+        k += 1
+    return dim.index(k)
+
+
+def fresh_indices(dims: Iterable[Dim], avoid: Iterable[sympy.Basic]) -> tuple[sympy.Symbol, ...]:
+    """Distinct fresh index symbols, one per dim."""
+    taken = set(avoid)
+    out = []
+    for d in dims:
+        s = fresh_index(d, taken)
+        taken.add(s)
+        out.append(s)
+    return tuple(out)
+
+
+class _Bound(sympy.Function):
+    """A node binding an index: ``args = (body, index)``."""
+
+    nargs = 2
+
+    @property
+    def body(self) -> sympy.Expr:
+        return self.args[0]
+
+    @property
+    def var(self) -> sympy.Symbol:
+        return self.args[1]
+
+
+class ISum(_Bound):
+    """``Σ_k body``: the sum of ``body`` over the whole range of index ``k``."""
+
+    def _sympystr(self, printer) -> str:  # noqa: ANN001
+        return f"Σ_{printer._print(self.var)}({printer._print(self.body)})"
+
+    def _latex(self, printer) -> str:  # noqa: ANN001
+        return rf"\sum_{{{printer._print(self.var)}}} \left({printer._print(self.body)}\right)"
+
+
+class IMax(_Bound):
+    """``max_k body``: the maximum of ``body`` over index ``k``."""
+
+    def _sympystr(self, printer) -> str:  # noqa: ANN001
+        return f"max_{printer._print(self.var)}({printer._print(self.body)})"
+
+    def _latex(self, printer) -> str:  # noqa: ANN001
+        return rf"\max_{{{printer._print(self.var)}}} \left({printer._print(self.body)}\right)"
+
+
+class ArgMax(_Bound):
+    """``argmax_k body``: the (first) index where ``body`` is largest; an integer."""
+
+    is_integer = True
+
+    def _sympystr(self, printer) -> str:  # noqa: ANN001
+        return f"argmax_{printer._print(self.var)}({printer._print(self.body)})"
+
+    def _latex(self, printer) -> str:  # noqa: ANN001
+        return rf"\operatorname{{argmax}}_{{{printer._print(self.var)}}} \left({printer._print(self.body)}\right)"
+
+
+class Pack(sympy.Function):
+    """The index of a flattened dim made from the indices of its parts: ``(t, e)``."""
+
+    is_integer = True
+
+    def _sympystr(self, printer) -> str:  # noqa: ANN001
+        return "(" + ",".join(printer._print(a) for a in self.args) + ")"
+
+    def _latex(self, printer) -> str:  # noqa: ANN001
+        return "(" + ",".join(printer._print(a) for a in self.args) + ")"
+
+
+class Flat(sympy.Function):
+    """Coordinate ``p`` of an index ``f`` of a flattened dim: ``Flat(Pack(t, e), 0) = t``."""
+
+    nargs = 2
+    is_integer = True
+
+    @classmethod
+    def eval(cls, f, p):  # noqa: ANN001, ANN206
+        if isinstance(f, Pack):
+            return f.args[int(p)]
+        return None
+
+    def _sympystr(self, printer) -> str:  # noqa: ANN001
+        return f"{printer._print(self.args[0])}.{int(self.args[1])}"
+
+
+_ENTRY_CLASSES: dict[str, type] = {}
+
+
+def entry(name: str, indices: Iterable[sympy.Basic] = ()) -> sympy.Expr:
+    """The entry ``name(i, j, ...)`` of a named tensor at the given indices."""
+    cls = _ENTRY_CLASSES.get(name)
+    if cls is None:
+        cls = _ENTRY_CLASSES[name] = sympy.Function(name)
+    return cls(*indices)
+
+
+def is_entry(e: sympy.Basic) -> bool:
+    """True for a tensor entry ``x(i, j)``."""
+    return isinstance(e, AppliedUndef)
+
+
+def entry_name(e: sympy.Basic) -> str:
+    return type(e).__name__
+
+
+def entry_indices(e: sympy.Basic) -> tuple[sympy.Basic, ...]:
+    return tuple(e.args)
+
+
+def free_indices(e: sympy.Basic) -> set[sympy.Symbol]:
+    """Index symbols that occur free (not bound by a sum, max or argmax) in ``e``."""
+    if is_index(e):
+        return {e}  # type: ignore[arg-type]
+    if isinstance(e, _Bound):
+        return free_indices(e.body) - {e.var}
+    out: set[sympy.Symbol] = set()
+    for a in e.args:
+        out |= free_indices(a)
+    return out
+
+
+def bound_indices(e: sympy.Basic) -> set[sympy.Symbol]:
+    """Index symbols bound anywhere inside ``e``."""
+    out: set[sympy.Symbol] = set()
+    if isinstance(e, _Bound):
+        out.add(e.var)
+    for a in e.args:
+        out |= bound_indices(a)
+    return out
+
+
+def tensor_names(e: sympy.Basic) -> set[str]:
+    """Names of the tensors whose entries ``e`` reads."""
+    return {entry_name(a) for a in e.atoms(AppliedUndef)}
+
+
+def rename_bound(e: sympy.Expr, avoid: set[sympy.Symbol]) -> sympy.Expr:
+    """Rename bound indices of ``e`` that clash with ``avoid`` (capture-avoiding substitution)."""
+    if not isinstance(e, sympy.Basic) or not e.args:
+        return e
+    if isinstance(e, _Bound):
+        var = e.var
+        body = e.body
+        if var in avoid:
+            new = fresh_index(dim_of(var), avoid | free_indices(body) | bound_indices(body))
+            body = body.xreplace({var: new})
+            var = new
+        return type(e)(rename_bound(body, avoid | {var}), var)
+    return e.func(*(rename_bound(a, avoid) for a in e.args))
+
+
+def substitute_indices(e: sympy.Expr, mapping: dict[sympy.Symbol, sympy.Basic]) -> sympy.Expr:
+    """Replace free indices by index expressions without capturing them in inner sums."""
+    avoid: set[sympy.Symbol] = set()
+    for v in mapping.values():
+        avoid |= free_indices(v) if isinstance(v, sympy.Basic) else set()
+    avoid |= set(mapping)
+    return rename_bound(e, avoid).xreplace(mapping)

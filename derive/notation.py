@@ -1,0 +1,55 @@
+"""Readable index notation for expressions: ``x[n, d]``, ``Σ_n(...)``, ``δ(c, target[n])``."""
+
+from __future__ import annotations
+
+import sympy
+from sympy.printing.latex import LatexPrinter
+from sympy.printing.str import StrPrinter
+
+from .indexalg import entry_indices, entry_name, is_entry
+
+
+class IndexStrPrinter(StrPrinter):
+    """SymPy's str printer with tensor entries in brackets and deltas as δ."""
+
+    def _print_Function(self, expr: sympy.Expr) -> str:
+        if is_entry(expr):
+            idx = entry_indices(expr)
+            return entry_name(expr) + (f"[{', '.join(self._print(i) for i in idx)}]" if idx else "")
+        return super()._print_Function(expr)
+
+    def _print_KroneckerDelta(self, expr: sympy.Expr) -> str:
+        return f"δ({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+
+    def _print_Dummy(self, expr: sympy.Dummy) -> str:
+        return expr.name
+
+
+class IndexLatexPrinter(LatexPrinter):
+    """SymPy's LaTeX printer with tensor entries as subscripted names."""
+
+    def _print_Function(self, expr: sympy.Expr, exp: str | None = None) -> str:
+        if is_entry(expr):
+            name = entry_name(expr).replace("_", r"\_")
+            idx = entry_indices(expr)
+            body = rf"\mathrm{{{name}}}" + (f"_{{{','.join(self._print(i) for i in idx)}}}" if idx else "")
+            return f"{body}^{{{exp}}}" if exp else body
+        return super()._print_Function(expr, exp)
+
+    def _print_KroneckerDelta(self, expr: sympy.Expr, exp: str | None = None) -> str:
+        body = rf"\delta_{{{self._print(expr.args[0])},{self._print(expr.args[1])}}}"
+        return f"{body}^{{{exp}}}" if exp else body
+
+
+_TEXT = IndexStrPrinter()
+_LATEX = IndexLatexPrinter()
+
+
+def text(e: sympy.Basic) -> str:
+    """One-line Unicode notation of an index expression."""
+    return _TEXT.doprint(e)
+
+
+def latex(e: sympy.Basic) -> str:
+    """LaTeX notation of an index expression."""
+    return _LATEX.doprint(e)

@@ -1,0 +1,131 @@
+"""The forward program: named tensors and statements in index form, the deriver's input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from .indexalg import ArgMax, Dim, Flat, IMax, ISum, entry, is_entry, substitute_indices
+
+Layout = tuple[Dim | None, ...]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A named tensor of the program: its layout (None marks a size-1 axis) and dtype kind."""
+
+    name: str
+    layout: Layout
+    is_int: bool = False
+
+    @property
+    def dims(self) -> tuple[Dim, ...]:
+        """The named (semantic) dims, in layout order."""
+        return tuple(d for d in self.layout if d is not None)
+
+    @property
+    def indices(self) -> tuple[sympy.Symbol, ...]:
+        """Canonical index symbols, one per dim."""
+        return tuple(d.index() for d in self.dims)
+
+    def at(self, indices: tuple[sympy.Basic, ...] | None = None) -> sympy.Expr:
+        """The entry of this tensor at ``indices`` (canonical ones by default)."""
+        return entry(self.name, self.indices if indices is None else indices)
+
+    def shape_text(self) -> str:
+        """Human-readable shape such as ``N x D`` or ``1 x H``."""
+        if not self.layout:
+            return "scalar"
+        return " x ".join("1" if d is None else str(d.size) for d in self.layout)
+
+
+@dataclass(frozen=True)
+class Statement:
+    """``name[indices] = expr``: one forward statement in index notation."""
+
+    target: TensorInfo
+    expr: sympy.Expr
+    source: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def kind(self) -> str:
+        """The statement's kind, for the printed derivation."""
+        if self.expr.has(IMax):
+            return "max"
+        entries = _entries(self.expr)
+        if any(any(is_entry(i) for i in e.args) for e in entries):
+            return "gather"
+        if self.expr.has(Flat):
+            return "reshape"
+        if self.expr.has(ISum):
+            sums = [s for s in sympy.preorder_traversal(self.expr) if isinstance(s, ISum)]
+            if any(len([f for f in sympy.Mul.make_args(s.body) if is_entry(f)]) > 1 for s in sums):
+                return "contraction"
+            return "sum"
+        return "elementwise"
+
+    def at(self, indices: tuple[sympy.Basic, ...]) -> sympy.Expr:
+        """The statement's right-hand side with its free indices replaced by ``indices``."""
+        mapping = dict(zip(self.target.indices, indices))
+        return substitute_indices(self.expr, mapping)
+
+
+def _entries(e: sympy.Expr) -> set[sympy.Basic]:
+    return {a for a in sympy.preorder_traversal(e) if is_entry(a)}
+
+
+@dataclass(frozen=True)
+class Param:
+    """A scalar parameter kept symbolic (eps); a keyword argument of the generated code."""
+
+    name: str
+    default: float
+
+    @property
+    def symbol(self) -> sympy.Symbol:
+        return sympy.Symbol(self.name, positive=True)
+
+
+@dataclass(frozen=True)
+class Program:
+    """A traced forward op: inputs, parameters, statements in order, and the output's name."""
+
+    name: str
+    inputs: tuple[TensorInfo, ...]
+    params: tuple[Param, ...]
+    statements: tuple[Statement, ...]
+    output: str
+    doc: str = ""
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        out = {t.name: t for t in self.inputs}
+        out.update({s.name: s.target for s in self.statements})
+        return out
+
+    @property
+    def definitions(self) -> dict[str, Statement]:
+        return {s.name: s for s in self.statements}
+
+    @property
+    def differentiable_inputs(self) -> tuple[TensorInfo, ...]:
+        return tuple(t for t in self.inputs if not t.is_int)
+
+    @property
+    def dims(self) -> tuple[Dim, ...]:
+        """Every dim that appears, inputs first, in order of appearance."""
+        seen: dict[str, Dim] = {}
+        for t in list(self.inputs) + [s.target for s in self.statements]:
+            for d in t.dims:
+                for part in d.parts or (d,):
+                    seen.setdefault(part.name, part)
+                seen.setdefault(d.name, d)
+        return tuple(seen.values())
+
+
+__all__ = ["Layout", "TensorInfo", "Statement", "Param", "Program", "ArgMax"]

@@ -1,0 +1,395 @@
+"""The simplifier: index-level rewrites applied to a fixed point, each one a named identity.
+
+Rules are small functions ``Expr -> Expr``; :class:`Simplifier` applies them in order until
+nothing changes and records every step that changed the expression, so the printed derivation can
+say which identity it used. Identities about particular tensors (a centred value sums to zero, a
+normalised row sums to one, a forward value already holds a sub-expression) are discovered from
+the forward program's own statements, never from a list of ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import sympy
+
+from .indexalg import (
+    ArgMax,
+    Flat,
+    IMax,
+    ISum,
+    Pack,
+    dim_of,
+    entry,
+    entry_indices,
+    entry_name,
+    free_indices,
+    is_entry,
+    substitute_indices,
+    tensor_names,
+)
+from .program import Program, Statement
+
+
+@dataclass(frozen=True)
+class Step:
+    """One rewrite of the derivation: the rule's name, the identity it used, and the result."""
+
+    rule: str
+    identity: str
+    result: sympy.Expr
+
+
+# -- sums and deltas --------------------------------------------------------------------------
+def _distribute(e: sympy.Expr) -> sympy.Expr:
+    return sympy.expand(e, deep=False, power_base=False, power_exp=False, log=False, multinomial=False, basic=False)
+
+
+def _delta_partner(f: sympy.Basic, k: sympy.Symbol) -> sympy.Basic | None:
+    """For ``δ(k, e)`` with ``e`` free of ``k``, return ``e``."""
+    if not isinstance(f, sympy.KroneckerDelta):
+        return None
+    a, b = f.args
+    if a == k and k not in free_indices(b) and not b.has(k):
+        return b
+    if b == k and k not in free_indices(a) and not a.has(k):
+        return a
+    return None
+
+
+def _compound_partner(factors: list[sympy.Basic], k: sympy.Symbol) -> tuple[sympy.Basic, list[sympy.Basic]] | None:
+    """For a flattened dim's index ``k``: ``δ(k.0, b) δ(k.1, c)`` pins ``k`` to ``(b, c)``."""
+    parts = dim_of(k).parts
+    if not parts:
+        return None
+    found: dict[int, sympy.Basic] = {}
+    used: list[sympy.Basic] = []
+    for f in factors:
+        if isinstance(f, sympy.KroneckerDelta):
+            for x, y in (f.args, f.args[::-1]):
+                if isinstance(x, Flat) and x.args[0] == k and not y.has(k):
+                    found[int(x.args[1])] = y
+                    used.append(f)
+                    break
+    if len(found) != len(parts):
+        return None
+    return Pack(*(found[p] for p in range(len(parts)))), used
+
+
+def sum_term(term: sympy.Expr, k: sympy.Symbol) -> tuple[sympy.Expr, bool]:
+    """``Σ_k`` of one product: eliminate a delta on ``k`` (True), or pull out what does not depend on ``k``."""
+    factors = list(sympy.Mul.make_args(term))
+    for f in factors:
+        partner = _delta_partner(f, k)
+        if partner is not None:
+            rest = sympy.Mul(*(g for g in factors if g is not f))
+            return substitute_indices(rest, {k: partner}), True
+    compound = _compound_partner(factors, k)
+    if compound is not None:
+        value, used = compound
+        rest = sympy.Mul(*(g for g in factors if g not in used))
+        return substitute_indices(rest, {k: value}), True
+    inside = [f for f in factors if f.has(k)]
+    outside = [f for f in factors if not f.has(k)]
+    if not inside:
+        return sympy.Mul(*outside) * dim_of(k).size, False
+    return sympy.Mul(*outside) * ISum(sympy.Mul(*inside), k), False
+
+
+def split_sums(e: sympy.Expr) -> sympy.Expr:
+    """Linearity of Σ and delta elimination, bottom-up: ``Σ_k δ(k, a) f(k) = f(a)``."""
+    if not isinstance(e, sympy.Basic) or not e.args or is_entry(e):
+        return e
+    if isinstance(e, ISum) and dim_of(e.var).parts and e.body.has(Flat):
+        return split_sums(_split_flat_sum(e))
+    if isinstance(e, ISum):
+        body = _distribute(split_sums(e.body))
+        terms = []
+        for t in sympy.Add.make_args(body):
+            value, eliminated = sum_term(t, e.var)
+            terms.append(split_sums(value) if eliminated else value)
+        return sympy.Add(*terms)
+    return e.func(*(split_sums(a) for a in e.args))
+
+
+def _split_flat_sum(e: ISum) -> sympy.Expr:
+    """``Σ_f g(f) = Σ_t Σ_e g((t, e))`` for an index ``f`` of a flattened dim."""
+    from .indexalg import bound_indices, fresh_indices
+
+    parts = fresh_indices(dim_of(e.var).parts, free_indices(e.body) | bound_indices(e.body) | {e.var})
+    body = substitute_indices(e.body, {e.var: Pack(*parts)})
+    for p in reversed(parts):
+        body = ISum(body, p)
+    return body
+
+
+# -- forward values ---------------------------------------------------------------------------
+def _pattern(stmt: Statement) -> tuple[sympy.Expr, list[sympy.Wild]]:
+    """The statement's right-hand side with its indices (free and bound) turned into wildcards."""
+    syms = sorted(free_indices(stmt.expr) | {s.var for s in sympy.preorder_traversal(stmt.expr) if isinstance(s, (ISum, IMax, ArgMax))} | set(stmt.target.indices), key=str)
+    wilds = {s: sympy.Wild(f"w_{s}") for s in syms}
+    return stmt.expr.xreplace(wilds), [wilds[s] for s in stmt.target.indices]
+
+
+def _as_entry(stmt: Statement, match: dict[sympy.Wild, sympy.Basic], wild_idx: list[sympy.Wild]) -> sympy.Expr | None:
+    if any(w not in match for w in wild_idx):
+        return None
+    return entry(stmt.name, [match[w] for w in wild_idx])
+
+
+def _match_product(node: sympy.Expr, pattern: sympy.Expr) -> tuple[dict, sympy.Expr] | None:
+    """Find the factors of ``pattern`` among the factors of product ``node`` (powers count).
+
+    Returns the wildcard bindings and the product of the factors left over, or None.
+    """
+    have: list[list] = []
+    for f in sympy.Mul.make_args(node):
+        base, e = f.as_base_exp()
+        have.append([base, e])
+    binding: dict = {}
+    for pf in sympy.Mul.make_args(pattern):
+        pbase, pexp = pf.as_base_exp()
+        for slot in have:
+            base, e = slot
+            m = base.match(pbase.xreplace(binding))
+            if m is None or not (e - pexp).is_nonnegative or not (e - pexp).is_number:
+                continue
+            if (e.is_number and e > 0) != (pexp.is_number and pexp > 0):
+                continue
+            binding.update(m)
+            slot[1] = e - pexp
+            break
+        else:
+            return None
+    rest = sympy.Mul(*(b**e for b, e in have))
+    return binding, rest
+
+
+def recognize(e: sympy.Expr, statements: list[Statement]) -> sympy.Expr:
+    """Replace sub-expressions that a forward statement already computed by that statement's value."""
+    for stmt in reversed(statements):
+        if is_entry(stmt.expr) or stmt.expr.is_Atom:
+            continue
+        full, wild_idx = _pattern(stmt)
+        coeff, pat = _split_coefficient(full)
+
+        def swap(node: sympy.Expr, pat: sympy.Expr = pat, coeff: sympy.Expr = coeff, stmt: Statement = stmt, wild_idx: list = wild_idx) -> sympy.Expr:
+            if isinstance(node, sympy.Mul):
+                found = _match_product(node, pat)
+                if found is not None:
+                    new = _as_entry(stmt, found[0], wild_idx)
+                    if new is not None:
+                        return new * found[1] / coeff
+                return node
+            if isinstance(pat, sympy.Mul):
+                return node
+            m = node.match(pat)
+            if m is not None:
+                new = _as_entry(stmt, m, wild_idx)
+                if new is not None:
+                    return new / coeff
+            return node
+
+        e = _bottom_up(e, swap)
+        e = _rewrite_powers(e, stmt)
+    return e
+
+
+def _split_coefficient(pat: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
+    """``Σx / N`` -> ``(1/N, Σx)``: a definition's constant factor, so ``Σx`` is seen as ``N·mean``."""
+    if not isinstance(pat, sympy.Mul):
+        return sympy.S.One, pat
+    const = [f for f in pat.args if not tensor_names(f) and not f.has(ISum)]
+    core = [f for f in pat.args if f not in const]
+    if not core:
+        return sympy.S.One, pat
+    return sympy.Mul(*const), sympy.Mul(*core)
+
+
+def _rewrite_powers(e: sympy.Expr, stmt: Statement) -> sympy.Expr:
+    """With ``v = B**p`` computed forward, write ``B**q`` as ``v**(q/p)`` (e.g. ``(var+eps)**-1.5 = v**3``)."""
+    if not isinstance(stmt.expr, sympy.Pow) or not stmt.expr.exp.is_number:
+        return e
+    base_pat, wild_idx = _pattern(Statement(stmt.target, stmt.expr.base))
+    p = stmt.expr.exp
+
+    def swap(node: sympy.Expr) -> sympy.Expr:
+        if isinstance(node, sympy.Pow) and node.exp.is_number:
+            base, q = node.base, node.exp
+        elif is_entry(stmt.expr.base) and is_entry(node):
+            base, q = node, sympy.S.One
+        else:
+            return node
+        m = base.match(base_pat)
+        if m is None:
+            return node
+        new = _as_entry(stmt, m, wild_idx)
+        ratio = sympy.nsimplify(q / p)
+        # (B**p)**m == B**(p*m) only for integer m: never take roots of a forward value
+        return node if new is None or not ratio.is_integer else new**ratio
+
+    return _bottom_up(e, swap)
+
+
+def _bottom_up(e: sympy.Expr, fn: Callable[[sympy.Expr], sympy.Expr]) -> sympy.Expr:
+    if isinstance(e, sympy.Basic) and e.args and not is_entry(e):
+        e = e.func(*(_bottom_up(a, fn) for a in e.args))
+    return fn(e) if isinstance(e, sympy.Expr) else e
+
+
+def _cost(e: sympy.Expr) -> int:
+    return int(sympy.count_ops(e)) + len([a for a in sympy.preorder_traversal(e) if is_entry(a)])
+
+
+def absorb_into_sums(e: sympy.Expr, statements: list[Statement]) -> sympy.Expr:
+    """``c · Σ_k f(k)`` -> ``Σ_k (c · f(k))`` when that forms a forward value inside the sum.
+
+    ``v · Σ_n diff·g`` becomes ``Σ_n xhat·g`` because the forward pass computed ``xhat = diff·v``;
+    the factor ``c`` must not depend on ``k``.
+    """
+
+    def rewrite(node: sympy.Expr) -> sympy.Expr:
+        if not isinstance(node, sympy.Mul):
+            return node
+        for _ in range(8):
+            changed = False
+            factors = list(node.args)
+            for s_pos, s in enumerate(factors):
+                if not isinstance(s, ISum):
+                    continue
+                for f_pos, f in enumerate(factors):
+                    if f_pos == s_pos or not tensor_names(f):
+                        continue
+                    base, exp = f.as_base_exp()
+                    if not exp.is_integer or s.var in free_indices(base):
+                        continue
+                    unit = base if exp > 0 else 1 / base
+                    candidate = recognize(s.body * unit, statements)
+                    if _cost(candidate) < _cost(s.body * unit):
+                        rest = [g for i, g in enumerate(factors) if i not in (s_pos, f_pos)]
+                        remaining = base ** (exp - (1 if exp > 0 else -1))
+                        node = sympy.Mul(*rest, remaining, ISum(candidate, s.var))
+                        changed = True
+                        break
+                if changed:
+                    break
+            if not changed or not isinstance(node, sympy.Mul):
+                break
+        return node
+
+    return _bottom_up(e, rewrite)
+
+
+def combine_fractions(e: sympy.Expr) -> sympy.Expr:
+    """Put elementwise sub-expressions (no sums inside) over a common denominator when that is shorter."""
+
+    def rewrite(node: sympy.Expr) -> sympy.Expr:
+        if not isinstance(node, sympy.Add) or node.has(ISum, IMax, sympy.KroneckerDelta):
+            return node
+        best = node
+        for candidate in (sympy.together(node), sympy.cancel(sympy.together(node))):
+            if _cost(candidate) < _cost(best):
+                best = candidate
+        return best
+
+    return _bottom_up(e, rewrite)
+
+
+# -- identities of sums over forward values ----------------------------------------------------
+@dataclass
+class SumIdentities:
+    """``Σ_k v[.., k, ..]`` for a forward value ``v``: found by expanding ``v`` one level.
+
+    A value centred by its own mean sums to zero; a row divided by its own sum sums to one.
+    """
+
+    program: Program
+    found: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, e: sympy.Expr) -> sympy.Expr:
+        return _bottom_up(e, self._rewrite)
+
+    def _rewrite(self, node: sympy.Expr) -> sympy.Expr:
+        if not isinstance(node, ISum) or not is_entry(node.body):
+            return node
+        name = entry_name(node.body)
+        stmt = self.program.definitions.get(name)
+        if stmt is None:
+            return node
+        expanded = ISum(stmt.at(entry_indices(node.body)), node.var)
+        value = simplify_plain(expanded, self.program)
+        if value.is_number:
+            self.found[name] = f"Σ_{node.var} {node.body} = {value}"
+            return value
+        return node
+
+
+def simplify_plain(e: sympy.Expr, program: Program) -> sympy.Expr:
+    """Sums, deltas and forward values to a fixed point (no sum identities)."""
+    statements = list(program.statements)
+    for _ in range(12):
+        new = recognize(split_sums(e), statements)
+        new = sympy.expand(new, deep=False, power_base=False, power_exp=False, log=False, multinomial=False)
+        if new == e:
+            break
+        e = new
+    return e
+
+
+class Simplifier:
+    """Applies the rules to a fixed point and keeps a log of what each one did."""
+
+    def __init__(self, program: Program, identities: bool = True):
+        self.program = program
+        self.sums = SumIdentities(program)
+        statements = list(program.statements)
+        self.rules: list[tuple[str, str, Callable[[sympy.Expr], sympy.Expr]]] = [
+            ("split sums", "Σ_k δ(k,a)·f(k) = f(a);  Σ_k (a+b) = Σ_k a + Σ_k b;  Σ_k c·f(k) = c·Σ_k f(k)", split_sums),
+            ("reuse forward values", "a sub-expression the forward pass computed is replaced by its name", lambda x: recognize(x, statements)),
+            ("absorb into sums", "c·Σ_k f(k) = Σ_k c·f(k) when c·f is a forward value", lambda x: absorb_into_sums(x, statements)),
+        ]
+        if identities:
+            self.rules.append(("sum identities", "", self.sums))
+        self.rules.append(("combine fractions", "a/(a+b) style rational simplification of elementwise parts", combine_fractions))
+
+    def run(self, e: sympy.Expr) -> tuple[sympy.Expr, list[Step]]:
+        steps: list[Step] = []
+        for _ in range(12):
+            before = e
+            for name, identity, rule in self.rules:
+                self.sums.found.clear()
+                new = rule(e)
+                if new != e:
+                    text = identity or "; ".join(self.sums.found.values())
+                    steps.append(Step(name, text, new))
+                    e = new
+            if e == before:
+                break
+        collected = _collect(e)
+        if collected != e:
+            steps.append(Step("collect", "factor common factors out of sums of terms", collected))
+        return collected, steps
+
+
+def _collect(e: sympy.Expr) -> sympy.Expr:
+    """Combine like terms and factor common factors out of a sum (keeps sums unexpanded)."""
+    return _tidy_signs(sympy.factor_terms(e))
+
+
+def _tidy_signs(e: sympy.Expr) -> sympy.Expr:
+    """``-(-a + b)·c`` reads better as ``(a - b)·c``: absorb a leading minus into a sum factor."""
+    if isinstance(e, sympy.Add):
+        return sympy.Add(*(_tidy_signs(t) for t in e.args))
+    if not isinstance(e, sympy.Mul):
+        return e
+    coeff, rest = e.as_coeff_mul()
+    adds = [f for f in rest if isinstance(f, sympy.Add)]
+    if coeff.is_negative and len(adds) == 1:
+        flipped = sympy.Add(*(-t for t in adds[0].args))
+        others = [f for f in rest if f is not adds[0]]
+        return sympy.Mul(-coeff, flipped, *others)
+    return e
+
+
+__all__ = ["Step", "Simplifier", "split_sums", "recognize", "simplify_plain", "tensor_names", "Flat"]

@@ -1,0 +1,498 @@
+"""The op language: symbolic tensors with named dims; calling an op records its forward program.
+
+An op is a plain Python function decorated with :func:`op`, whose inputs are declared by dim
+names. Elementwise arithmetic broadcasts by name, any SymPy scalar function applies elementwise,
+reductions and contractions name their dim, and ``take`` gathers with an integer tensor.
+Python variable names inside the op become the names of the intermediates.
+
+Example:
+    >>> import sympy
+    >>> from derive import op, apply
+    >>> @op(x="n d")
+    ... def softplus(x):
+    ...     return apply(lambda u: sympy.log(1 + sympy.exp(u)), x)
+    >>> softplus.program().statements[0].name
+    'out'
+"""
+
+from __future__ import annotations
+
+import inspect
+import keyword
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import sympy
+
+from .errors import NotDifferentiableError, OpDefinitionError
+from .indexalg import ArgMax, Dim, Flat, IMax, ISum, entry, fresh_index
+from .program import Layout, Param, Program, Statement, TensorInfo
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_NO_DERIVATIVE = (sympy.floor, sympy.ceiling, sympy.sign, sympy.frac)
+
+
+def _user_line() -> str:
+    """``file:line: code`` of the innermost caller outside the derive package."""
+    frame = sys._getframe(1)
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return ""
+    info = inspect.getframeinfo(frame, context=1)
+    code = (info.code_context or [""])[0].strip()
+    return f"{Path(info.filename).name}:{info.lineno}: {code}"
+
+
+class _Trace:
+    """The recording in progress: every tensor created, in order."""
+
+    def __init__(self, op_name: str) -> None:
+        self.op_name = op_name
+        self.nodes: list[Tensor] = []
+
+    def error(self, message: str, source: str | None = None) -> OpDefinitionError:
+        where = source if source is not None else _user_line()
+        suffix = f" (at {where})" if where else ""
+        return OpDefinitionError(f"op '{self.op_name}': {message}{suffix}")
+
+
+@dataclass(eq=False)
+class Tensor:
+    """A symbolic tensor: a layout of named dims and a rule giving its entry at any indices."""
+
+    trace: _Trace
+    layout: Layout
+    build: Callable[[dict[Dim, sympy.Basic]], sympy.Expr]
+    is_int: bool = False
+    name: str | None = None
+    source: str = ""
+    materialized: bool = False
+    operands: tuple["Tensor", ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        self.trace.nodes.append(self)
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def dims(self) -> tuple[Dim, ...]:
+        return tuple(d for d in self.layout if d is not None)
+
+    def dim(self, name: str) -> Dim:
+        """The dim called ``name`` (an error naming the dims there are otherwise)."""
+        for d in self.dims:
+            if d.name == name:
+                return d
+        have = ", ".join(d.name for d in self.dims) or "none"
+        raise self.trace.error(f"{self._label()} has no dim '{name}' (its dims: {have})")
+
+    def size(self, name: str) -> sympy.Expr:
+        """The symbolic size of dim ``name``, e.g. ``N``; usable in arithmetic."""
+        return self.dim(name).size
+
+    def ref(self, idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
+        """This tensor's entry at ``idx``: a named entry when materialised, its rule otherwise."""
+        if self.materialized:
+            return entry(self.name or "?", [idx[d] for d in self.dims])
+        return self.build(idx)
+
+    def _label(self) -> str:
+        return f"tensor '{self.name}'" if self.name else "a tensor"
+
+    # -- elementwise -------------------------------------------------------------------------
+    def _binary(self, other: Any, fn: Callable[[sympy.Expr, sympy.Expr], sympy.Expr], swap: bool = False) -> "Tensor":
+        if isinstance(other, Tensor):
+            return apply(fn, other, self) if swap else apply(fn, self, other)
+        try:
+            const = sympy.sympify(other)
+        except (sympy.SympifyError, TypeError):
+            raise self.trace.error(f"cannot combine {self._label()} with {type(other).__name__}") from None
+        if swap:
+            return apply(lambda u: fn(const, u), self)
+        return apply(lambda u: fn(u, const), self)
+
+    def __add__(self, o: Any) -> "Tensor":
+        return self._binary(o, lambda a, b: a + b)
+
+    def __radd__(self, o: Any) -> "Tensor":
+        return self._binary(o, lambda a, b: a + b, swap=True)
+
+    def __sub__(self, o: Any) -> "Tensor":
+        return self._binary(o, lambda a, b: a - b)
+
+    def __rsub__(self, o: Any) -> "Tensor":
+        return self._binary(o, lambda a, b: a - b, swap=True)
+
+    def __mul__(self, o: Any) -> "Tensor":
+        return self._binary(o, lambda a, b: a * b)
+
+    def __rmul__(self, o: Any) -> "Tensor":
+        return self._binary(o, lambda a, b: a * b, swap=True)
+
+    def __truediv__(self, o: Any) -> "Tensor":
+        return self._binary(o, lambda a, b: a / b)
+
+    def __rtruediv__(self, o: Any) -> "Tensor":
+        return self._binary(o, lambda a, b: a / b, swap=True)
+
+    def __pow__(self, o: Any) -> "Tensor":
+        return self._binary(o, lambda a, b: a**b)
+
+    def __rpow__(self, o: Any) -> "Tensor":
+        return self._binary(o, lambda a, b: a**b, swap=True)
+
+    def __neg__(self) -> "Tensor":
+        return apply(lambda u: -u, self)
+
+    def apply(self, fn: Callable[..., sympy.Expr]) -> "Tensor":
+        """Apply a SymPy scalar function elementwise: ``x.apply(sympy.tanh)``."""
+        return apply(fn, self)
+
+    # -- reductions ------------------------------------------------------------------------
+    def _reduce(self, name: str, node: type, keepdim: bool) -> "Tensor":
+        d = self.dim(name)
+        self._require_float("reduce")
+        layout = tuple((None if x == d else x) for x in self.layout) if keepdim else tuple(x for x in self.layout if x != d)
+
+        def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
+            k = fresh_index(d, _all_symbols(idx))
+            return node(self.ref({**idx, d: k}), k)
+
+        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self,))
+
+    def sum(self, dim: str, keepdim: bool = False) -> "Tensor":
+        """Sum over dim ``dim`` (``keepdim`` leaves a size-1 axis in its place)."""
+        return self._reduce(dim, ISum, keepdim)
+
+    def max(self, dim: str, keepdim: bool = False) -> "Tensor":
+        """Maximum over dim ``dim``; its gradient goes to the argmax."""
+        return self._reduce(dim, IMax, keepdim)
+
+    def mean(self, dim: str, keepdim: bool = False) -> "Tensor":
+        """Mean over dim ``dim``: the sum divided by the dim's size."""
+        return self.sum(dim, keepdim) * (1 / self.size(dim))
+
+    # -- contraction, gather, reshape -------------------------------------------------------
+    def __matmul__(self, other: "Tensor") -> "Tensor":
+        """Contract this tensor's last dim with ``other``'s first (they must be the same dim)."""
+        if not isinstance(other, Tensor):
+            raise self.trace.error(f"cannot matmul {self._label()} with {type(other).__name__}")
+        self._require_float("matmul")
+        other._require_float("matmul")
+        if not self.dims or not other.dims or self.layout[-1] != other.layout[0] or self.layout[-1] is None:
+            a = self.layout[-1].name if self.layout and self.layout[-1] else "none"
+            b = other.layout[0].name if other.layout and other.layout[0] else "none"
+            raise self.trace.error(
+                f"matmul contracts over a dim both sides share, but {self._label()} ends in dim '{a}' "
+                f"and {other._label()} starts with dim '{b}'"
+            )
+        d = self.layout[-1]
+        layout = self.layout[:-1] + other.layout[1:]
+        if len({x for x in layout if x is not None}) != len([x for x in layout if x is not None]):
+            raise self.trace.error("matmul would give a result with a repeated dim")
+
+        def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
+            k = fresh_index(d, _all_symbols(idx))
+            inner = {**idx, d: k}
+            return ISum(self.ref(inner) * other.ref(inner), k)
+
+        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self, other))
+
+    def take(self, index: "Tensor", dim: str) -> "Tensor":
+        """Gather along ``dim`` with integer ``index``; dims shared with ``index`` are matched by name.
+
+        ``C.take(X, "v")`` picks embedding rows (``C[X]``); ``logp.take(y, "c")`` picks one
+        entry per row (``logp[range(n), y]``).
+        """
+        d = self.dim(dim)
+        if not isinstance(index, Tensor) or not index.is_int:
+            raise self.trace.error(f"gather from {self._label()} needs an integer index tensor (declare it 'int ...')")
+        shared = set(index.dims)
+        layout = index.layout + tuple(x for x in self.layout if x is not None and x != d and x not in shared)
+
+        def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
+            picked = index.ref({k: v for k, v in idx.items() if k in shared})
+            return self.ref({**idx, d: picked})
+
+        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self, index))
+
+    def __getitem__(self, index: "Tensor") -> "Tensor":
+        """``C[X]``: gather rows along the first dim."""
+        if not self.layout or self.layout[0] is None:
+            raise self.trace.error(f"{self._label()} has no leading named dim to index")
+        return self.take(index, self.layout[0].name)
+
+    def flatten(self, *names: str) -> "Tensor":
+        """Merge adjacent dims into one (``emb.flatten("t", "e")`` is ``emb.view(n, -1)``)."""
+        dims = tuple(self.dim(n) for n in names)
+        pos = [self.layout.index(d) for d in dims]
+        if pos != list(range(pos[0], pos[0] + len(pos))) or len(dims) < 2:
+            raise self.trace.error(f"flatten needs two or more adjacent dims of {self._label()}, got {names}")
+        merged = product_dim(*dims)
+        layout = self.layout[: pos[0]] + (merged,) + self.layout[pos[-1] + 1 :]
+
+        def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
+            f = idx[merged]
+            return self.ref({**idx, **{d: Flat(f, p) for p, d in enumerate(dims)}})
+
+        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self,))
+
+    def _require_float(self, what: str) -> None:
+        if self.is_int:
+            raise self.trace.error(f"{what} of integer {self._label()}: only gathers may use integer tensors")
+
+
+def product_dim(*dims: Dim) -> Dim:
+    """The dim made by flattening ``dims`` (written ``(t e)`` in an input spec)."""
+    return Dim("".join(d.name for d in dims), parts=tuple(dims))
+
+
+def _all_symbols(idx: dict[Dim, sympy.Basic]) -> set[sympy.Basic]:
+    out: set[sympy.Basic] = set()
+    for v in idx.values():
+        out |= v.free_symbols if isinstance(v, sympy.Basic) else set()
+        out |= {a for a in sympy.preorder_traversal(v) if isinstance(a, (ISum, IMax, ArgMax))} if isinstance(v, sympy.Basic) else set()
+    return out
+
+
+def _broadcast(tensors: list[Tensor]) -> Layout:
+    """The layout of an elementwise result: by name; the operand holding every dim sets the order."""
+    names: list[Dim] = []
+    for t in sorted(tensors, key=lambda t: -len(t.dims)):
+        for d in t.dims:
+            if d not in names:
+                names.append(d)
+    for t in tensors:
+        if set(t.dims) == set(names):
+            return t.layout
+    return tuple(names)
+
+
+def apply(fn: Callable[..., Any], *tensors: Tensor) -> Tensor:
+    """Apply a scalar function elementwise, broadcasting the tensors by dim name.
+
+    ``fn`` takes SymPy scalars and returns a SymPy expression: ``sympy.tanh``,
+    ``lambda a, b: a * b``, ``lambda u: sympy.log(1 + sympy.exp(u))``.
+    """
+    trace = tensors[0].trace
+    for t in tensors:
+        t._require_float("elementwise arithmetic")
+    dummies = [sympy.Dummy(f"u{k}", real=True) for k in range(len(tensors))]
+    try:
+        body = sympy.sympify(fn(*dummies))
+    except (TypeError, sympy.SympifyError, AttributeError) as exc:
+        raise trace.error(f"elementwise function failed on symbols: {exc}") from None
+    if not isinstance(body, sympy.Expr):
+        raise trace.error(f"elementwise function returned {type(body).__name__}, not a SymPy expression")
+    body = body.xreplace({f: sympy.Rational(repr(float(f))) for f in body.atoms(sympy.Float)})
+    for f in body.atoms(sympy.Function):
+        if isinstance(f, _NO_DERIVATIVE):
+            raise NotDifferentiableError(
+                f"op '{trace.op_name}': {type(f).__name__} has no derivative (it is piecewise constant)"
+                f" (at {_user_line()})"
+            )
+    layout = _broadcast(list(tensors))
+
+    def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
+        return body.xreplace({u: t.ref(idx) for u, t in zip(dummies, tensors)})
+
+    return Tensor(trace, layout, build, source=_user_line(), operands=tuple(tensors))
+
+
+def _elementwise(fn: Callable[..., sympy.Expr]) -> Callable[[Tensor], Tensor]:
+    def wrapped(x: Tensor) -> Tensor:
+        return apply(fn, x)
+
+    wrapped.__name__ = getattr(fn, "__name__", "fn")
+    wrapped.__doc__ = f"Elementwise ``{wrapped.__name__}`` (SymPy's), e.g. ``{wrapped.__name__}(x)``."
+    return wrapped
+
+
+tanh = _elementwise(sympy.tanh)
+exp = _elementwise(sympy.exp)
+log = _elementwise(sympy.log)
+sqrt = _elementwise(sympy.sqrt)
+erf = _elementwise(sympy.erf)
+
+
+# -- input specs and tracing ------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputSpec:
+    """A declared input: ``"n d"``, ``"1 h"`` (size-1 axis), ``"int n t"``, ``"(t e) h"``."""
+
+    name: str
+    layout: Layout
+    is_int: bool
+
+    @staticmethod
+    def parse(op_name: str, name: str, text: str) -> "InputSpec":
+        words = text.replace("(", " ( ").replace(")", " ) ").split()
+        is_int = bool(words) and words[0] == "int"
+        words = words[1:] if is_int else words
+        layout: list[Dim | None] = []
+        group: list[Dim] | None = None
+        for w in words:
+            if w == "(":
+                group = []
+            elif w == ")":
+                if not group or len(group) < 2:
+                    raise OpDefinitionError(f"op '{op_name}': input '{name}' spec '{text}': '( )' needs two or more dims")
+                layout.append(product_dim(*group))
+                group = None
+            elif w == "1":
+                layout.append(None)
+            elif w.isidentifier() and not keyword.iskeyword(w):
+                (group if group is not None else layout).append(Dim(w))
+            else:
+                raise OpDefinitionError(f"op '{op_name}': input '{name}' spec '{text}': '{w}' is not a dim name")
+        names = [d.name for d in layout if d is not None]
+        if len(set(names)) != len(names):
+            raise OpDefinitionError(f"op '{op_name}': input '{name}' spec '{text}' repeats a dim")
+        return InputSpec(name, tuple(layout), is_int)
+
+
+@dataclass
+class Op:
+    """A forward op: a Python function plus the dims of its inputs. ``program()`` traces it."""
+
+    fn: Callable[..., Any]
+    specs: dict[str, str]
+    name: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.fn) or ""
+
+    def program(self) -> Program:
+        """Trace the op into its forward program."""
+        return trace_op(self)
+
+
+def op(**specs: str) -> Callable[[Callable[..., Any]], Op]:
+    """Declare a forward op; each keyword names an input and its dims.
+
+    Example:
+        >>> from derive import op
+        >>> @op(x="n d", w="d")
+        ... def scale(x, w):
+        ...     return x * w
+        >>> [t.name for t in scale.program().inputs]
+        ['x', 'w']
+    """
+
+    def wrap(fn: Callable[..., Any]) -> Op:
+        return Op(fn, dict(specs), fn.__name__)
+
+    return wrap
+
+
+def _check_identifier(op_name: str, what: str, name: str) -> None:
+    if not name.isidentifier() or keyword.iskeyword(name) or not name.isascii():
+        raise OpDefinitionError(f"op '{op_name}': {what} '{name}' is not a valid Python identifier")
+
+
+def trace_op(the_op: Op) -> Program:
+    """Run the op on symbolic inputs and turn what it built into a :class:`Program`."""
+    name = the_op.name
+    _check_identifier(name, "op name", name)
+    sig = inspect.signature(the_op.fn)
+    trace = _Trace(name)
+    args: list[Any] = []
+    inputs: list[TensorInfo] = []
+    params: list[Param] = []
+    for p in sig.parameters.values():
+        _check_identifier(name, "parameter", p.name)
+        if p.name in the_op.specs:
+            spec = InputSpec.parse(name, p.name, the_op.specs[p.name])
+            t = Tensor(trace, spec.layout, lambda idx: sympy.S.Zero, is_int=spec.is_int, name=p.name, materialized=True)
+            args.append(t)
+            inputs.append(TensorInfo(p.name, spec.layout, spec.is_int))
+        elif p.default is not inspect.Parameter.empty and isinstance(p.default, (int, float)):
+            param = Param(p.name, float(p.default))
+            params.append(param)
+            args.append(param.symbol)
+        else:
+            raise OpDefinitionError(f"op '{name}': input '{p.name}' has no dims declared in @op(...) and no numeric default")
+    unknown = set(the_op.specs) - set(sig.parameters)
+    if unknown:
+        raise OpDefinitionError(f"op '{name}': @op declares {sorted(unknown)} but the function has no such parameter")
+    result, local_names = _run_capturing_locals(the_op.fn, args)
+    if not isinstance(result, Tensor):
+        raise OpDefinitionError(f"op '{name}': returned {type(result).__name__}, not a tensor")
+    if result.is_int:
+        raise OpDefinitionError(f"op '{name}': returns an integer tensor; nothing to differentiate")
+    return _build_program(the_op, trace, inputs, params, result, local_names)
+
+
+def _run_capturing_locals(fn: Callable[..., Any], args: list[Any]) -> tuple[Any, dict[str, Any]]:
+    """Call ``fn`` and capture its local variables at return (they name the intermediates)."""
+    captured: dict[str, Any] = {}
+    code = getattr(fn, "__code__", None)
+
+    def profiler(frame: Any, event: str, arg: Any) -> None:
+        if event == "return" and frame.f_code is code:
+            captured.update(frame.f_locals)
+
+    old = sys.getprofile()
+    sys.setprofile(profiler)
+    try:
+        result = fn(*args)
+    finally:
+        sys.setprofile(old)
+    return result, captured
+
+
+def _build_program(
+    the_op: Op, trace: _Trace, inputs: list[TensorInfo], params: list[Param], result: Tensor, local_names: dict[str, Any]
+) -> Program:
+    input_names = {t.name for t in inputs}
+    for var, value in local_names.items():
+        if isinstance(value, Tensor) and value.name is None and var not in input_names and not var.startswith("_"):
+            value.name = var
+    if result.name is None:
+        result.name = "out"
+    used = set(input_names)
+    statements: list[Statement] = []
+    for node in trace.nodes:
+        if node.name is None or node.materialized:
+            continue
+        if node.name in used:
+            raise trace.error(f"two tensors are both called '{node.name}'", node.source)
+        _check_identifier(the_op.name, "tensor name", node.name)
+        used.add(node.name)
+        if not _reaches(result, node):
+            continue
+        if node.is_int:
+            raise trace.error(f"integer intermediate '{node.name}' is not supported", node.source)
+        info = TensorInfo(node.name, node.layout)
+        expr = node.build({d: d.index() for d in node.dims})
+        statements.append(Statement(info, expr, node.source))
+        node.materialized = True
+    reached = {n for s in statements for n in _names_in(s.expr)} | {result.name}
+    kept_inputs = tuple(t for t in inputs)
+    del reached
+    return Program(the_op.name, kept_inputs, tuple(params), tuple(statements), result.name, the_op.doc)
+
+
+def _reaches(result: Tensor, node: Tensor) -> bool:
+    stack, seen = [result], set()
+    while stack:
+        t = stack.pop()
+        if t is node:
+            return True
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        stack.extend(t.operands)
+    return False
+
+
+def _names_in(e: sympy.Expr) -> set[str]:
+    from .indexalg import tensor_names
+
+    return tensor_names(e)
