@@ -1,0 +1,42 @@
+"""derive: backward passes derived symbolically, simplified, generated as PyTorch code, verified.
+
+Write an op's forward definition once; derive differentiates it with SymPy, simplifies the
+gradient to the compact form a person would write, emits vectorised PyTorch code and checks it
+against autograd.
+
+Example:
+    >>> import sympy
+    >>> from derive import op, apply, derive
+    >>> @op(x="n d")
+    ... def softplus(x):
+    ...     return apply(lambda u: sympy.log(1 + sympy.exp(u)), x)
+    >>> d = derive(softplus)
+    >>> print(d.formula("x"))
+    dx[n, d] = dout[n, d]*exp(x[n, d])/(exp(x[n, d]) + 1)
+"""
+
+from .derivation import Derivation, derive
+from .errors import DeriveError, NotDifferentiableError, OpDefinitionError, UnknownOpError, VerificationError
+from .ops import catalogue
+from .tensor import Op, Tensor, apply, erf, exp, log, op, sqrt, tanh
+
+__all__ = [
+    "Derivation",
+    "DeriveError",
+    "NotDifferentiableError",
+    "Op",
+    "OpDefinitionError",
+    "Tensor",
+    "UnknownOpError",
+    "VerificationError",
+    "apply",
+    "catalogue",
+    "derive",
+    "erf",
+    "exp",
+    "log",
+    "op",
+    "sqrt",
+    "tanh",
+]
+__version__ = "0.1.0"

@@ -65,6 +65,25 @@ class Derivation:
     def name(self) -> str:
         return self.program.name
 
+    def gradient(self, wrt: str) -> Gradient:
+        """The fused gradient w.r.t. the tensor called ``wrt``."""
+        for g in self.gradients:
+            if g.wrt.name == wrt:
+                return g
+        raise KeyError(wrt)
+
+    def formula(self, wrt: str) -> str:
+        """``dx[n, d] = ...``: the fused gradient w.r.t. ``wrt`` in index notation."""
+        from .notation import text
+
+        g = self.gradient(wrt)
+        return f"{text(g.wrt.at()).replace(g.wrt.name, grad_name(g.wrt.name), 1)} = {text(g.result)}"
+
+    def _repr_markdown_(self) -> str:
+        from .report import render
+
+        return render(self, "markdown")
+
 
 def _canonical(e: sympy.Expr, at: tuple[sympy.Symbol, ...], target: TensorInfo) -> sympy.Expr:
     """Rename the free indices ``at`` of a gradient to the target's canonical indices."""

@@ -16,11 +16,22 @@ from .errors import OutputPathError
 from .notation import text
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-_PACKAGED_TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def _template_folder() -> Path:
+    """The repository's templates/, or the installed copy (package ``derive_templates``)."""
+    if (TEMPLATES / "module.py.j2").is_file():
+        return TEMPLATES
+    import importlib.util
+
+    spec = importlib.util.find_spec("derive_templates")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("derive's templates are not installed")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _environment() -> jinja2.Environment:
-    folder = TEMPLATES if TEMPLATES.is_dir() else _PACKAGED_TEMPLATES
+    folder = _template_folder()
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(folder)),
         trim_blocks=True,

@@ -205,7 +205,7 @@ class Lowerer:
     def _cached(self, e: sympy.Expr, fn) -> Val:  # noqa: ANN001
         order = _free_in_order(e)
         placeholders = {s: sympy.Symbol(f"_p{k}_{dim_of(s).name}", integer=True) for k, s in enumerate(order)}
-        key = e.xreplace(placeholders)
+        key = _rename_bound_canonically(e).xreplace(placeholders)
         if key in self.memo:
             code, axes = self.memo[key]
             back = {p: s for s, p in placeholders.items()}
@@ -292,6 +292,13 @@ class Lowerer:
         while isinstance(body, ISum):
             indices.append(body.var)
             body = body.body
+        saved_preference, self.preferred = self.preferred, ()
+        try:
+            return self._sum_body(body, indices)
+        finally:
+            self.preferred = saved_preference
+
+    def _sum_body(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val:
         scatter = self._scatter(body, indices)
         if scatter is not None:
             return scatter
@@ -404,6 +411,17 @@ def _value_leaves(e: sympy.Expr) -> list[sympy.Expr]:
             if leaf not in out:
                 out.append(leaf)
     return out
+
+
+def _rename_bound_canonically(e: sympy.Expr, depth: int = 0) -> sympy.Expr:
+    """Bound indices renamed by nesting depth, so alpha-equivalent sums share one key."""
+    if isinstance(e, (ISum, IMax, ArgMax)):
+        new = sympy.Symbol(f"_b{depth}_{dim_of(e.var).name}", integer=True)
+        body = _rename_bound_canonically(e.body.xreplace({e.var: new}), depth + 1)
+        return type(e)(body, new)
+    if not e.args or is_entry(e):
+        return e
+    return e.func(*(_rename_bound_canonically(a, depth) for a in e.args))
 
 
 def _free_in_order(e: sympy.Expr) -> list[sympy.Symbol]:

@@ -360,6 +360,7 @@ class Op:
     fn: Callable[..., Any]
     specs: dict[str, str]
     name: str
+    sizes: dict[str, int] = field(default_factory=dict)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -373,8 +374,10 @@ class Op:
         return trace_op(self)
 
 
-def op(**specs: str) -> Callable[[Callable[..., Any]], Op]:
+def op(*, sizes: dict[str, int] | None = None, **specs: str) -> Callable[[Callable[..., Any]], Op]:
     """Declare a forward op; each keyword names an input and its dims.
+
+    ``sizes`` optionally gives example dim sizes used when verifying (``{"n": 32}``).
 
     Example:
         >>> from derive import op
@@ -386,7 +389,7 @@ def op(**specs: str) -> Callable[[Callable[..., Any]], Op]:
     """
 
     def wrap(fn: Callable[..., Any]) -> Op:
-        return Op(fn, dict(specs), fn.__name__)
+        return Op(fn, dict(specs), fn.__name__, dict(sizes or {}))
 
     return wrap
 

@@ -1,0 +1,37 @@
+# Set-up and everyday commands. `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu where PyPI would serve a CUDA build
+TORCH_INDEX ?=
+VENV ?= .venv
+BIN := $(VENV)/bin
+READY := $(VENV)/.derive-ready
+
+.PHONY: setup demo test check regenerate bench clean
+
+$(READY): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(READY)
+
+setup: $(READY)
+
+demo: $(READY)
+	$(BIN)/python -m derive batchnorm
+
+test: $(READY)
+	$(BIN)/python -m pytest
+	$(BIN)/python -m derive --check
+
+check: $(READY)
+	$(BIN)/python -m derive --check
+
+regenerate: $(READY)
+	$(BIN)/python -m derive --all
+
+bench: $(READY)
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,127 @@
+"""The command line: a thin layer of argparse over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import api
+from .errors import DeriveError
+
+DESCRIPTION = """\
+Derive, simplify, generate and verify the backward pass of a tensor op.
+
+derive differentiates the op's forward definition with SymPy, simplifies the gradient to
+the compact form a person would write, writes vectorised PyTorch code to generated/NAME.py
+and checks it against PyTorch autograd."""
+
+EPILOG = """\
+examples:
+  python -m derive batchnorm              derivation, generated/batchnorm.py, verification
+  python -m derive my_ops.py:softplus     the same for an op in your own file
+  python -m derive --list                 the catalogue
+  python -m derive --check                exit 1 if generated/ is stale
+  python -m derive cross_entropy --format json | jq .gradients
+  python -m derive train --steps 2000     train the lecture's MLP with generated code only
+
+exit status: 0 ok, 1 verification failed or generated/ stale, 2 usage error."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="derive", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("op", nargs="?", help="a catalogue op (see --list) or PATH.py:FUNCTION")
+    parser.add_argument("--list", action="store_true", help="list the catalogue, one op per line")
+    parser.add_argument("--check", action="store_true", help="exit 1 and name the files if generated/ is stale")
+    parser.add_argument("--all", action="store_true", help="regenerate every catalogue op into the output folder")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="write generated code here (default: generated/)")
+    parser.add_argument(
+        "--format", choices=["text", "latex", "markdown", "json"], default="text", help="how to print the derivation"
+    )
+    parser.add_argument("--latex", action="store_true", help="same as --format latex")
+    parser.add_argument("--no-verify", action="store_true", help="skip the autograd and exact checks")
+    parser.add_argument("--no-write", action="store_true", help="derive and verify without writing a file")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+    return parser
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), so reported times include imports."""
+    import os
+
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def closest(name: str, names: list[str]) -> str:
+    near = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    return f" (did you mean: {', '.join(near)}?)" if near else ""
+
+
+def main(argv: Sequence[str] | None = None, started: float | None = None) -> int:
+    """Entry point of ``python -m derive`` and the ``derive`` script; returns the exit status."""
+    started = started if started is not None else time.perf_counter()
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "train":
+        from .train import main as train_main
+
+        return train_main(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    try:
+        return _run(args, parser, started)
+    except DeriveError as exc:
+        print(f"derive: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("derive: interrupted; generated/ unchanged", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: float) -> int:
+    if args.list:
+        for name, op in api.catalogue().items():
+            first = (op.doc.splitlines() or [""])[0]
+            print(f"{name:18s} {first}")
+        return 0
+    if args.check:
+        stale = api.check(args.out)
+        for line in stale:
+            print(line)
+        if stale:
+            print(f"derive: generated/ is stale ({len(stale)} file(s)); run: python -m derive --all", file=sys.stderr)
+            return 1
+        print("generated/ is current")
+        return 0
+    if args.all:
+        written = api.generate_all(args.out, progress=lambda msg: print(msg, file=sys.stderr))
+        print(f"{len(written)} file(s) rewritten")
+        return 0
+    if not args.op:
+        parser.print_usage(sys.stderr)
+        print("derive: error: name an op (see --list) or PATH.py:FUNCTION", file=sys.stderr)
+        return 2
+    fmt = "latex" if args.latex else args.format
+    the_op = api.resolve(args.op)
+    result = api.run(the_op, out_dir=args.out, write=not args.no_write, verify=not args.no_verify)
+    age = process_age()
+    total = age if age is not None else time.perf_counter() - started
+    if fmt == "json":
+        print(json.dumps(api.to_json(result, total), indent=2))
+    elif not args.quiet:
+        print(api.report_text(result, fmt), end="")
+    if fmt != "json":
+        print(api.summary_line(result, total))
+    return 0 if result.verification is None or result.verification.ok else 1

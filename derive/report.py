@@ -1,0 +1,217 @@
+"""The printed derivation: forward program, chain rule, simplification, verification table.
+
+Readable in a 100-column terminal (text), or as LaTeX / Markdown for notebooks and papers.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+from typing import Callable
+
+import sympy
+
+from . import notation
+from .autodiff import grad_name
+from .derivation import ChainStep, Derivation, Gradient
+from .indexalg import free_indices, tensor_names
+from .program import Statement, TensorInfo
+from .verify import Comparison, Verification
+
+WIDTH = 100
+
+
+@dataclass(frozen=True)
+class Style:
+    """How to typeset: expression printer, headings and math wrapping."""
+
+    expr: Callable[[sympy.Basic], str]
+    heading: Callable[[str], str]
+    math: Callable[[str], str]
+
+
+TEXT = Style(notation.text, lambda s: f"\n{s}\n{'─' * min(len(s), WIDTH)}", lambda s: s)
+LATEX = Style(notation.latex, lambda s: f"\n% {s}", lambda s: f"\\[ {s} \\]")
+MARKDOWN = Style(notation.latex, lambda s: f"\n### {s}\n", lambda s: f"$$ {s} $$")
+STYLES = {"text": TEXT, "latex": LATEX, "markdown": MARKDOWN}
+
+
+def _wrap(line: str, indent: int = 4) -> str:
+    if len(line) <= WIDTH:
+        return line
+    return "\n".join(textwrap.wrap(line, WIDTH, subsequent_indent=" " * indent, break_long_words=True, break_on_hyphens=False))
+
+
+def _lhs(style: Style, info: TensorInfo, prefix: str = "") -> str:
+    name = prefix + info.name
+    return style.expr(sympy.Function(name)(*info.indices)) if info.indices else style.expr(sympy.Function(name)())
+
+
+def _eq(style: Style, lhs: str, rhs: str, op: str = "=") -> str:
+    if style is TEXT:
+        return f"{lhs} {op} {rhs}"
+    latex_op = {"=": "=", "+=": "\\mathrel{+}="}[op]
+    return style.math(f"{lhs} {latex_op} {rhs}")
+
+
+def _gathered_from(stmt: Statement) -> set[str]:
+    """Tensors that ``stmt`` reads at an index given by an integer tensor."""
+    from .indexalg import entry_indices, entry_name, is_entry
+
+    return {
+        entry_name(e)
+        for e in sympy.preorder_traversal(stmt.expr)
+        if is_entry(e) and any(is_entry(i) for i in entry_indices(e))
+    }
+
+
+def why(step: ChainStep) -> str:
+    """Why the backward statement has the shape it has: sums, broadcasts, scatters."""
+    stmt, target = step.contribution.source, step.contribution.target
+    out_dims = set(stmt.target.dims)
+    tdims = set(target.dims)
+    reasons = []
+    if target.name in _gathered_from(stmt):
+        reasons.append("a gather in the forward is a scatter-add in the backward (repeated indices accumulate)")
+    if stmt.kind == "max":
+        reasons.append("a max passes its gradient to the argmax only")
+    summed = sorted(d.name for d in out_dims - tdims)
+    if stmt.kind == "contraction" and summed:
+        reasons.append(f"a contraction: sum over {', '.join(summed)} with the other operand")
+    elif summed:
+        reasons.append(f"{target.name} was broadcast along {', '.join(summed)} in the forward, so the backward sums over it")
+    spread = sorted(d.name for d in tdims - out_dims if not d.parts)
+    if spread and stmt.kind in ("sum", "max") or (spread and stmt.kind == "contraction"):
+        reasons.append(f"{stmt.name} reduced {target.name} over {', '.join(spread)}, so d{stmt.name} is broadcast back along it")
+    return "; ".join(reasons)
+
+
+def forward_section(d: Derivation, style: Style) -> list[str]:
+    lines = [style.heading("1. Forward program, in index notation")]
+    width = max((len(s.name) for s in d.program.statements), default=0)
+    for s in d.program.statements:
+        eq = _eq(style, _lhs(style, s.target), style.expr(s.expr))
+        if style is TEXT:
+            lines.append(_wrap(f"  {eq.ljust(width + 40)}  [{s.target.shape_text()}, {s.kind}]", 6))
+        else:
+            lines.append(eq)
+    return lines
+
+
+def chain_section(d: Derivation, style: Style) -> list[str]:
+    lines = [style.heading("2. Chain rule, statement by statement (backward order)")]
+    current = None
+    for step in d.chain:
+        c = step.contribution
+        if c.source.name != current:
+            current = c.source.name
+            lines.append("")
+            lines.append(_wrap(f"  {_eq(style, _lhs(style, c.source.target), style.expr(c.source.expr))}", 6) if style is TEXT else _eq(style, _lhs(style, c.source.target), style.expr(c.source.expr)))
+        local_lhs = f"∂{c.source.name}/∂{style.expr(sympy.Function(c.target.name)(*c.indices))}" if style is TEXT else rf"\frac{{\partial \mathrm{{{c.source.name}}}}}{{\partial {style.expr(sympy.Function(c.target.name)(*c.indices))}}}".replace("_", r"\_")
+        result = _eq(style, _lhs(style, c.target, "d"), style.expr(step.result), "+=")
+        if style is TEXT:
+            lines.append(_wrap(f"    local:  {local_lhs} = {style.expr(c.local)}", 12))
+            lines.append(_wrap(f"    back:   {result}", 12))
+            reason = why(step)
+            if reason:
+                lines.append(_wrap(f"    why:    {reason}", 12))
+        else:
+            lines.append(style.math(f"{local_lhs} = {style.expr(c.local)}"))
+            lines.append(result)
+    return lines
+
+
+def fused_section(d: Derivation, style: Style) -> list[str]:
+    lines = [style.heading("3. Fused gradients: the chain composed and simplified")]
+    for g in d.gradients:
+        lines += _fused_one(g, style)
+    return lines
+
+
+def _fused_one(g: Gradient, style: Style) -> list[str]:
+    lhs = _lhs(style, g.wrt, "d")
+    lines = [""]
+    raw = style.expr(g.raw)
+    if style is TEXT:
+        lines.append(f"  {lhs}")
+        start = raw if len(raw) < 600 else raw[:600] + " …"
+        lines.append(_wrap(f"    composed:  {start}", 15))
+        for k, step in enumerate(g.steps, 1):
+            lines.append(_wrap(f"    {k}. {step.rule}" + (f"  [{step.identity}]" if step.identity else ""), 8))
+            lines.append(_wrap(f"       = {style.expr(step.result)}", 9))
+        lines.append(_wrap(f"    result:    {lhs} = {style.expr(g.result)}", 15))
+    else:
+        lines.append(style.heading(f"d{g.wrt.name}"))
+        for k, step in enumerate(g.steps, 1):
+            lines.append(f"{k}. {step.rule}: {step.identity}" if style is MARKDOWN else f"% {k}. {step.rule}")
+            lines.append(style.math(style.expr(step.result)))
+        lines.append(_eq(style, lhs, style.expr(g.result)))
+    return lines
+
+
+def table(comparisons: list[Comparison]) -> list[str]:
+    """The lecture's comparison table: name, shape ok, exact, approximate, max abs diff."""
+    if not comparisons:
+        return []
+    width = max(12, max(len(c.name) for c in comparisons))
+    out = [f"  {'gradient'.ljust(width)}  {'shape':>5}  {'exact':>5}  {'approx':>6}  {'max abs diff':>12}"]
+    for c in comparisons:
+        out.append(
+            f"  {c.name.ljust(width)}  {_yes(c.shape_ok):>5}  {_yes(c.exact):>5}  {_yes(c.approx):>6}  {c.max_abs_diff:>12.3e}"
+        )
+    return out
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+def verification_section(v: Verification, sizes: dict[str, int], style: Style) -> list[str]:
+    size_text = ", ".join(f"{k}={n}" for k, n in sizes.items())
+    lines = [style.heading(f"5. Verification against PyTorch autograd (float32; {size_text})")]
+    lines.append("  fused backward (NAME_backward):")
+    lines += table(v.fused)
+    if v.steps:
+        lines.append("  atom-by-atom chain (NAME_backward_steps):")
+        lines += table(v.steps)
+    if v.gradcheck is not None:
+        lines.append(f"  float64 gradcheck of the fused backward: {'passed' if v.gradcheck else 'FAILED ' + v.gradcheck_error}")
+    if v.exact:
+        parts = ", ".join(f"{name}: {status}" for name, status in v.exact)
+        lines.append(_wrap(f"  exact check (forward expanded at sizes 2-3, differentiated directly): {parts}", 4))
+    return lines
+
+
+def header(d: Derivation, style: Style) -> list[str]:
+    program = d.program
+    lines = [f"derive · {program.name}" if style is TEXT else f"% derive: {program.name}"]
+    if program.doc:
+        lines.append(f"  {program.doc.splitlines()[0]}")
+    lines.append("")
+    lines.append("  inputs:  " + ", ".join(f"{t.name} [{t.shape_text()}{', int' if t.is_int else ''}]" for t in program.inputs))
+    if program.params:
+        lines.append("  params:  " + ", ".join(f"{p.name} = {p.default!r} (kept symbolic)" for p in program.params))
+    lines.append(f"  output:  {program.output} [{program.tensors[program.output].shape_text()}]")
+    return lines
+
+
+def render(d: Derivation, style_name: str = "text", verification: Verification | None = None, sizes: dict[str, int] | None = None, written: str = "") -> str:
+    """The whole derivation as one string."""
+    style = STYLES[style_name]
+    lines = header(d, style)
+    lines += forward_section(d, style)
+    lines += chain_section(d, style)
+    lines += fused_section(d, style)
+    lines.append(style.heading("4. Generated code"))
+    lines.append(f"  {written}" if written else "  (not written)")
+    if verification is not None:
+        lines += verification_section(verification, sizes or {}, style)
+    return "\n".join(lines) + "\n"
+
+
+def timings_line(timings: dict[str, float], total: float) -> str:
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in timings.items())
+    return f"Took {total:.2f} s in all, imports included ({parts} s)."
+
+
+__all__ = ["render", "table", "why", "timings_line", "grad_name", "Statement", "free_indices"]
