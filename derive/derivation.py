@@ -16,7 +16,7 @@ from .autodiff import Contribution, chain_steps, fused_adjoints, grad_name
 from .indexalg import free_indices, substitute_indices, tensor_names
 from .lower import Lowerer
 from .program import Program, TensorInfo
-from .simplify import Simplifier, Step
+from .simplify import Simplifier, Step, canonical_bound, stable_forward
 from .tensor import Op
 
 
@@ -44,6 +44,7 @@ class Code:
 
     sizes: list[tuple[str, str]]
     forward: list[str]
+    reference_forward: list[str]
     saved: list[str]
     backward: list[str]
     backward_steps: list[str]
@@ -87,7 +88,7 @@ class Derivation:
 
 def _canonical(e: sympy.Expr, at: tuple[sympy.Symbol, ...], target: TensorInfo) -> sympy.Expr:
     """Rename the free indices ``at`` of a gradient to the target's canonical indices."""
-    return substitute_indices(e, dict(zip(at, target.indices)))
+    return canonical_bound(substitute_indices(e, dict(zip(at, target.indices))))
 
 
 def derive(the_op: Op) -> Derivation:
@@ -136,8 +137,10 @@ def lower_program(program: Program, chain: list[ChainStep], gradients: list[Grad
 
     sizes = _size_lines(program)
     fwd = Lowerer(layouts, ref=program.differentiable_inputs[0].name, names=set(layouts))
+    plain = Lowerer(layouts, ref=program.differentiable_inputs[0].name, names=set(layouts))
     for stmt in program.statements:
-        fwd.assign(stmt.name, stmt.expr, stmt.target)
+        fwd.assign(stmt.name, stable_forward(stmt, list(program.statements)), stmt.target)
+        plain.assign(stmt.name, stmt.expr, stmt.target)
 
     seed = grad_name(out.name)
     bwd = Lowerer(layouts, ref=seed, names=set(layouts))
@@ -159,7 +162,7 @@ def lower_program(program: Program, chain: list[ChainStep], gradients: list[Grad
     for e in [g.result for g in gradients] + [c.result for c in chain]:
         needed |= {n for n in tensor_names(e) if n in tensors}
     saved = [n for n in tensors if n in needed]
-    return Code(sizes, fwd.lines, saved, bwd.lines, steps.lines, [o for o in tensors if o in outputs])
+    return Code(sizes, fwd.lines, plain.lines, saved, bwd.lines, steps.lines, [o for o in tensors if o in outputs])
 
 
 def _size_lines(program: Program) -> list[tuple[str, str]]:

@@ -376,8 +376,11 @@ class Lowerer:
         if not is_index(v):
             raise OpDefinitionError(f"cannot lower {e}")
         val = self.lower(pick)
-        size = _size_code(dim_of(v).size)
-        return Val(f"torch.nn.functional.one_hot({val.code}, {size}).to({self.ref}.dtype)", val.axes + (v,))
+        # a one-hot row per index, built by scatter (no data-dependent size checks, compile-friendly)
+        shape = ", ".join([_size_code(dim_of(a).size) for a in val.axes] + [_size_code(dim_of(v).size)])
+        axis = len(val.axes)
+        code = f"{self.ref}.new_zeros(({shape},)).scatter_({axis}, {_atom(val.code)}.unsqueeze({axis}), 1.0)"
+        return Val(code, val.axes + (v,))
 
     def _elementwise(self, e: sympy.Expr, known: dict[str, Val] | None = None, want: Axes = ()) -> Val:
         known = dict(known or {})
@@ -390,7 +393,8 @@ class Lowerer:
         axes: list[sympy.Symbol] = []
         for _, v in sorted(leaves, key=lambda lv: -len(lv[1].axes)):
             axes += [a for a in v.axes if a not in axes]
-        if want and set(axes) <= set(want):
+        named = {a for a in want if not a.name.startswith("_one")}
+        if want and set(axes) <= set(want) and named <= set(axes):
             axes = list(want)
         elif self.preferred:
             axes = [a for a in self.preferred if a in axes] + [a for a in axes if a not in self.preferred]

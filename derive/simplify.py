@@ -124,6 +124,30 @@ def _split_flat_sum(e: ISum) -> sympy.Expr:
     return body
 
 
+def canonical_bound(e: sympy.Expr, avoid: set[sympy.Symbol] | None = None) -> sympy.Expr:
+    """Rename every bound index to the first free name of its dim, so equal sums look equal.
+
+    ``Σ_n x[n, d]`` and ``Σ_n2 x[n2, d]`` become the same expression (and cancel); names already
+    free in the whole expression are avoided so the printed formula stays unambiguous.
+    """
+    from .indexalg import bound_indices, fresh_index
+
+    if avoid is None:
+        avoid = free_indices(e)
+    if not isinstance(e, sympy.Basic) or not e.args or is_entry(e):
+        return e
+    if isinstance(e, (ISum, IMax, ArgMax)):
+        body = canonical_bound(e.body, avoid | {e.var})
+        taken = avoid | (free_indices(body) - {e.var}) | (bound_indices(body) - {e.var})
+        new = fresh_index(dim_of(e.var), taken)
+        if new != e.var:
+            if new in bound_indices(body):
+                return type(e)(body, e.var)
+            body = body.xreplace({e.var: new})
+        return type(e)(body, new)
+    return e.func(*(canonical_bound(a, avoid) for a in e.args))
+
+
 # -- forward values ---------------------------------------------------------------------------
 def _pattern(stmt: Statement) -> tuple[sympy.Expr, list[sympy.Wild]]:
     """The statement's right-hand side with its indices (free and bound) turned into wildcards."""
@@ -296,6 +320,44 @@ def combine_fractions(e: sympy.Expr) -> sympy.Expr:
     return _bottom_up(e, rewrite)
 
 
+def stable_forward(stmt: Statement, statements: list[Statement]) -> sympy.Expr:
+    """A forward statement rewritten so ``log`` never sees an underflowing product.
+
+    ``log(counts·counts_sum_inv)`` with ``counts = exp(norm_logits)`` becomes
+    ``norm_logits - log(counts_sum)``: the same value, finite for logits of ±1e4. The rewrite is
+    kept only when it removes an ``exp`` from under a ``log``.
+    """
+    logs = [a for a in sympy.preorder_traversal(stmt.expr) if isinstance(a, sympy.log)]
+    if not logs:
+        return stmt.expr
+    defs = {s.name: s for s in statements if not s.expr.has(ISum, IMax)}
+    memo: dict[str, bool] = {}
+
+    def feeds_exp(name: str) -> bool:
+        """Whether the (elementwise) definition of ``name`` has an exp in it, directly or inside."""
+        if name not in memo:
+            memo[name] = False
+            stmt_ = defs.get(name)
+            memo[name] = stmt_ is not None and (stmt_.expr.has(sympy.exp) or any(feeds_exp(n) for n in tensor_names(stmt_.expr)))
+        return memo[name]
+
+    expr = stmt.expr
+    for lg in logs:
+        inlined = lg.args[0]
+        for _ in range(len(defs)):
+            targets = {e for e in inlined.atoms(sympy.core.function.AppliedUndef) if feeds_exp(entry_name(e))}
+            if not targets:
+                break
+            inlined = inlined.xreplace({e: defs[entry_name(e)].at(entry_indices(e)) for e in targets})
+        if not inlined.has(sympy.exp):
+            continue
+        expanded = sympy.expand_log(sympy.log(inlined), force=True)
+        if any(isinstance(a, sympy.log) and a.args[0].has(sympy.exp) for a in sympy.preorder_traversal(expanded)):
+            continue
+        expr = expr.xreplace({lg: expanded})
+    return expr
+
+
 # -- identities of sums over forward values ----------------------------------------------------
 @dataclass
 class SumIdentities:
@@ -320,7 +382,9 @@ class SumIdentities:
         expanded = ISum(stmt.at(entry_indices(node.body)), node.var)
         value = simplify_plain(expanded, self.program)
         if value.is_number:
-            self.found[name] = f"Σ_{node.var} {node.body} = {value}"
+            from .notation import text
+
+            self.found[name] = f"Σ_{node.var} {text(node.body)} = {value}"
             return value
         return node
 
@@ -329,7 +393,7 @@ def simplify_plain(e: sympy.Expr, program: Program) -> sympy.Expr:
     """Sums, deltas and forward values to a fixed point (no sum identities)."""
     statements = list(program.statements)
     for _ in range(12):
-        new = recognize(split_sums(e), statements)
+        new = canonical_bound(recognize(split_sums(e), statements))
         new = sympy.expand(new, deep=False, power_base=False, power_exp=False, log=False, multinomial=False)
         if new == e:
             break
@@ -359,7 +423,7 @@ class Simplifier:
             before = e
             for name, identity, rule in self.rules:
                 self.sums.found.clear()
-                new = rule(e)
+                new = canonical_bound(rule(e))
                 if new != e:
                     text = identity or "; ".join(self.sums.found.values())
                     steps.append(Step(name, text, new))

@@ -112,11 +112,11 @@ def example_inputs(program: Program, sizes: dict[str, int], dtype: torch.dtype, 
 
 # -- autograd reference -----------------------------------------------------------------------
 def _forward_function(d: Derivation) -> Any:
-    """The generated forward statements as a function returning every local (for retain_grad)."""
+    """The forward statements exactly as written (the atom chain, no rewrites), returning every local."""
     program = d.program
     params = [f"{p.name}={p.default!r}" for p in program.params]
     args = ", ".join([t.name for t in program.inputs] + (["*"] + params if params else []))
-    body = [f"    {var} = {code}" for var, code in d.code.sizes] + [f"    {line}" for line in d.code.forward]
+    body = [f"    {var} = {code}" for var, code in d.code.sizes] + [f"    {line}" for line in d.code.reference_forward]
     source = f"def _forward({args}):\n" + "\n".join(body) + "\n    return dict(locals())\n"
     namespace: dict[str, Any] = {"torch": torch}
     exec(compile(source, f"<forward {program.name}>", "exec"), namespace)
@@ -185,6 +185,8 @@ def verify(d: Derivation, module: types.ModuleType, sizes: dict[str, int] | None
     out, saved = getattr(module, f"{program.name}_forward")(*inputs, **params)
     g = None if out.dim() == 0 else torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
     want = autograd_grads(d, inputs, g)
+    reference_out = _forward_function(d)(*inputs, **params)[program.output]
+    result.fused.append(compare(f"{program.output} (forward)", out, reference_out, atol=1e-5))
     fused = getattr(module, f"{program.name}_backward")(g, saved)._asdict()
     for name, got in fused.items():
         result.fused.append(compare(name, got, want[name], atol=1e-5))

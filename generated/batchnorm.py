@@ -11,7 +11,7 @@ Forward, in index notation:
 Fused gradients (derived by SymPy, simplified by derive):
     dbeta[d] = Σ_n(dout[n, d])
     dgamma[d] = Σ_n(dout[n, d]*xhat[n, d])
-    dx[n, d] = (dout[n, d] - xhat[n, d]*Σ_n3(dout[n3, d]*xhat[n3, d])/(N - 1) - Σ_n3(dout[n3, d])/N)*gamma[d]*var_inv[d]
+    dx[n, d] = (dout[n, d] - xhat[n, d]*Σ_n2(dout[n2, d]*xhat[n2, d])/(N - 1) - Σ_n2(dout[n2, d])/N)*gamma[d]*var_inv[d]
 """
 
 from typing import NamedTuple

@@ -37,7 +37,7 @@ def cross_entropy_forward(logits, target):
     counts_sum = t2[:, None]
     counts_sum_inv = 1 / counts_sum
     probs = counts * counts_sum_inv
-    logprobs = torch.log(probs)
+    logprobs = norm_logits + torch.log(counts_sum_inv)
     t3 = logprobs[torch.arange(N, device=logprobs.device), target].sum()
     loss = -t3 / N
     saved = {
@@ -62,7 +62,12 @@ def cross_entropy_backward(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    t1 = torch.nn.functional.one_hot(target, C).to(dloss.dtype)
+    t1 = dloss.new_zeros(
+        (
+            N,
+            C,
+        )
+    ).scatter_(1, target.unsqueeze(1), 1.0)
     dlogits = dloss * (probs - t1) / N
     return cross_entropy_Grads(
         logits=dlogits,
@@ -82,7 +87,12 @@ def cross_entropy_backward_steps(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    t1 = torch.nn.functional.one_hot(target, C).to(dloss.dtype)
+    t1 = dloss.new_zeros(
+        (
+            N,
+            C,
+        )
+    ).scatter_(1, target.unsqueeze(1), 1.0)
     # logprobs <- loss
     dlogprobs = -dloss * t1 / N
     # probs <- logprobs
@@ -104,7 +114,12 @@ def cross_entropy_backward_steps(grad_output, saved):
     # logit_maxes <- norm_logits
     dlogit_maxes = -t3[:, None]
     t4 = logits.argmax(1)
-    t5 = torch.nn.functional.one_hot(t4, C).to(dloss.dtype)
+    t5 = dloss.new_zeros(
+        (
+            N,
+            C,
+        )
+    ).scatter_(1, t4.unsqueeze(1), 1.0)
     # logits <- logit_maxes
     dlogits = dlogits + dlogit_maxes * t5
     return {

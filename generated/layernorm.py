@@ -11,7 +11,7 @@ Forward, in index notation:
 Fused gradients (derived by SymPy, simplified by derive):
     dbeta[d] = Σ_n(dout[n, d])
     dgamma[d] = Σ_n(dout[n, d]*xhat[n, d])
-    dx[n, d] = (dout[n, d]*gamma[d] - xhat[n, d]*Σ_d3(dout[n, d3]*gamma[d3]*xhat[n, d3])/D - Σ_d3(dout[n, d3]*gamma[d3])/D)*var_inv[n]
+    dx[n, d] = (dout[n, d]*gamma[d] - xhat[n, d]*Σ_d2(dout[n, d2]*gamma[d2]*xhat[n, d2])/D - Σ_d2(dout[n, d2]*gamma[d2])/D)*var_inv[n]
 """
 
 from typing import NamedTuple

@@ -8,7 +8,7 @@ Forward, in index notation:
     out[n, d] = shifted[n, d] - log(total[n])
 
 Fused gradients (derived by SymPy, simplified by derive):
-    dx[n, d] = dout[n, d] - e[n, d]*Σ_d3(dout[n, d3])/total[n]
+    dx[n, d] = dout[n, d] - e[n, d]*Σ_d2(dout[n, d2])/total[n]
 """
 
 from typing import NamedTuple
@@ -82,7 +82,12 @@ def log_softmax_backward_steps(grad_output, saved):
     # maxes <- shifted
     dmaxes = -t2[:, None]
     t3 = x.argmax(1)
-    t4 = torch.nn.functional.one_hot(t3, D).to(dout.dtype)
+    t4 = dout.new_zeros(
+        (
+            N,
+            D,
+        )
+    ).scatter_(1, t3.unsqueeze(1), 1.0)
     # x <- maxes
     dx = dx + dmaxes * t4
     return {

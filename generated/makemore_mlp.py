@@ -26,7 +26,7 @@ Fused gradients (derived by SymPy, simplified by derive):
     dlogits[n, k] = (probs[n, k] - δ(k, Yb[n]))*dloss/N
     dh[n, j] = Σ_k(W2[j, k]*dlogits[n, k])
     dhpreact[n, j] = (1 - h[n, j]**2)*dh[n, j]
-    dhprebn[n, j] = (dhpreact[n, j] - bnraw[n, j]*Σ_n3(bnraw[n3, j]*dhpreact[n3, j])/(N - 1) - Σ_n3(dhpreact[n3, j])/N)*bngain[j]*bnvar_inv[j]
+    dhprebn[n, j] = (dhpreact[n, j] - bnraw[n, j]*Σ_n2(bnraw[n2, j]*dhpreact[n2, j])/(N - 1) - Σ_n2(dhpreact[n2, j])/N)*bngain[j]*bnvar_inv[j]
     dembcat[n, te] = Σ_j(W1[te, j]*dhprebn[n, j])
     dbnbias[j] = Σ_n(dhpreact[n, j])
     dbngain[j] = Σ_n(bnraw[n, j]*dhpreact[n, j])
@@ -86,7 +86,7 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
     counts_sum = t6[:, None]
     counts_sum_inv = 1 / counts_sum
     probs = counts * counts_sum_inv
-    logprobs = torch.log(probs)
+    logprobs = norm_logits + torch.log(counts_sum_inv)
     t7 = logprobs[torch.arange(N, device=logprobs.device), Yb].sum()
     loss = -t7 / N
     saved = {
@@ -136,7 +136,12 @@ def makemore_mlp_backward(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    t1 = torch.nn.functional.one_hot(Yb, K).to(dloss.dtype)
+    t1 = dloss.new_zeros(
+        (
+            N,
+            K,
+        )
+    ).scatter_(1, Yb.unsqueeze(1), 1.0)
     dlogits = dloss * (probs - t1) / N
     t2 = W2 @ dlogits.T
     dh = t2.T
@@ -200,7 +205,12 @@ def makemore_mlp_backward_steps(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    t1 = torch.nn.functional.one_hot(Yb, K).to(dloss.dtype)
+    t1 = dloss.new_zeros(
+        (
+            N,
+            K,
+        )
+    ).scatter_(1, Yb.unsqueeze(1), 1.0)
     # logprobs <- loss
     dlogprobs = -dloss * t1 / N
     # probs <- logprobs
@@ -222,7 +232,12 @@ def makemore_mlp_backward_steps(grad_output, saved):
     # logit_maxes <- norm_logits
     dlogit_maxes = -t3[:, None]
     t4 = logits.argmax(1)
-    t5 = torch.nn.functional.one_hot(t4, K).to(dloss.dtype)
+    t5 = dloss.new_zeros(
+        (
+            N,
+            K,
+        )
+    ).scatter_(1, t4.unsqueeze(1), 1.0)
     # logits <- logit_maxes
     dlogits = dlogits + dlogit_maxes * t5
     t6 = dlogits.T @ h

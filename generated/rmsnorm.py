@@ -8,7 +8,7 @@ Forward, in index notation:
 
 Fused gradients (derived by SymPy, simplified by derive):
     dgamma[d] = Σ_n(dout[n, d]*xhat[n, d])
-    dx[n, d] = (dout[n, d]*gamma[d] - xhat[n, d]*Σ_d3(dout[n, d3]*out[n, d3])/D)*rms_inv[n]
+    dx[n, d] = (dout[n, d]*gamma[d] - xhat[n, d]*Σ_d2(dout[n, d2]*out[n, d2])/D)*rms_inv[n]
 """
 
 from typing import NamedTuple

@@ -7,7 +7,7 @@ Forward, in index notation:
     out[n, d] = e[n, d]/total[n]
 
 Fused gradients (derived by SymPy, simplified by derive):
-    dx[n, d] = (dout[n, d] - Σ_d3(dout[n, d3]*out[n, d3]))*out[n, d]
+    dx[n, d] = (dout[n, d] - Σ_d2(dout[n, d2]*out[n, d2]))*out[n, d]
 """
 
 from typing import NamedTuple
@@ -79,7 +79,12 @@ def softmax_backward_steps(grad_output, saved):
     # maxes <- e
     dmaxes = -t2[:, None]
     t3 = x.argmax(1)
-    t4 = torch.nn.functional.one_hot(t3, D).to(dout.dtype)
+    t4 = dout.new_zeros(
+        (
+            N,
+            D,
+        )
+    ).scatter_(1, t3.unsqueeze(1), 1.0)
     # x <- maxes
     dx = dx + dmaxes * t4
     return {

@@ -1,0 +1,184 @@
+"""The simplifier: compact fused gradients recovered from forward definitions alone."""
+
+import sympy
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from derive import derive, op
+from derive.emit import render
+from derive.indexalg import ISum, IMax
+from derive.notation import text
+from derive.verify import exact_check, load_module, verify
+
+from .conftest import derived
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations executed inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_cross_entropy_is_softmax_minus_onehot_over_n():
+    d, _ = derived("cross_entropy")
+    result = d.gradient("logits").result
+    assert not result.has(IMax) and "argmax" not in str(result), "the max-subtraction term must vanish"
+    assert text(result) == "(probs[n, c] - δ(c, target[n]))*dloss/N"
+
+
+def test_cross_entropy_derivation_shows_the_max_term_vanishing():
+    d, _ = derived("cross_entropy")
+    steps = d.gradient("logits").steps
+    assert any("argmax" in str(s.result) for s in steps), "the max term is present before it cancels"
+    assert "argmax" not in str(steps[-1].result)
+
+
+def test_batchnorm_dx_is_the_compact_formula():
+    d, _ = derived("batchnorm")
+    assert text(d.gradient("x").result) == (
+        "(dout[n, d] - xhat[n, d]*Σ_n2(dout[n2, d]*xhat[n2, d])/(N - 1) - Σ_n2(dout[n2, d])/N)*gamma[d]*var_inv[d]"
+    )
+
+
+def test_batchnorm_grads_share_their_batch_sums():
+    _, module = derived("batchnorm")
+    x, g, b = torch.randn(32, 64), torch.randn(64), torch.randn(64)
+    out, saved = module.batchnorm_forward(x, g, b)
+    with OpCounter() as counter:
+        module.batchnorm_backward(torch.randn_like(out), saved)
+    assert counter.ops.count("sum") == 2, counter.ops
+
+
+def _lecture_batchnorm_ops(dout: torch.Tensor, saved: dict) -> list[str]:
+    """The hand formulas of LECTURE.md exercise 3 (allowed here: a test compares against them)."""
+    n = dout.shape[0]
+    bnraw, bnvar_inv, bngain = saved["xhat"], saved["var_inv"], saved["gamma"]
+    with OpCounter() as counter:
+        bngain * bnvar_inv / n * (n * dout - dout.sum(0) - n / (n - 1) * bnraw * (dout * bnraw).sum(0))
+        (bnraw * dout).sum(0, keepdim=True)
+        dout.sum(0, keepdim=True)
+    return counter.ops
+
+
+def test_batchnorm_backward_runs_no_more_aten_ops_than_the_hand_formula():
+    _, module = derived("batchnorm")
+    x, g, b = torch.randn(32, 64), torch.randn(64), torch.randn(64)
+    out, saved = module.batchnorm_forward(x, g, b)
+    dout = torch.randn_like(out)
+    with OpCounter() as counter:
+        module.batchnorm_backward(dout, saved)
+    assert len(counter.ops) <= len(_lecture_batchnorm_ops(dout, saved)), counter.ops
+
+
+def test_cross_entropy_backward_runs_no_more_aten_ops_than_the_hand_formula():
+    _, module = derived("cross_entropy")
+    logits, y = torch.randn(32, 27), torch.randint(0, 27, (32,))
+    _, saved = module.cross_entropy_forward(logits, y)
+    with OpCounter() as ours:
+        module.cross_entropy_backward(None, saved)
+    with OpCounter() as hand:
+        dlogits = F.softmax(logits, 1)
+        dlogits[range(32), y] -= 1
+        dlogits /= 32
+    assert len(ours.ops) <= len(hand.ops), (ours.ops, hand.ops)
+
+
+def test_cross_entropy_matches_autograd_to_1e6_and_is_stable_for_huge_logits():
+    _, module = derived("cross_entropy")
+    logits = torch.randn(32, 27, requires_grad=True)
+    y = torch.randint(0, 27, (32,))
+    F.cross_entropy(logits, y).backward()
+    _, saved = module.cross_entropy_forward(logits.detach(), y)
+    assert (module.cross_entropy_backward(None, saved).logits - logits.grad).abs().max() < 1e-6
+    huge = torch.randn(32, 27) * 1e4
+    loss, saved = module.cross_entropy_forward(huge, y)
+    assert torch.isfinite(loss) and torch.isfinite(module.cross_entropy_backward(None, saved).logits).all()
+
+
+def test_batchnorm_matches_autograd_to_1e6():
+    _, module = derived("batchnorm")
+    x = torch.randn(32, 64, requires_grad=True)
+    g = torch.randn(64, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+    out, saved = module.batchnorm_forward(x, g, b)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    grads = module.batchnorm_backward(dout, saved)
+    assert max((grads.x - x.grad).abs().max(), (grads.gamma - g.grad).abs().max(), (grads.beta - b.grad).abs().max()) < 1e-6
+
+
+def test_fused_and_chain_backward_agree(op_name):
+    d, module = derived(op_name)
+    from derive.verify import default_sizes, example_inputs
+
+    inputs = example_inputs(d.program, default_sizes(d.program), torch.float64, seed=5)
+    out, saved = getattr(module, f"{op_name}_forward")(*inputs)
+    g = None if out.dim() == 0 else torch.randn(out.shape, dtype=torch.float64)
+    fused = getattr(module, f"{op_name}_backward")(g, saved)._asdict()
+    steps = getattr(module, f"{op_name}_backward_steps")(g, saved)
+    for name, value in fused.items():
+        torch.testing.assert_close(value, steps[name], rtol=1e-9, atol=1e-10)
+
+
+def test_fused_formula_is_exact_on_small_index_sets(op_name):
+    d, _ = derived(op_name)
+    if op_name == "makemore_mlp":
+        return  # expanding the whole network is slow; its parts are checked one by one
+    assert all(status != "FAILED" for _, status in exact_check(d)), exact_check(d)
+
+
+def test_exact_check_catches_a_wrong_formula():
+    d, _ = derived("tanh")
+    g = d.gradients[0]
+    wrong = type(g)(g.wrt, g.raw, g.steps, g.result * 2)
+    broken = type(d)(d.op, d.program, d.chain, [wrong], d.code)
+    assert exact_check(broken) == [("x", "FAILED")]
+
+
+@op(x="n d", w="d")
+def weighted_spread(x, w):
+    """A weighted sum of squared deviations, normalised by its own mean (in no catalogue)."""
+    centred = x - x.mean("n", keepdim=True)
+    sq = w * centred**2
+    total = sq.sum("d", keepdim=True)
+    out = sq / total.mean("n", keepdim=True)
+    return out
+
+
+def test_an_op_defined_here_gets_a_verified_fused_backward():
+    d = derive(weighted_spread)
+    module = load_module(render(d), "weighted_spread")
+    v = verify(d, module)
+    assert v.ok, v
+    assert all(status != "FAILED" for _, status in v.exact)
+    assert not any(s.rule == "split sums" for s in d.gradient("x").steps[-1:]), "ends simplified"
+
+
+def test_the_centred_sum_identity_is_named_in_the_derivation():
+    d, _ = derived("batchnorm")
+    identities = [s.identity for s in d.gradient("x").steps if s.rule == "sum identities"]
+    assert identities and "= 0" in identities[0]
+
+
+def test_softmax_backward_reuses_the_forward_output():
+    d, _ = derived("softmax")
+    result = d.gradient("x").result
+    assert "e[" not in text(result) and "total" not in text(result), text(result)
+
+
+def test_bce_with_logits_gradient_is_sigmoid_minus_target_over_count():
+    d, _ = derived("bce_with_logits")
+    expr = d.gradient("z").result
+    entries = {a: sympy.Symbol(str(a.func), real=True) for a in expr.atoms(sympy.core.function.AppliedUndef)}
+    z, y, dloss = (sympy.Symbol(n, real=True) for n in ("z", "y", "dloss"))
+    N, D = sympy.Symbol("N", integer=True, positive=True), sympy.Symbol("D", integer=True, positive=True)
+    expected = (1 / (1 + sympy.exp(-z)) - y) * dloss / (N * D)
+    assert not expr.has(ISum)
+    assert sympy.simplify(expr.xreplace(entries) - expected) == 0
