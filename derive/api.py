@@ -125,11 +125,14 @@ def derive_op(the_op: Op) -> Derivation:
         ) from None
 
 
+_SAFE_SPEC = re.compile(r"^[A-Za-z0-9_./:+\- ]+$")
+
+
 def spec_of(the_op: Op, spec: str | None = None) -> str:
-    """The command-line spelling of an op, as written in the generated header."""
-    if spec:
-        return spec
-    return the_op.name
+    """The command-line spelling of an op, as written in the generated header (never code)."""
+    if spec and not _SAFE_SPEC.match(spec):
+        raise UnknownOpError(f"op path {spec!r} has characters that cannot go into a generated file header")
+    return spec or the_op.name
 
 
 def run(the_op: Op, out_dir: Path | None = None, write: bool = True, verify: bool = True, spec: str | None = None) -> RunResult:

@@ -88,6 +88,11 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
     except KeyboardInterrupt:
         print("derive: interrupted; generated/ unchanged", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `python -m derive batchnorm | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: float) -> int:
@@ -115,7 +120,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
         return 2
     fmt = "latex" if args.latex else args.format
     the_op = api.resolve(args.op)
-    result = api.run(the_op, out_dir=args.out, write=not args.no_write, verify=not args.no_verify)
+    spec = args.op if ":" in args.op else None
+    result = api.run(the_op, out_dir=args.out, write=not args.no_write, verify=not args.no_verify, spec=spec)
     age = process_age()
     total = age if age is not None else time.perf_counter() - started
     if fmt == "json":

@@ -61,6 +61,7 @@ class Derivation:
     gradients: list[Gradient]
     code: Code
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -124,7 +125,24 @@ def derive(the_op: Op) -> Derivation:
     t0 = time.perf_counter()
     code = lower_program(program, chain, gradients)
     timings["lower"] = time.perf_counter() - t0
-    return Derivation(the_op, program, chain, gradients, code, timings)
+    return Derivation(the_op, program, chain, gradients, code, timings, kink_notes(program))
+
+
+_KINKS = {
+    sympy.Max: "Max is not differentiable where its arguments tie: PyTorch's convention is used "
+    "(relu'(0) = 0: the gradient goes to neither side at a tie with 0)",
+    sympy.Min: "Min is not differentiable where its arguments tie: PyTorch's convention is used (0 at a tie)",
+    sympy.Abs: "Abs is not differentiable at 0: PyTorch's subgradient sign(0) = 0 is used",
+}
+
+
+def kink_notes(program: Program) -> list[str]:
+    """Which non-differentiable points the op has, and the convention used there."""
+    notes = []
+    for kind, text in _KINKS.items():
+        if any(s.expr.has(kind) for s in program.statements):
+            notes.append(text)
+    return notes
 
 
 def lower_program(program: Program, chain: list[ChainStep], gradients: list[Gradient]) -> Code:

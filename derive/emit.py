@@ -59,6 +59,83 @@ def docstring(d: Derivation) -> str:
     return "\n".join(lines).replace("\\", "\\\\")
 
 
+def _dims_text(info) -> str:  # noqa: ANN001
+    return "[" + ", ".join("1" if d is None else str(d.size) for d in info.layout) + "]"
+
+
+def prologue(d: Derivation) -> list[str]:
+    """Input checks and size variables: wrong shapes or dtypes raise instead of broadcasting."""
+    program = d.program
+    name = program.name
+    lines: list[str] = []
+    floats = [t for t in program.inputs if not t.is_int]
+    for t in program.inputs:
+        lines.append(
+            f"if {t.name}.dim() != {len(t.layout)}:\n"
+            f"    raise ValueError(f\"{name}: {t.name} must be {_dims_text(t)}, got shape {{tuple({t.name}.shape)}}\")"
+        )
+        if t.is_int:
+            lines.append(
+                f"if {t.name}.dtype != torch.int64:\n"
+                f"    raise TypeError(f\"{name}: {t.name} must be an int64 index tensor, got {{{t.name}.dtype}}\")"
+            )
+        elif t is not floats[0]:
+            first = floats[0].name
+            lines.append(
+                f"if {t.name}.dtype != {first}.dtype:\n"
+                f"    raise TypeError(f\"{name}: {t.name} is {{{t.name}.dtype}} but {first} is {{{first}.dtype}}\")"
+            )
+        else:
+            lines.append(
+                f"if not {t.name}.is_floating_point():\n"
+                f"    raise TypeError(f\"{name}: {t.name} must be a floating-point tensor, got {{{t.name}.dtype}}\")"
+            )
+    defined = {var: src for var, src in d.code.sizes}
+    lines += [f"{var} = {src}" for var, src in d.code.sizes]
+    for t in program.inputs:
+        for axis, dim in enumerate(t.layout):
+            want = "1" if dim is None else str(dim.size).replace(" ", "")
+            if dim is not None and defined.get(want) == f"{t.name}.shape[{axis}]":
+                continue
+            lines.append(
+                f"if {t.name}.shape[{axis}] != {want}:\n"
+                f"    raise ValueError(f\"{name}: {t.name} must be {_dims_text(t)} with {_size_values(t)}, got shape {{tuple({t.name}.shape)}}\")"
+            )
+    for denominator in _size_denominators(d):
+        lines.append(
+            f"if {denominator} == 0:\n"
+            f"    raise ValueError(f\"{name}: needs {denominator} != 0 (the formulas divide by it), got {_size_values_all(d)}\")"
+        )
+    return lines
+
+
+def _size_values(info) -> str:  # noqa: ANN001
+    names = []
+    for d in info.dims:
+        for part in d.parts or (d,):
+            names.append(str(part.size))
+    return ", ".join(f"{n}={{{n}}}" for n in dict.fromkeys(names))
+
+
+def _size_values_all(d: Derivation) -> str:
+    return ", ".join(f"{var}={{{var}}}" for var, _ in d.code.sizes)
+
+
+def _size_denominators(d: Derivation) -> list[str]:
+    """Size expressions such as ``N - 1`` that the forward or backward divides by."""
+    import sympy
+
+    exprs = [s.expr for s in d.program.statements] + [g.result for g in d.gradients] + [c.result for c in d.chain]
+    found: dict[str, None] = {}
+    for e in exprs:
+        for p in e.atoms(sympy.Pow):
+            base = p.base
+            if p.exp.is_negative and base.free_symbols and all(s.is_positive and s.is_integer for s in base.free_symbols):
+                if not base.is_Symbol:
+                    found[str(base).replace(" ", "")] = None
+    return list(found)
+
+
 def render(d: Derivation, command: str | None = None) -> str:
     """The generated module's source, black-formatted; byte-for-byte deterministic."""
     program, code = d.program, d.code
@@ -88,8 +165,10 @@ def render(d: Derivation, command: str | None = None) -> str:
         name=program.name,
         grads=[t.name for t in program.differentiable_inputs],
         signature=signature,
-        checks=[],
-        sizes=code.sizes,
+        prologue=prologue(d),
+        positional=", ".join([t.name for t in program.inputs] + [p.name for p in program.params]),
+        call_args=", ".join([t.name for t in program.inputs] + [f"{p.name}={p.name}" for p in program.params]),
+        backward_returns=[f"grads.{t.name}" if not t.is_int else "None" for t in program.inputs] + ["None"] * len(program.params),
         forward=code.forward,
         saved=keys,
         output=program.output,

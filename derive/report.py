@@ -192,6 +192,8 @@ def header(d: Derivation, style: Style) -> list[str]:
     if program.params:
         lines.append("  params:  " + ", ".join(f"{p.name} = {p.default!r} (kept symbolic)" for p in program.params))
     lines.append(f"  output:  {program.output} [{program.tensors[program.output].shape_text()}]")
+    for note in d.notes:
+        lines.append(_wrap(f"  note:    {note}", 11))
     return lines
 
 

@@ -459,6 +459,7 @@ def _build_program(
             value.name = var
     if result.name is None:
         result.name = "out"
+    _check_size_names(the_op.name, trace, inputs, params)
     used = set(input_names)
     statements: list[Statement] = []
     for node in trace.nodes:
@@ -480,6 +481,19 @@ def _build_program(
     kept_inputs = tuple(t for t in inputs)
     del reached
     return Program(the_op.name, kept_inputs, tuple(params), tuple(statements), result.name, the_op.doc)
+
+
+def _check_size_names(op_name: str, trace: _Trace, inputs: list[TensorInfo], params: list[Param]) -> None:
+    """A dim's size symbol (``N`` for dim ``n``) must not share a name with a tensor or parameter."""
+    names = {t.name for t in inputs} | {p.name for p in params} | {n.name for n in trace.nodes if n.name}
+    for t in inputs:
+        for d in t.dims:
+            for part in d.parts or (d,):
+                if str(part.size) in names:
+                    raise OpDefinitionError(
+                        f"op '{op_name}': dim '{part.name}' has size '{part.size}', which is also the name of a "
+                        f"tensor or parameter; rename one of them"
+                    )
 
 
 def _reaches(result: Tensor, node: Tensor) -> bool:

@@ -29,8 +29,28 @@ class batchnorm_biased_Grads(NamedTuple):
 
 def batchnorm_biased_forward(x, gamma, beta, *, eps=1e-05):
     """Forward pass of `batchnorm_biased`: returns (output, saved) where saved feeds the backward."""
+    if x.dim() != 2:
+        raise ValueError(f"batchnorm_biased: x must be [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"batchnorm_biased: x must be a floating-point tensor, got {x.dtype}")
+    if gamma.dim() != 1:
+        raise ValueError(f"batchnorm_biased: gamma must be [D], got shape {tuple(gamma.shape)}")
+    if gamma.dtype != x.dtype:
+        raise TypeError(f"batchnorm_biased: gamma is {gamma.dtype} but x is {x.dtype}")
+    if beta.dim() != 1:
+        raise ValueError(f"batchnorm_biased: beta must be [D], got shape {tuple(beta.shape)}")
+    if beta.dtype != x.dtype:
+        raise TypeError(f"batchnorm_biased: beta is {beta.dtype} but x is {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
+    if gamma.shape[0] != D:
+        raise ValueError(
+            f"batchnorm_biased: gamma must be [D] with D={D}, got shape {tuple(gamma.shape)}"
+        )
+    if beta.shape[0] != D:
+        raise ValueError(
+            f"batchnorm_biased: beta must be [D] with D={D}, got shape {tuple(beta.shape)}"
+        )
     t1 = x.sum(0)
     mean = t1[None] / N
     diff = -mean + x
@@ -118,3 +138,45 @@ def batchnorm_biased_backward_steps(grad_output, saved):
         "xhat": dxhat,
         "out": dout,
     }
+
+
+_BACKWARD_KEYS = (
+    "gamma",
+    "var_inv",
+    "xhat",
+    "N",
+)
+
+
+class batchnorm_biased_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `batchnorm_biased_forward` and the fused `batchnorm_biased_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps):
+        out, saved = batchnorm_biased_forward(x, gamma, beta, eps=eps)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "batchnorm_biased: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = batchnorm_biased_backward(grad_output, ctx.saved)
+        return (
+            grads.x,
+            grads.gamma,
+            grads.beta,
+            None,
+        )
+
+
+def batchnorm_biased(x, gamma, beta, *, eps=1e-05):
+    """Differentiable `batchnorm_biased`: `loss.backward()` runs derive's fused backward."""
+    return batchnorm_biased_Function.apply(x, gamma, beta, eps)

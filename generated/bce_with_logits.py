@@ -23,8 +23,24 @@ class bce_with_logits_Grads(NamedTuple):
 
 def bce_with_logits_forward(z, y):
     """Forward pass of `bce_with_logits`: returns (output, saved) where saved feeds the backward."""
+    if z.dim() != 2:
+        raise ValueError(f"bce_with_logits: z must be [N, D], got shape {tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise TypeError(f"bce_with_logits: z must be a floating-point tensor, got {z.dtype}")
+    if y.dim() != 2:
+        raise ValueError(f"bce_with_logits: y must be [N, D], got shape {tuple(y.shape)}")
+    if y.dtype != z.dtype:
+        raise TypeError(f"bce_with_logits: y is {y.dtype} but z is {z.dtype}")
     N = z.shape[0]
     D = z.shape[1]
+    if y.shape[0] != N:
+        raise ValueError(
+            f"bce_with_logits: y must be [N, D] with N={N}, D={D}, got shape {tuple(y.shape)}"
+        )
+    if y.shape[1] != D:
+        raise ValueError(
+            f"bce_with_logits: y must be [N, D] with N={N}, D={D}, got shape {tuple(y.shape)}"
+        )
     per = z * (1 - y) + torch.log(1 + torch.exp(-z))
     t1 = per.sum()
     loss = t1 / (D * N)
@@ -84,3 +100,43 @@ def bce_with_logits_backward_steps(grad_output, saved):
         "per": dper,
         "loss": dloss,
     }
+
+
+_BACKWARD_KEYS = (
+    "z",
+    "y",
+    "N",
+    "D",
+)
+
+
+class bce_with_logits_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `bce_with_logits_forward` and the fused `bce_with_logits_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, z, y):
+        out, saved = bce_with_logits_forward(z, y)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "bce_with_logits: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = bce_with_logits_backward(grad_output, ctx.saved)
+        return (
+            grads.z,
+            grads.y,
+        )
+
+
+def bce_with_logits(z, y):
+    """Differentiable `bce_with_logits`: `loss.backward()` runs derive's fused backward."""
+    return bce_with_logits_Function.apply(z, y)

@@ -27,8 +27,22 @@ class cross_entropy_Grads(NamedTuple):
 
 def cross_entropy_forward(logits, target):
     """Forward pass of `cross_entropy`: returns (output, saved) where saved feeds the backward."""
+    if logits.dim() != 2:
+        raise ValueError(f"cross_entropy: logits must be [N, C], got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(
+            f"cross_entropy: logits must be a floating-point tensor, got {logits.dtype}"
+        )
+    if target.dim() != 1:
+        raise ValueError(f"cross_entropy: target must be [N], got shape {tuple(target.shape)}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"cross_entropy: target must be an int64 index tensor, got {target.dtype}")
     N = logits.shape[0]
     C = logits.shape[1]
+    if target.shape[0] != N:
+        raise ValueError(
+            f"cross_entropy: target must be [N] with N={N}, got shape {tuple(target.shape)}"
+        )
     t1 = logits.amax(1)
     logit_maxes = t1[:, None]
     norm_logits = -logit_maxes + logits
@@ -133,3 +147,43 @@ def cross_entropy_backward_steps(grad_output, saved):
         "logprobs": dlogprobs,
         "loss": dloss,
     }
+
+
+_BACKWARD_KEYS = (
+    "target",
+    "probs",
+    "N",
+    "C",
+)
+
+
+class cross_entropy_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `cross_entropy_forward` and the fused `cross_entropy_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        out, saved = cross_entropy_forward(logits, target)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "cross_entropy: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = cross_entropy_backward(grad_output, ctx.saved)
+        return (
+            grads.logits,
+            None,
+        )
+
+
+def cross_entropy(logits, target):
+    """Differentiable `cross_entropy`: `loss.backward()` runs derive's fused backward."""
+    return cross_entropy_Function.apply(logits, target)

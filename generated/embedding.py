@@ -20,6 +20,14 @@ class embedding_Grads(NamedTuple):
 
 def embedding_forward(C, X):
     """Forward pass of `embedding`: returns (output, saved) where saved feeds the backward."""
+    if C.dim() != 2:
+        raise ValueError(f"embedding: C must be [V, E], got shape {tuple(C.shape)}")
+    if not C.is_floating_point():
+        raise TypeError(f"embedding: C must be a floating-point tensor, got {C.dtype}")
+    if X.dim() != 2:
+        raise ValueError(f"embedding: X must be [N, T], got shape {tuple(X.shape)}")
+    if X.dtype != torch.int64:
+        raise TypeError(f"embedding: X must be an int64 index tensor, got {X.dtype}")
     V = C.shape[0]
     E = C.shape[1]
     N = X.shape[0]
@@ -75,3 +83,42 @@ def embedding_backward_steps(grad_output, saved):
         "C": dC,
         "emb": demb,
     }
+
+
+_BACKWARD_KEYS = (
+    "X",
+    "V",
+    "E",
+)
+
+
+class embedding_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `embedding_forward` and the fused `embedding_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, C, X):
+        out, saved = embedding_forward(C, X)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "embedding: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = embedding_backward(grad_output, ctx.saved)
+        return (
+            grads.C,
+            None,
+        )
+
+
+def embedding(C, X):
+    """Differentiable `embedding`: `loss.backward()` runs derive's fused backward."""
+    return embedding_Function.apply(C, X)

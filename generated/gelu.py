@@ -20,6 +20,10 @@ class gelu_Grads(NamedTuple):
 
 def gelu_forward(x):
     """Forward pass of `gelu`: returns (output, saved) where saved feeds the backward."""
+    if x.dim() != 2:
+        raise ValueError(f"gelu: x must be [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"gelu: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
     out = (
@@ -99,3 +103,35 @@ def gelu_backward_steps(grad_output, saved):
         "x": dx,
         "out": dout,
     }
+
+
+_BACKWARD_KEYS = ("x",)
+
+
+class gelu_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `gelu_forward` and the fused `gelu_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out, saved = gelu_forward(x)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "gelu: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = gelu_backward(grad_output, ctx.saved)
+        return (grads.x,)
+
+
+def gelu(x):
+    """Differentiable `gelu`: `loss.backward()` runs derive's fused backward."""
+    return gelu_Function.apply(x)

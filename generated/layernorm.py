@@ -29,8 +29,24 @@ class layernorm_Grads(NamedTuple):
 
 def layernorm_forward(x, gamma, beta, *, eps=1e-05):
     """Forward pass of `layernorm`: returns (output, saved) where saved feeds the backward."""
+    if x.dim() != 2:
+        raise ValueError(f"layernorm: x must be [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"layernorm: x must be a floating-point tensor, got {x.dtype}")
+    if gamma.dim() != 1:
+        raise ValueError(f"layernorm: gamma must be [D], got shape {tuple(gamma.shape)}")
+    if gamma.dtype != x.dtype:
+        raise TypeError(f"layernorm: gamma is {gamma.dtype} but x is {x.dtype}")
+    if beta.dim() != 1:
+        raise ValueError(f"layernorm: beta must be [D], got shape {tuple(beta.shape)}")
+    if beta.dtype != x.dtype:
+        raise TypeError(f"layernorm: beta is {beta.dtype} but x is {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
+    if gamma.shape[0] != D:
+        raise ValueError(f"layernorm: gamma must be [D] with D={D}, got shape {tuple(gamma.shape)}")
+    if beta.shape[0] != D:
+        raise ValueError(f"layernorm: beta must be [D] with D={D}, got shape {tuple(beta.shape)}")
     t1 = x.sum(1)
     mean = t1[:, None] / D
     diff = -mean + x
@@ -120,3 +136,45 @@ def layernorm_backward_steps(grad_output, saved):
         "xhat": dxhat,
         "out": dout,
     }
+
+
+_BACKWARD_KEYS = (
+    "gamma",
+    "var_inv",
+    "xhat",
+    "D",
+)
+
+
+class layernorm_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `layernorm_forward` and the fused `layernorm_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps):
+        out, saved = layernorm_forward(x, gamma, beta, eps=eps)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "layernorm: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = layernorm_backward(grad_output, ctx.saved)
+        return (
+            grads.x,
+            grads.gamma,
+            grads.beta,
+            None,
+        )
+
+
+def layernorm(x, gamma, beta, *, eps=1e-05):
+    """Differentiable `layernorm`: `loss.backward()` runs derive's fused backward."""
+    return layernorm_Function.apply(x, gamma, beta, eps)

@@ -24,9 +24,25 @@ class linear_Grads(NamedTuple):
 
 def linear_forward(x, W, b):
     """Forward pass of `linear`: returns (output, saved) where saved feeds the backward."""
+    if x.dim() != 2:
+        raise ValueError(f"linear: x must be [N, I], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"linear: x must be a floating-point tensor, got {x.dtype}")
+    if W.dim() != 2:
+        raise ValueError(f"linear: W must be [I, O], got shape {tuple(W.shape)}")
+    if W.dtype != x.dtype:
+        raise TypeError(f"linear: W is {W.dtype} but x is {x.dtype}")
+    if b.dim() != 1:
+        raise ValueError(f"linear: b must be [O], got shape {tuple(b.shape)}")
+    if b.dtype != x.dtype:
+        raise TypeError(f"linear: b is {b.dtype} but x is {x.dtype}")
     N = x.shape[0]
     I = x.shape[1]
     O = W.shape[1]
+    if W.shape[0] != I:
+        raise ValueError(f"linear: W must be [I, O] with I={I}, O={O}, got shape {tuple(W.shape)}")
+    if b.shape[0] != O:
+        raise ValueError(f"linear: b must be [O] with O={O}, got shape {tuple(b.shape)}")
     t1 = W.T @ x.T
     out = b + t1.T
     saved = {
@@ -81,3 +97,42 @@ def linear_backward_steps(grad_output, saved):
         "b": db,
         "out": dout,
     }
+
+
+_BACKWARD_KEYS = (
+    "x",
+    "W",
+)
+
+
+class linear_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `linear_forward` and the fused `linear_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, b):
+        out, saved = linear_forward(x, W, b)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "linear: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = linear_backward(grad_output, ctx.saved)
+        return (
+            grads.x,
+            grads.W,
+            grads.b,
+        )
+
+
+def linear(x, W, b):
+    """Differentiable `linear`: `loss.backward()` runs derive's fused backward."""
+    return linear_Function.apply(x, W, b)

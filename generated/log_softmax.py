@@ -24,6 +24,10 @@ class log_softmax_Grads(NamedTuple):
 
 def log_softmax_forward(x):
     """Forward pass of `log_softmax`: returns (output, saved) where saved feeds the backward."""
+    if x.dim() != 2:
+        raise ValueError(f"log_softmax: x must be [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"log_softmax: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
     t1 = x.amax(1)
@@ -98,3 +102,38 @@ def log_softmax_backward_steps(grad_output, saved):
         "total": dtotal,
         "out": dout,
     }
+
+
+_BACKWARD_KEYS = (
+    "e",
+    "total",
+)
+
+
+class log_softmax_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `log_softmax_forward` and the fused `log_softmax_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out, saved = log_softmax_forward(x)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "log_softmax: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = log_softmax_backward(grad_output, ctx.saved)
+        return (grads.x,)
+
+
+def log_softmax(x):
+    """Differentiable `log_softmax`: `loss.backward()` runs derive's fused backward."""
+    return log_softmax_Function.apply(x)

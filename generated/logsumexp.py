@@ -23,6 +23,10 @@ class logsumexp_Grads(NamedTuple):
 
 def logsumexp_forward(x):
     """Forward pass of `logsumexp`: returns (output, saved) where saved feeds the backward."""
+    if x.dim() != 2:
+        raise ValueError(f"logsumexp: x must be [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"logsumexp: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
     t1 = x.amax(1)
@@ -91,3 +95,38 @@ def logsumexp_backward_steps(grad_output, saved):
         "total": dtotal,
         "out": dout,
     }
+
+
+_BACKWARD_KEYS = (
+    "e",
+    "total",
+)
+
+
+class logsumexp_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `logsumexp_forward` and the fused `logsumexp_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out, saved = logsumexp_forward(x)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "logsumexp: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = logsumexp_backward(grad_output, ctx.saved)
+        return (grads.x,)
+
+
+def logsumexp(x):
+    """Differentiable `logsumexp`: `loss.backward()` runs derive's fused backward."""
+    return logsumexp_Function.apply(x)

@@ -56,12 +56,82 @@ class makemore_mlp_Grads(NamedTuple):
 
 def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05):
     """Forward pass of `makemore_mlp`: returns (output, saved) where saved feeds the backward."""
+    if C.dim() != 2:
+        raise ValueError(f"makemore_mlp: C must be [V, E], got shape {tuple(C.shape)}")
+    if not C.is_floating_point():
+        raise TypeError(f"makemore_mlp: C must be a floating-point tensor, got {C.dtype}")
+    if W1.dim() != 2:
+        raise ValueError(f"makemore_mlp: W1 must be [E*T, J], got shape {tuple(W1.shape)}")
+    if W1.dtype != C.dtype:
+        raise TypeError(f"makemore_mlp: W1 is {W1.dtype} but C is {C.dtype}")
+    if b1.dim() != 1:
+        raise ValueError(f"makemore_mlp: b1 must be [J], got shape {tuple(b1.shape)}")
+    if b1.dtype != C.dtype:
+        raise TypeError(f"makemore_mlp: b1 is {b1.dtype} but C is {C.dtype}")
+    if W2.dim() != 2:
+        raise ValueError(f"makemore_mlp: W2 must be [J, K], got shape {tuple(W2.shape)}")
+    if W2.dtype != C.dtype:
+        raise TypeError(f"makemore_mlp: W2 is {W2.dtype} but C is {C.dtype}")
+    if b2.dim() != 1:
+        raise ValueError(f"makemore_mlp: b2 must be [K], got shape {tuple(b2.shape)}")
+    if b2.dtype != C.dtype:
+        raise TypeError(f"makemore_mlp: b2 is {b2.dtype} but C is {C.dtype}")
+    if bngain.dim() != 2:
+        raise ValueError(f"makemore_mlp: bngain must be [1, J], got shape {tuple(bngain.shape)}")
+    if bngain.dtype != C.dtype:
+        raise TypeError(f"makemore_mlp: bngain is {bngain.dtype} but C is {C.dtype}")
+    if bnbias.dim() != 2:
+        raise ValueError(f"makemore_mlp: bnbias must be [1, J], got shape {tuple(bnbias.shape)}")
+    if bnbias.dtype != C.dtype:
+        raise TypeError(f"makemore_mlp: bnbias is {bnbias.dtype} but C is {C.dtype}")
+    if Xb.dim() != 2:
+        raise ValueError(f"makemore_mlp: Xb must be [N, T], got shape {tuple(Xb.shape)}")
+    if Xb.dtype != torch.int64:
+        raise TypeError(f"makemore_mlp: Xb must be an int64 index tensor, got {Xb.dtype}")
+    if Yb.dim() != 1:
+        raise ValueError(f"makemore_mlp: Yb must be [N], got shape {tuple(Yb.shape)}")
+    if Yb.dtype != torch.int64:
+        raise TypeError(f"makemore_mlp: Yb must be an int64 index tensor, got {Yb.dtype}")
     V = C.shape[0]
     E = C.shape[1]
     J = W1.shape[1]
     K = W2.shape[1]
     N = Xb.shape[0]
     T = Xb.shape[1]
+    if W1.shape[0] != E * T:
+        raise ValueError(
+            f"makemore_mlp: W1 must be [E*T, J] with T={T}, E={E}, J={J}, got shape {tuple(W1.shape)}"
+        )
+    if b1.shape[0] != J:
+        raise ValueError(f"makemore_mlp: b1 must be [J] with J={J}, got shape {tuple(b1.shape)}")
+    if W2.shape[0] != J:
+        raise ValueError(
+            f"makemore_mlp: W2 must be [J, K] with J={J}, K={K}, got shape {tuple(W2.shape)}"
+        )
+    if b2.shape[0] != K:
+        raise ValueError(f"makemore_mlp: b2 must be [K] with K={K}, got shape {tuple(b2.shape)}")
+    if bngain.shape[0] != 1:
+        raise ValueError(
+            f"makemore_mlp: bngain must be [1, J] with J={J}, got shape {tuple(bngain.shape)}"
+        )
+    if bngain.shape[1] != J:
+        raise ValueError(
+            f"makemore_mlp: bngain must be [1, J] with J={J}, got shape {tuple(bngain.shape)}"
+        )
+    if bnbias.shape[0] != 1:
+        raise ValueError(
+            f"makemore_mlp: bnbias must be [1, J] with J={J}, got shape {tuple(bnbias.shape)}"
+        )
+    if bnbias.shape[1] != J:
+        raise ValueError(
+            f"makemore_mlp: bnbias must be [1, J] with J={J}, got shape {tuple(bnbias.shape)}"
+        )
+    if Yb.shape[0] != N:
+        raise ValueError(f"makemore_mlp: Yb must be [N] with N={N}, got shape {tuple(Yb.shape)}")
+    if N - 1 == 0:
+        raise ValueError(
+            f"makemore_mlp: needs N-1 != 0 (the formulas divide by it), got V={V}, E={E}, J={J}, K={K}, N={N}, T={T}"
+        )
     emb = C[Xb, :]
     embcat = emb.reshape(N, E * T)
     t1 = W1.T @ embcat.T
@@ -325,3 +395,62 @@ def makemore_mlp_backward_steps(grad_output, saved):
         "logprobs": dlogprobs,
         "loss": dloss,
     }
+
+
+_BACKWARD_KEYS = (
+    "W1",
+    "W2",
+    "bngain",
+    "Xb",
+    "Yb",
+    "embcat",
+    "bnvar_inv",
+    "bnraw",
+    "h",
+    "probs",
+    "V",
+    "E",
+    "K",
+    "N",
+    "T",
+)
+
+
+class makemore_mlp_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `makemore_mlp_forward` and the fused `makemore_mlp_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, eps):
+        out, saved = makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, eps=eps)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "makemore_mlp: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = makemore_mlp_backward(grad_output, ctx.saved)
+        return (
+            grads.C,
+            grads.W1,
+            grads.b1,
+            grads.W2,
+            grads.b2,
+            grads.bngain,
+            grads.bnbias,
+            None,
+            None,
+            None,
+        )
+
+
+def makemore_mlp(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05):
+    """Differentiable `makemore_mlp`: `loss.backward()` runs derive's fused backward."""
+    return makemore_mlp_Function.apply(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, eps)

@@ -23,8 +23,24 @@ class mse_loss_Grads(NamedTuple):
 
 def mse_loss_forward(x, y):
     """Forward pass of `mse_loss`: returns (output, saved) where saved feeds the backward."""
+    if x.dim() != 2:
+        raise ValueError(f"mse_loss: x must be [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"mse_loss: x must be a floating-point tensor, got {x.dtype}")
+    if y.dim() != 2:
+        raise ValueError(f"mse_loss: y must be [N, D], got shape {tuple(y.shape)}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"mse_loss: y is {y.dtype} but x is {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
+    if y.shape[0] != N:
+        raise ValueError(
+            f"mse_loss: y must be [N, D] with N={N}, D={D}, got shape {tuple(y.shape)}"
+        )
+    if y.shape[1] != D:
+        raise ValueError(
+            f"mse_loss: y must be [N, D] with N={N}, D={D}, got shape {tuple(y.shape)}"
+        )
     diff = x - y
     t1 = (diff**2).sum()
     loss = t1 / (D * N)
@@ -74,3 +90,42 @@ def mse_loss_backward_steps(grad_output, saved):
         "diff": ddiff,
         "loss": dloss,
     }
+
+
+_BACKWARD_KEYS = (
+    "diff",
+    "N",
+    "D",
+)
+
+
+class mse_loss_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `mse_loss_forward` and the fused `mse_loss_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y):
+        out, saved = mse_loss_forward(x, y)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "mse_loss: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = mse_loss_backward(grad_output, ctx.saved)
+        return (
+            grads.x,
+            grads.y,
+        )
+
+
+def mse_loss(x, y):
+    """Differentiable `mse_loss`: `loss.backward()` runs derive's fused backward."""
+    return mse_loss_Function.apply(x, y)

@@ -20,6 +20,10 @@ class relu_Grads(NamedTuple):
 
 def relu_forward(x):
     """Forward pass of `relu`: returns (output, saved) where saved feeds the backward."""
+    if x.dim() != 2:
+        raise ValueError(f"relu: x must be [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"relu: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
     out = torch.clamp_min(x, 0)
@@ -55,3 +59,35 @@ def relu_backward_steps(grad_output, saved):
         "x": dx,
         "out": dout,
     }
+
+
+_BACKWARD_KEYS = ("x",)
+
+
+class relu_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `relu_forward` and the fused `relu_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out, saved = relu_forward(x)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "relu: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = relu_backward(grad_output, ctx.saved)
+        return (grads.x,)
+
+
+def relu(x):
+    """Differentiable `relu`: `loss.backward()` runs derive's fused backward."""
+    return relu_Function.apply(x)

@@ -25,8 +25,18 @@ class rmsnorm_Grads(NamedTuple):
 
 def rmsnorm_forward(x, gamma, *, eps=1e-06):
     """Forward pass of `rmsnorm`: returns (output, saved) where saved feeds the backward."""
+    if x.dim() != 2:
+        raise ValueError(f"rmsnorm: x must be [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"rmsnorm: x must be a floating-point tensor, got {x.dtype}")
+    if gamma.dim() != 1:
+        raise ValueError(f"rmsnorm: gamma must be [D], got shape {tuple(gamma.shape)}")
+    if gamma.dtype != x.dtype:
+        raise TypeError(f"rmsnorm: gamma is {gamma.dtype} but x is {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
+    if gamma.shape[0] != D:
+        raise ValueError(f"rmsnorm: gamma must be [D] with D={D}, got shape {tuple(gamma.shape)}")
     t1 = (x**2).sum(1)
     ms = t1[:, None] / D
     rms_inv = (eps + ms) ** (-0.5)
@@ -98,3 +108,45 @@ def rmsnorm_backward_steps(grad_output, saved):
         "xhat": dxhat,
         "out": dout,
     }
+
+
+_BACKWARD_KEYS = (
+    "gamma",
+    "rms_inv",
+    "xhat",
+    "out",
+    "D",
+)
+
+
+class rmsnorm_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `rmsnorm_forward` and the fused `rmsnorm_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, eps):
+        out, saved = rmsnorm_forward(x, gamma, eps=eps)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "rmsnorm: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = rmsnorm_backward(grad_output, ctx.saved)
+        return (
+            grads.x,
+            grads.gamma,
+            None,
+        )
+
+
+def rmsnorm(x, gamma, *, eps=1e-06):
+    """Differentiable `rmsnorm`: `loss.backward()` runs derive's fused backward."""
+    return rmsnorm_Function.apply(x, gamma, eps)

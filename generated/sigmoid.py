@@ -20,6 +20,10 @@ class sigmoid_Grads(NamedTuple):
 
 def sigmoid_forward(x):
     """Forward pass of `sigmoid`: returns (output, saved) where saved feeds the backward."""
+    if x.dim() != 2:
+        raise ValueError(f"sigmoid: x must be [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"sigmoid: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
     out = 1 / (1 + torch.exp(-x))
@@ -58,3 +62,38 @@ def sigmoid_backward_steps(grad_output, saved):
         "x": dx,
         "out": dout,
     }
+
+
+_BACKWARD_KEYS = (
+    "x",
+    "out",
+)
+
+
+class sigmoid_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `sigmoid_forward` and the fused `sigmoid_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out, saved = sigmoid_forward(x)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "sigmoid: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = sigmoid_backward(grad_output, ctx.saved)
+        return (grads.x,)
+
+
+def sigmoid(x):
+    """Differentiable `sigmoid`: `loss.backward()` runs derive's fused backward."""
+    return sigmoid_Function.apply(x)

@@ -20,6 +20,10 @@ class silu_Grads(NamedTuple):
 
 def silu_forward(x):
     """Forward pass of `silu`: returns (output, saved) where saved feeds the backward."""
+    if x.dim() != 2:
+        raise ValueError(f"silu: x must be [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"silu: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
     out = x / (1 + torch.exp(-x))
@@ -55,3 +59,35 @@ def silu_backward_steps(grad_output, saved):
         "x": dx,
         "out": dout,
     }
+
+
+_BACKWARD_KEYS = ("x",)
+
+
+class silu_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `silu_forward` and the fused `silu_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out, saved = silu_forward(x)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "silu: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = silu_backward(grad_output, ctx.saved)
+        return (grads.x,)
+
+
+def silu(x):
+    """Differentiable `silu`: `loss.backward()` runs derive's fused backward."""
+    return silu_Function.apply(x)

@@ -23,6 +23,10 @@ class softmax_Grads(NamedTuple):
 
 def softmax_forward(x):
     """Forward pass of `softmax`: returns (output, saved) where saved feeds the backward."""
+    if x.dim() != 2:
+        raise ValueError(f"softmax: x must be [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"softmax: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
     t1 = x.amax(1)
@@ -94,3 +98,35 @@ def softmax_backward_steps(grad_output, saved):
         "total": dtotal,
         "out": dout,
     }
+
+
+_BACKWARD_KEYS = ("out",)
+
+
+class softmax_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `softmax_forward` and the fused `softmax_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out, saved = softmax_forward(x)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "softmax: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = softmax_backward(grad_output, ctx.saved)
+        return (grads.x,)
+
+
+def softmax(x):
+    """Differentiable `softmax`: `loss.backward()` runs derive's fused backward."""
+    return softmax_Function.apply(x)

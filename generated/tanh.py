@@ -20,6 +20,10 @@ class tanh_Grads(NamedTuple):
 
 def tanh_forward(x):
     """Forward pass of `tanh`: returns (output, saved) where saved feeds the backward."""
+    if x.dim() != 2:
+        raise ValueError(f"tanh: x must be [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"tanh: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
     out = torch.tanh(x)
@@ -55,3 +59,35 @@ def tanh_backward_steps(grad_output, saved):
         "x": dx,
         "out": dout,
     }
+
+
+_BACKWARD_KEYS = ("out",)
+
+
+class tanh_Function(torch.autograd.Function):
+    """`torch.autograd.Function` running `tanh_forward` and the fused `tanh_backward`.
+
+    It keeps only what the fused backward reads. Double backward is refused: the saved
+    intermediates are constants to it.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out, saved = tanh_forward(x)
+        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "tanh: double backward (create_graph=True) is not supported: the generated "
+                "backward treats saved forward values as constants; use plain autograd for it"
+            )
+        grads = tanh_backward(grad_output, ctx.saved)
+        return (grads.x,)
+
+
+def tanh(x):
+    """Differentiable `tanh`: `loss.backward()` runs derive's fused backward."""
+    return tanh_Function.apply(x)

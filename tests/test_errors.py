@@ -1,0 +1,106 @@
+"""Every bad input gets a one-line message naming the problem, exit code 2, no traceback,
+and leaves the output folder exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+
+from derive import DeriveError, api
+
+from .test_cli import derive_cli
+
+HEADER = "import sympy\nfrom derive import op, apply, exp, log\n\n"
+
+BAD_OPS = {
+    "unknown_dim": ('@op(x="n d")\ndef f(x):\n    out = x.sum("q")\n    return out\n', ["'q'", "x", "f.py:"]),
+    "matmul_mismatch": ('@op(x="n d", w="k h")\ndef f(x, w):\n    out = x @ w\n    return out\n', ["'d'", "'k'", "matmul"]),
+    "float_index": ('@op(x="n d", y="n")\ndef f(x, y):\n    out = x.take(y, "d")\n    return out\n', ["integer index", "x"]),
+    "int_arithmetic": ('@op(x="n d", y="int n")\ndef f(x, y):\n    out = x * 2 + y\n    return out\n', ["integer", "'y'"]),
+    "int_output": ('@op(y="int n")\ndef f(y):\n    return y\n', ["integer tensor", "nothing to differentiate"]),
+    "floor": ('@op(x="n d")\ndef f(x):\n    out = apply(sympy.floor, x)\n    return out\n', ["floor", "no derivative"]),
+    "sign": ('@op(x="n d")\ndef f(x):\n    out = apply(sympy.sign, x)\n    return out\n', ["sign", "no derivative"]),
+    "returns_none": ('@op(x="n d")\ndef f(x):\n    out = x * 2\n', ["returned NoneType"]),
+    "returns_number": ('@op(x="n d")\ndef f(x):\n    return 3\n', ["returned int", "not a tensor"]),
+    "bad_dim_name": ('@op(x="n 2d")\ndef f(x):\n    return x * 2\n', ["'2d'", "not a dim name"]),
+    "undeclared_input": ('@op(x="n d")\ndef f(x, w):\n    return x * w\n', ["'w'", "no dims declared"]),
+    "size_name_clash": ('@op(x="n d", N="d")\ndef f(x, N):\n    out = x * N\n    return out\n', ["'N'", "dim 'n'"]),
+    "user_code_error": ('@op(x="n d")\ndef f(x):\n    out = x * undefined_name\n    return out\n', ["NameError", "undefined_name", "f.py:"]),
+}
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    folder = tmp_path / "generated"
+    folder.mkdir()
+    (folder / "keep.py").write_text("# must survive\n")
+    return folder
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPS))
+def test_malformed_op_exits_2_naming_the_problem(case, tmp_path, out_dir):
+    source, expected = BAD_OPS[case]
+    (tmp_path / "f.py").write_text(HEADER + source)
+    before = _snapshot(out_dir)
+    r = derive_cli(f"{tmp_path / 'f.py'}:f", "--out", str(out_dir))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for word in expected:
+        assert word in r.stderr, (word, r.stderr)
+    assert _snapshot(out_dir) == before
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("missing.py:f", "no such file"),
+        ("{dir}/broken.py:f", "failed to import"),
+        ("{dir}/plain.py:nothing", "has no function 'nothing'"),
+        ("{dir}/plain.py:helper", "not declared with @derive.op"),
+        ("softmx", "did you mean softmax"),
+        ('{dir}/we"ird.py:f', "cannot go into a generated file header"),
+    ],
+)
+def test_bad_op_references_exit_2(spec, expected, tmp_path, out_dir):
+    (tmp_path / "broken.py").write_text("import nonexistent_module_xyz\n")
+    (tmp_path / "plain.py").write_text("def helper(x):\n    return x\n")
+    (tmp_path / 'we"ird.py').write_text(HEADER + '@op(x="n d")\ndef f(x):\n    out = x * 2\n    return out\n')
+    before = _snapshot(out_dir)
+    r = derive_cli(spec.format(dir=tmp_path), "--out", str(out_dir))
+    assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert _snapshot(out_dir) == before
+
+
+def test_errors_are_derive_errors_in_python(tmp_path):
+    (tmp_path / "f.py").write_text(HEADER + BAD_OPS["unknown_dim"][0])
+    with pytest.raises(DeriveError):
+        api.run(api.resolve(f"{tmp_path / 'f.py'}:f"), write=False)
+
+
+def test_kinks_use_pytorchs_convention_and_say_so():
+    r = derive_cli("relu", "--no-write")
+    assert r.returncode == 0 and "PyTorch's convention" in r.stdout
+
+
+def test_no_arguments_is_a_usage_error():
+    r = derive_cli()
+    assert r.returncode == 2 and "name an op" in r.stderr
+
+
+def test_generated_functions_reject_wrong_shapes_and_dtypes():
+    import torch
+
+    from generated.batchnorm import batchnorm_forward
+    from generated.cross_entropy import cross_entropy_forward
+
+    with pytest.raises(ValueError, match="gamma must be"):
+        batchnorm_forward(torch.randn(4, 3), torch.randn(5), torch.randn(3))
+    with pytest.raises(TypeError, match="target must be an int64"):
+        cross_entropy_forward(torch.randn(4, 3), torch.zeros(4))
+    with pytest.raises(ValueError, match="N-1 != 0"):
+        batchnorm_forward(torch.randn(1, 3), torch.randn(3), torch.randn(3))
+    with pytest.raises(TypeError, match="float64"):
+        batchnorm_forward(torch.randn(4, 3), torch.randn(3, dtype=torch.float64), torch.randn(3))

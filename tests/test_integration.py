@@ -1,0 +1,116 @@
+"""Generated code in users' training code: autograd.Function wrappers, torch.compile, dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from generated.batchnorm import batchnorm
+from generated.cross_entropy import cross_entropy
+from generated.linear import linear
+from generated.tanh import tanh
+
+
+def _params(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"W1": (8, 16), "b1": (16,), "gamma": (16,), "beta": (16,), "W2": (16, 5), "b2": (5,)}
+    return {k: (torch.randn(s, generator=g) * 0.3).requires_grad_() for k, s in shapes.items()}
+
+
+def _model_generated(p, x, y):
+    h = tanh(batchnorm(linear(x, p["W1"], p["b1"]), p["gamma"], p["beta"]))
+    return cross_entropy(linear(h, p["W2"], p["b2"]), y)
+
+
+def _model_plain(p, x, y):
+    hpre = x @ p["W1"] + p["b1"]
+    mean = hpre.mean(0, keepdim=True)
+    var = ((hpre - mean) ** 2).sum(0, keepdim=True) / (hpre.shape[0] - 1)
+    h = torch.tanh(p["gamma"] * (hpre - mean) / torch.sqrt(var + 1e-5) + p["beta"])
+    return F.cross_entropy(h @ p["W2"] + p["b2"], y)
+
+
+def _train(model, steps: int = 2, compile_it: bool = False):
+    p = _params()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 5, (32,), generator=g)
+    fn = torch.compile(model, fullgraph=True) if compile_it else model
+    losses = []
+    for _ in range(steps):
+        loss = fn(p, x, y)
+        loss.backward()
+        with torch.no_grad():
+            for t in p.values():
+                t -= 0.1 * t.grad
+                t.grad = None
+        losses.append(loss.item())
+    return losses, p
+
+
+def test_two_training_steps_through_the_wrappers_match_plain_autograd():
+    ours, p_ours = _train(_model_generated)
+    ref, p_ref = _train(_model_plain)
+    assert ours == pytest.approx(ref, abs=1e-6)
+    for k in p_ours:
+        torch.testing.assert_close(p_ours[k], p_ref[k], atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_model_gives_the_same_gradients():
+    ours, p_ours = _train(_model_generated, compile_it=True)
+    ref, p_ref = _train(_model_plain)
+    assert ours == pytest.approx(ref, abs=1e-5)
+    for k in p_ours:
+        torch.testing.assert_close(p_ours[k], p_ref[k], atol=1e-5, rtol=1e-4)
+
+
+def test_double_backward_is_refused_clearly():
+    x = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(tanh(x).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_batchnorm_on_every_floating_dtype(dtype, tol):
+    x = torch.randn(16, 8, dtype=torch.float64)
+    gamma, beta = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    dout = torch.randn(16, 8, dtype=torch.float64)
+    from generated.batchnorm import batchnorm_backward, batchnorm_forward
+
+    out, saved = batchnorm_forward(x.to(dtype), gamma.to(dtype), beta.to(dtype))
+    got = batchnorm_backward(dout.to(dtype), saved)
+    _, saved64 = batchnorm_forward(x, gamma, beta)
+    want = batchnorm_backward(dout, saved64)
+    assert got.x.dtype == dtype
+    scale = want.x.abs().max()
+    assert (got.x.double() - want.x).abs().max() / scale < tol
+
+
+def test_non_contiguous_inputs():
+    from generated.layernorm import layernorm_backward, layernorm_forward
+
+    x = torch.randn(8, 6).T  # transposed: non-contiguous
+    gamma = torch.randn(16)[::2]  # strided
+    beta = torch.randn(8)
+    out, saved = layernorm_forward(x, gamma, beta)
+    ref_x, ref_g, ref_b = (t.detach().clone().contiguous().requires_grad_() for t in (x, gamma, beta))
+    F.layer_norm(ref_x, (8,), ref_g, ref_b, eps=1e-5).backward(torch.ones(6, 8))
+    grads = layernorm_backward(torch.ones(6, 8), saved)
+    torch.testing.assert_close(grads.x, ref_x.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_of_one_works_where_the_maths_allows():
+    from generated.layernorm import layernorm_forward
+
+    out, _ = layernorm_forward(torch.randn(1, 5), torch.ones(5), torch.zeros(5))
+    assert out.shape == (1, 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cross_entropy_on_cuda():
+    logits = torch.randn(32, 27, device="cuda", requires_grad=True)
+    y = torch.randint(0, 27, (32,), device="cuda")
+    cross_entropy(logits, y).backward()
+    ref = logits.detach().clone().requires_grad_()
+    F.cross_entropy(ref, y).backward()
+    torch.testing.assert_close(logits.grad, ref.grad, atol=1e-6, rtol=1e-5)
