@@ -212,13 +212,13 @@ def generate_all(out_dir: Path | None = None, progress: Callable[[str], None] | 
     return written
 
 
-def report_text(result: RunResult, fmt: str = "text") -> str:
+def report_text(result: RunResult, fmt: str = "text", small: bool = False) -> str:
     """The printed derivation of a run."""
     written = ""
     if result.path is not None:
         state = "written" if result.written else "unchanged"
         written = f"{_relative(result.path)} ({state}): {result.derivation.name}_forward, _backward, _backward_steps"
-    return report.render(result.derivation, fmt, result.verification, result.sizes, written)
+    return report.render(result.derivation, fmt, result.verification, result.sizes, written, small=small)
 
 
 def summary_line(result: RunResult, total: float) -> str:

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=["text", "latex", "markdown", "json"], default="text", help="how to print the derivation"
     )
     parser.add_argument("--latex", action="store_true", help="same as --format latex")
+    parser.add_argument(
+        "--small", action="store_true", help="also work each gradient out entry by entry on a small index set"
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip the autograd and exact checks")
     parser.add_argument("--no-write", action="store_true", help="derive and verify without writing a file")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
@@ -127,7 +130,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
     if fmt == "json":
         print(json.dumps(api.to_json(result, total), indent=2))
     elif not args.quiet:
-        print(api.report_text(result, fmt), end="")
+        print(api.report_text(result, fmt, small=args.small), end="")
     if fmt != "json":
         print(api.summary_line(result, total))
     return 0 if result.verification is None or result.verification.ok else 1

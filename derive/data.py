@@ -67,7 +67,9 @@ class Vocabulary:
         '.abc'
         """
         if not chars:
-            raise DataError("--vocab is empty: give the characters words may use, e.g. --vocab abcdefghijklmnopqrstuvwxyz")
+            raise DataError(
+                "--vocab is empty: give the characters words may use, e.g. --vocab abcdefghijklmnopqrstuvwxyz"
+            )
         if END in chars:
             raise DataError(f"--vocab contains {END!r}, which is reserved for the start/end of a word")
         return cls(END + "".join(sorted(set(chars))))

@@ -154,14 +154,14 @@ def lower_program(program: Program, chain: list[ChainStep], gradients: list[Grad
         layouts[grad_name(t.name)] = TensorInfo(grad_name(t.name), t.layout, t.is_int)
 
     sizes = _size_lines(program)
-    fwd = Lowerer(layouts, ref=program.differentiable_inputs[0].name, names=set(layouts))
+    fwd = Lowerer(layouts, ref=program.differentiable_inputs[0].name, names=set(layouts), single_assignment=True)
     plain = Lowerer(layouts, ref=program.differentiable_inputs[0].name, names=set(layouts))
     for stmt in program.statements:
         fwd.assign(stmt.name, stable_forward(stmt, list(program.statements)), stmt.target)
         plain.assign(stmt.name, stmt.expr, stmt.target)
 
     seed = grad_name(out.name)
-    bwd = Lowerer(layouts, ref=seed, names=set(layouts))
+    bwd = Lowerer(layouts, ref=seed, names=set(layouts), single_assignment=True)
     for g in gradients:
         bwd.assign(grad_name(g.wrt.name), g.result, g.wrt)
 

@@ -110,6 +110,7 @@ class Lowerer:
     counter: int = 0
     names: set[str] = field(default_factory=set)
     preferred: Axes = ()
+    single_assignment: bool = False
 
     # -- public ------------------------------------------------------------------------------
     def assign(self, name: str, e: sympy.Expr, target: TensorInfo, accumulate: bool = False, comment: str = "") -> None:
@@ -121,6 +122,8 @@ class Lowerer:
             code = val.code if val.axes == want else self.to_layout(val, target)
         else:
             code = self.to_layout(self.lower(e), target)
+        if self.single_assignment and not accumulate and self._rename_last_temp(code, name):
+            return
         if comment:
             self.lines.append(f"# {comment}")
         self.lines.append(f"{name} = {name} + {code}" if accumulate else f"{name} = {code}")
@@ -137,8 +140,8 @@ class Lowerer:
             raise OpDefinitionError(f"internal: free indices {sorted(map(str, extra))} left in gradient of {target.name}")
         aligned = self.align(val, want, strip=False)
         if not val.axes and want:
-            shape = ", ".join(_size_code(d.size) for d in target.dims)
-            aligned = f"{aligned} * torch.ones(({shape},), dtype={self.ref}.dtype, device={self.ref}.device)"
+            shape = _shape_tuple([_size_code(d.size) for d in target.dims])
+            aligned = f"{aligned} * torch.ones({shape}, dtype={self.ref}.dtype, device={self.ref}.device)"
         elif set(val.axes) != set(want):
             # the gradient of a broadcast is materialised at the tensor's full shape
             shape = ", ".join("1" if d is None else _size_code(d.size) for d in target.layout)
@@ -150,6 +153,14 @@ class Lowerer:
         if not target.layout and val.axes:
             raise OpDefinitionError(f"internal: scalar {target.name} has axes")
         return aligned
+
+    def _rename_last_temp(self, temp: str, name: str) -> bool:
+        """``t1 = x.sum(0); dbeta = t1`` becomes ``dbeta = x.sum(0)`` (later uses read ``dbeta``)."""
+        if not (temp.isidentifier() and self.lines and self.lines[-1].startswith(f"{temp} = ") and temp not in self.names):
+            return False
+        self.lines[-1] = f"{name} = " + self.lines[-1][len(temp) + 3 :]
+        self.memo = {k: ((name if code == temp else code), axes) for k, (code, axes) in self.memo.items()}
+        return True
 
     # -- alignment ---------------------------------------------------------------------------
     def align(self, val: Val, want: Axes, strip: bool = True) -> str:
@@ -294,18 +305,18 @@ class Lowerer:
             body = body.body
         saved_preference, self.preferred = self.preferred, ()
         try:
-            return self._sum_body(body, indices)
+            return self._sum_body(body, indices, saved_preference)
         finally:
             self.preferred = saved_preference
 
-    def _sum_body(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val:
+    def _sum_body(self, body: sympy.Expr, indices: list[sympy.Symbol], preferred: Axes) -> Val:
         scatter = self._scatter(body, indices)
         if scatter is not None:
             return scatter
         factors = sympy.Mul.make_args(body)
         scalars = [f for f in factors if not (free_indices(f) & set(indices))]
         inner = [f for f in factors if free_indices(f) & set(indices)]
-        val = self._contract(inner, indices) if len(inner) == 2 else None
+        val = self._contract(inner, indices, preferred) if len(inner) == 2 else None
         if val is None:
             summed = self.lower(sympy.Mul(*inner))
             dims = sorted(summed.axes.index(i) for i in indices)
@@ -316,7 +327,7 @@ class Lowerer:
             return self._elementwise(sympy.Mul(*scalars) * sympy.Symbol(f"__val_{id(val)}"), {f"__val_{id(val)}": val})
         return val
 
-    def _contract(self, inner: list[sympy.Expr], indices: list[sympy.Symbol]) -> Val | None:
+    def _contract(self, inner: list[sympy.Expr], indices: list[sympy.Symbol], preferred: Axes = ()) -> Val | None:
         a, b = self.lower(inner[0]), self.lower(inner[1])
         shared = set(a.axes) & set(b.axes)
         if set(indices) - shared or set(a.axes) == set(b.axes):
@@ -326,7 +337,7 @@ class Lowerer:
             k = indices[0]
             first = a.axes[1 - a.axes.index(k)]
             second = b.axes[1 - b.axes.index(k)]
-            if first in self.preferred and second in self.preferred and self.preferred.index(first) > self.preferred.index(second):
+            if first in preferred and second in preferred and preferred.index(first) > preferred.index(second):
                 a, b = b, a
             left = a.code if a.axes[1] == k else f"{_atom(a.code)}.T"
             right = b.code if b.axes[0] == k else f"{_atom(b.code)}.T"
@@ -352,7 +363,7 @@ class Lowerer:
                         continue
                     other_sizes = [_size_code(dim_of(a).size) for a in other]
                     flat_idx = f"{entry_name(pick)}.reshape(-1)"
-                    zeros = f"{self.ref}.new_zeros(({', '.join([_size_code(dim_of(v).size)] + other_sizes)},))"
+                    zeros = f"{self.ref}.new_zeros({_shape_tuple([_size_code(dim_of(v).size)] + other_sizes)})"
                     code = f"{zeros}.index_add_(0, {flat_idx}, {_atom(src)}.reshape({', '.join(['-1'] + other_sizes)}))"
                     return Val(code, (v,) + other)
         return None
@@ -377,9 +388,9 @@ class Lowerer:
             raise OpDefinitionError(f"cannot lower {e}")
         val = self.lower(pick)
         # a one-hot row per index, built by scatter (no data-dependent size checks, compile-friendly)
-        shape = ", ".join([_size_code(dim_of(a).size) for a in val.axes] + [_size_code(dim_of(v).size)])
+        shape = _shape_tuple([_size_code(dim_of(a).size) for a in val.axes] + [_size_code(dim_of(v).size)])
         axis = len(val.axes)
-        code = f"{self.ref}.new_zeros(({shape},)).scatter_({axis}, {_atom(val.code)}.unsqueeze({axis}), 1.0)"
+        code = f"{self.ref}.new_zeros({shape}).scatter_({axis}, {_atom(val.code)}.unsqueeze({axis}), 1.0)"
         return Val(code, val.axes + (v,))
 
     def _elementwise(self, e: sympy.Expr, known: dict[str, Val] | None = None, want: Axes = ()) -> Val:
@@ -435,6 +446,11 @@ def _free_in_order(e: sympy.Expr) -> list[sympy.Symbol]:
         if a in free and a not in out:
             out.append(a)  # type: ignore[arg-type]
     return out
+
+
+def _shape_tuple(sizes: list[str]) -> str:
+    """``(N, K)`` or ``(N,)``: a shape literal black keeps on one line."""
+    return f"({sizes[0]},)" if len(sizes) == 1 else f"({', '.join(sizes)})"
 
 
 def _size_code(size: sympy.Expr) -> str:

@@ -125,7 +125,29 @@ def fused_section(d: Derivation, style: Style) -> list[str]:
     lines = [style.heading("3. Fused gradients: the chain composed and simplified")]
     for g in d.gradients:
         lines += _fused_one(g, style)
+        if style is TEXT:
+            lines += [_wrap(f"    code:      {line}", 15) for line in _code_for(d, grad_name(g.wrt.name))]
     return lines
+
+
+def _code_for(d: Derivation, name: str) -> list[str]:
+    """The generated lines that compute ``name``, with the temporaries they use."""
+    import re
+
+    lines = d.code.backward
+    by_target = {line.split(" = ", 1)[0]: line for line in lines if " = " in line}
+    wanted: list[str] = []
+
+    def visit(var: str) -> None:
+        line = by_target.get(var)
+        if line is None or line in wanted:
+            return
+        for word in re.findall(r"\bt\d+\b", line.split(" = ", 1)[1]):
+            visit(word)
+        wanted.append(line)
+
+    visit(name)
+    return wanted
 
 
 def _fused_one(g: Gradient, style: Style) -> list[str]:
@@ -146,6 +168,22 @@ def _fused_one(g: Gradient, style: Style) -> list[str]:
             lines.append(f"{k}. {step.rule}: {step.identity}" if style is MARKDOWN else f"% {k}. {step.rule}")
             lines.append(style.math(style.expr(step.result)))
         lines.append(_eq(style, lhs, style.expr(g.result)))
+    return lines
+
+
+def small_section(d: Derivation, style: Style, size: int = 2) -> list[str]:
+    """Each fused gradient worked out entry by entry at small sizes, beside the general rule."""
+    from .verify import concrete_entries
+
+    sizes = {dim.name: size + (1 if dim.name == d.program.dims[0].name else 0) for dim in d.program.dims if not dim.parts}
+    size_text = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    lines = [style.heading(f"3b. The same gradients by hand, on a small index set ({size_text})")]
+    for g in d.gradients:
+        lines.append("")
+        lines.append(_wrap(f"  general:  {_lhs(style, g.wrt, 'd')} = {style.expr(g.result)}", 12))
+        for combo, value in concrete_entries(g.result, g.wrt, sizes):
+            name = f"d{g.wrt.name}[{','.join(map(str, combo))}]" if combo else f"d{g.wrt.name}"
+            lines.append(_wrap(f"    {name} = {style.expr(value)}", 8))
     return lines
 
 
@@ -197,13 +235,22 @@ def header(d: Derivation, style: Style) -> list[str]:
     return lines
 
 
-def render(d: Derivation, style_name: str = "text", verification: Verification | None = None, sizes: dict[str, int] | None = None, written: str = "") -> str:
+def render(
+    d: Derivation,
+    style_name: str = "text",
+    verification: Verification | None = None,
+    sizes: dict[str, int] | None = None,
+    written: str = "",
+    small: bool = False,
+) -> str:
     """The whole derivation as one string."""
     style = STYLES[style_name]
     lines = header(d, style)
     lines += forward_section(d, style)
     lines += chain_section(d, style)
     lines += fused_section(d, style)
+    if small:
+        lines += small_section(d, style)
     lines.append(style.heading("4. Generated code"))
     lines.append(f"  {written}" if written else "  (not written)")
     if verification is not None:

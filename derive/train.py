@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -135,7 +136,7 @@ def train(config: TrainConfig, data: Dataset, progress: Progress | None = None) 
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
-    params = mlp.Params(*(p.detach().requires_grad_(False) for p in params))
+    params = mlp.Params(*(p.detach() for p in params))
     return TrainRun(config=config, params=params, losses=losses, seconds=seconds, grad_check=check)
 
 
@@ -218,9 +219,7 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The ``derive train`` argument parser."""
     defaults = TrainConfig()
-    p = _Parser(
-        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, metavar="PATH", help="word list, one word per line (default: built-in names)")
     p.add_argument("--vocab", metavar="CHARS", help="fix the vocabulary to '.' plus CHARS; other characters are errors")
     p.add_argument("--steps", type=_int_at_least(1), default=defaults.steps, help="SGD steps (default: %(default)s)")
@@ -234,11 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="examples per step (default: %(default)s)",
     )
     p.add_argument(
-        "--lr", type=_positive_float, default=defaults.lr, help="learning rate, divided by 10 after half the steps "
-        "(default: %(default)s)"
+        "--lr",
+        type=_positive_float,
+        default=defaults.lr,
+        help="learning rate, divided by 10 after half the steps " "(default: %(default)s)",
     )
     p.add_argument(
-        "--seed", type=_int_at_least(0), default=defaults.seed, help="initialisation and batch seed (default: %(default)s)"
+        "--seed",
+        type=_int_at_least(0),
+        default=defaults.seed,
+        help="initialisation and batch seed (default: %(default)s)",
     )
     p.add_argument(
         "--backward",
@@ -381,7 +385,9 @@ def describe_comparison(runs: dict[str, TrainRun], results: dict[str, Evaluation
     a, b = (runs[n].losses for n in names[:2])
     gap = max(abs(x - y) for x, y in zip(a, b))
     speedup = runs[names[0]].steps_per_second / runs[names[1]].steps_per_second
-    lines.append(f"largest |loss difference| over the {len(a):,} steps: {gap:.3g}; {names[0]} is {speedup:.2f}x as fast")
+    lines.append(
+        f"largest |loss difference| over the {len(a):,} steps: {gap:.3g}; {names[0]} is {speedup:.2f}x as fast"
+    )
     return "\n".join(lines)
 
 
@@ -465,3 +471,6 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `python -m derive train | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

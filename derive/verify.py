@@ -281,6 +281,39 @@ class _Interpreter:
         self.values[info.name] = table
 
 
+class _SymbolTable(dict):
+    """Entries of tensors as plain symbols named like ``x[0,1]``, created on first use."""
+
+    def __missing__(self, name: str) -> dict:
+        table = _Entries(name)
+        self[name] = table
+        return table
+
+
+class _Entries(dict):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def __missing__(self, idx: tuple[int, ...]) -> sympy.Symbol:
+        sym = sympy.Symbol(f"{self.name}[{','.join(map(str, idx))}]" if idx else self.name, real=True)
+        self[idx] = sym
+        return sym
+
+
+def concrete_entries(expr: sympy.Expr, target: TensorInfo, sizes: dict[str, int], limit: int = 6) -> list[tuple[tuple[int, ...], sympy.Expr]]:
+    """The first entries of ``target = expr`` at concrete small sizes, in terms of other tensors' entries.
+
+    This is the by-hand view of a gradient: ``dW[0,1] = dout[0,1]*x[0,0] + dout[1,1]*x[1,0]``.
+    """
+    interp = _Interpreter(sizes, {})
+    interp.values = _SymbolTable()
+    out = []
+    for combo in _product([interp.size(i) for i in target.indices])[:limit]:
+        out.append((combo, interp.eval(expr, dict(zip(target.indices, combo)))))
+    return out
+
+
 def _product(sizes: list[int]) -> list[tuple[int, ...]]:
     out: list[tuple[int, ...]] = [()]
     for s in sizes:

@@ -78,11 +78,9 @@ def batchnorm_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("batchnorm: grad_output is required for a non-scalar output")
     dout = grad_output
-    t1 = dout.sum(0)
-    dbeta = t1
-    t2 = (dout * xhat).sum(0)
-    dgamma = t2
-    dx = gamma * var_inv * (dout - t2 * xhat / (N - 1) - t1 / N)
+    dbeta = dout.sum(0)
+    dgamma = (dout * xhat).sum(0)
+    dx = gamma * var_inv * (-dgamma * xhat / (N - 1) + dout - dbeta / N)
     return batchnorm_Grads(
         x=dx,
         gamma=dgamma,

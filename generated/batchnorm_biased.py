@@ -80,11 +80,9 @@ def batchnorm_biased_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("batchnorm_biased: grad_output is required for a non-scalar output")
     dout = grad_output
-    t1 = dout.sum(0)
-    dbeta = t1
-    t2 = (dout * xhat).sum(0)
-    dgamma = t2
-    dx = gamma * var_inv * (dout - t1 / N - t2 * xhat / N)
+    dbeta = dout.sum(0)
+    dgamma = (dout * xhat).sum(0)
+    dx = gamma * var_inv * (dout - dbeta / N - dgamma * xhat / N)
     return batchnorm_biased_Grads(
         x=dx,
         gamma=dgamma,

@@ -83,12 +83,7 @@ def bce_with_logits_backward_steps(grad_output, saved):
     dloss = grad_output
     # per <- loss
     dper = (dloss / (D * N))[None, None] * torch.ones(
-        (
-            N,
-            D,
-        ),
-        dtype=dloss.dtype,
-        device=dloss.device,
+        (N, D), dtype=dloss.dtype, device=dloss.device
     )
     # z <- per
     dz = dper * (-y * (torch.exp(z) + 1) + torch.exp(z)) / (torch.exp(z) + 1)

@@ -76,12 +76,7 @@ def cross_entropy_backward(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    t1 = dloss.new_zeros(
-        (
-            N,
-            C,
-        )
-    ).scatter_(1, target.unsqueeze(1), 1.0)
+    t1 = dloss.new_zeros((N, C)).scatter_(1, target.unsqueeze(1), 1.0)
     dlogits = dloss * (probs - t1) / N
     return cross_entropy_Grads(
         logits=dlogits,
@@ -101,12 +96,7 @@ def cross_entropy_backward_steps(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    t1 = dloss.new_zeros(
-        (
-            N,
-            C,
-        )
-    ).scatter_(1, target.unsqueeze(1), 1.0)
+    t1 = dloss.new_zeros((N, C)).scatter_(1, target.unsqueeze(1), 1.0)
     # logprobs <- loss
     dlogprobs = -dloss * t1 / N
     # probs <- logprobs
@@ -128,12 +118,7 @@ def cross_entropy_backward_steps(grad_output, saved):
     # logit_maxes <- norm_logits
     dlogit_maxes = -t3[:, None]
     t4 = logits.argmax(1)
-    t5 = dloss.new_zeros(
-        (
-            N,
-            C,
-        )
-    ).scatter_(1, t4.unsqueeze(1), 1.0)
+    t5 = dloss.new_zeros((N, C)).scatter_(1, t4.unsqueeze(1), 1.0)
     # logits <- logit_maxes
     dlogits = dlogits + dlogit_maxes * t5
     return {

@@ -51,13 +51,7 @@ def embedding_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("embedding: grad_output is required for a non-scalar output")
     demb = grad_output
-    t1 = demb.new_zeros(
-        (
-            V,
-            E,
-        )
-    ).index_add_(0, X.reshape(-1), demb.reshape(-1, E))
-    dC = t1
+    dC = demb.new_zeros((V, E)).index_add_(0, X.reshape(-1), demb.reshape(-1, E))
     return embedding_Grads(
         C=dC,
     )
@@ -71,12 +65,7 @@ def embedding_backward_steps(grad_output, saved):
     if grad_output is None:
         raise ValueError("embedding: grad_output is required for a non-scalar output")
     demb = grad_output
-    t1 = demb.new_zeros(
-        (
-            V,
-            E,
-        )
-    ).index_add_(0, X.reshape(-1), demb.reshape(-1, E))
+    t1 = demb.new_zeros((V, E)).index_add_(0, X.reshape(-1), demb.reshape(-1, E))
     # C <- emb
     dC = t1
     return {

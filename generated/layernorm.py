@@ -76,10 +76,8 @@ def layernorm_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("layernorm: grad_output is required for a non-scalar output")
     dout = grad_output
-    t1 = dout.sum(0)
-    dbeta = t1
-    t2 = (dout * xhat).sum(0)
-    dgamma = t2
+    dbeta = dout.sum(0)
+    dgamma = (dout * xhat).sum(0)
     t3 = torch.einsum("ab,b->a", dout, gamma)
     t4 = (dout * gamma * xhat).sum(1)
     dx = var_inv * (dout * gamma - t3[:, None] / D - t4[:, None] * xhat / D)

@@ -43,8 +43,8 @@ def linear_forward(x, W, b):
         raise ValueError(f"linear: W must be [I, O] with I={I}, O={O}, got shape {tuple(W.shape)}")
     if b.shape[0] != O:
         raise ValueError(f"linear: b must be [O] with O={O}, got shape {tuple(b.shape)}")
-    t1 = W.T @ x.T
-    out = b + t1.T
+    t1 = x @ W
+    out = b + t1
     saved = {
         "x": x,
         "W": W,
@@ -62,12 +62,9 @@ def linear_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("linear: grad_output is required for a non-scalar output")
     dout = grad_output
-    t1 = dout.sum(0)
-    db = t1
-    t2 = dout.T @ x
-    dW = t2.T
-    t3 = W @ dout.T
-    dx = t3.T
+    db = dout.sum(0)
+    dW = x.T @ dout
+    dx = dout @ W.T
     return linear_Grads(
         x=dx,
         W=dW,
@@ -82,12 +79,12 @@ def linear_backward_steps(grad_output, saved):
     if grad_output is None:
         raise ValueError("linear: grad_output is required for a non-scalar output")
     dout = grad_output
-    t1 = W @ dout.T
+    t1 = dout @ W.T
     # x <- out
-    dx = t1.T
-    t2 = dout.T @ x
+    dx = t1
+    t2 = x.T @ dout
     # W <- out
-    dW = t2.T
+    dW = t2
     t3 = dout.sum(0)
     # b <- out
     db = t3

@@ -80,12 +80,7 @@ def logsumexp_backward_steps(grad_output, saved):
     # maxes <- e
     dmaxes = dmaxes + -t1[:, None]
     t2 = x.argmax(1)
-    t3 = dout.new_zeros(
-        (
-            N,
-            D,
-        )
-    ).scatter_(1, t2.unsqueeze(1), 1.0)
+    t3 = dout.new_zeros((N, D)).scatter_(1, t2.unsqueeze(1), 1.0)
     # x <- maxes
     dx = dx + dmaxes * t3
     return {

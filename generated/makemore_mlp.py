@@ -134,8 +134,8 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
         )
     emb = C[Xb, :]
     embcat = emb.reshape(N, E * T)
-    t1 = W1.T @ embcat.T
-    hprebn = b1 + t1.T
+    t1 = embcat @ W1
+    hprebn = b1 + t1
     t2 = hprebn.sum(0)
     bnmeani = t2[None] / N
     bndiff = -bnmeani + hprebn
@@ -146,8 +146,8 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
     bnraw = bndiff * bnvar_inv
     hpreact = bnbias + bngain * bnraw
     h = torch.tanh(hpreact)
-    t4 = W2.T @ h.T
-    logits = b2 + t4.T
+    t4 = h @ W2
+    logits = b2 + t4
     t5 = logits.amax(1)
     logit_maxes = t5[:, None]
     norm_logits = -logit_maxes + logits
@@ -206,38 +206,23 @@ def makemore_mlp_backward(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    t1 = dloss.new_zeros(
-        (
-            N,
-            K,
-        )
-    ).scatter_(1, Yb.unsqueeze(1), 1.0)
+    t1 = dloss.new_zeros((N, K)).scatter_(1, Yb.unsqueeze(1), 1.0)
     dlogits = dloss * (probs - t1) / N
-    t2 = W2 @ dlogits.T
-    dh = t2.T
+    dh = dlogits @ W2.T
     dhpreact = dh * (1 - h**2)
     t3 = dhpreact.sum(0)
     t4 = (bnraw * dhpreact).sum(0)
     dhprebn = bngain * bnvar_inv * (-bnraw * t4 / (N - 1) + dhpreact - t3 / N)
-    t5 = W1 @ dhprebn.T
-    dembcat = t5.T
+    dembcat = dhprebn @ W1.T
     dbnbias = t3[None, :]
     dbngain = t4[None, :]
-    t6 = dlogits.sum(0)
-    db2 = t6
-    t7 = dlogits.T @ h
-    dW2 = t7.T
-    t8 = dhprebn.sum(0)
-    db1 = t8
-    t9 = dhprebn.T @ embcat
-    dW1 = t9.T
-    t10 = dloss.new_zeros(
-        (
-            V,
-            E,
-        )
-    ).index_add_(0, Xb.reshape(-1), dembcat.reshape(N, T, E).reshape(-1, E))
-    dC = t10
+    db2 = dlogits.sum(0)
+    dW2 = h.T @ dlogits
+    db1 = dhprebn.sum(0)
+    dW1 = embcat.T @ dhprebn
+    dC = dloss.new_zeros((V, E)).index_add_(
+        0, Xb.reshape(-1), dembcat.reshape(N, T, E).reshape(-1, E)
+    )
     return makemore_mlp_Grads(
         C=dC,
         W1=dW1,
@@ -275,12 +260,7 @@ def makemore_mlp_backward_steps(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    t1 = dloss.new_zeros(
-        (
-            N,
-            K,
-        )
-    ).scatter_(1, Yb.unsqueeze(1), 1.0)
+    t1 = dloss.new_zeros((N, K)).scatter_(1, Yb.unsqueeze(1), 1.0)
     # logprobs <- loss
     dlogprobs = -dloss * t1 / N
     # probs <- logprobs
@@ -302,23 +282,18 @@ def makemore_mlp_backward_steps(grad_output, saved):
     # logit_maxes <- norm_logits
     dlogit_maxes = -t3[:, None]
     t4 = logits.argmax(1)
-    t5 = dloss.new_zeros(
-        (
-            N,
-            K,
-        )
-    ).scatter_(1, t4.unsqueeze(1), 1.0)
+    t5 = dloss.new_zeros((N, K)).scatter_(1, t4.unsqueeze(1), 1.0)
     # logits <- logit_maxes
     dlogits = dlogits + dlogit_maxes * t5
-    t6 = dlogits.T @ h
+    t6 = h.T @ dlogits
     # W2 <- logits
-    dW2 = t6.T
+    dW2 = t6
     t7 = dlogits.sum(0)
     # b2 <- logits
     db2 = t7
-    t8 = W2 @ dlogits.T
+    t8 = dlogits @ W2.T
     # h <- logits
-    dh = t8.T
+    dh = t8
     # hpreact <- h
     dhpreact = dh * (1 - h**2)
     t9 = (bnraw * dhpreact).sum(0)
@@ -347,23 +322,18 @@ def makemore_mlp_backward_steps(grad_output, saved):
     dbnmeani = -t12[None]
     # hprebn <- bnmeani
     dhprebn = dhprebn + (dbnmeani[0, :] / N)[None].expand(N, J)
-    t13 = dhprebn.T @ embcat
+    t13 = embcat.T @ dhprebn
     # W1 <- hprebn
-    dW1 = t13.T
+    dW1 = t13
     t14 = dhprebn.sum(0)
     # b1 <- hprebn
     db1 = t14
-    t15 = W1 @ dhprebn.T
+    t15 = dhprebn @ W1.T
     # embcat <- hprebn
-    dembcat = t15.T
+    dembcat = t15
     # emb <- embcat
     demb = dembcat.reshape(N, T, E)
-    t16 = dloss.new_zeros(
-        (
-            V,
-            E,
-        )
-    ).index_add_(0, Xb.reshape(-1), demb.reshape(-1, E))
+    t16 = dloss.new_zeros((V, E)).index_add_(0, Xb.reshape(-1), demb.reshape(-1, E))
     # C <- emb
     dC = t16
     return {

@@ -65,8 +65,7 @@ def rmsnorm_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("rmsnorm: grad_output is required for a non-scalar output")
     dout = grad_output
-    t1 = (dout * xhat).sum(0)
-    dgamma = t1
+    dgamma = (dout * xhat).sum(0)
     t2 = (dout * out).sum(1)
     dx = rms_inv * (dout * gamma - t2[:, None] * xhat / D)
     return rmsnorm_Grads(

@@ -83,12 +83,7 @@ def softmax_backward_steps(grad_output, saved):
     # maxes <- e
     dmaxes = -t2[:, None]
     t3 = x.argmax(1)
-    t4 = dout.new_zeros(
-        (
-            N,
-            D,
-        )
-    ).scatter_(1, t3.unsqueeze(1), 1.0)
+    t4 = dout.new_zeros((N, D)).scatter_(1, t3.unsqueeze(1), 1.0)
     # x <- maxes
     dx = dx + dmaxes * t4
     return {
