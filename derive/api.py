@@ -162,6 +162,25 @@ def run(the_op: Op, out_dir: Path | None = None, write: bool = True, verify: boo
     return RunResult(d, source, path, written, verification, sizes, spec_text)
 
 
+def module_source(the_op: Op, spec: str | None = None, verified: bool = True) -> str:
+    """The generated module's source for ``the_op``, from the cache when nothing changed.
+
+    With ``verified``, a cache miss runs the full verification before the entry is stored.
+    """
+    from . import cache
+
+    spec_text = spec_of(the_op, spec)
+    k = cache.key(the_op, spec_text)
+    hit = cache.load(k)
+    if hit is not None and (hit.get("verified") or not verified):
+        return str(hit["source"])
+    result = run(the_op, write=False, verify=verified, spec=spec)
+    if result.verification is not None and not result.verification.ok:
+        raise VerificationError(f"op '{the_op.name}': generated code failed verification")
+    cache.store(k, {"source": result.source, "verified": verified})
+    return result.source
+
+
 def generated_files(out_dir: Path | None = None) -> list[Path]:
     out = out_dir or default_out()
     return sorted(p for p in out.glob("*.py") if p.name != "__init__.py") if out.is_dir() else []
@@ -187,11 +206,11 @@ def check(out_dir: Path | None = None, progress: Callable[[str], None] | None = 
         if progress:
             progress(f"checking {path.name}")
         try:
-            result = run(resolve(spec), out_dir=out, write=False, verify=False, spec=spec)
+            source = module_source(resolve(spec), spec=spec if ":" in spec else None, verified=False)
         except DeriveError as exc:
             stale.append(f"{path}: cannot be regenerated ({exc})")
             continue
-        if result.source != path.read_text(encoding="utf-8"):
+        if source != path.read_text(encoding="utf-8"):
             stale.append(f"{path}: differs from what `python -m derive {spec}` writes now")
     for name in expected:
         if name not in seen:
@@ -201,14 +220,16 @@ def check(out_dir: Path | None = None, progress: Callable[[str], None] | None = 
 
 def generate_all(out_dir: Path | None = None, progress: Callable[[str], None] | None = None) -> list[Path]:
     """Regenerate every catalogue op (verified) into ``out_dir``; returns the files rewritten."""
+    out = out_dir or default_out()
     written = []
     ops = catalogue()
+    emit.write_atomic(out / "__init__.py", _INIT)
     for k, (name, the_op) in enumerate(ops.items(), 1):
         if progress:
             progress(f"[{k}/{len(ops)}] {name}")
-        result = run(the_op, out_dir=out_dir, write=True, verify=True)
-        if result.written and result.path:
-            written.append(result.path)
+        path = emit.output_path(out, name)
+        if emit.write_atomic(path, module_source(the_op, verified=True)):
+            written.append(path)
     return written
 
 

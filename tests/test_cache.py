@@ -1,0 +1,34 @@
+"""The derivation cache: unchanged ops are near-instant, any change to the op is a miss."""
+
+from __future__ import annotations
+
+import time
+
+from derive import api, cache
+
+
+def _write_op(path, factor: str) -> None:
+    path.write_text(
+        "from derive import op\n\n"
+        f"@op(x='n d')\ndef scaled(x):\n    out = x * {factor}\n    return out\n"
+    )
+
+
+def test_unchanged_op_comes_from_the_cache_and_a_change_misses(tmp_path, monkeypatch):
+    monkeypatch.setenv("DERIVE_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "ops_a.py"
+    _write_op(src, "3")
+    spec = f"{src}:scaled"
+    first = api.module_source(api.resolve(spec), spec=spec)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    t0 = time.perf_counter()
+    again = api.module_source(api.resolve(spec), spec=spec)
+    assert again == first and time.perf_counter() - t0 < 1.0
+    _write_op(src, "5")
+    changed = api.module_source(api.resolve(spec), spec=spec)
+    assert changed != first and "5" in changed
+
+
+def test_cache_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("DERIVE_NO_CACHE", "1")
+    assert cache.cache_dir() is None
