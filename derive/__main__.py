@@ -4,9 +4,9 @@ import time
 
 _STARTED = time.perf_counter()
 
-import sys  # noqa: E402
+import sys
 
-from derive.cli import main  # noqa: E402
+from derive.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(started=_STARTED))

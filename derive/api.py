@@ -15,9 +15,10 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import emit, report
 from .derivation import Derivation, derive
@@ -135,7 +136,9 @@ def spec_of(the_op: Op, spec: str | None = None) -> str:
     return spec or the_op.name
 
 
-def run(the_op: Op, out_dir: Path | None = None, write: bool = True, verify: bool = True, spec: str | None = None) -> RunResult:
+def run(
+    the_op: Op, out_dir: Path | None = None, write: bool = True, verify: bool = True, spec: str | None = None
+) -> RunResult:
     """Derive, render, verify (in memory), then write atomically only if all went well."""
     do_verify = verify
     d = derive_op(the_op)
@@ -268,11 +271,22 @@ def to_json(result: RunResult, total: float) -> dict[str, Any]:
         "inputs": [{"name": t.name, "shape": t.shape_text(), "integer": t.is_int} for t in d.program.inputs],
         "params": [{"name": p.name, "default": p.default} for p in d.program.params],
         "forward": [
-            {"name": s.name, "shape": s.target.shape_text(), "kind": s.kind, "index": text(s.expr), "srepr": sympy.srepr(s.expr)}
+            {
+                "name": s.name,
+                "shape": s.target.shape_text(),
+                "kind": s.kind,
+                "index": text(s.expr),
+                "srepr": sympy.srepr(s.expr),
+            }
             for s in d.program.statements
         ],
         "chain": [
-            {"target": c.contribution.target.name, "from": c.contribution.source.name, "local": text(c.contribution.local), "backward": text(c.result)}
+            {
+                "target": c.contribution.target.name,
+                "from": c.contribution.source.name,
+                "local": text(c.contribution.local),
+                "backward": text(c.result),
+            }
             for c in d.chain
         ],
         "gradients": [
@@ -285,18 +299,20 @@ def to_json(result: RunResult, total: float) -> dict[str, Any]:
             }
             for g in d.gradients
         ],
-        "verification": None
-        if v is None
-        else {
-            "ok": v.ok,
-            "fused": [c.__dict__ for c in v.fused],
-            "steps": [c.__dict__ for c in v.steps],
-            "gradcheck": v.gradcheck,
-            "exact": [{"input": n, "status": s} for n, s in v.exact],
-        },
+        "verification": (
+            None
+            if v is None
+            else {
+                "ok": v.ok,
+                "fused": [c.__dict__ for c in v.fused],
+                "steps": [c.__dict__ for c in v.steps],
+                "gradcheck": v.gradcheck,
+                "exact": [{"input": n, "status": s} for n, s in v.exact],
+            }
+        ),
         "generated": str(result.path) if result.path else None,
         "timings": {**d.timings, "total": total},
     }
 
 
-__all__ = ["resolve", "run", "check", "generate_all", "catalogue", "derive", "RunResult", "sys"]
+__all__ = ["RunResult", "catalogue", "check", "derive", "generate_all", "resolve", "run", "sys"]

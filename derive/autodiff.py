@@ -14,8 +14,8 @@ import sympy
 from .indexalg import (
     ArgMax,
     IMax,
-    bound_indices,
     ISum,
+    bound_indices,
     entry,
     entry_indices,
     entry_name,
@@ -105,7 +105,9 @@ def _leaves(e: sympy.Expr) -> list[sympy.Expr]:
     return out
 
 
-def adjoint_of(output: sympy.Expr, out_indices: tuple[sympy.Symbol, ...], diff: Differentiator, seed: sympy.Expr) -> sympy.Expr:
+def adjoint_of(
+    output: sympy.Expr, out_indices: tuple[sympy.Symbol, ...], diff: Differentiator, seed: sympy.Expr
+) -> sympy.Expr:
     """``Σ_out seed[out] · ∂output[out]/∂wrt[at]``: the vector-Jacobian product in index form."""
     body = seed * diff(output)
     for i in reversed(out_indices):

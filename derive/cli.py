@@ -7,8 +7,8 @@ import difflib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from . import api
 from .errors import DeriveError
@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true", help="list the catalogue, one op per line")
     parser.add_argument("--check", action="store_true", help="exit 1 and name the files if generated/ is stale")
     parser.add_argument("--all", action="store_true", help="regenerate every catalogue op into the output folder")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="write generated code here (default: generated/)")
+    parser.add_argument(
+        "--out", type=Path, default=None, metavar="DIR", help="write generated code here (default: generated/)"
+    )
     parser.add_argument(
         "--format", choices=["text", "latex", "markdown", "json"], default="text", help="how to print the derivation"
     )

@@ -171,7 +171,13 @@ def lower_program(program: Program, chain: list[ChainStep], gradients: list[Grad
     for c in chain:
         target = c.contribution.target
         name = grad_name(target.name)
-        steps.assign(name, c.result, target, accumulate=name in assigned, comment=f"{target.name} <- {c.contribution.source.name}")
+        steps.assign(
+            name,
+            c.result,
+            target,
+            accumulate=name in assigned,
+            comment=f"{target.name} <- {c.contribution.source.name}",
+        )
         if name not in assigned:
             outputs.append(target.name)
         assigned.add(name)
@@ -203,4 +209,4 @@ def _size_lines(program: Program) -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["Derivation", "Gradient", "ChainStep", "Code", "derive", "free_indices"]
+__all__ = ["ChainStep", "Code", "Derivation", "Gradient", "derive", "free_indices"]

@@ -27,7 +27,7 @@ def _template_folder() -> Path:
     spec = importlib.util.find_spec("derive_templates")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("derive's templates are not installed")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _environment() -> jinja2.Environment:
@@ -59,7 +59,7 @@ def docstring(d: Derivation) -> str:
     return "\n".join(lines).replace("\\", "\\\\")
 
 
-def _dims_text(info) -> str:  # noqa: ANN001
+def _dims_text(info) -> str:
     return "[" + ", ".join("1" if d is None else str(d.size) for d in info.layout) + "]"
 
 
@@ -72,23 +72,23 @@ def prologue(d: Derivation) -> list[str]:
     for t in program.inputs:
         lines.append(
             f"if {t.name}.dim() != {len(t.layout)}:\n"
-            f"    raise ValueError(f\"{name}: {t.name} must be {_dims_text(t)}, got shape {{tuple({t.name}.shape)}}\")"
+            f'    raise ValueError(f"{name}: {t.name} must be {_dims_text(t)}, got shape {{tuple({t.name}.shape)}}")'
         )
         if t.is_int:
             lines.append(
                 f"if {t.name}.dtype != torch.int64:\n"
-                f"    raise TypeError(f\"{name}: {t.name} must be an int64 index tensor, got {{{t.name}.dtype}}\")"
+                f'    raise TypeError(f"{name}: {t.name} must be an int64 index tensor, got {{{t.name}.dtype}}")'
             )
         elif t is not floats[0]:
             first = floats[0].name
             lines.append(
                 f"if {t.name}.dtype != {first}.dtype:\n"
-                f"    raise TypeError(f\"{name}: {t.name} is {{{t.name}.dtype}} but {first} is {{{first}.dtype}}\")"
+                f'    raise TypeError(f"{name}: {t.name} is {{{t.name}.dtype}} but {first} is {{{first}.dtype}}")'
             )
         else:
             lines.append(
                 f"if not {t.name}.is_floating_point():\n"
-                f"    raise TypeError(f\"{name}: {t.name} must be a floating-point tensor, got {{{t.name}.dtype}}\")"
+                f'    raise TypeError(f"{name}: {t.name} must be a floating-point tensor, got {{{t.name}.dtype}}")'
             )
     defined = {var: src for var, src in d.code.sizes}
     lines += [f"{var} = {src}" for var, src in d.code.sizes]
@@ -99,17 +99,17 @@ def prologue(d: Derivation) -> list[str]:
                 continue
             lines.append(
                 f"if {t.name}.shape[{axis}] != {want}:\n"
-                f"    raise ValueError(f\"{name}: {t.name} must be {_dims_text(t)} with {_size_values(t)}, got shape {{tuple({t.name}.shape)}}\")"
+                f'    raise ValueError(f"{name}: {t.name} must be {_dims_text(t)} with {_size_values(t)}, got shape {{tuple({t.name}.shape)}}")'
             )
     for denominator in _size_denominators(d):
         lines.append(
             f"if {denominator} == 0:\n"
-            f"    raise ValueError(f\"{name}: needs {denominator} != 0 (the formulas divide by it), got {_size_values_all(d)}\")"
+            f'    raise ValueError(f"{name}: needs {denominator} != 0 (the formulas divide by it), got {_size_values_all(d)}")'
         )
     return lines
 
 
-def _size_values(info) -> str:  # noqa: ANN001
+def _size_values(info) -> str:
     names = []
     for d in info.dims:
         for part in d.parts or (d,):
@@ -130,9 +130,12 @@ def _size_denominators(d: Derivation) -> list[str]:
     for e in exprs:
         for p in e.atoms(sympy.Pow):
             base = p.base
-            if p.exp.is_negative and base.free_symbols and all(s.is_positive and s.is_integer for s in base.free_symbols):
-                if not base.is_Symbol:
-                    found[str(base).replace(" ", "")] = None
+            if (
+                p.exp.is_negative
+                and base.free_symbols
+                and all(s.is_positive and s.is_integer for s in base.free_symbols)
+            ) and not base.is_Symbol:
+                found[str(base).replace(" ", "")] = None
     return list(found)
 
 
@@ -148,7 +151,7 @@ def render(d: Derivation, command: str | None = None) -> str:
     if out.layout:
         seed_lines = (
             f"    if grad_output is None:\n"
-            f"        raise ValueError(\"{program.name}: grad_output is required for a non-scalar output\")\n"
+            f'        raise ValueError("{program.name}: grad_output is required for a non-scalar output")\n'
             f"    {seed} = grad_output"
         )
     else:
@@ -156,28 +159,33 @@ def render(d: Derivation, command: str | None = None) -> str:
             keys.append(out.name)
         seed_lines = (
             f"    if grad_output is None:\n"
-            f"        grad_output = torch.ones_like(saved[\"{out.name}\"])\n"
+            f'        grad_output = torch.ones_like(saved["{out.name}"])\n'
             f"    {seed} = grad_output"
         )
-    source = _environment().get_template("module.py.j2").render(
-        header=f"Generated by `{command or 'python -m derive ' + program.name}`. Do not edit: regenerate.",
-        docstring=docstring(d),
-        name=program.name,
-        grads=[t.name for t in program.differentiable_inputs],
-        signature=signature,
-        prologue=prologue(d),
-        positional=", ".join([t.name for t in program.inputs] + [p.name for p in program.params]),
-        call_args=", ".join([t.name for t in program.inputs] + [f"{p.name}={p.name}" for p in program.params]),
-        backward_returns=[f"grads.{t.name}" if not t.is_int else "None" for t in program.inputs] + ["None"] * len(program.params),
-        forward=code.forward,
-        saved=keys,
-        output=program.output,
-        unpack=_used(code.backward, keys),
-        unpack_steps=_used(code.backward_steps, keys),
-        seed_lines=seed_lines,
-        backward=code.backward,
-        backward_steps=code.backward_steps,
-        steps_outputs=code.steps_outputs,
+    source = (
+        _environment()
+        .get_template("module.py.j2")
+        .render(
+            header=f"Generated by `{command or 'python -m derive ' + program.name}`. Do not edit: regenerate.",
+            docstring=docstring(d),
+            name=program.name,
+            grads=[t.name for t in program.differentiable_inputs],
+            signature=signature,
+            prologue=prologue(d),
+            positional=", ".join([t.name for t in program.inputs] + [p.name for p in program.params]),
+            call_args=", ".join([t.name for t in program.inputs] + [f"{p.name}={p.name}" for p in program.params]),
+            backward_returns=[f"grads.{t.name}" if not t.is_int else "None" for t in program.inputs]
+            + ["None"] * len(program.params),
+            forward=code.forward,
+            saved=keys,
+            output=program.output,
+            unpack=_used(code.backward, keys),
+            unpack_steps=_used(code.backward_steps, keys),
+            seed_lines=seed_lines,
+            backward=code.backward,
+            backward_steps=code.backward_steps,
+            steps_outputs=code.steps_outputs,
+        )
     )
     return black.format_str(source, mode=black.Mode(line_length=100))
 

@@ -7,33 +7,33 @@ SymPy's own scalar functions.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import sympy
 from sympy.core.function import AppliedUndef
 
 __all__ = [
-    "Dim",
-    "ISum",
-    "IMax",
     "ArgMax",
+    "Dim",
     "Flat",
+    "IMax",
+    "ISum",
     "Pack",
-    "entry",
-    "is_entry",
-    "entry_name",
-    "entry_indices",
+    "bound_indices",
     "dim_of",
-    "is_index",
+    "entry",
+    "entry_indices",
+    "entry_name",
     "free_indices",
     "fresh_index",
     "fresh_indices",
-    "bound_indices",
+    "is_entry",
+    "is_index",
     "tensor_names",
 ]
 
-_DIMS: dict[str, "Dim"] = {}
+_DIMS: dict[str, Dim] = {}
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Dim:
     """A named dimension. ``parts`` is non-empty for a dim made by flattening others."""
 
     name: str
-    parts: tuple["Dim", ...] = field(default=())
+    parts: tuple[Dim, ...] = field(default=())
     fixed: int | None = None
 
     def __post_init__(self) -> None:
@@ -113,20 +113,20 @@ class _Bound(sympy.Function):
 class ISum(_Bound):
     """``Σ_k body``: the sum of ``body`` over the whole range of index ``k``."""
 
-    def _sympystr(self, printer) -> str:  # noqa: ANN001
+    def _sympystr(self, printer) -> str:
         return f"Σ_{printer._print(self.var)}({printer._print(self.body)})"
 
-    def _latex(self, printer) -> str:  # noqa: ANN001
+    def _latex(self, printer) -> str:
         return rf"\sum_{{{printer._print(self.var)}}} \left({printer._print(self.body)}\right)"
 
 
 class IMax(_Bound):
     """``max_k body``: the maximum of ``body`` over index ``k``."""
 
-    def _sympystr(self, printer) -> str:  # noqa: ANN001
+    def _sympystr(self, printer) -> str:
         return f"max_{printer._print(self.var)}({printer._print(self.body)})"
 
-    def _latex(self, printer) -> str:  # noqa: ANN001
+    def _latex(self, printer) -> str:
         return rf"\max_{{{printer._print(self.var)}}} \left({printer._print(self.body)}\right)"
 
 
@@ -135,10 +135,10 @@ class ArgMax(_Bound):
 
     is_integer = True
 
-    def _sympystr(self, printer) -> str:  # noqa: ANN001
+    def _sympystr(self, printer) -> str:
         return f"argmax_{printer._print(self.var)}({printer._print(self.body)})"
 
-    def _latex(self, printer) -> str:  # noqa: ANN001
+    def _latex(self, printer) -> str:
         return rf"\operatorname{{argmax}}_{{{printer._print(self.var)}}} \left({printer._print(self.body)}\right)"
 
 
@@ -147,10 +147,10 @@ class Pack(sympy.Function):
 
     is_integer = True
 
-    def _sympystr(self, printer) -> str:  # noqa: ANN001
+    def _sympystr(self, printer) -> str:
         return "(" + ",".join(printer._print(a) for a in self.args) + ")"
 
-    def _latex(self, printer) -> str:  # noqa: ANN001
+    def _latex(self, printer) -> str:
         return "(" + ",".join(printer._print(a) for a in self.args) + ")"
 
 
@@ -161,12 +161,12 @@ class Flat(sympy.Function):
     is_integer = True
 
     @classmethod
-    def eval(cls, f, p):  # noqa: ANN001, ANN206
+    def eval(cls, f, p):
         if isinstance(f, Pack):
             return f.args[int(p)]
         return None
 
-    def _sympystr(self, printer) -> str:  # noqa: ANN001
+    def _sympystr(self, printer) -> str:
         return f"{printer._print(self.args[0])}.{int(self.args[1])}"
 
 

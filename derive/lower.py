@@ -15,7 +15,20 @@ import sympy
 from sympy.printing.pytorch import TorchPrinter
 
 from .errors import OpDefinitionError
-from .indexalg import ArgMax, Dim, Flat, IMax, ISum, Pack, dim_of, entry_indices, entry_name, free_indices, is_entry, is_index
+from .indexalg import (
+    ArgMax,
+    Dim,
+    Flat,
+    IMax,
+    ISum,
+    Pack,
+    dim_of,
+    entry_indices,
+    entry_name,
+    free_indices,
+    is_entry,
+    is_index,
+)
 from .program import Layout, TensorInfo
 
 Axes = tuple[sympy.Symbol, ...]
@@ -27,12 +40,12 @@ class TorchCodePrinter(TorchPrinter):
     def _print_Symbol(self, expr: sympy.Symbol) -> str:
         return expr.name
 
-    def _print(self, expr, **kwargs) -> str:  # noqa: ANN001
+    def _print(self, expr, **kwargs) -> str:
         if isinstance(expr, sympy.Expr) and expr.is_number and not expr.is_Rational and expr.is_real:
             return repr(float(expr))  # constants such as sqrt(2/pi) become Python floats
         return super()._print(expr, **kwargs)
 
-    def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:  # noqa: ARG002
+    def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
         base, exp = expr.as_base_exp()
         b = self.parenthesize(base, sympy.printing.precedence.PRECEDENCE["Pow"])
         if exp == sympy.S.Half:
@@ -137,7 +150,9 @@ class Lowerer:
             return f"{_atom(self.align(val, full, strip=False))}.expand({shape})"
         extra = set(val.axes) - set(want)
         if extra:
-            raise OpDefinitionError(f"internal: free indices {sorted(map(str, extra))} left in gradient of {target.name}")
+            raise OpDefinitionError(
+                f"internal: free indices {sorted(map(str, extra))} left in gradient of {target.name}"
+            )
         aligned = self.align(val, want, strip=False)
         if not val.axes and want:
             shape = _shape_tuple([_size_code(d.size) for d in target.dims])
@@ -156,7 +171,9 @@ class Lowerer:
 
     def _rename_last_temp(self, temp: str, name: str) -> bool:
         """``t1 = x.sum(0); dbeta = t1`` becomes ``dbeta = x.sum(0)`` (later uses read ``dbeta``)."""
-        if not (temp.isidentifier() and self.lines and self.lines[-1].startswith(f"{temp} = ") and temp not in self.names):
+        if not (
+            temp.isidentifier() and self.lines and self.lines[-1].startswith(f"{temp} = ") and temp not in self.names
+        ):
             return False
         self.lines[-1] = f"{name} = " + self.lines[-1][len(temp) + 3 :]
         self.memo = {k: ((name if code == temp else code), axes) for k, (code, axes) in self.memo.items()}
@@ -213,7 +230,7 @@ class Lowerer:
         self.lines.append(f"{name} = {code}")
         return name
 
-    def _cached(self, e: sympy.Expr, fn) -> Val:  # noqa: ANN001
+    def _cached(self, e: sympy.Expr, fn) -> Val:
         order = _free_in_order(e)
         placeholders = {s: sympy.Symbol(f"_p{k}_{dim_of(s).name}", integer=True) for k, s in enumerate(order)}
         key = _rename_bound_canonically(e).xreplace(placeholders)
@@ -280,7 +297,11 @@ class Lowerer:
         for g in gathered:
             gather_axes += [a for a in g.axes if a not in gather_axes]
         first_plain_tail = len(idx)
-        while first_plain_tail > 0 and is_index(idx[first_plain_tail - 1]) and idx[first_plain_tail - 1] not in gather_axes:
+        while (
+            first_plain_tail > 0
+            and is_index(idx[first_plain_tail - 1])
+            and idx[first_plain_tail - 1] not in gather_axes
+        ):
             first_plain_tail -= 1
         head = idx[:first_plain_tail]
         tail = [i for i in idx[first_plain_tail:]]
@@ -322,7 +343,14 @@ class Lowerer:
             dims = sorted(summed.axes.index(i) for i in indices)
             axes = tuple(a for a in summed.axes if a not in indices)
             dim_text = str(dims[0]) if len(dims) == 1 else f"({', '.join(map(str, dims))})"
-            val = Val(f"{_atom(summed.code)}.sum({dim_text})" if axes or len(dims) < len(summed.axes) else f"{_atom(summed.code)}.sum()", axes)
+            val = Val(
+                (
+                    f"{_atom(summed.code)}.sum({dim_text})"
+                    if axes or len(dims) < len(summed.axes)
+                    else f"{_atom(summed.code)}.sum()"
+                ),
+                axes,
+            )
         if scalars:
             return self._elementwise(sympy.Mul(*scalars) * sympy.Symbol(f"__val_{id(val)}"), {f"__val_{id(val)}": val})
         return val
@@ -332,7 +360,9 @@ class Lowerer:
         shared = set(a.axes) & set(b.axes)
         if set(indices) - shared or set(a.axes) == set(b.axes):
             return None
-        out_axes = tuple(x for x in a.axes if x not in indices) + tuple(x for x in b.axes if x not in indices and x not in a.axes)
+        out_axes = tuple(x for x in a.axes if x not in indices) + tuple(
+            x for x in b.axes if x not in indices and x not in a.axes
+        )
         if len(indices) == 1 and len(a.axes) == 2 and len(b.axes) == 2 and not (shared - set(indices)):
             k = indices[0]
             first = a.axes[1 - a.axes.index(k)]
@@ -352,13 +382,23 @@ class Lowerer:
             if not isinstance(f, sympy.KroneckerDelta):
                 continue
             for pick, v in (f.args, f.args[::-1]):
-                if is_entry(pick) and is_index(v) and v not in indices and set(entry_indices(pick)) == set(indices) and all(is_index(i) for i in entry_indices(pick)):
+                if (
+                    is_entry(pick)
+                    and is_index(v)
+                    and v not in indices
+                    and set(entry_indices(pick)) == set(indices)
+                    and all(is_index(i) for i in entry_indices(pick))
+                ):
                     rest = self.lower(body / f)
                     if v in rest.axes:
                         continue
                     lead = tuple(entry_indices(pick))
                     other = tuple(a for a in rest.axes if a not in lead)
-                    src = self.align(Val(rest.code, rest.axes), lead + other, strip=False) if set(lead) <= set(rest.axes) else None
+                    src = (
+                        self.align(Val(rest.code, rest.axes), lead + other, strip=False)
+                        if set(lead) <= set(rest.axes)
+                        else None
+                    )
                     if src is None:
                         continue
                     other_sizes = [_size_code(dim_of(a).size) for a in other]
@@ -475,4 +515,4 @@ def size_variables(dims: tuple[Dim, ...]) -> list[str]:
     return [str(d.size) for d in dims if not d.parts and d.fixed is None]
 
 
-__all__ = ["Lowerer", "Val", "TorchCodePrinter", "size_variables", "Layout"]
+__all__ = ["Layout", "Lowerer", "TorchCodePrinter", "Val", "size_variables"]

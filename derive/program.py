@@ -128,4 +128,4 @@ class Program:
         return tuple(seen.values())
 
 
-__all__ = ["Layout", "TensorInfo", "Statement", "Param", "Program", "ArgMax"]
+__all__ = ["ArgMax", "Layout", "Param", "Program", "Statement", "TensorInfo"]

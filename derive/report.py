@@ -6,15 +6,15 @@ Readable in a 100-column terminal (text), or as LaTeX / Markdown for notebooks a
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import sympy
 
 from . import notation
 from .autodiff import grad_name
 from .derivation import ChainStep, Derivation, Gradient
-from .indexalg import free_indices, tensor_names
+from .indexalg import free_indices
 from .program import Statement, TensorInfo
 from .verify import Comparison, Verification
 
@@ -39,7 +39,9 @@ STYLES = {"text": TEXT, "latex": LATEX, "markdown": MARKDOWN}
 def _wrap(line: str, indent: int = 4) -> str:
     if len(line) <= WIDTH:
         return line
-    return "\n".join(textwrap.wrap(line, WIDTH, subsequent_indent=" " * indent, break_long_words=True, break_on_hyphens=False))
+    return "\n".join(
+        textwrap.wrap(line, WIDTH, subsequent_indent=" " * indent, break_long_words=True, break_on_hyphens=False)
+    )
 
 
 def _lhs(style: Style, info: TensorInfo, prefix: str = "") -> str:
@@ -79,10 +81,14 @@ def why(step: ChainStep) -> str:
     if stmt.kind == "contraction" and summed:
         reasons.append(f"a contraction: sum over {', '.join(summed)} with the other operand")
     elif summed:
-        reasons.append(f"{target.name} was broadcast along {', '.join(summed)} in the forward, so the backward sums over it")
+        reasons.append(
+            f"{target.name} was broadcast along {', '.join(summed)} in the forward, so the backward sums over it"
+        )
     spread = sorted(d.name for d in tdims - out_dims if not d.parts)
     if spread and stmt.kind in ("sum", "max") or (spread and stmt.kind == "contraction"):
-        reasons.append(f"{stmt.name} reduced {target.name} over {', '.join(spread)}, so d{stmt.name} is broadcast back along it")
+        reasons.append(
+            f"{stmt.name} reduced {target.name} over {', '.join(spread)}, so d{stmt.name} is broadcast back along it"
+        )
     return "; ".join(reasons)
 
 
@@ -106,8 +112,18 @@ def chain_section(d: Derivation, style: Style) -> list[str]:
         if c.source.name != current:
             current = c.source.name
             lines.append("")
-            lines.append(_wrap(f"  {_eq(style, _lhs(style, c.source.target), style.expr(c.source.expr))}", 6) if style is TEXT else _eq(style, _lhs(style, c.source.target), style.expr(c.source.expr)))
-        local_lhs = f"∂{c.source.name}/∂{style.expr(sympy.Function(c.target.name)(*c.indices))}" if style is TEXT else rf"\frac{{\partial \mathrm{{{c.source.name}}}}}{{\partial {style.expr(sympy.Function(c.target.name)(*c.indices))}}}".replace("_", r"\_")
+            lines.append(
+                _wrap(f"  {_eq(style, _lhs(style, c.source.target), style.expr(c.source.expr))}", 6)
+                if style is TEXT
+                else _eq(style, _lhs(style, c.source.target), style.expr(c.source.expr))
+            )
+        local_lhs = (
+            f"∂{c.source.name}/∂{style.expr(sympy.Function(c.target.name)(*c.indices))}"
+            if style is TEXT
+            else rf"\frac{{\partial \mathrm{{{c.source.name}}}}}{{\partial {style.expr(sympy.Function(c.target.name)(*c.indices))}}}".replace(
+                "_", r"\_"
+            )
+        )
         result = _eq(style, _lhs(style, c.target, "d"), style.expr(step.result), "+=")
         if style is TEXT:
             lines.append(_wrap(f"    local:  {local_lhs} = {style.expr(c.local)}", 12))
@@ -175,7 +191,9 @@ def small_section(d: Derivation, style: Style, size: int = 2) -> list[str]:
     """Each fused gradient worked out entry by entry at small sizes, beside the general rule."""
     from .verify import concrete_entries
 
-    sizes = {dim.name: size + (1 if dim.name == d.program.dims[0].name else 0) for dim in d.program.dims if not dim.parts}
+    sizes = {
+        dim.name: size + (1 if dim.name == d.program.dims[0].name else 0) for dim in d.program.dims if not dim.parts
+    }
     size_text = ", ".join(f"{k}={v}" for k, v in sizes.items())
     lines = [style.heading(f"3b. The same gradients by hand, on a small index set ({size_text})")]
     for g in d.gradients:
@@ -213,7 +231,9 @@ def verification_section(v: Verification, sizes: dict[str, int], style: Style) -
         lines.append("  atom-by-atom chain (NAME_backward_steps):")
         lines += table(v.steps)
     if v.gradcheck is not None:
-        lines.append(f"  float64 gradcheck of the fused backward: {'passed' if v.gradcheck else 'FAILED ' + v.gradcheck_error}")
+        lines.append(
+            f"  float64 gradcheck of the fused backward: {'passed' if v.gradcheck else 'FAILED ' + v.gradcheck_error}"
+        )
     if v.exact:
         parts = ", ".join(f"{name}: {status}" for name, status in v.exact)
         lines.append(_wrap(f"  exact check (forward expanded at sizes 2-3, differentiated directly): {parts}", 4))
@@ -226,7 +246,9 @@ def header(d: Derivation, style: Style) -> list[str]:
     if program.doc:
         lines.append(f"  {program.doc.splitlines()[0]}")
     lines.append("")
-    lines.append("  inputs:  " + ", ".join(f"{t.name} [{t.shape_text()}{', int' if t.is_int else ''}]" for t in program.inputs))
+    lines.append(
+        "  inputs:  " + ", ".join(f"{t.name} [{t.shape_text()}{', int' if t.is_int else ''}]" for t in program.inputs)
+    )
     if program.params:
         lines.append("  params:  " + ", ".join(f"{p.name} = {p.default!r} (kept symbolic)" for p in program.params))
     lines.append(f"  output:  {program.output} [{program.tensors[program.output].shape_text()}]")
@@ -263,4 +285,4 @@ def timings_line(timings: dict[str, float], total: float) -> str:
     return f"Took {total:.2f} s in all, imports included ({parts} s)."
 
 
-__all__ = ["render", "table", "why", "timings_line", "grad_name", "Statement", "free_indices"]
+__all__ = ["Statement", "free_indices", "grad_name", "render", "table", "timings_line", "why"]

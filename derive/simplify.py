@@ -9,8 +9,8 @@ the forward program's own statements, never from a list of ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import sympy
 
@@ -151,7 +151,12 @@ def canonical_bound(e: sympy.Expr, avoid: set[sympy.Symbol] | None = None) -> sy
 # -- forward values ---------------------------------------------------------------------------
 def _pattern(stmt: Statement) -> tuple[sympy.Expr, list[sympy.Wild]]:
     """The statement's right-hand side with its indices (free and bound) turned into wildcards."""
-    syms = sorted(free_indices(stmt.expr) | {s.var for s in sympy.preorder_traversal(stmt.expr) if isinstance(s, (ISum, IMax, ArgMax))} | set(stmt.target.indices), key=str)
+    syms = sorted(
+        free_indices(stmt.expr)
+        | {s.var for s in sympy.preorder_traversal(stmt.expr) if isinstance(s, (ISum, IMax, ArgMax))}
+        | set(stmt.target.indices),
+        key=str,
+    )
     wilds = {s: sympy.Wild(f"w_{s}") for s in syms}
     return stmt.expr.xreplace(wilds), [wilds[s] for s in stmt.target.indices]
 
@@ -198,7 +203,13 @@ def recognize(e: sympy.Expr, statements: list[Statement]) -> sympy.Expr:
         full, wild_idx = _pattern(stmt)
         coeff, pat = _split_coefficient(full)
 
-        def swap(node: sympy.Expr, pat: sympy.Expr = pat, coeff: sympy.Expr = coeff, stmt: Statement = stmt, wild_idx: list = wild_idx) -> sympy.Expr:
+        def swap(
+            node: sympy.Expr,
+            pat: sympy.Expr = pat,
+            coeff: sympy.Expr = coeff,
+            stmt: Statement = stmt,
+            wild_idx: list = wild_idx,
+        ) -> sympy.Expr:
             if isinstance(node, sympy.Mul):
                 found = _match_product(node, pat)
                 if found is not None:
@@ -338,7 +349,9 @@ def stable_forward(stmt: Statement, statements: list[Statement]) -> sympy.Expr:
         if name not in memo:
             memo[name] = False
             stmt_ = defs.get(name)
-            memo[name] = stmt_ is not None and (stmt_.expr.has(sympy.exp) or any(feeds_exp(n) for n in tensor_names(stmt_.expr)))
+            memo[name] = stmt_ is not None and (
+                stmt_.expr.has(sympy.exp) or any(feeds_exp(n) for n in tensor_names(stmt_.expr))
+            )
         return memo[name]
 
     expr = stmt.expr
@@ -410,12 +423,22 @@ class Simplifier:
         statements = list(program.statements)
         self.rules: list[tuple[str, str, Callable[[sympy.Expr], sympy.Expr]]] = [
             ("split sums", "Σ_k δ(k,a)·f(k) = f(a);  Σ_k (a+b) = Σ_k a + Σ_k b;  Σ_k c·f(k) = c·Σ_k f(k)", split_sums),
-            ("reuse forward values", "a sub-expression the forward pass computed is replaced by its name", lambda x: recognize(x, statements)),
-            ("absorb into sums", "c·Σ_k f(k) = Σ_k c·f(k) when c·f is a forward value", lambda x: absorb_into_sums(x, statements)),
+            (
+                "reuse forward values",
+                "a sub-expression the forward pass computed is replaced by its name",
+                lambda x: recognize(x, statements),
+            ),
+            (
+                "absorb into sums",
+                "c·Σ_k f(k) = Σ_k c·f(k) when c·f is a forward value",
+                lambda x: absorb_into_sums(x, statements),
+            ),
         ]
         if identities:
             self.rules.append(("sum identities", "", self.sums))
-        self.rules.append(("combine fractions", "a/(a+b) style rational simplification of elementwise parts", combine_fractions))
+        self.rules.append(
+            ("combine fractions", "a/(a+b) style rational simplification of elementwise parts", combine_fractions)
+        )
 
     def run(self, e: sympy.Expr) -> tuple[sympy.Expr, list[Step]]:
         steps: list[Step] = []
@@ -456,4 +479,4 @@ def _tidy_signs(e: sympy.Expr) -> sympy.Expr:
     return e
 
 
-__all__ = ["Step", "Simplifier", "split_sums", "recognize", "simplify_plain", "tensor_names", "Flat"]
+__all__ = ["Flat", "Simplifier", "Step", "recognize", "simplify_plain", "split_sums", "tensor_names"]

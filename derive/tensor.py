@@ -20,9 +20,10 @@ from __future__ import annotations
 import inspect
 import keyword
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import sympy
 
@@ -70,7 +71,7 @@ class Tensor:
     name: str | None = None
     source: str = ""
     materialized: bool = False
-    operands: tuple["Tensor", ...] = field(default=())
+    operands: tuple[Tensor, ...] = field(default=())
 
     def __post_init__(self) -> None:
         self.trace.nodes.append(self)
@@ -102,7 +103,7 @@ class Tensor:
         return f"tensor '{self.name}'" if self.name else "a tensor"
 
     # -- elementwise -------------------------------------------------------------------------
-    def _binary(self, other: Any, fn: Callable[[sympy.Expr, sympy.Expr], sympy.Expr], swap: bool = False) -> "Tensor":
+    def _binary(self, other: Any, fn: Callable[[sympy.Expr, sympy.Expr], sympy.Expr], swap: bool = False) -> Tensor:
         if isinstance(other, Tensor):
             return apply(fn, other, self) if swap else apply(fn, self, other)
         try:
@@ -113,48 +114,50 @@ class Tensor:
             return apply(lambda u: fn(const, u), self)
         return apply(lambda u: fn(u, const), self)
 
-    def __add__(self, o: Any) -> "Tensor":
+    def __add__(self, o: Any) -> Tensor:
         return self._binary(o, lambda a, b: a + b)
 
-    def __radd__(self, o: Any) -> "Tensor":
+    def __radd__(self, o: Any) -> Tensor:
         return self._binary(o, lambda a, b: a + b, swap=True)
 
-    def __sub__(self, o: Any) -> "Tensor":
+    def __sub__(self, o: Any) -> Tensor:
         return self._binary(o, lambda a, b: a - b)
 
-    def __rsub__(self, o: Any) -> "Tensor":
+    def __rsub__(self, o: Any) -> Tensor:
         return self._binary(o, lambda a, b: a - b, swap=True)
 
-    def __mul__(self, o: Any) -> "Tensor":
+    def __mul__(self, o: Any) -> Tensor:
         return self._binary(o, lambda a, b: a * b)
 
-    def __rmul__(self, o: Any) -> "Tensor":
+    def __rmul__(self, o: Any) -> Tensor:
         return self._binary(o, lambda a, b: a * b, swap=True)
 
-    def __truediv__(self, o: Any) -> "Tensor":
+    def __truediv__(self, o: Any) -> Tensor:
         return self._binary(o, lambda a, b: a / b)
 
-    def __rtruediv__(self, o: Any) -> "Tensor":
+    def __rtruediv__(self, o: Any) -> Tensor:
         return self._binary(o, lambda a, b: a / b, swap=True)
 
-    def __pow__(self, o: Any) -> "Tensor":
+    def __pow__(self, o: Any) -> Tensor:
         return self._binary(o, lambda a, b: a**b)
 
-    def __rpow__(self, o: Any) -> "Tensor":
+    def __rpow__(self, o: Any) -> Tensor:
         return self._binary(o, lambda a, b: a**b, swap=True)
 
-    def __neg__(self) -> "Tensor":
+    def __neg__(self) -> Tensor:
         return apply(lambda u: -u, self)
 
-    def apply(self, fn: Callable[..., sympy.Expr]) -> "Tensor":
+    def apply(self, fn: Callable[..., sympy.Expr]) -> Tensor:
         """Apply a SymPy scalar function elementwise: ``x.apply(sympy.tanh)``."""
         return apply(fn, self)
 
     # -- reductions ------------------------------------------------------------------------
-    def _reduce(self, name: str, node: type, keepdim: bool) -> "Tensor":
+    def _reduce(self, name: str, node: type, keepdim: bool) -> Tensor:
         d = self.dim(name)
         self._require_float("reduce")
-        layout = tuple((None if x == d else x) for x in self.layout) if keepdim else tuple(x for x in self.layout if x != d)
+        layout = (
+            tuple((None if x == d else x) for x in self.layout) if keepdim else tuple(x for x in self.layout if x != d)
+        )
 
         def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
             k = fresh_index(d, _all_symbols(idx))
@@ -162,20 +165,20 @@ class Tensor:
 
         return Tensor(self.trace, layout, build, source=_user_line(), operands=(self,))
 
-    def sum(self, dim: str, keepdim: bool = False) -> "Tensor":
+    def sum(self, dim: str, keepdim: bool = False) -> Tensor:
         """Sum over dim ``dim`` (``keepdim`` leaves a size-1 axis in its place)."""
         return self._reduce(dim, ISum, keepdim)
 
-    def max(self, dim: str, keepdim: bool = False) -> "Tensor":
+    def max(self, dim: str, keepdim: bool = False) -> Tensor:
         """Maximum over dim ``dim``; its gradient goes to the argmax."""
         return self._reduce(dim, IMax, keepdim)
 
-    def mean(self, dim: str, keepdim: bool = False) -> "Tensor":
+    def mean(self, dim: str, keepdim: bool = False) -> Tensor:
         """Mean over dim ``dim``: the sum divided by the dim's size."""
         return self.sum(dim, keepdim) * (1 / self.size(dim))
 
     # -- contraction, gather, reshape -------------------------------------------------------
-    def __matmul__(self, other: "Tensor") -> "Tensor":
+    def __matmul__(self, other: Tensor) -> Tensor:
         """Contract this tensor's last dim with ``other``'s first (they must be the same dim)."""
         if not isinstance(other, Tensor):
             raise self.trace.error(f"cannot matmul {self._label()} with {type(other).__name__}")
@@ -200,7 +203,7 @@ class Tensor:
 
         return Tensor(self.trace, layout, build, source=_user_line(), operands=(self, other))
 
-    def take(self, index: "Tensor", dim: str) -> "Tensor":
+    def take(self, index: Tensor, dim: str) -> Tensor:
         """Gather along ``dim`` with integer ``index``; dims shared with ``index`` are matched by name.
 
         ``C.take(X, "v")`` picks embedding rows (``C[X]``); ``logp.take(y, "c")`` picks one
@@ -218,13 +221,13 @@ class Tensor:
 
         return Tensor(self.trace, layout, build, source=_user_line(), operands=(self, index))
 
-    def __getitem__(self, index: "Tensor") -> "Tensor":
+    def __getitem__(self, index: Tensor) -> Tensor:
         """``C[X]``: gather rows along the first dim."""
         if not self.layout or self.layout[0] is None:
             raise self.trace.error(f"{self._label()} has no leading named dim to index")
         return self.take(index, self.layout[0].name)
 
-    def flatten(self, *names: str) -> "Tensor":
+    def flatten(self, *names: str) -> Tensor:
         """Merge adjacent dims into one (``emb.flatten("t", "e")`` is ``emb.view(n, -1)``)."""
         dims = tuple(self.dim(n) for n in names)
         pos = [self.layout.index(d) for d in dims]
@@ -253,7 +256,11 @@ def _all_symbols(idx: dict[Dim, sympy.Basic]) -> set[sympy.Basic]:
     out: set[sympy.Basic] = set()
     for v in idx.values():
         out |= v.free_symbols if isinstance(v, sympy.Basic) else set()
-        out |= {a for a in sympy.preorder_traversal(v) if isinstance(a, (ISum, IMax, ArgMax))} if isinstance(v, sympy.Basic) else set()
+        out |= (
+            {a for a in sympy.preorder_traversal(v) if isinstance(a, (ISum, IMax, ArgMax))}
+            if isinstance(v, sympy.Basic)
+            else set()
+        )
     return out
 
 
@@ -327,7 +334,7 @@ class InputSpec:
     is_int: bool
 
     @staticmethod
-    def parse(op_name: str, name: str, text: str) -> "InputSpec":
+    def parse(op_name: str, name: str, text: str) -> InputSpec:
         words = text.replace("(", " ( ").replace(")", " ) ").split()
         is_int = bool(words) and words[0] == "int"
         words = words[1:] if is_int else words
@@ -338,7 +345,9 @@ class InputSpec:
                 group = []
             elif w == ")":
                 if not group or len(group) < 2:
-                    raise OpDefinitionError(f"op '{op_name}': input '{name}' spec '{text}': '( )' needs two or more dims")
+                    raise OpDefinitionError(
+                        f"op '{op_name}': input '{name}' spec '{text}': '( )' needs two or more dims"
+                    )
                 layout.append(product_dim(*group))
                 group = None
             elif w == "1":
@@ -420,7 +429,9 @@ def trace_op(the_op: Op) -> Program:
             params.append(param)
             args.append(param.symbol)
         else:
-            raise OpDefinitionError(f"op '{name}': input '{p.name}' has no dims declared in @op(...) and no numeric default")
+            raise OpDefinitionError(
+                f"op '{name}': input '{p.name}' has no dims declared in @op(...) and no numeric default"
+            )
     unknown = set(the_op.specs) - set(sig.parameters)
     if unknown:
         raise OpDefinitionError(f"op '{name}': @op declares {sorted(unknown)} but the function has no such parameter")
@@ -451,7 +462,12 @@ def _run_capturing_locals(fn: Callable[..., Any], args: list[Any]) -> tuple[Any,
 
 
 def _build_program(
-    the_op: Op, trace: _Trace, inputs: list[TensorInfo], params: list[Param], result: Tensor, local_names: dict[str, Any]
+    the_op: Op,
+    trace: _Trace,
+    inputs: list[TensorInfo],
+    params: list[Param],
+    result: Tensor,
+    local_names: dict[str, Any],
 ) -> Program:
     input_names = {t.name for t in inputs}
     for var, value in local_names.items():

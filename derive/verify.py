@@ -95,7 +95,9 @@ def _dim_size(d: Any, sizes: dict[str, int]) -> int:
     return sizes[d.name]
 
 
-def example_inputs(program: Program, sizes: dict[str, int], dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> list[torch.Tensor]:
+def example_inputs(
+    program: Program, sizes: dict[str, int], dtype: torch.dtype, seed: int = 0, device: str = "cpu"
+) -> list[torch.Tensor]:
     """Random inputs of the declared shapes; integer inputs within the range they index."""
     g = torch.Generator().manual_seed(seed)
     ranges = index_ranges(program)
@@ -123,7 +125,9 @@ def _forward_function(d: Derivation) -> Any:
     return namespace["_forward"]
 
 
-def autograd_grads(d: Derivation, inputs: list[torch.Tensor], grad_output: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def autograd_grads(
+    d: Derivation, inputs: list[torch.Tensor], grad_output: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     """Autograd's gradient of every named tensor (``retain_grad`` on each intermediate)."""
     program = d.program
     leaves = [x.detach().clone().requires_grad_(not info.is_int) for x, info in zip(inputs, program.inputs)]
@@ -150,7 +154,9 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol:
         return Comparison(name, False, False, False, float("inf"))
     got_, want_ = got.to(want.dtype), want
     diff = (got_ - want_).abs().max().item() if got_.numel() else 0.0
-    return Comparison(name, True, bool(torch.equal(got_, want_)), bool(torch.allclose(got_, want_, rtol=rtol, atol=atol)), diff)
+    return Comparison(
+        name, True, bool(torch.equal(got_, want_)), bool(torch.allclose(got_, want_, rtol=rtol, atol=atol)), diff
+    )
 
 
 def autograd_function(module: types.ModuleType, program: Program, params: dict[str, float]) -> Any:
@@ -175,7 +181,9 @@ def autograd_function(module: types.ModuleType, program: Program, params: dict[s
     return Generated
 
 
-def verify(d: Derivation, module: types.ModuleType, sizes: dict[str, int] | None = None, seed: int = 0, exact: bool = True) -> Verification:
+def verify(
+    d: Derivation, module: types.ModuleType, sizes: dict[str, int] | None = None, seed: int = 0, exact: bool = True
+) -> Verification:
     """Run all three checks on a generated module."""
     program = d.program
     sizes = sizes or default_sizes(program)
@@ -205,7 +213,9 @@ def _ordered(program: Program, steps: dict[str, torch.Tensor]) -> list[str]:
     return [n for n in order if n in steps]
 
 
-def _gradcheck(module: types.ModuleType, program: Program, sizes: dict[str, int], params: dict[str, float], seed: int) -> tuple[bool, str]:
+def _gradcheck(
+    module: types.ModuleType, program: Program, sizes: dict[str, int], params: dict[str, float], seed: int
+) -> tuple[bool, str]:
     fn = autograd_function(module, program, params)
     small = {k: min(v, 4) for k, v in sizes.items()}
     inputs = example_inputs(program, small, torch.float64, seed)
@@ -301,7 +311,9 @@ class _Entries(dict):
         return sym
 
 
-def concrete_entries(expr: sympy.Expr, target: TensorInfo, sizes: dict[str, int], limit: int = 6) -> list[tuple[tuple[int, ...], sympy.Expr]]:
+def concrete_entries(
+    expr: sympy.Expr, target: TensorInfo, sizes: dict[str, int], limit: int = 6
+) -> list[tuple[tuple[int, ...], sympy.Expr]]:
     """The first entries of ``target = expr`` at concrete small sizes, in terms of other tensors' entries.
 
     This is the by-hand view of a gradient: ``dW[0,1] = dout[0,1]*x[0,0] + dout[1,1]*x[1,0]``.

@@ -22,15 +22,19 @@ def test_chain_matches_autograd_for_every_named_tensor(op_name, dtype, atol):
 
 
 def test_every_differentiable_input_gets_a_step(op_name):
-    d, module = derived(op_name)
+    d, _module = derived(op_name)
     names = {c.contribution.target.name for c in d.chain}
     assert {t.name for t in d.program.differentiable_inputs} <= names
 
 
 def test_max_routes_the_gradient_to_the_argmax():
     d, _ = derived("cross_entropy")
-    (step,) = [c for c in d.chain if c.contribution.source.name == "norm_logits" and c.contribution.target.name == "logit_maxes"]
-    back = [c for c in d.chain if c.contribution.source.name == "logit_maxes"][0]
+    (step,) = [
+        c
+        for c in d.chain
+        if c.contribution.source.name == "norm_logits" and c.contribution.target.name == "logit_maxes"
+    ]
+    back = next(c for c in d.chain if c.contribution.source.name == "logit_maxes")
     assert "argmax" in str(back.result) and "dnorm_logits" in str(step.result)
 
 

@@ -7,8 +7,7 @@ from derive import api, cache
 
 def _write_op(path, factor: str) -> None:
     path.write_text(
-        "from derive import op\n\n"
-        f"@op(x='n d')\ndef scaled(x):\n    out = x * {factor}\n    return out\n"
+        "from derive import op\n\n" f"@op(x='n d')\ndef scaled(x):\n    out = x * {factor}\n    return out\n"
     )
 
 
@@ -19,6 +18,7 @@ def test_unchanged_op_comes_from_the_cache_and_a_change_misses(tmp_path, monkeyp
     spec = f"{src}:scaled"
     first = api.module_source(api.resolve(spec), spec=spec)
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+
     def no_derivation(*args, **kwargs):
         raise AssertionError("a cache hit must not derive again")
 

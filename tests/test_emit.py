@@ -36,7 +36,13 @@ def test_generated_code_is_black_formatted_and_loop_free(op_name):
 def test_rendering_is_byte_for_byte_deterministic_across_hash_seeds():
     code = "from derive import api; import sys; sys.stdout.write(api.run(api.resolve('makemore_mlp'), write=False, verify=False).source)"
     outs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed}, cwd=REPO).stdout
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            cwd=REPO,
+        ).stdout
         for seed in ("1", "2")
     }
     assert len(outs) == 1 and next(iter(outs))

@@ -13,9 +13,18 @@ HEADER = "import sympy\nfrom derive import op, apply, exp, log\n\n"
 
 BAD_OPS = {
     "unknown_dim": ('@op(x="n d")\ndef f(x):\n    out = x.sum("q")\n    return out\n', ["'q'", "x", "f.py:"]),
-    "matmul_mismatch": ('@op(x="n d", w="k h")\ndef f(x, w):\n    out = x @ w\n    return out\n', ["'d'", "'k'", "matmul"]),
-    "float_index": ('@op(x="n d", y="n")\ndef f(x, y):\n    out = x.take(y, "d")\n    return out\n', ["integer index", "x"]),
-    "int_arithmetic": ('@op(x="n d", y="int n")\ndef f(x, y):\n    out = x * 2 + y\n    return out\n', ["integer", "'y'"]),
+    "matmul_mismatch": (
+        '@op(x="n d", w="k h")\ndef f(x, w):\n    out = x @ w\n    return out\n',
+        ["'d'", "'k'", "matmul"],
+    ),
+    "float_index": (
+        '@op(x="n d", y="n")\ndef f(x, y):\n    out = x.take(y, "d")\n    return out\n',
+        ["integer index", "x"],
+    ),
+    "int_arithmetic": (
+        '@op(x="n d", y="int n")\ndef f(x, y):\n    out = x * 2 + y\n    return out\n',
+        ["integer", "'y'"],
+    ),
     "int_output": ('@op(y="int n")\ndef f(y):\n    return y\n', ["integer tensor", "nothing to differentiate"]),
     "floor": ('@op(x="n d")\ndef f(x):\n    out = apply(sympy.floor, x)\n    return out\n', ["floor", "no derivative"]),
     "sign": ('@op(x="n d")\ndef f(x):\n    out = apply(sympy.sign, x)\n    return out\n', ["sign", "no derivative"]),
@@ -24,7 +33,10 @@ BAD_OPS = {
     "bad_dim_name": ('@op(x="n 2d")\ndef f(x):\n    return x * 2\n', ["'2d'", "not a dim name"]),
     "undeclared_input": ('@op(x="n d")\ndef f(x, w):\n    return x * w\n', ["'w'", "no dims declared"]),
     "size_name_clash": ('@op(x="n d", N="d")\ndef f(x, N):\n    out = x * N\n    return out\n', ["'N'", "dim 'n'"]),
-    "user_code_error": ('@op(x="n d")\ndef f(x):\n    out = x * undefined_name\n    return out\n', ["NameError", "undefined_name", "f.py:"]),
+    "user_code_error": (
+        '@op(x="n d")\ndef f(x):\n    out = x * undefined_name\n    return out\n',
+        ["NameError", "undefined_name", "f.py:"],
+    ),
 }
 
 

@@ -70,14 +70,16 @@ def test_double_backward_is_refused_clearly():
         torch.autograd.grad(tanh(x).sum(), x, create_graph=True)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)]
+)
 def test_batchnorm_on_every_floating_dtype(dtype, tol):
     x = torch.randn(16, 8, dtype=torch.float64)
     gamma, beta = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     dout = torch.randn(16, 8, dtype=torch.float64)
     from generated.batchnorm import batchnorm_backward, batchnorm_forward
 
-    out, saved = batchnorm_forward(x.to(dtype), gamma.to(dtype), beta.to(dtype))
+    _out, saved = batchnorm_forward(x.to(dtype), gamma.to(dtype), beta.to(dtype))
     got = batchnorm_backward(dout.to(dtype), saved)
     _, saved64 = batchnorm_forward(x, gamma, beta)
     want = batchnorm_backward(dout, saved64)
@@ -92,7 +94,7 @@ def test_non_contiguous_inputs():
     x = torch.randn(8, 6).T  # transposed: non-contiguous
     gamma = torch.randn(16)[::2]  # strided
     beta = torch.randn(8)
-    out, saved = layernorm_forward(x, gamma, beta)
+    _out, saved = layernorm_forward(x, gamma, beta)
     ref_x, ref_g, ref_b = (t.detach().clone().contiguous().requires_grad_() for t in (x, gamma, beta))
     F.layer_norm(ref_x, (8,), ref_g, ref_b, eps=1e-5).backward(torch.ones(6, 8))
     grads = layernorm_backward(torch.ones(6, 8), saved)

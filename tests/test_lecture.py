@@ -12,10 +12,7 @@ from derive.verify import autograd_grads, compare
 
 from .conftest import SHARED_NAMES, derived
 
-ATOMS = (
-    "logprobs probs counts_sum_inv counts_sum counts norm_logits logit_maxes logits h W2 b2 hpreact bngain bnbias "
-    "bnraw bnvar_inv bnvar bndiff2 bndiff bnmeani hprebn embcat W1 b1 emb C"
-).split()
+ATOMS = ["logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits", "logit_maxes", "logits", "h", "W2", "b2", "hpreact", "bngain", "bnbias", "bnraw", "bnvar_inv", "bnvar", "bndiff2", "bndiff", "bnmeani", "hprebn", "embcat", "W1", "b1", "emb", "C"]
 
 
 def lecture_batch(n_hidden: int = 64):
@@ -58,7 +55,7 @@ def test_loss_equals_pytorch_cross_entropy():
 def test_all_26_gradients_of_exercise_1_match_autograd():
     d, module = derived("makemore_mlp")
     inputs = lecture_batch()
-    loss, saved = module.makemore_mlp_forward(*inputs)
+    _loss, saved = module.makemore_mlp_forward(*inputs)
     want = autograd_grads(d, inputs, None)
     got = module.makemore_mlp_backward_steps(None, saved)
     rows = [compare(name, got[name], want[name], atol=1e-6) for name in ATOMS]
@@ -77,7 +74,7 @@ def test_fused_parameter_gradients_match_autograd(name):
 
 
 def test_exercise_2_dlogits_rows_sum_to_zero():
-    d, module = derived("cross_entropy")
+    _d, module = derived("cross_entropy")
     logits, y = torch.randn(32, 27, dtype=torch.float64), torch.randint(0, 27, (32,))
     _, saved = module.cross_entropy_forward(logits, y)
     assert module.cross_entropy_backward(None, saved).logits.sum(1).abs().max() < 1e-15

@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from derive import derive, op
 from derive.emit import render
-from derive.indexalg import ISum, IMax
+from derive.indexalg import IMax, ISum
 from derive.notation import text
 from derive.verify import exact_check, load_module, verify
 
@@ -21,7 +21,7 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.ops: list[str] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
 
@@ -111,7 +111,10 @@ def test_batchnorm_matches_autograd_to_1e6():
     dout = torch.randn_like(out)
     out.backward(dout)
     grads = module.batchnorm_backward(dout, saved)
-    assert max((grads.x - x.grad).abs().max(), (grads.gamma - g.grad).abs().max(), (grads.beta - b.grad).abs().max()) < 1e-6
+    assert (
+        max((grads.x - x.grad).abs().max(), (grads.gamma - g.grad).abs().max(), (grads.beta - b.grad).abs().max())
+        < 1e-6
+    )
 
 
 def test_fused_and_chain_backward_agree(op_name):

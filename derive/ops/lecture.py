@@ -4,8 +4,17 @@ from ..tensor import exp, log, op, tanh
 
 
 @op(
-    sizes=dict(n=32, t=3, e=10, v=27, j=64, k=27),
-    C="v e", W1="(t e) j", b1="j", W2="j k", b2="k", bngain="1 j", bnbias="1 j", Xb="int n t", Yb="int n")
+    sizes={"n": 32, "t": 3, "e": 10, "v": 27, "j": 64, "k": 27},
+    C="v e",
+    W1="(t e) j",
+    b1="j",
+    W2="j k",
+    b2="k",
+    bngain="1 j",
+    bnbias="1 j",
+    Xb="int n t",
+    Yb="int n",
+)
 def makemore_mlp(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, eps=1e-5):
     """Embedding, linear, batch norm, tanh, linear, cross-entropy; intermediates named as in the lecture."""
     emb = C[Xb]

@@ -5,7 +5,7 @@ import sympy
 from ..tensor import exp, log, op
 
 
-@op(sizes=dict(n=32, c=27), logits="n c", target="int n")
+@op(sizes={"n": 32, "c": 27}, logits="n c", target="int n")
 def cross_entropy(logits, target):
     """Mean cross-entropy, as the lecture's atoms (max subtraction included)."""
     logit_maxes = logits.max("c", keepdim=True)
@@ -35,4 +35,4 @@ def bce_with_logits(z, y):
     return loss
 
 
-__all__ = ["cross_entropy", "mse_loss", "bce_with_logits", "sympy"]
+__all__ = ["bce_with_logits", "cross_entropy", "mse_loss", "sympy"]

@@ -3,7 +3,7 @@
 from ..tensor import exp, log, op
 
 
-@op(sizes=dict(n=32, d=64), x="n d", gamma="d", beta="d")
+@op(sizes={"n": 32, "d": 64}, x="n d", gamma="d", beta="d")
 def batchnorm(x, gamma, beta, eps=1e-5):
     """Training-mode batch norm with Bessel's correction (the lecture's)."""
     mean = x.mean("n", keepdim=True)
