@@ -172,6 +172,9 @@ def render(d: Derivation, command: str | None = None) -> str:
             grads=[t.name for t in program.differentiable_inputs],
             signature=signature,
             prologue=prologue(d),
+        annotated=", ".join([f"{t.name}: torch.Tensor" for t in program.inputs] + [f"{p.name}: float" for p in program.params]),
+        n_inputs=len(program.inputs),
+        param_names=[p.name for p in program.params],
             positional=", ".join([t.name for t in program.inputs] + [p.name for p in program.params]),
             call_args=", ".join([t.name for t in program.inputs] + [f"{p.name}={p.name}" for p in program.params]),
             backward_returns=[f"grads.{t.name}" if not t.is_int else "None" for t in program.inputs]

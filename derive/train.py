@@ -309,8 +309,10 @@ class ProgressLine:
         self.interval_s = interval_s
         self.every = max(1, steps // 20)
         self.last = 0.0
+        self.shown = 0
 
     def __call__(self, step: int, loss: float, rate: float) -> None:
+        """Show step ``step`` (0-based) if it is time to."""
         done = step + 1
         if self.tty:
             now = time.perf_counter()
@@ -318,11 +320,14 @@ class ProgressLine:
                 return
             self.last = now
             end = "\n" if done == self.steps else ""
-            print(f"\r{self._text(done, loss, rate)}", end=end, file=self.stream, flush=True)
+            text = self._text(done, loss, rate)
+            self.shown = max(self.shown, len(text))
+            print(f"\r{text.ljust(self.shown)}", end=end, file=self.stream, flush=True)
         elif done % self.every == 0 or done == self.steps:
             print(self._text(done, loss, rate), file=self.stream, flush=True)
 
     def _text(self, done: int, loss: float, rate: float) -> str:
+        """``generated: step   150/3,000  loss 2.6710  2,675 steps/s``."""
         width = len(f"{self.steps:,}")
         return f"{self.label}: step {done:>{width},}/{self.steps:,}  loss {loss:.4f}  {rate:,.0f} steps/s"
 

@@ -176,3 +176,44 @@ class batchnorm_Function(torch.autograd.Function):
 def batchnorm(x, gamma, beta, *, eps=1e-05):
     """Differentiable `batchnorm`: `loss.backward()` runs derive's fused backward."""
     return batchnorm_Function.apply(x, gamma, beta, eps)
+
+
+_CUSTOM_OP = None
+
+
+def register_custom_op(namespace="derive"):
+    """Register `batchnorm` as the torch.library custom op `torch.ops.<namespace>.batchnorm`.
+
+    Its autograd formula is derive's fused backward, which recomputes the forward's saved values
+    so the op stays functional. Registration is explicit because it costs import time.
+    Returns the custom op; calling this again returns the same op.
+    """
+    global _CUSTOM_OP
+    if _CUSTOM_OP is not None:
+        return _CUSTOM_OP
+
+    @torch.library.custom_op(f"{namespace}::batchnorm", mutates_args=())
+    def op(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+        return batchnorm_forward(x, gamma, beta, eps=eps)[0].clone()
+
+    @op.register_fake
+    def _(*args):
+        return batchnorm_forward(*args[:3], eps=args[3])[0]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3])
+        ctx.params = inputs[3:]
+
+    def backward(ctx, grad_output):
+        _, saved = batchnorm_forward(*ctx.saved_tensors, eps=ctx.params[0])
+        grads = batchnorm_backward(grad_output, saved)
+        return (
+            grads.x,
+            grads.gamma,
+            grads.beta,
+            None,
+        )
+
+    op.register_autograd(backward, setup_context=setup_context)
+    _CUSTOM_OP = op
+    return op

@@ -135,3 +135,42 @@ class bce_with_logits_Function(torch.autograd.Function):
 def bce_with_logits(z, y):
     """Differentiable `bce_with_logits`: `loss.backward()` runs derive's fused backward."""
     return bce_with_logits_Function.apply(z, y)
+
+
+_CUSTOM_OP = None
+
+
+def register_custom_op(namespace="derive"):
+    """Register `bce_with_logits` as the torch.library custom op `torch.ops.<namespace>.bce_with_logits`.
+
+    Its autograd formula is derive's fused backward, which recomputes the forward's saved values
+    so the op stays functional. Registration is explicit because it costs import time.
+    Returns the custom op; calling this again returns the same op.
+    """
+    global _CUSTOM_OP
+    if _CUSTOM_OP is not None:
+        return _CUSTOM_OP
+
+    @torch.library.custom_op(f"{namespace}::bce_with_logits", mutates_args=())
+    def op(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return bce_with_logits_forward(z, y)[0].clone()
+
+    @op.register_fake
+    def _(*args):
+        return bce_with_logits_forward(*args[:2])[0]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:2])
+        ctx.params = inputs[2:]
+
+    def backward(ctx, grad_output):
+        _, saved = bce_with_logits_forward(*ctx.saved_tensors)
+        grads = bce_with_logits_backward(grad_output, saved)
+        return (
+            grads.z,
+            grads.y,
+        )
+
+    op.register_autograd(backward, setup_context=setup_context)
+    _CUSTOM_OP = op
+    return op

@@ -172,3 +172,42 @@ class cross_entropy_Function(torch.autograd.Function):
 def cross_entropy(logits, target):
     """Differentiable `cross_entropy`: `loss.backward()` runs derive's fused backward."""
     return cross_entropy_Function.apply(logits, target)
+
+
+_CUSTOM_OP = None
+
+
+def register_custom_op(namespace="derive"):
+    """Register `cross_entropy` as the torch.library custom op `torch.ops.<namespace>.cross_entropy`.
+
+    Its autograd formula is derive's fused backward, which recomputes the forward's saved values
+    so the op stays functional. Registration is explicit because it costs import time.
+    Returns the custom op; calling this again returns the same op.
+    """
+    global _CUSTOM_OP
+    if _CUSTOM_OP is not None:
+        return _CUSTOM_OP
+
+    @torch.library.custom_op(f"{namespace}::cross_entropy", mutates_args=())
+    def op(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_forward(logits, target)[0].clone()
+
+    @op.register_fake
+    def _(*args):
+        return cross_entropy_forward(*args[:2])[0]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:2])
+        ctx.params = inputs[2:]
+
+    def backward(ctx, grad_output):
+        _, saved = cross_entropy_forward(*ctx.saved_tensors)
+        grads = cross_entropy_backward(grad_output, saved)
+        return (
+            grads.logits,
+            None,
+        )
+
+    op.register_autograd(backward, setup_context=setup_context)
+    _CUSTOM_OP = op
+    return op

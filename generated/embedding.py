@@ -111,3 +111,42 @@ class embedding_Function(torch.autograd.Function):
 def embedding(C, X):
     """Differentiable `embedding`: `loss.backward()` runs derive's fused backward."""
     return embedding_Function.apply(C, X)
+
+
+_CUSTOM_OP = None
+
+
+def register_custom_op(namespace="derive"):
+    """Register `embedding` as the torch.library custom op `torch.ops.<namespace>.embedding`.
+
+    Its autograd formula is derive's fused backward, which recomputes the forward's saved values
+    so the op stays functional. Registration is explicit because it costs import time.
+    Returns the custom op; calling this again returns the same op.
+    """
+    global _CUSTOM_OP
+    if _CUSTOM_OP is not None:
+        return _CUSTOM_OP
+
+    @torch.library.custom_op(f"{namespace}::embedding", mutates_args=())
+    def op(C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        return embedding_forward(C, X)[0].clone()
+
+    @op.register_fake
+    def _(*args):
+        return embedding_forward(*args[:2])[0]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:2])
+        ctx.params = inputs[2:]
+
+    def backward(ctx, grad_output):
+        _, saved = embedding_forward(*ctx.saved_tensors)
+        grads = embedding_backward(grad_output, saved)
+        return (
+            grads.C,
+            None,
+        )
+
+    op.register_autograd(backward, setup_context=setup_context)
+    _CUSTOM_OP = op
+    return op

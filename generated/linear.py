@@ -133,3 +133,43 @@ class linear_Function(torch.autograd.Function):
 def linear(x, W, b):
     """Differentiable `linear`: `loss.backward()` runs derive's fused backward."""
     return linear_Function.apply(x, W, b)
+
+
+_CUSTOM_OP = None
+
+
+def register_custom_op(namespace="derive"):
+    """Register `linear` as the torch.library custom op `torch.ops.<namespace>.linear`.
+
+    Its autograd formula is derive's fused backward, which recomputes the forward's saved values
+    so the op stays functional. Registration is explicit because it costs import time.
+    Returns the custom op; calling this again returns the same op.
+    """
+    global _CUSTOM_OP
+    if _CUSTOM_OP is not None:
+        return _CUSTOM_OP
+
+    @torch.library.custom_op(f"{namespace}::linear", mutates_args=())
+    def op(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return linear_forward(x, W, b)[0].clone()
+
+    @op.register_fake
+    def _(*args):
+        return linear_forward(*args[:3])[0]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3])
+        ctx.params = inputs[3:]
+
+    def backward(ctx, grad_output):
+        _, saved = linear_forward(*ctx.saved_tensors)
+        grads = linear_backward(grad_output, saved)
+        return (
+            grads.x,
+            grads.W,
+            grads.b,
+        )
+
+    op.register_autograd(backward, setup_context=setup_context)
+    _CUSTOM_OP = op
+    return op

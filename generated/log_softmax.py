@@ -132,3 +132,39 @@ class log_softmax_Function(torch.autograd.Function):
 def log_softmax(x):
     """Differentiable `log_softmax`: `loss.backward()` runs derive's fused backward."""
     return log_softmax_Function.apply(x)
+
+
+_CUSTOM_OP = None
+
+
+def register_custom_op(namespace="derive"):
+    """Register `log_softmax` as the torch.library custom op `torch.ops.<namespace>.log_softmax`.
+
+    Its autograd formula is derive's fused backward, which recomputes the forward's saved values
+    so the op stays functional. Registration is explicit because it costs import time.
+    Returns the custom op; calling this again returns the same op.
+    """
+    global _CUSTOM_OP
+    if _CUSTOM_OP is not None:
+        return _CUSTOM_OP
+
+    @torch.library.custom_op(f"{namespace}::log_softmax", mutates_args=())
+    def op(x: torch.Tensor) -> torch.Tensor:
+        return log_softmax_forward(x)[0].clone()
+
+    @op.register_fake
+    def _(*args):
+        return log_softmax_forward(*args[:1])[0]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:1])
+        ctx.params = inputs[1:]
+
+    def backward(ctx, grad_output):
+        _, saved = log_softmax_forward(*ctx.saved_tensors)
+        grads = log_softmax_backward(grad_output, saved)
+        return (grads.x,)
+
+    op.register_autograd(backward, setup_context=setup_context)
+    _CUSTOM_OP = op
+    return op

@@ -424,3 +424,61 @@ class makemore_mlp_Function(torch.autograd.Function):
 def makemore_mlp(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05):
     """Differentiable `makemore_mlp`: `loss.backward()` runs derive's fused backward."""
     return makemore_mlp_Function.apply(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, eps)
+
+
+_CUSTOM_OP = None
+
+
+def register_custom_op(namespace="derive"):
+    """Register `makemore_mlp` as the torch.library custom op `torch.ops.<namespace>.makemore_mlp`.
+
+    Its autograd formula is derive's fused backward, which recomputes the forward's saved values
+    so the op stays functional. Registration is explicit because it costs import time.
+    Returns the custom op; calling this again returns the same op.
+    """
+    global _CUSTOM_OP
+    if _CUSTOM_OP is not None:
+        return _CUSTOM_OP
+
+    @torch.library.custom_op(f"{namespace}::makemore_mlp", mutates_args=())
+    def op(
+        C: torch.Tensor,
+        W1: torch.Tensor,
+        b1: torch.Tensor,
+        W2: torch.Tensor,
+        b2: torch.Tensor,
+        bngain: torch.Tensor,
+        bnbias: torch.Tensor,
+        Xb: torch.Tensor,
+        Yb: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
+        return makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, eps=eps)[0].clone()
+
+    @op.register_fake
+    def _(*args):
+        return makemore_mlp_forward(*args[:9], eps=args[9])[0]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:9])
+        ctx.params = inputs[9:]
+
+    def backward(ctx, grad_output):
+        _, saved = makemore_mlp_forward(*ctx.saved_tensors, eps=ctx.params[0])
+        grads = makemore_mlp_backward(grad_output, saved)
+        return (
+            grads.C,
+            grads.W1,
+            grads.b1,
+            grads.W2,
+            grads.b2,
+            grads.bngain,
+            grads.bnbias,
+            None,
+            None,
+            None,
+        )
+
+    op.register_autograd(backward, setup_context=setup_context)
+    _CUSTOM_OP = op
+    return op

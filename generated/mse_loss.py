@@ -129,3 +129,42 @@ class mse_loss_Function(torch.autograd.Function):
 def mse_loss(x, y):
     """Differentiable `mse_loss`: `loss.backward()` runs derive's fused backward."""
     return mse_loss_Function.apply(x, y)
+
+
+_CUSTOM_OP = None
+
+
+def register_custom_op(namespace="derive"):
+    """Register `mse_loss` as the torch.library custom op `torch.ops.<namespace>.mse_loss`.
+
+    Its autograd formula is derive's fused backward, which recomputes the forward's saved values
+    so the op stays functional. Registration is explicit because it costs import time.
+    Returns the custom op; calling this again returns the same op.
+    """
+    global _CUSTOM_OP
+    if _CUSTOM_OP is not None:
+        return _CUSTOM_OP
+
+    @torch.library.custom_op(f"{namespace}::mse_loss", mutates_args=())
+    def op(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return mse_loss_forward(x, y)[0].clone()
+
+    @op.register_fake
+    def _(*args):
+        return mse_loss_forward(*args[:2])[0]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:2])
+        ctx.params = inputs[2:]
+
+    def backward(ctx, grad_output):
+        _, saved = mse_loss_forward(*ctx.saved_tensors)
+        grads = mse_loss_backward(grad_output, saved)
+        return (
+            grads.x,
+            grads.y,
+        )
+
+    op.register_autograd(backward, setup_context=setup_context)
+    _CUSTOM_OP = op
+    return op

@@ -91,3 +91,39 @@ class relu_Function(torch.autograd.Function):
 def relu(x):
     """Differentiable `relu`: `loss.backward()` runs derive's fused backward."""
     return relu_Function.apply(x)
+
+
+_CUSTOM_OP = None
+
+
+def register_custom_op(namespace="derive"):
+    """Register `relu` as the torch.library custom op `torch.ops.<namespace>.relu`.
+
+    Its autograd formula is derive's fused backward, which recomputes the forward's saved values
+    so the op stays functional. Registration is explicit because it costs import time.
+    Returns the custom op; calling this again returns the same op.
+    """
+    global _CUSTOM_OP
+    if _CUSTOM_OP is not None:
+        return _CUSTOM_OP
+
+    @torch.library.custom_op(f"{namespace}::relu", mutates_args=())
+    def op(x: torch.Tensor) -> torch.Tensor:
+        return relu_forward(x)[0].clone()
+
+    @op.register_fake
+    def _(*args):
+        return relu_forward(*args[:1])[0]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:1])
+        ctx.params = inputs[1:]
+
+    def backward(ctx, grad_output):
+        _, saved = relu_forward(*ctx.saved_tensors)
+        grads = relu_backward(grad_output, saved)
+        return (grads.x,)
+
+    op.register_autograd(backward, setup_context=setup_context)
+    _CUSTOM_OP = op
+    return op

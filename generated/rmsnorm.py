@@ -149,3 +149,43 @@ class rmsnorm_Function(torch.autograd.Function):
 def rmsnorm(x, gamma, *, eps=1e-06):
     """Differentiable `rmsnorm`: `loss.backward()` runs derive's fused backward."""
     return rmsnorm_Function.apply(x, gamma, eps)
+
+
+_CUSTOM_OP = None
+
+
+def register_custom_op(namespace="derive"):
+    """Register `rmsnorm` as the torch.library custom op `torch.ops.<namespace>.rmsnorm`.
+
+    Its autograd formula is derive's fused backward, which recomputes the forward's saved values
+    so the op stays functional. Registration is explicit because it costs import time.
+    Returns the custom op; calling this again returns the same op.
+    """
+    global _CUSTOM_OP
+    if _CUSTOM_OP is not None:
+        return _CUSTOM_OP
+
+    @torch.library.custom_op(f"{namespace}::rmsnorm", mutates_args=())
+    def op(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+        return rmsnorm_forward(x, gamma, eps=eps)[0].clone()
+
+    @op.register_fake
+    def _(*args):
+        return rmsnorm_forward(*args[:2], eps=args[2])[0]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:2])
+        ctx.params = inputs[2:]
+
+    def backward(ctx, grad_output):
+        _, saved = rmsnorm_forward(*ctx.saved_tensors, eps=ctx.params[0])
+        grads = rmsnorm_backward(grad_output, saved)
+        return (
+            grads.x,
+            grads.gamma,
+            None,
+        )
+
+    op.register_autograd(backward, setup_context=setup_context)
+    _CUSTOM_OP = op
+    return op

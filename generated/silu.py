@@ -91,3 +91,39 @@ class silu_Function(torch.autograd.Function):
 def silu(x):
     """Differentiable `silu`: `loss.backward()` runs derive's fused backward."""
     return silu_Function.apply(x)
+
+
+_CUSTOM_OP = None
+
+
+def register_custom_op(namespace="derive"):
+    """Register `silu` as the torch.library custom op `torch.ops.<namespace>.silu`.
+
+    Its autograd formula is derive's fused backward, which recomputes the forward's saved values
+    so the op stays functional. Registration is explicit because it costs import time.
+    Returns the custom op; calling this again returns the same op.
+    """
+    global _CUSTOM_OP
+    if _CUSTOM_OP is not None:
+        return _CUSTOM_OP
+
+    @torch.library.custom_op(f"{namespace}::silu", mutates_args=())
+    def op(x: torch.Tensor) -> torch.Tensor:
+        return silu_forward(x)[0].clone()
+
+    @op.register_fake
+    def _(*args):
+        return silu_forward(*args[:1])[0]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:1])
+        ctx.params = inputs[1:]
+
+    def backward(ctx, grad_output):
+        _, saved = silu_forward(*ctx.saved_tensors)
+        grads = silu_backward(grad_output, saved)
+        return (grads.x,)
+
+    op.register_autograd(backward, setup_context=setup_context)
+    _CUSTOM_OP = op
+    return op

@@ -116,3 +116,55 @@ def test_cross_entropy_on_cuda():
     ref = logits.detach().clone().requires_grad_()
     F.cross_entropy(ref, y).backward()
     torch.testing.assert_close(logits.grad, ref.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_relu_at_zero_follows_pytorch():
+    from generated.relu import relu_backward, relu_forward
+
+    x = torch.tensor([[-1.0, 0.0, 2.0]], requires_grad=True)
+    torch.relu(x).sum().backward()
+    _, saved = relu_forward(x.detach())
+    assert torch.equal(relu_backward(torch.ones(1, 3), saved).x, x.grad)
+
+
+def test_batchnorm_with_a_constant_feature_stays_finite():
+    from generated.batchnorm import batchnorm_backward, batchnorm_forward
+
+    x = torch.randn(8, 3)
+    x[:, 1] = 2.5  # zero variance in one column
+    out, saved = batchnorm_forward(x, torch.ones(3), torch.zeros(3))
+    grads = batchnorm_backward(torch.randn(8, 3), saved)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_empty_batch_for_elementwise_ops():
+    from generated.tanh import tanh_backward, tanh_forward
+
+    out, saved = tanh_forward(torch.randn(0, 4))
+    assert tanh_backward(torch.ones(0, 4), saved).x.shape == (0, 4)
+
+
+def test_custom_ops_pass_opcheck_and_compile_without_graph_breaks():
+    import generated.batchnorm as bn
+    import generated.cross_entropy as ce
+
+    bn.register_custom_op()
+    ce.register_custom_op()
+    args = (
+        torch.randn(6, 4, requires_grad=True),
+        torch.rand(4, requires_grad=True),
+        torch.randn(4, requires_grad=True),
+        1e-5,
+    )
+    torch.library.opcheck(torch.ops.derive.batchnorm.default, args)
+    x, g, b, _ = (a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    y = torch.randint(0, 4, (6,))
+    loss = torch.compile(
+        lambda x, g, b: torch.ops.derive.cross_entropy(torch.ops.derive.batchnorm(x, g, b, 1e-5), y), fullgraph=True
+    )(x, g, b)
+    loss.backward()
+    ref = [a.detach().clone().requires_grad_() for a in (x, g, b)]
+    mean, var = ref[0].mean(0), ref[0].var(0)
+    F.cross_entropy(ref[1] * (ref[0] - mean) / torch.sqrt(var + 1e-5) + ref[2], y).backward()
+    for got, want in zip((x, g, b), ref):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-4)
