@@ -137,10 +137,17 @@ def spec_of(the_op: Op, spec: str | None = None) -> str:
 
 
 def run(
-    the_op: Op, out_dir: Path | None = None, write: bool = True, verify: bool = True, spec: str | None = None
+    the_op: Op,
+    out_dir: Path | None = None,
+    write: bool = True,
+    verify: bool = True,
+    spec: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Derive, render, verify (in memory), then write atomically only if all went well."""
     do_verify = verify
+    say = progress or (lambda message: None)
+    say(f"deriving {the_op.name} (trace, differentiate, simplify, lower)")
     d = derive_op(the_op)
     t0 = time.perf_counter()
     spec_text = spec_of(the_op, spec)
@@ -149,6 +156,7 @@ def run(
     sizes = {**default_sizes(d.program), **the_op.sizes}
     verification = None
     if do_verify:
+        say(f"verifying {d.name} (autograd, gradcheck, exact check)")
         t0 = time.perf_counter()
         module = load_module(source, d.name)
         verification = verify_module(d, module, sizes=sizes)

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _progress(message: str) -> None:
+    """A transient status line on an interactive terminal."""
+    print(f"\r\033[K… {message}", end="" if message else "\n", file=sys.stderr, flush=True)
+
+
 def process_age() -> float | None:
     """Seconds since this process started (Linux), so reported times include imports."""
     import os
@@ -126,7 +131,12 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
     fmt = "latex" if args.latex else args.format
     the_op = api.resolve(args.op)
     spec = args.op if ":" in args.op else None
-    result = api.run(the_op, out_dir=args.out, write=not args.no_write, verify=not args.no_verify, spec=spec)
+    progress = _progress if sys.stderr.isatty() else None
+    result = api.run(
+        the_op, out_dir=args.out, write=not args.no_write, verify=not args.no_verify, spec=spec, progress=progress
+    )
+    if progress:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
     age = process_age()
     total = age if age is not None else time.perf_counter() - started
     if fmt == "json":
