@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.derive-ready
 
-.PHONY: setup demo test check regenerate bench clean
+.PHONY: setup demo test check regenerate train bench clean
 
 $(READY): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ check: $(READY)
 
 regenerate: $(READY)
 	$(BIN)/python -m derive --all
+
+train: $(READY)
+	$(BIN)/python -m derive train $(if $(wildcard ../shared/data/names.txt),--data ../shared/data/names.txt,)
 
 bench: $(READY)
 	$(BIN)/python -m benchmarks

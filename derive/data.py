@@ -186,18 +186,17 @@ def check_words(words: list[str], vocab: Vocabulary | None = None, source: str =
     ...
     derive.data.DataError: word 2 of the data, 'a.b', contains '.', which is reserved for the start/end of a word
     """
-    allowed = set(vocab.chars[1:]) if vocab is not None else None
+    allowed = vocab.chars[1:] if vocab is not None else None
     for number, word in enumerate(words, start=1):
         if END in word:
             raise DataError(
                 f"word {number} of {source}, {word!r}, contains {END!r}, which is reserved for the start/end of a word"
             )
         if allowed is not None:
-            outside = sorted(set(word) - allowed)
+            outside = sorted(set(word) - set(allowed))
             if outside:
                 raise DataError(
-                    f"word {number} of {source}, {word!r}, has {''.join(outside)!r} outside the vocabulary "
-                    f"{vocab.chars[1:]!r}"
+                    f"word {number} of {source}, {word!r}, has {''.join(outside)!r} outside the vocabulary {allowed!r}"
                 )
 
 

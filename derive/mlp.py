@@ -158,7 +158,7 @@ def autograd_step(params: Params, Xb: torch.Tensor, Yb: torch.Tensor) -> tuple[t
             p.grad = None
         loss = reference_loss(leaves, Xb, Yb)
         loss.backward()
-    return loss.detach(), Params(*(p.grad for p in leaves))
+    return loss.detach(), Params(*(p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves))
 
 
 STEPS: dict[str, Step] = {"layers": generated_step, "network": generated_network_step, "autograd": autograd_step}
@@ -214,7 +214,8 @@ def sample(
     g = torch.Generator().manual_seed(seed)
     samples = []
     for _ in range(count):
-        context, out = [0] * block_size, []
+        context = [0] * block_size
+        out: list[int] = []
         while len(out) < max_length:
             probs = F.softmax(logits_at_inference(params, stats, torch.tensor([context])), dim=1)
             token = int(torch.multinomial(probs, num_samples=1, generator=g).item())

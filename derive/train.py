@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=_positive_float,
         default=defaults.lr,
-        help="learning rate, divided by 10 after half the steps " "(default: %(default)s)",
+        help="learning rate, divided by 10 after half the steps (default: %(default)s)",
     )
     p.add_argument(
         "--seed",
