@@ -9,6 +9,7 @@ of SymPy's own torch printer. Common sub-expressions are computed once, into tem
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import sympy
@@ -292,6 +293,7 @@ class Lowerer:
 
     def _gather(self, code: str, idx: list[sympy.Basic], is_int: bool) -> Val:
         """Advanced indexing: gathered axes take integer tensors, shared indices take aranges."""
+        base = re.match(r"[A-Za-z_][A-Za-z_0-9]*", code).group(0)  # the tensor's variable, for its device
         gathered = [self.lower(i) for i in idx if not is_index(i)]
         gather_axes: list[sympy.Symbol] = []
         for g in gathered:
@@ -312,7 +314,7 @@ class Lowerer:
         parts = []
         for i in head:
             if is_index(i):
-                rng = f"torch.arange({_size_code(dim_of(i).size)}, device={code.split('[')[0].split('.')[0]}.device)"
+                rng = f"torch.arange({_size_code(dim_of(i).size)}, device={base}.device)"
                 parts.append(self.align(Val(rng, (i,)), tuple(lead_axes)))
             else:
                 parts.append(self.align(self.lower(i), tuple(lead_axes)))

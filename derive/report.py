@@ -85,7 +85,7 @@ def why(step: ChainStep) -> str:
             f"{target.name} was broadcast along {', '.join(summed)} in the forward, so the backward sums over it"
         )
     spread = sorted(d.name for d in tdims - out_dims if not d.parts)
-    if spread and stmt.kind in ("sum", "max") or (spread and stmt.kind == "contraction"):
+    if spread and stmt.kind in ("sum", "max", "contraction"):
         reasons.append(
             f"{stmt.name} reduced {target.name} over {', '.join(spread)}, so d{stmt.name} is broadcast back along it"
         )

@@ -253,14 +253,12 @@ def product_dim(*dims: Dim) -> Dim:
 
 
 def _all_symbols(idx: dict[Dim, sympy.Basic]) -> set[sympy.Basic]:
+    """Every index symbol in use at ``idx`` (free or bound), so a new bound index avoids them all."""
+    from .indexalg import bound_indices
+
     out: set[sympy.Basic] = set()
     for v in idx.values():
-        out |= v.free_symbols if isinstance(v, sympy.Basic) else set()
-        out |= (
-            {a for a in sympy.preorder_traversal(v) if isinstance(a, (ISum, IMax, ArgMax))}
-            if isinstance(v, sympy.Basic)
-            else set()
-        )
+        out |= v.free_symbols | bound_indices(v)
     return out
 
 
@@ -493,10 +491,7 @@ def _build_program(
         expr = node.build({d: d.index() for d in node.dims})
         statements.append(Statement(info, expr, node.source))
         node.materialized = True
-    reached = {n for s in statements for n in _names_in(s.expr)} | {result.name}
-    kept_inputs = tuple(t for t in inputs)
-    del reached
-    return Program(the_op.name, kept_inputs, tuple(params), tuple(statements), result.name, the_op.doc)
+    return Program(the_op.name, tuple(inputs), tuple(params), tuple(statements), result.name, the_op.doc)
 
 
 def _check_size_names(op_name: str, trace: _Trace, inputs: list[TensorInfo], params: list[Param]) -> None:
@@ -523,9 +518,3 @@ def _reaches(result: Tensor, node: Tensor) -> bool:
         seen.add(id(t))
         stack.extend(t.operands)
     return False
-
-
-def _names_in(e: sympy.Expr) -> set[str]:
-    from .indexalg import tensor_names
-
-    return tensor_names(e)
