@@ -7,7 +7,23 @@ import pytest
 
 from derive import DeriveError, api
 
+from derive.cli import main
+
 from .test_cli import derive_cli
+
+
+class Result:
+    """What one in-process CLI call returned and printed (subprocess-free, so fast)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli(capsys, *args: str) -> Result:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return Result(code, out, err)
+
 
 HEADER = "import sympy\nfrom derive import op, apply, exp, log\n\n"
 
@@ -53,11 +69,11 @@ def _snapshot(folder):
 
 
 @pytest.mark.parametrize("case", sorted(BAD_OPS))
-def test_malformed_op_exits_2_naming_the_problem(case, tmp_path, out_dir):
+def test_malformed_op_exits_2_naming_the_problem(case, tmp_path, out_dir, capsys):
     source, expected = BAD_OPS[case]
     (tmp_path / "f.py").write_text(HEADER + source)
     before = _snapshot(out_dir)
-    r = derive_cli(f"{tmp_path / 'f.py'}:f", "--out", str(out_dir))
+    r = cli(capsys, f"{tmp_path / 'f.py'}:f", "--out", str(out_dir))
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     for word in expected:
@@ -76,12 +92,12 @@ def test_malformed_op_exits_2_naming_the_problem(case, tmp_path, out_dir):
         ('{dir}/we"ird.py:f', "cannot go into a generated file header"),
     ],
 )
-def test_bad_op_references_exit_2(spec, expected, tmp_path, out_dir):
+def test_bad_op_references_exit_2(spec, expected, tmp_path, out_dir, capsys):
     (tmp_path / "broken.py").write_text("import nonexistent_module_xyz\n")
     (tmp_path / "plain.py").write_text("def helper(x):\n    return x\n")
     (tmp_path / 'we"ird.py').write_text(HEADER + '@op(x="n d")\ndef f(x):\n    out = x * 2\n    return out\n')
     before = _snapshot(out_dir)
-    r = derive_cli(spec.format(dir=tmp_path), "--out", str(out_dir))
+    r = cli(capsys, spec.format(dir=tmp_path), "--out", str(out_dir))
     assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert _snapshot(out_dir) == before
 
@@ -92,9 +108,15 @@ def test_errors_are_derive_errors_in_python(tmp_path):
         api.run(api.resolve(f"{tmp_path / 'f.py'}:f"), write=False)
 
 
-def test_kinks_use_pytorchs_convention_and_say_so():
-    r = derive_cli("relu", "--no-write")
+def test_kinks_use_pytorchs_convention_and_say_so(capsys):
+    r = cli(capsys, "relu", "--no-write")
     assert r.returncode == 0 and "PyTorch's convention" in r.stdout
+
+
+def test_a_malformed_op_through_the_real_command_line(tmp_path, out_dir):
+    (tmp_path / "f.py").write_text(HEADER + BAD_OPS["floor"][0])
+    r = derive_cli(f"{tmp_path / 'f.py'}:f", "--out", str(out_dir))
+    assert r.returncode == 2 and "floor" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_no_arguments_is_a_usage_error():
