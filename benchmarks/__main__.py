@@ -1,0 +1,5 @@
+"""Entry point: ``python -m benchmarks``."""
+
+from .cli import main
+
+raise SystemExit(main())

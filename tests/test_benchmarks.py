@@ -1,0 +1,68 @@
+"""Smoke test of the benchmark harness: quick mode, one tiny op; checks the report's shape, never timings."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("torch")
+
+RUNTIME_COLUMNS = [
+    "op",
+    "size",
+    "shape",
+    "eager",
+    "compiled",
+    "atoms",
+    "native",
+    "bound",
+    "eager/atoms",
+    "eager/native",
+    "eager/bound",
+    "compiled/native",
+]
+DERIVATION_COLUMNS = ["op", "import", "trace", "differentiate", "simplify", "lower", "emit"]
+
+
+def _header(markdown: str, first: str) -> list[str]:
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first:
+            return cells
+    raise AssertionError(f"no table starting with column '{first}' in:\n{markdown}")
+
+
+def test_quick_run_writes_tables(tmp_path, capsys):
+    from benchmarks.cli import main
+
+    rc = main(["--quick", "--ops", "log_softmax", "--no-compile", "--stack", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert md in capsys.readouterr().out
+
+    runtime_header = _header(md, "op")
+    for col in RUNTIME_COLUMNS:
+        assert col in runtime_header
+    rows = [line for line in md.splitlines() if line.startswith("| log_softmax | small")]
+    assert rows, md
+    assert any(len(r.strip().strip("|").split("|")) == len(runtime_header) for r in rows)
+    for col in DERIVATION_COLUMNS[1:]:
+        assert col in md
+    assert "| k |" in md
+
+    report = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    (case,) = report["runtime"]
+    assert case["op"] == "log_softmax" and case["size"] == "small"
+    assert set(case["time_s"]) >= {"eager", "compiled", "atoms", "native", "bound"}
+    assert case["time_s"]["compiled"] is None and case["compiled_error"] == "skipped"
+    assert set(case["ratios"]) >= {"eager/atoms", "eager/native", "eager/bound", "compiled/native"}
+    assert set(case["bytes"]) >= {"generated_saved", "atoms_autograd_saved", "native_autograd_saved"}
+    assert case["max_rel_err"]["eager_vs_atoms"] < 1e-4  # the generated backward is the right one
+    assert [r["name"] for r in report["derivation"]["ops"]["rows"]] == ["log_softmax"]
+    assert [r["k"] for r in report["derivation"]["stack"]["rows"]] == [1]
+    assert report["environment"]["threads"] >= 1
