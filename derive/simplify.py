@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import sympy
 
@@ -149,6 +150,12 @@ def canonical_bound(e: sympy.Expr, avoid: set[sympy.Symbol] | None = None) -> sy
 
 
 # -- forward values ---------------------------------------------------------------------------
+@lru_cache(maxsize=4096)
+def _reads(stmt: Statement) -> frozenset[str]:
+    return frozenset(tensor_names(stmt.expr))
+
+
+@lru_cache(maxsize=4096)
 def _pattern(stmt: Statement) -> tuple[sympy.Expr, list[sympy.Wild]]:
     """The statement's right-hand side with its indices (free and bound) turned into wildcards."""
     syms = sorted(
@@ -200,6 +207,8 @@ def recognize(e: sympy.Expr, statements: list[Statement]) -> sympy.Expr:
     for stmt in reversed(statements):
         if is_entry(stmt.expr) or stmt.expr.is_Atom:
             continue
+        if not _reads(stmt) <= tensor_names(e):
+            continue  # a match needs every tensor the statement reads: skip the costly matcher
         full, wild_idx = _pattern(stmt)
         coeff, pat = _split_coefficient(full)
 
