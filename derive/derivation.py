@@ -161,7 +161,7 @@ def lower_program(program: Program, chain: list[ChainStep], gradients: list[Grad
         plain.assign(stmt.name, stmt.expr, stmt.target)
 
     seed = grad_name(out.name)
-    bwd = Lowerer(layouts, ref=seed, names=set(layouts), single_assignment=True)
+    bwd = Lowerer(layouts, ref=seed, names=set(layouts), single_assignment=True, fuse_arithmetic=True)
     for g in gradients:
         bwd.assign(grad_name(g.wrt.name), g.result, g.wrt)
 

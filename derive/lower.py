@@ -16,6 +16,7 @@ import sympy
 from sympy.printing.pytorch import TorchPrinter
 
 from .errors import OpDefinitionError
+from .indexalg import tensor_names
 from .indexalg import (
     ArgMax,
     Dim,
@@ -125,11 +126,17 @@ class Lowerer:
     names: set[str] = field(default_factory=set)
     preferred: Axes = ()
     single_assignment: bool = False
+    fuse_arithmetic: bool = False
 
     # -- public ------------------------------------------------------------------------------
     def assign(self, name: str, e: sympy.Expr, target: TensorInfo, accumulate: bool = False, comment: str = "") -> None:
         """Emit ``name = e`` (or ``name = name + e``), laid out like ``target``."""
         self.preferred = target.indices
+        if self.fuse_arithmetic and not accumulate and target.dims and None not in target.layout:
+            lines = self._sparse_delta(name, e, target) or self._fused_terms(name, e, target)
+            if lines:
+                self.lines += lines
+                return
         if None in target.layout and not (is_entry(e) or isinstance(e, (ISum, IMax, ArgMax, sympy.KroneckerDelta))):
             want = tuple(d.index() if d else sympy.Symbol(f"_one{k}") for k, d in enumerate(target.layout))
             val = self._elementwise(e, want=want)
@@ -169,6 +176,120 @@ class Lowerer:
         if not target.layout and val.axes:
             raise OpDefinitionError(f"internal: scalar {target.name} has axes")
         return aligned
+
+    # -- fewer passes over memory --------------------------------------------------------------
+    def _sparse_delta(self, name: str, e: sympy.Expr, target: TensorInfo) -> list[str] | None:
+        """``g + h·δ(c, y[n])`` as a dense ``g`` plus ``h`` scatter-added at ``y``: no one-hot tensor.
+
+        This is how ``(probs - onehot)/n`` becomes ``probs/n`` with ``-1/n`` added at the targets.
+        """
+        deltas = [d for d in _value_leaves(e) if isinstance(d, sympy.KroneckerDelta)]
+        if len(deltas) != 1:
+            return None
+        delta = deltas[0]
+        for v, pick in (delta.args, delta.args[::-1]):
+            if is_index(v) and v in target.indices and is_entry(pick) and all(is_index(i) for i in entry_indices(pick)):
+                break
+        else:
+            return None
+        rest = tuple(i for i in target.indices if i != v)
+        if tuple(entry_indices(pick)) != rest or not self.layouts[entry_name(pick)].is_int:
+            return None
+        marker = sympy.Dummy("delta")
+        linear = e.xreplace({delta: marker})
+        h = sympy.diff(linear, marker)
+        if h.has(marker) or h == 0:
+            return None
+        g = linear.xreplace({marker: 0})
+        at = _substitute_index(h, v, pick)
+        lines: list[str] = []
+        known: dict[str, Val] = {}
+        common = {f for f in set(sympy.Mul.make_args(g)) & set(sympy.Mul.make_args(at)) if not f.is_number}
+        if common and g != 0:
+            shared = sympy.Mul(*sorted(common, key=sympy.default_sort_key))
+            val = self._elementwise(shared)
+            var = self._temp(val.code, "s")
+            lines.append(self.lines.pop())
+            stand_in = sympy.Symbol(f"__val_{var}")
+            known[stand_in.name] = Val(var, val.axes)
+            g, at = g / shared * stand_in, at / shared * stand_in
+        axis = target.indices.index(v)
+        if g == 0:
+            dense = f"{self.ref}.new_zeros({_shape_tuple([_size_code(d.size) for d in target.dims])})"
+        else:
+            dense = self.to_layout(self._elementwise(g, known), target)
+            if _atom(dense) == dense:
+                dense = f"{dense}.clone()"  # never scatter into a saved forward value
+        index = f"{_atom(self.lower(pick).code)}.unsqueeze({axis})"
+        src_val = self._elementwise(at, known)
+        src_shape = _shape_tuple(["1" if i == v else _size_code(dim_of(i).size) for i in target.indices])
+        if src_val.axes:
+            placeholder = tuple(sympy.Symbol("_one") if i == v else i for i in target.indices)
+            src_code = self.align(src_val, placeholder, strip=False)
+        else:
+            src_code = src_val.code  # a 0-dim value expands to any shape directly
+        lines.append(f"{name} = {dense}")
+        lines.append(f"{name}.scatter_add_({axis}, {index}, {_atom(src_code)}.expand{src_shape})")
+        return lines
+
+    def _fused_terms(self, name: str, e: sympy.Expr, target: TensorInfo) -> list[str] | None:
+        """A sum of terms ``F·s`` (F full-size, s small) as one allocation and in-place ``addcmul_``.
+
+        ``gamma·var_inv·(dout - xhat·S2/(N-1) - S1/N)`` becomes
+        ``torch.addcmul(-a·S1/N, dout, a).addcmul_(xhat, -a·S2/(N-1))`` with ``a = gamma·var_inv``.
+        """
+        full = set(target.indices)
+        expanded = sympy.expand(e, deep=False, power_base=False, power_exp=False, log=False, multinomial=False)
+        terms = []
+        for t in sympy.Add.make_args(expanded):
+            factors = sympy.Mul.make_args(t)
+            big = [f for f in factors if free_indices(f) >= full and not isinstance(f, (ISum, IMax))]
+            terms.append((sympy.Mul(*big), sympy.Mul(*(f for f in factors if f not in big))))
+        full_terms = [(F, S) for F, S in terms if F != 1]
+        small = sympy.Add(*(S for F, S in terms if F == 1))
+        if not full_terms or (len(full_terms) == 1 and small == 0):
+            return None
+        fused_cost = sum(_full_ops(F, full) + 1 for F, _ in full_terms)
+        if fused_cost >= _full_ops(e, full):
+            return None  # the expression as written makes no more passes over full-size tensors
+        lines: list[str] = []
+        known: dict[str, Val] = {}
+        common = set.intersection(*(set(sympy.Mul.make_args(S)) for _, S in full_terms))
+        common = {f for f in common if tensor_names(f)}
+        if common and len(full_terms) > 1:
+            shared = sympy.Mul(*sorted(common, key=sympy.default_sort_key))
+            val = self.lower(shared)
+            var = self._temp(val.code, "s")
+            lines.append(self.lines.pop())
+            stand_in = sympy.Symbol(f"__val_{var}")
+            known[stand_in.name] = Val(var, val.axes)
+            full_terms = [(F, (S / shared) * stand_in) for F, S in full_terms]
+            small = sympy.expand(small / shared) * stand_in if small != 0 else small
+        acc = self.align(self._elementwise(small, known), target.indices) if small != 0 else None
+        fresh = False
+        for F, S in full_terms:
+            f_code = self.align(self.lower(F), target.indices)
+            tensor_factor = bool(tensor_names(S)) or any(str(a).startswith("__val_") for a in S.free_symbols)
+            s_code = "" if S == 1 else self.align(self._elementwise(S, known), target.indices)
+            if acc is None:
+                acc = f"{_atom(f_code)}.clone()" if S == 1 else f"{_atom(f_code)} * {_atom(s_code)}"
+            elif S == 1:
+                acc = f"{_atom(acc)}.add_({f_code})" if fresh else f"torch.add({acc}, {f_code})"
+            elif tensor_factor:
+                acc = (
+                    f"{_atom(acc)}.addcmul_({f_code}, {s_code})"
+                    if fresh
+                    else f"torch.addcmul({acc}, {f_code}, {s_code})"
+                )
+            else:
+                acc = (
+                    f"{_atom(acc)}.add_({f_code}, alpha={s_code})"
+                    if fresh
+                    else f"torch.add({acc}, {f_code}, alpha={s_code})"
+                )
+            fresh = True
+        lines.append(f"{name} = {acc}")
+        return lines
 
     def _rename_last_temp(self, temp: str, name: str) -> bool:
         """``t1 = x.sum(0); dbeta = t1`` becomes ``dbeta = x.sum(0)`` (later uses read ``dbeta``)."""
@@ -451,9 +572,43 @@ class Lowerer:
             axes = list(want)
         elif self.preferred:
             axes = [a for a in self.preferred if a in axes] + [a for a in axes if a not in self.preferred]
+        regrouped = self._small_factors_first(e, dict(leaves), set(axes), known)
+        if regrouped is not e:
+            return self._elementwise(regrouped, known, want)
         mapping = {leaf: sympy.Symbol(self.align(v, tuple(axes), strip=not want)) for leaf, v in leaves}
         code = _PRINTER.doprint(e.xreplace(mapping))
         return Val(code, tuple(axes))
+
+    def _small_factors_first(
+        self, e: sympy.Expr, leaves: dict[sympy.Expr, Val], full: set[sympy.Symbol], known: dict[str, Val]
+    ) -> sympy.Expr:
+        """In a product of full-size and smaller factors, multiply the small ones together first.
+
+        ``dloss * probs / N`` becomes ``probs * (dloss / N)``: one pass over the big tensor, not two.
+        """
+        if not full:
+            return e
+
+        def axes_of(x: sympy.Expr) -> set[sympy.Symbol]:
+            out: set[sympy.Symbol] = set()
+            for leaf in _value_leaves(x):
+                out |= set(leaves[leaf].axes) if leaf in leaves else set(known[leaf.name].axes)
+            return out
+
+        def rewrite(node: sympy.Expr) -> sympy.Expr:
+            if not isinstance(node, sympy.Mul):
+                return node
+            small = [f for f in node.args if axes_of(f) != full]
+            big = [f for f in node.args if axes_of(f) == full]
+            if not big or len(small) < 2:
+                return node
+            val = self._elementwise(sympy.Mul(*small), known)
+            stand_in = sympy.Symbol(f"__val_{len(known)}_{self.counter}")
+            self.counter += 1
+            known[stand_in.name] = val
+            return sympy.Mul(*big, stand_in)
+
+        return _bottom_up_expr(e, rewrite)
 
 
 def _value_leaves(e: sympy.Expr) -> list[sympy.Expr]:
@@ -468,6 +623,31 @@ def _value_leaves(e: sympy.Expr) -> list[sympy.Expr]:
             if leaf not in out:
                 out.append(leaf)
     return out
+
+
+def _bottom_up_expr(e: sympy.Expr, fn) -> sympy.Expr:  # noqa: ANN001
+    """Apply ``fn`` to every elementwise node, children first (index-level leaves are kept whole)."""
+    if is_entry(e) or isinstance(e, (ISum, IMax, ArgMax, sympy.KroneckerDelta)) or not e.args:
+        return e
+    rebuilt = e.func(*(_bottom_up_expr(a, fn) for a in e.args))
+    out = fn(rebuilt)
+    return e if out == e else out
+
+
+def _full_ops(e: sympy.Expr, full: set[sympy.Symbol]) -> int:
+    """How many elementwise operations over full-size tensors evaluating ``e`` as written takes."""
+    if is_entry(e) or isinstance(e, (ISum, IMax, ArgMax, sympy.KroneckerDelta)) or not e.args:
+        return 0
+    own = 0
+    if free_indices(e) >= full:
+        own = len(e.args) - 1 if isinstance(e, (sympy.Add, sympy.Mul)) else 1
+    return own + sum(_full_ops(a, full) for a in e.args)
+
+
+def _substitute_index(e: sympy.Expr, v: sympy.Symbol, value: sympy.Expr) -> sympy.Expr:
+    from .indexalg import substitute_indices
+
+    return substitute_indices(e, {v: value})
 
 
 def _rename_bound_canonically(e: sympy.Expr, depth: int = 0) -> sympy.Expr:

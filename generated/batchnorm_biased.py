@@ -82,7 +82,8 @@ def batchnorm_biased_backward(grad_output, saved):
     dout = grad_output
     dbeta = dout.sum(0)
     dgamma = (dout * xhat).sum(0)
-    dx = gamma * var_inv * (dout - dbeta / N - dgamma * xhat / N)
+    s3 = gamma * var_inv[0, :]
+    dx = torch.addcmul(-1 / N * dbeta * s3, dout, s3).addcmul_(xhat, -1 / N * dgamma * s3)
     return batchnorm_biased_Grads(
         x=dx,
         gamma=dgamma,
@@ -117,12 +118,12 @@ def batchnorm_biased_backward_steps(grad_output, saved):
     # var <- var_inv
     dvar = -1 / 2 * dvar_inv * var_inv**3
     # diff <- var
-    ddiff = ddiff + 2 * diff * dvar / N
+    ddiff = ddiff + 2 / N * dvar[0, :] * diff
     # x <- diff
     dx = ddiff
-    t4 = ddiff.sum(0)
+    t6 = ddiff.sum(0)
     # mean <- diff
-    dmean = -t4[None]
+    dmean = -t6[None]
     # x <- mean
     dx = dx + (dmean[0, :] / N)[None].expand(N, D)
     return {

@@ -72,12 +72,12 @@ def cross_entropy_backward(grad_output, saved):
     target = saved["target"]
     probs = saved["probs"]
     N = saved["N"]
-    C = saved["C"]
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    t1 = dloss.new_zeros((N, C)).scatter_(1, target.unsqueeze(1), 1.0)
-    dlogits = dloss * (probs - t1) / N
+    s1 = dloss / N
+    dlogits = probs * s1
+    dlogits.scatter_add_(1, target.unsqueeze(1), (-s1).expand(N, 1))
     return cross_entropy_Grads(
         logits=dlogits,
     )
@@ -98,14 +98,14 @@ def cross_entropy_backward_steps(grad_output, saved):
     dloss = grad_output
     t1 = dloss.new_zeros((N, C)).scatter_(1, target.unsqueeze(1), 1.0)
     # logprobs <- loss
-    dlogprobs = -dloss * t1 / N
+    dlogprobs = -dloss / N * t1
     # probs <- logprobs
     dprobs = dlogprobs / probs
     # counts <- probs
     dcounts = counts_sum_inv * dprobs
-    t2 = (counts * dprobs).sum(1)
+    t3 = (counts * dprobs).sum(1)
     # counts_sum_inv <- probs
-    dcounts_sum_inv = t2[:, None]
+    dcounts_sum_inv = t3[:, None]
     # counts_sum <- counts_sum_inv
     dcounts_sum = -(counts_sum_inv**2) * dcounts_sum_inv
     # counts <- counts_sum
@@ -114,13 +114,13 @@ def cross_entropy_backward_steps(grad_output, saved):
     dnorm_logits = counts * dcounts
     # logits <- norm_logits
     dlogits = dnorm_logits
-    t3 = dnorm_logits.sum(1)
+    t4 = dnorm_logits.sum(1)
     # logit_maxes <- norm_logits
-    dlogit_maxes = -t3[:, None]
-    t4 = logits.argmax(1)
-    t5 = dloss.new_zeros((N, C)).scatter_(1, t4.unsqueeze(1), 1.0)
+    dlogit_maxes = -t4[:, None]
+    t5 = logits.argmax(1)
+    t6 = dloss.new_zeros((N, C)).scatter_(1, t5.unsqueeze(1), 1.0)
     # logits <- logit_maxes
-    dlogits = dlogits + dlogit_maxes * t5
+    dlogits = dlogits + dlogit_maxes * t6
     return {
         "logits": dlogits,
         "logit_maxes": dlogit_maxes,
@@ -138,7 +138,6 @@ _BACKWARD_KEYS = (
     "target",
     "probs",
     "N",
-    "C",
 )
 
 

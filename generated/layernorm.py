@@ -78,9 +78,12 @@ def layernorm_backward(grad_output, saved):
     dout = grad_output
     dbeta = dout.sum(0)
     dgamma = (dout * xhat).sum(0)
-    t3 = torch.einsum("ab,b->a", dout, gamma)
-    t4 = (dout * gamma * xhat).sum(1)
-    dx = var_inv * (dout * gamma - t3[:, None] / D - t4[:, None] * xhat / D)
+    t4 = torch.einsum("ab,b->a", dout, gamma)
+    t6 = (dout * gamma * xhat).sum(1)
+    s3 = var_inv[:, 0]
+    dx = torch.addcmul((-1 / D * s3 * t4)[:, None], dout, gamma * s3[:, None]).addcmul_(
+        xhat, (-1 / D * s3 * t6)[:, None]
+    )
     return layernorm_Grads(
         x=dx,
         gamma=dgamma,
@@ -115,12 +118,12 @@ def layernorm_backward_steps(grad_output, saved):
     # var <- var_inv
     dvar = -1 / 2 * dvar_inv * var_inv**3
     # diff <- var
-    ddiff = ddiff + 2 * diff * dvar / D
+    ddiff = ddiff + (2 / D * dvar[:, 0])[:, None] * diff
     # x <- diff
     dx = ddiff
-    t4 = ddiff.sum(1)
+    t6 = ddiff.sum(1)
     # mean <- diff
-    dmean = -t4[:, None]
+    dmean = -t6[:, None]
     # x <- mean
     dx = dx + (dmean[:, 0] / D)[:, None].expand(N, D)
     return {

@@ -55,7 +55,7 @@ def log_softmax_backward(grad_output, saved):
         raise ValueError("log_softmax: grad_output is required for a non-scalar output")
     dout = grad_output
     t1 = dout.sum(1)
-    dx = dout - e * t1[:, None] / total
+    dx = (e * (-t1 / total[:, 0])[:, None]).add_(dout)
     return log_softmax_Grads(
         x=dx,
     )

@@ -52,7 +52,7 @@ def logsumexp_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("logsumexp: grad_output is required for a non-scalar output")
     dout = grad_output
-    dx = dout * e / total
+    dx = (dout[:, 0] / total[:, 0])[:, None] * e
     return logsumexp_Grads(
         x=dx,
     )

@@ -200,22 +200,23 @@ def makemore_mlp_backward(grad_output, saved):
     probs = saved["probs"]
     V = saved["V"]
     E = saved["E"]
-    K = saved["K"]
     N = saved["N"]
     T = saved["T"]
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    t1 = dloss.new_zeros((N, K)).scatter_(1, Yb.unsqueeze(1), 1.0)
-    dlogits = dloss * (probs - t1) / N
+    s1 = dloss / N
+    dlogits = probs * s1
+    dlogits.scatter_add_(1, Yb.unsqueeze(1), (-s1).expand(N, 1))
     dh = dlogits @ W2.T
     dhpreact = dh * (1 - h**2)
-    t3 = dhpreact.sum(0)
-    t4 = (bnraw * dhpreact).sum(0)
-    dhprebn = bngain * bnvar_inv * (-bnraw * t4 / (N - 1) + dhpreact - t3 / N)
+    t4 = dhpreact.sum(0)
+    t6 = (bnraw * dhpreact).sum(0)
+    s3 = bngain[0, :] * bnvar_inv[0, :]
+    dhprebn = torch.addcmul(-1 / N * s3 * t4, dhpreact, s3).addcmul_(bnraw, -1 / (N - 1) * s3 * t6)
     dembcat = dhprebn @ W1.T
-    dbnbias = t3[None, :]
-    dbngain = t4[None, :]
+    dbnbias = t4[None, :]
+    dbngain = t6[None, :]
     db2 = dlogits.sum(0)
     dW2 = h.T @ dlogits
     db1 = dhprebn.sum(0)
@@ -262,14 +263,14 @@ def makemore_mlp_backward_steps(grad_output, saved):
     dloss = grad_output
     t1 = dloss.new_zeros((N, K)).scatter_(1, Yb.unsqueeze(1), 1.0)
     # logprobs <- loss
-    dlogprobs = -dloss * t1 / N
+    dlogprobs = -dloss / N * t1
     # probs <- logprobs
     dprobs = dlogprobs / probs
     # counts <- probs
     dcounts = counts_sum_inv * dprobs
-    t2 = (counts * dprobs).sum(1)
+    t3 = (counts * dprobs).sum(1)
     # counts_sum_inv <- probs
-    dcounts_sum_inv = t2[:, None]
+    dcounts_sum_inv = t3[:, None]
     # counts_sum <- counts_sum_inv
     dcounts_sum = -(counts_sum_inv**2) * dcounts_sum_inv
     # counts <- counts_sum
@@ -278,37 +279,37 @@ def makemore_mlp_backward_steps(grad_output, saved):
     dnorm_logits = counts * dcounts
     # logits <- norm_logits
     dlogits = dnorm_logits
-    t3 = dnorm_logits.sum(1)
+    t4 = dnorm_logits.sum(1)
     # logit_maxes <- norm_logits
-    dlogit_maxes = -t3[:, None]
-    t4 = logits.argmax(1)
-    t5 = dloss.new_zeros((N, K)).scatter_(1, t4.unsqueeze(1), 1.0)
+    dlogit_maxes = -t4[:, None]
+    t5 = logits.argmax(1)
+    t6 = dloss.new_zeros((N, K)).scatter_(1, t5.unsqueeze(1), 1.0)
     # logits <- logit_maxes
-    dlogits = dlogits + dlogit_maxes * t5
-    t6 = h.T @ dlogits
+    dlogits = dlogits + dlogit_maxes * t6
+    t7 = h.T @ dlogits
     # W2 <- logits
-    dW2 = t6
-    t7 = dlogits.sum(0)
+    dW2 = t7
+    t8 = dlogits.sum(0)
     # b2 <- logits
-    db2 = t7
-    t8 = dlogits @ W2.T
+    db2 = t8
+    t9 = dlogits @ W2.T
     # h <- logits
-    dh = t8
+    dh = t9
     # hpreact <- h
     dhpreact = dh * (1 - h**2)
-    t9 = (bnraw * dhpreact).sum(0)
+    t10 = (bnraw * dhpreact).sum(0)
     # bngain <- hpreact
-    dbngain = t9[None, :]
-    t10 = dhpreact.sum(0)
+    dbngain = t10[None, :]
+    t11 = dhpreact.sum(0)
     # bnbias <- hpreact
-    dbnbias = t10[None, :]
+    dbnbias = t11[None, :]
     # bnraw <- hpreact
     dbnraw = bngain * dhpreact
     # bndiff <- bnraw
     dbndiff = bnvar_inv * dbnraw
-    t11 = (bndiff * dbnraw).sum(0)
+    t12 = (bndiff * dbnraw).sum(0)
     # bnvar_inv <- bnraw
-    dbnvar_inv = t11[None, :]
+    dbnvar_inv = t12[None, :]
     # bnvar <- bnvar_inv
     dbnvar = -1 / 2 * bnvar_inv**3 * dbnvar_inv
     # bndiff2 <- bnvar
@@ -317,25 +318,25 @@ def makemore_mlp_backward_steps(grad_output, saved):
     dbndiff = dbndiff + 2 * bndiff * dbndiff2
     # hprebn <- bndiff
     dhprebn = dbndiff
-    t12 = dbndiff.sum(0)
+    t13 = dbndiff.sum(0)
     # bnmeani <- bndiff
-    dbnmeani = -t12[None]
+    dbnmeani = -t13[None]
     # hprebn <- bnmeani
     dhprebn = dhprebn + (dbnmeani[0, :] / N)[None].expand(N, J)
-    t13 = embcat.T @ dhprebn
+    t14 = embcat.T @ dhprebn
     # W1 <- hprebn
-    dW1 = t13
-    t14 = dhprebn.sum(0)
+    dW1 = t14
+    t15 = dhprebn.sum(0)
     # b1 <- hprebn
-    db1 = t14
-    t15 = dhprebn @ W1.T
+    db1 = t15
+    t16 = dhprebn @ W1.T
     # embcat <- hprebn
-    dembcat = t15
+    dembcat = t16
     # emb <- embcat
     demb = dembcat.reshape(N, T, E)
-    t16 = dloss.new_zeros((V, E)).index_add_(0, Xb.reshape(-1), demb.reshape(-1, E))
+    t17 = dloss.new_zeros((V, E)).index_add_(0, Xb.reshape(-1), demb.reshape(-1, E))
     # C <- emb
-    dC = t16
+    dC = t17
     return {
         "C": dC,
         "W1": dW1,
@@ -380,7 +381,6 @@ _BACKWARD_KEYS = (
     "probs",
     "V",
     "E",
-    "K",
     "N",
     "T",
 )

@@ -66,8 +66,9 @@ def rmsnorm_backward(grad_output, saved):
         raise ValueError("rmsnorm: grad_output is required for a non-scalar output")
     dout = grad_output
     dgamma = (dout * xhat).sum(0)
-    t2 = (dout * out).sum(1)
-    dx = rms_inv * (dout * gamma - t2[:, None] * xhat / D)
+    t3 = (dout * out).sum(1)
+    s2 = rms_inv[:, 0]
+    dx = (dout * (gamma * s2[:, None])).addcmul_(xhat, (-1 / D * s2 * t3)[:, None])
     return rmsnorm_Grads(
         x=dx,
         gamma=dgamma,
@@ -98,7 +99,7 @@ def rmsnorm_backward_steps(grad_output, saved):
     # ms <- rms_inv
     dms = -1 / 2 * drms_inv * rms_inv**3
     # x <- ms
-    dx = dx + 2 * dms * x / D
+    dx = dx + (2 / D * dms[:, 0])[:, None] * x
     return {
         "x": dx,
         "gamma": dgamma,
