@@ -144,5 +144,5 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
     elif not args.quiet:
         print(api.report_text(result, fmt, small=args.small), end="")
     if fmt != "json":
-        print(api.summary_line(result, total))
+        print(("% " if fmt == "latex" else "") + api.summary_line(result, total))
     return 0 if result.verification is None or result.verification.ok else 1

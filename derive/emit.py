@@ -162,6 +162,12 @@ def render(d: Derivation, command: str | None = None) -> str:
             f'        grad_output = torch.ones_like(saved["{out.name}"])\n'
             f"    {seed} = grad_output"
         )
+    # the forward keeps what the fused backward reads, plus the inputs (references, no copies)
+    # so that the atom-by-atom chain can recompute what only it needs
+    wanted = set(_used(code.backward, keys)) | {t.name for t in program.inputs} | set(size_vars)
+    wanted |= {p.name for p in program.params} | ({out.name} if not out.layout else set())
+    kept = [k for k in dict.fromkeys([t.name for t in program.inputs] + keys) if k in wanted]
+    steps_only = [k for k in _used(code.backward_steps, keys) if k not in wanted]
     source = (
         _environment()
         .get_template("module.py.j2")
@@ -171,16 +177,23 @@ def render(d: Derivation, command: str | None = None) -> str:
             name=program.name,
             grads=[t.name for t in program.differentiable_inputs],
             signature=signature,
+            forward_signature=", ".join([t.name for t in program.inputs] + ["*"] + params + ["_keep_all=False"]),
             prologue=prologue(d),
-        annotated=", ".join([f"{t.name}: torch.Tensor" for t in program.inputs] + [f"{p.name}: float" for p in program.params]),
-        n_inputs=len(program.inputs),
-        param_names=[p.name for p in program.params],
+            annotated=", ".join(
+                [f"{t.name}: torch.Tensor" for t in program.inputs] + [f"{p.name}: float" for p in program.params]
+            ),
+            n_inputs=len(program.inputs),
+            param_names=[p.name for p in program.params],
             positional=", ".join([t.name for t in program.inputs] + [p.name for p in program.params]),
             call_args=", ".join([t.name for t in program.inputs] + [f"{p.name}={p.name}" for p in program.params]),
             backward_returns=[f"grads.{t.name}" if not t.is_int else "None" for t in program.inputs]
             + ["None"] * len(program.params),
             forward=code.forward,
-            saved=keys,
+            saved=kept,
+            steps_only=steps_only,
+            recompute_args=", ".join(
+                [f'saved["{t.name}"]' for t in program.inputs] + [f'{p.name}=saved["{p.name}"]' for p in program.params]
+            ),
             output=program.output,
             unpack=_used(code.backward, keys),
             unpack_steps=_used(code.backward_steps, keys),

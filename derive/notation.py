@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import sympy
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
 from .indexalg import entry_indices, entry_name, is_entry
+
+_CONCRETE_ENTRY = re.compile(r"^(\w+)\[([\d,]+)\]$")
 
 
 class IndexStrPrinter(StrPrinter):
@@ -36,13 +40,21 @@ class IndexLatexPrinter(LatexPrinter):
             return f"{body}^{{{exp}}}" if exp else body
         return super()._print_Function(expr, exp)
 
+    def _print_Symbol(self, expr: sympy.Symbol, style: str = "plain") -> str:
+        # an entry at concrete indices, named like ``x[0,1]`` (the --small view): \mathrm{x}_{0,1}
+        m = _CONCRETE_ENTRY.match(expr.name)
+        if m:
+            name = m.group(1).replace("_", r"\_")
+            return rf"\mathrm{{{name}}}_{{{m.group(2)}}}"
+        return super()._print_Symbol(expr, style)
+
     def _print_KroneckerDelta(self, expr: sympy.Expr, exp: str | None = None) -> str:
         body = rf"\delta_{{{self._print(expr.args[0])},{self._print(expr.args[1])}}}"
         return f"{body}^{{{exp}}}" if exp else body
 
 
 _TEXT = IndexStrPrinter()
-_LATEX = IndexLatexPrinter()
+_LATEX = IndexLatexPrinter({"mul_symbol": "dot"})
 
 
 def text(e: sympy.Basic) -> str:

@@ -52,7 +52,7 @@ def _lhs(style: Style, info: TensorInfo, prefix: str = "") -> str:
 def _eq(style: Style, lhs: str, rhs: str, op: str = "=") -> str:
     if style is TEXT:
         return f"{lhs} {op} {rhs}"
-    latex_op = {"=": "=", "+=": "\\mathrel{+}="}[op]
+    latex_op = {"=": "=", "+=": r"\;{+}{=}\;"}[op]
     return style.math(f"{lhs} {latex_op} {rhs}")
 
 
@@ -117,12 +117,12 @@ def chain_section(d: Derivation, style: Style) -> list[str]:
                 if style is TEXT
                 else _eq(style, _lhs(style, c.source.target), style.expr(c.source.expr))
             )
+        source_name = c.source.name.replace("_", r"\_")
+        target_entry = style.expr(sympy.Function(c.target.name)(*c.indices))
         local_lhs = (
-            f"∂{c.source.name}/∂{style.expr(sympy.Function(c.target.name)(*c.indices))}"
+            f"∂{c.source.name}/∂{target_entry}"
             if style is TEXT
-            else rf"\frac{{\partial \mathrm{{{c.source.name}}}}}{{\partial {style.expr(sympy.Function(c.target.name)(*c.indices))}}}".replace(
-                "_", r"\_"
-            )
+            else rf"\frac{{\partial \mathrm{{{source_name}}}}}{{\partial {target_entry}}}"
         )
         result = _eq(style, _lhs(style, c.target, "d"), style.expr(step.result), "+=")
         if style is TEXT:
@@ -198,10 +198,17 @@ def small_section(d: Derivation, style: Style, size: int = 2) -> list[str]:
     lines = [style.heading(f"3b. The same gradients by hand, on a small index set ({size_text})")]
     for g in d.gradients:
         lines.append("")
-        lines.append(_wrap(f"  general:  {_lhs(style, g.wrt, 'd')} = {style.expr(g.result)}", 12))
-        for combo, value in concrete_entries(g.result, g.wrt, sizes):
+        entries = concrete_entries(g.result, g.wrt, sizes)
+        if style is TEXT:
+            lines.append(_wrap(f"  general:  {_lhs(style, g.wrt, 'd')} = {style.expr(g.result)}", 12))
+            for combo, value in entries:
+                name = f"d{g.wrt.name}[{','.join(map(str, combo))}]" if combo else f"d{g.wrt.name}"
+                lines.append(_wrap(f"    {name} = {style.expr(value)}", 8))
+            continue
+        lines.append(style.math(f"{_lhs(style, g.wrt, 'd')} = {style.expr(g.result)}"))
+        for combo, value in entries:
             name = f"d{g.wrt.name}[{','.join(map(str, combo))}]" if combo else f"d{g.wrt.name}"
-            lines.append(_wrap(f"    {name} = {style.expr(value)}", 8))
+            lines.append(style.math(f"{notation.latex(sympy.Symbol(name))} = {style.expr(value)}"))
     return lines
 
 
@@ -237,6 +244,8 @@ def verification_section(v: Verification, sizes: dict[str, int], style: Style) -
     if v.exact:
         parts = ", ".join(f"{name}: {status}" for name, status in v.exact)
         lines.append(_wrap(f"  exact check (forward expanded at sizes 2-3, differentiated directly): {parts}", 4))
+    if style is MARKDOWN:  # preformatted, or Markdown runs the table's lines together into one paragraph
+        return [lines[0], "```text", *lines[1:], "```"]
     return lines
 
 
@@ -254,6 +263,8 @@ def header(d: Derivation, style: Style) -> list[str]:
     lines.append(f"  output:  {program.output} [{program.tensors[program.output].shape_text()}]")
     for note in d.notes:
         lines.append(_wrap(f"  note:    {note}", 11))
+    if style is MARKDOWN:
+        return [f"## derive: {program.name}", "", "```text", *lines[1:], "```"]
     return lines
 
 
@@ -277,6 +288,11 @@ def render(
     lines.append(f"  {written}" if written else "  (not written)")
     if verification is not None:
         lines += verification_section(verification, sizes or {}, style)
+    if style is LATEX:  # all but the displays as % comments, so the output pastes into a .tex file
+        lines = [
+            line if not line.strip() or line.lstrip().startswith(("%", "\\[")) else f"% {line}"
+            for line in "\n".join(lines).splitlines()
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -406,7 +406,12 @@ class SumIdentities:
         if value.is_number:
             from .notation import text
 
-            self.found[name] = f"Σ_{node.var} {text(node.body)} = {value}"
+            indices = list(entry_indices(node.body))
+            if node.var in indices:  # state the identity on the tensor's own indices
+                canonical = stmt.target.indices[indices.index(node.var)]
+                self.found[name] = f"Σ_{canonical} {text(stmt.target.at())} = {value}"
+            else:
+                self.found[name] = f"{text(node)} = {value}"
             return value
         return node
 

@@ -256,7 +256,7 @@ class _Interpreter:
                 value = value * self.size(a) + self.index(a, env)  # type: ignore[arg-type]
             return value
         value = self.eval(e, env)
-        return int(value)
+        return int(value) if value.is_Integer else value  # symbolic: an integer input's entry (``--small``)
 
     def eval(self, e: sympy.Expr, env: dict[sympy.Symbol, int]) -> sympy.Expr:
         if is_entry(e):
@@ -271,7 +271,10 @@ class _Interpreter:
             nums = [float(v) for v in vals]
             return sympy.Integer(nums.index(max(nums)))
         if isinstance(e, sympy.KroneckerDelta):
-            return sympy.S.One if self.index(e.args[0], env) == self.index(e.args[1], env) else sympy.S.Zero
+            a, b = self.index(e.args[0], env), self.index(e.args[1], env)
+            if isinstance(a, int) and isinstance(b, int):
+                return sympy.S.One if a == b else sympy.S.Zero
+            return sympy.KroneckerDelta(a, b)
         if e.is_Symbol:
             if is_index(e):
                 return sympy.Integer(env[e])  # type: ignore[index]

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = ("diff",)
+
 
 class batchnorm_Grads(NamedTuple):
     """Gradients of the output of `batchnorm` w.r.t. each differentiable input."""
@@ -27,8 +29,12 @@ class batchnorm_Grads(NamedTuple):
     beta: torch.Tensor
 
 
-def batchnorm_forward(x, gamma, beta, *, eps=1e-05):
-    """Forward pass of `batchnorm`: returns (output, saved) where saved feeds the backward."""
+def batchnorm_forward(x, gamma, beta, *, eps=1e-05, _keep_all=False):
+    """Forward pass of `batchnorm`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if x.dim() != 2:
         raise ValueError(f"batchnorm: x must be [N, D], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -58,14 +64,21 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-05):
     xhat = diff * var_inv
     out = beta + gamma * xhat
     saved = {
+        "x": x,
         "gamma": gamma,
-        "diff": diff,
+        "beta": beta,
         "var_inv": var_inv,
         "xhat": xhat,
         "N": N,
         "D": D,
         "eps": eps,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads
+        saved.update(
+            {
+                "diff": diff,
+            }
+        )
     return out, saved
 
 
@@ -91,6 +104,11 @@ def batchnorm_backward(grad_output, saved):
 
 def batchnorm_backward_steps(grad_output, saved):
     """Atom-by-atom chain rule of `batchnorm`: the gradient of every named tensor, by name."""
+    if any(key not in saved for key in _STEPS_ONLY_KEYS):
+        # the forward kept only what the fused backward reads: recompute the rest
+        _, saved = batchnorm_forward(
+            saved["x"], saved["gamma"], saved["beta"], eps=saved["eps"], _keep_all=True
+        )
     gamma = saved["gamma"]
     diff = saved["diff"]
     var_inv = saved["var_inv"]

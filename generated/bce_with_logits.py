@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = ()
+
 
 class bce_with_logits_Grads(NamedTuple):
     """Gradients of the output of `bce_with_logits` w.r.t. each differentiable input."""
@@ -21,8 +23,12 @@ class bce_with_logits_Grads(NamedTuple):
     y: torch.Tensor
 
 
-def bce_with_logits_forward(z, y):
-    """Forward pass of `bce_with_logits`: returns (output, saved) where saved feeds the backward."""
+def bce_with_logits_forward(z, y, *, _keep_all=False):
+    """Forward pass of `bce_with_logits`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if z.dim() != 2:
         raise ValueError(f"bce_with_logits: z must be [N, D], got shape {tuple(z.shape)}")
     if not z.is_floating_point():

@@ -18,6 +18,11 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = (
+    "counts",
+    "counts_sum_inv",
+)
+
 
 class cross_entropy_Grads(NamedTuple):
     """Gradients of the output of `cross_entropy` w.r.t. each differentiable input."""
@@ -25,8 +30,12 @@ class cross_entropy_Grads(NamedTuple):
     logits: torch.Tensor
 
 
-def cross_entropy_forward(logits, target):
-    """Forward pass of `cross_entropy`: returns (output, saved) where saved feeds the backward."""
+def cross_entropy_forward(logits, target, *, _keep_all=False):
+    """Forward pass of `cross_entropy`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy: logits must be [N, C], got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
@@ -57,13 +66,18 @@ def cross_entropy_forward(logits, target):
     saved = {
         "logits": logits,
         "target": target,
-        "counts": counts,
-        "counts_sum_inv": counts_sum_inv,
         "probs": probs,
         "N": N,
         "C": C,
         "loss": loss,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads
+        saved.update(
+            {
+                "counts": counts,
+                "counts_sum_inv": counts_sum_inv,
+            }
+        )
     return loss, saved
 
 
@@ -85,6 +99,9 @@ def cross_entropy_backward(grad_output, saved):
 
 def cross_entropy_backward_steps(grad_output, saved):
     """Atom-by-atom chain rule of `cross_entropy`: the gradient of every named tensor, by name."""
+    if any(key not in saved for key in _STEPS_ONLY_KEYS):
+        # the forward kept only what the fused backward reads: recompute the rest
+        _, saved = cross_entropy_forward(saved["logits"], saved["target"], _keep_all=True)
     logits = saved["logits"]
     target = saved["target"]
     counts = saved["counts"]

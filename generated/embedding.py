@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = ()
+
 
 class embedding_Grads(NamedTuple):
     """Gradients of the output of `embedding` w.r.t. each differentiable input."""
@@ -18,8 +20,12 @@ class embedding_Grads(NamedTuple):
     C: torch.Tensor
 
 
-def embedding_forward(C, X):
-    """Forward pass of `embedding`: returns (output, saved) where saved feeds the backward."""
+def embedding_forward(C, X, *, _keep_all=False):
+    """Forward pass of `embedding`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if C.dim() != 2:
         raise ValueError(f"embedding: C must be [V, E], got shape {tuple(C.shape)}")
     if not C.is_floating_point():
@@ -34,6 +40,7 @@ def embedding_forward(C, X):
     T = X.shape[1]
     emb = C[X, :]
     saved = {
+        "C": C,
         "X": X,
         "V": V,
         "E": E,

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = ()
+
 
 class linear_Grads(NamedTuple):
     """Gradients of the output of `linear` w.r.t. each differentiable input."""
@@ -22,8 +24,12 @@ class linear_Grads(NamedTuple):
     b: torch.Tensor
 
 
-def linear_forward(x, W, b):
-    """Forward pass of `linear`: returns (output, saved) where saved feeds the backward."""
+def linear_forward(x, W, b, *, _keep_all=False):
+    """Forward pass of `linear`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if x.dim() != 2:
         raise ValueError(f"linear: x must be [N, I], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -48,6 +54,7 @@ def linear_forward(x, W, b):
     saved = {
         "x": x,
         "W": W,
+        "b": b,
         "N": N,
         "I": I,
         "O": O,

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = ()
+
 
 class log_softmax_Grads(NamedTuple):
     """Gradients of the output of `log_softmax` w.r.t. each differentiable input."""
@@ -22,8 +24,12 @@ class log_softmax_Grads(NamedTuple):
     x: torch.Tensor
 
 
-def log_softmax_forward(x):
-    """Forward pass of `log_softmax`: returns (output, saved) where saved feeds the backward."""
+def log_softmax_forward(x, *, _keep_all=False):
+    """Forward pass of `log_softmax`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if x.dim() != 2:
         raise ValueError(f"log_softmax: x must be [N, D], got shape {tuple(x.shape)}")
     if not x.is_floating_point():

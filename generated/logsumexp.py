@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = ()
+
 
 class logsumexp_Grads(NamedTuple):
     """Gradients of the output of `logsumexp` w.r.t. each differentiable input."""
@@ -21,8 +23,12 @@ class logsumexp_Grads(NamedTuple):
     x: torch.Tensor
 
 
-def logsumexp_forward(x):
-    """Forward pass of `logsumexp`: returns (output, saved) where saved feeds the backward."""
+def logsumexp_forward(x, *, _keep_all=False):
+    """Forward pass of `logsumexp`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if x.dim() != 2:
         raise ValueError(f"logsumexp: x must be [N, D], got shape {tuple(x.shape)}")
     if not x.is_floating_point():

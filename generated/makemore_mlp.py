@@ -41,6 +41,13 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = (
+    "bndiff",
+    "logits",
+    "counts",
+    "counts_sum_inv",
+)
+
 
 class makemore_mlp_Grads(NamedTuple):
     """Gradients of the output of `makemore_mlp` w.r.t. each differentiable input."""
@@ -54,8 +61,12 @@ class makemore_mlp_Grads(NamedTuple):
     bnbias: torch.Tensor
 
 
-def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05):
-    """Forward pass of `makemore_mlp`: returns (output, saved) where saved feeds the backward."""
+def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05, _keep_all=False):
+    """Forward pass of `makemore_mlp`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if C.dim() != 2:
         raise ValueError(f"makemore_mlp: C must be [V, E], got shape {tuple(C.shape)}")
     if not C.is_floating_point():
@@ -160,19 +171,19 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
     t7 = logprobs[torch.arange(N, device=logprobs.device), Yb].sum()
     loss = -t7 / N
     saved = {
+        "C": C,
         "W1": W1,
+        "b1": b1,
         "W2": W2,
+        "b2": b2,
         "bngain": bngain,
+        "bnbias": bnbias,
         "Xb": Xb,
         "Yb": Yb,
         "embcat": embcat,
-        "bndiff": bndiff,
         "bnvar_inv": bnvar_inv,
         "bnraw": bnraw,
         "h": h,
-        "logits": logits,
-        "counts": counts,
-        "counts_sum_inv": counts_sum_inv,
         "probs": probs,
         "V": V,
         "E": E,
@@ -183,6 +194,15 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
         "eps": eps,
         "loss": loss,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads
+        saved.update(
+            {
+                "bndiff": bndiff,
+                "logits": logits,
+                "counts": counts,
+                "counts_sum_inv": counts_sum_inv,
+            }
+        )
     return loss, saved
 
 
@@ -237,6 +257,21 @@ def makemore_mlp_backward(grad_output, saved):
 
 def makemore_mlp_backward_steps(grad_output, saved):
     """Atom-by-atom chain rule of `makemore_mlp`: the gradient of every named tensor, by name."""
+    if any(key not in saved for key in _STEPS_ONLY_KEYS):
+        # the forward kept only what the fused backward reads: recompute the rest
+        _, saved = makemore_mlp_forward(
+            saved["C"],
+            saved["W1"],
+            saved["b1"],
+            saved["W2"],
+            saved["b2"],
+            saved["bngain"],
+            saved["bnbias"],
+            saved["Xb"],
+            saved["Yb"],
+            eps=saved["eps"],
+            _keep_all=True,
+        )
     W1 = saved["W1"]
     W2 = saved["W2"]
     bngain = saved["bngain"]

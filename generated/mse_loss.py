@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = ()
+
 
 class mse_loss_Grads(NamedTuple):
     """Gradients of the output of `mse_loss` w.r.t. each differentiable input."""
@@ -21,8 +23,12 @@ class mse_loss_Grads(NamedTuple):
     y: torch.Tensor
 
 
-def mse_loss_forward(x, y):
-    """Forward pass of `mse_loss`: returns (output, saved) where saved feeds the backward."""
+def mse_loss_forward(x, y, *, _keep_all=False):
+    """Forward pass of `mse_loss`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if x.dim() != 2:
         raise ValueError(f"mse_loss: x must be [N, D], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -45,6 +51,8 @@ def mse_loss_forward(x, y):
     t1 = (diff**2).sum()
     loss = t1 / (D * N)
     saved = {
+        "x": x,
+        "y": y,
         "diff": diff,
         "N": N,
         "D": D,

@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = ()
+
 
 class relu_Grads(NamedTuple):
     """Gradients of the output of `relu` w.r.t. each differentiable input."""
@@ -18,8 +20,12 @@ class relu_Grads(NamedTuple):
     x: torch.Tensor
 
 
-def relu_forward(x):
-    """Forward pass of `relu`: returns (output, saved) where saved feeds the backward."""
+def relu_forward(x, *, _keep_all=False):
+    """Forward pass of `relu`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if x.dim() != 2:
         raise ValueError(f"relu: x must be [N, D], got shape {tuple(x.shape)}")
     if not x.is_floating_point():

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = ()
+
 
 class rmsnorm_Grads(NamedTuple):
     """Gradients of the output of `rmsnorm` w.r.t. each differentiable input."""
@@ -23,8 +25,12 @@ class rmsnorm_Grads(NamedTuple):
     gamma: torch.Tensor
 
 
-def rmsnorm_forward(x, gamma, *, eps=1e-06):
-    """Forward pass of `rmsnorm`: returns (output, saved) where saved feeds the backward."""
+def rmsnorm_forward(x, gamma, *, eps=1e-06, _keep_all=False):
+    """Forward pass of `rmsnorm`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if x.dim() != 2:
         raise ValueError(f"rmsnorm: x must be [N, D], got shape {tuple(x.shape)}")
     if not x.is_floating_point():

@@ -14,6 +14,11 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = (
+    "e",
+    "total",
+)
+
 
 class softmax_Grads(NamedTuple):
     """Gradients of the output of `softmax` w.r.t. each differentiable input."""
@@ -21,8 +26,12 @@ class softmax_Grads(NamedTuple):
     x: torch.Tensor
 
 
-def softmax_forward(x):
-    """Forward pass of `softmax`: returns (output, saved) where saved feeds the backward."""
+def softmax_forward(x, *, _keep_all=False):
+    """Forward pass of `softmax`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if x.dim() != 2:
         raise ValueError(f"softmax: x must be [N, D], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -37,12 +46,17 @@ def softmax_forward(x):
     out = e / total
     saved = {
         "x": x,
-        "e": e,
-        "total": total,
         "out": out,
         "N": N,
         "D": D,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads
+        saved.update(
+            {
+                "e": e,
+                "total": total,
+            }
+        )
     return out, saved
 
 
@@ -61,6 +75,9 @@ def softmax_backward(grad_output, saved):
 
 def softmax_backward_steps(grad_output, saved):
     """Atom-by-atom chain rule of `softmax`: the gradient of every named tensor, by name."""
+    if any(key not in saved for key in _STEPS_ONLY_KEYS):
+        # the forward kept only what the fused backward reads: recompute the rest
+        _, saved = softmax_forward(saved["x"], _keep_all=True)
     x = saved["x"]
     e = saved["e"]
     total = saved["total"]

@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = ()
+
 
 class softplus_Grads(NamedTuple):
     """Gradients of the output of `softplus` w.r.t. each differentiable input."""
@@ -18,8 +20,12 @@ class softplus_Grads(NamedTuple):
     x: torch.Tensor
 
 
-def softplus_forward(x):
-    """Forward pass of `softplus`: returns (output, saved) where saved feeds the backward."""
+def softplus_forward(x, *, _keep_all=False):
+    """Forward pass of `softplus`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if x.dim() != 2:
         raise ValueError(f"softplus: x must be [N, D], got shape {tuple(x.shape)}")
     if not x.is_floating_point():

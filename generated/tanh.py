@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+_STEPS_ONLY_KEYS = ()
+
 
 class tanh_Grads(NamedTuple):
     """Gradients of the output of `tanh` w.r.t. each differentiable input."""
@@ -18,8 +20,12 @@ class tanh_Grads(NamedTuple):
     x: torch.Tensor
 
 
-def tanh_forward(x):
-    """Forward pass of `tanh`: returns (output, saved) where saved feeds the backward."""
+def tanh_forward(x, *, _keep_all=False):
+    """Forward pass of `tanh`: returns (output, saved) where saved feeds the backward.
+
+    `saved` keeps what the fused backward reads (and references to the inputs);
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    """
     if x.dim() != 2:
         raise ValueError(f"tanh: x must be [N, D], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -28,6 +34,7 @@ def tanh_forward(x):
     D = x.shape[1]
     out = torch.tanh(x)
     saved = {
+        "x": x,
         "out": out,
         "N": N,
         "D": D,
