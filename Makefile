@@ -23,6 +23,9 @@ demo: $(READY)
 test: $(READY)
 	$(BIN)/python -m pytest
 	$(BIN)/python -m derive --check
+	$(BIN)/python -m ruff check derive tests benchmarks
+	$(BIN)/python -m black --check --quiet derive tests benchmarks
+	$(BIN)/python -m mypy derive
 
 check: $(READY)
 	$(BIN)/python -m derive --check

@@ -414,7 +414,8 @@ class Lowerer:
 
     def _gather(self, code: str, idx: list[sympy.Basic], is_int: bool) -> Val:
         """Advanced indexing: gathered axes take integer tensors, shared indices take aranges."""
-        base = re.match(r"[A-Za-z_][A-Za-z_0-9]*", code).group(0)  # the tensor's variable, for its device
+        match = re.match(r"[A-Za-z_][A-Za-z_0-9]*", code)
+        base = match.group(0) if match else code  # the tensor's variable, for its device
         gathered = [self.lower(i) for i in idx if not is_index(i)]
         gather_axes: list[sympy.Symbol] = []
         for g in gathered:

@@ -28,7 +28,7 @@ from typing import Any
 import sympy
 
 from .errors import NotDifferentiableError, OpDefinitionError
-from .indexalg import ArgMax, Dim, Flat, IMax, ISum, entry, fresh_index
+from .indexalg import Dim, Flat, IMax, ISum, entry, fresh_index
 from .program import Layout, Param, Program, Statement, TensorInfo
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
