@@ -54,12 +54,26 @@ class RunResult:
 
 
 def default_out() -> Path:
-    """The ``generated/`` folder next to the ``derive`` package (the repository's)."""
+    """The ``generated/`` folder next to the ``derive`` package (the repository's).
+
+    Example:
+        >>> default_out().name
+        'generated'
+    """
     return PACKAGE_OUT
 
 
 def resolve(spec: str) -> Op:
-    """A catalogue name, or ``PATH.py:FUNCTION`` for an op in the user's own file."""
+    """A catalogue name, or ``PATH.py:FUNCTION`` for an op in the user's own file.
+
+    Example:
+        >>> resolve("batchnorm").name
+        'batchnorm'
+        >>> resolve("batchnrom")
+        Traceback (most recent call last):
+        ...
+        derive.errors.UnknownOpError: unknown op 'batchnrom'; did you mean batchnorm, batchnorm_biased?
+    """
     if ":" in spec:
         path_text, _, func = spec.rpartition(":")
         return load_user_op(Path(path_text), func)
@@ -72,7 +86,19 @@ def resolve(spec: str) -> Op:
 
 
 def load_user_op(path: Path, func: str) -> Op:
-    """Import ``path`` and return its ``@op``-declared function ``func``."""
+    """Import ``path`` and return its ``@op``-declared function ``func``.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "my_ops.py"
+        >>> _ = path.write_text("from derive import op\\n\\n@op(x='n d')\\ndef double(x):\\n    out = 2 * x\\n    return out\\n")
+        >>> load_user_op(path, "double").name
+        'double'
+        >>> load_user_op(path, "dubble")
+        Traceback (most recent call last):
+        ...
+        derive.errors.UnknownOpError: .../my_ops.py has no function 'dubble'; did you mean double?
+    """
     if path.suffix != ".py":
         raise UnknownOpError(f"'{path}' is not a .py file (expected PATH.py:FUNCTION)")
     if not path.is_file():
@@ -108,7 +134,12 @@ def _user_frame(exc: BaseException, path: Path) -> str:
 
 
 def derive_op(the_op: Op) -> Derivation:
-    """Run the pipeline, turning an exception raised by the user's own op code into one line."""
+    """Run the pipeline, turning an exception raised by the user's own op code into one line.
+
+    Example:
+        >>> sorted(g.wrt.name for g in derive_op(resolve("linear")).gradients)
+        ['W', 'b', 'x']
+    """
     try:
         return derive(the_op)
     except DeriveError:
@@ -130,7 +161,12 @@ _SAFE_SPEC = re.compile(r"^[A-Za-z0-9_./:+\- ]+$")
 
 
 def spec_of(the_op: Op, spec: str | None = None) -> str:
-    """The command-line spelling of an op, as written in the generated header (never code)."""
+    """The command-line spelling of an op, as written in the generated header (never code).
+
+    Example:
+        >>> spec_of(resolve("tanh")), spec_of(resolve("tanh"), "my_ops.py:tanh")
+        ('tanh', 'my_ops.py:tanh')
+    """
     if spec and not _SAFE_SPEC.match(spec):
         raise UnknownOpError(f"op path {spec!r} has characters that cannot go into a generated file header")
     return spec or the_op.name
@@ -144,7 +180,17 @@ def run(
     spec: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Derive, render, verify (in memory), then write atomically only if all went well."""
+    """Derive, render, verify (in memory), then write atomically only if all went well.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp())
+        >>> result = run(resolve("tanh"), out_dir=out)
+        >>> result.verification.ok, result.written, result.path.name
+        (True, True, 'tanh.py')
+        >>> run(resolve("tanh"), out_dir=out, verify=False).written  # same content: the file is left alone
+        False
+    """
     do_verify = verify
     say = progress or (lambda message: None)
     say(f"deriving {the_op.name} (trace, differentiate, simplify, lower)")
@@ -198,7 +244,12 @@ def generated_files(out_dir: Path | None = None) -> list[Path]:
 
 
 def check(out_dir: Path | None = None, progress: Callable[[str], None] | None = None) -> list[str]:
-    """Files in ``generated/`` that differ from what the tool writes now (each with a reason)."""
+    """Files in ``generated/`` that differ from what the tool writes now (each with a reason).
+
+    Example:
+        >>> generated_files(Path("no/such/folder"))
+        []
+    """
     out = out_dir or default_out()
     stale: list[str] = []
     init = out / "__init__.py"
@@ -245,7 +296,13 @@ def generate_all(out_dir: Path | None = None, progress: Callable[[str], None] | 
 
 
 def report_text(result: RunResult, fmt: str = "text", small: bool = False) -> str:
-    """The printed derivation of a run."""
+    """The printed derivation of a run.
+
+    Example:
+        >>> result = run(resolve("tanh"), write=False, verify=False)
+        >>> print(report_text(result).splitlines()[0])
+        derive · tanh
+    """
     written = ""
     if result.path is not None:
         state = "written" if result.written else "unchanged"
@@ -269,7 +326,13 @@ def _relative(path: Path) -> str:
 
 
 def to_json(result: RunResult, total: float) -> dict[str, Any]:
-    """A JSON-ready record of the derivation, its verification and timings, for other tools."""
+    """A JSON-ready record of the derivation, its verification and timings, for other tools.
+
+    Example:
+        >>> record = to_json(run(resolve("tanh"), write=False, verify=False), total=1.0)
+        >>> record["op"], record["inputs"], record["verification"]
+        ('tanh', [{'name': 'x', 'shape': 'N x D', 'integer': False}], None)
+    """
     import sympy
 
     d = result.derivation

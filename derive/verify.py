@@ -53,7 +53,15 @@ class Verification:
 
 
 def load_module(source: str, name: str) -> types.ModuleType:
-    """Execute generated source as a fresh module (what ``import generated.NAME`` would give)."""
+    """Execute generated source as a fresh module (what ``import generated.NAME`` would give).
+
+    Example:
+        >>> from derive import catalogue, derive
+        >>> from derive.emit import render
+        >>> module = load_module(render(derive(catalogue()["tanh"])), "tanh")
+        >>> module.__name__, callable(module.tanh_backward)
+        ('generated.tanh', True)
+    """
     module = types.ModuleType(f"generated.{name}")
     exec(compile(source, f"<generated {name}>", "exec"), module.__dict__)
     return module
@@ -61,7 +69,13 @@ def load_module(source: str, name: str) -> types.ModuleType:
 
 # -- inputs -----------------------------------------------------------------------------------
 def default_sizes(program: Program, base: int = 4) -> dict[str, int]:
-    """Distinct small sizes per plain dim (distinct sizes catch transposition bugs)."""
+    """Distinct small sizes per plain dim (distinct sizes catch transposition bugs).
+
+    Example:
+        >>> from derive import catalogue
+        >>> default_sizes(catalogue()["linear"].program())
+        {'n': 4, 'i': 5, 'o': 6}
+    """
     sizes: dict[str, int] = {}
     for k, d in enumerate(d for d in program.dims if not d.parts):
         sizes[d.name] = base + k
@@ -69,7 +83,13 @@ def default_sizes(program: Program, base: int = 4) -> dict[str, int]:
 
 
 def index_ranges(program: Program) -> dict[str, str]:
-    """For each integer input, the dim its values index (from the gathers that use it)."""
+    """For each integer input, the dim its values index (from the gathers that use it).
+
+    Example:
+        >>> from derive import catalogue
+        >>> index_ranges(catalogue()["cross_entropy"].program()), index_ranges(catalogue()["embedding"].program())
+        ({'target': 'c'}, {'X': 'v'})
+    """
     out: dict[str, str] = {}
     tensors = program.tensors
     for stmt in program.statements:
@@ -98,7 +118,14 @@ def _dim_size(d: Any, sizes: dict[str, int]) -> int:
 def example_inputs(
     program: Program, sizes: dict[str, int], dtype: torch.dtype, seed: int = 0, device: str = "cpu"
 ) -> list[torch.Tensor]:
-    """Random inputs of the declared shapes; integer inputs within the range they index."""
+    """Random inputs of the declared shapes; integer inputs within the range they index.
+
+    Example:
+        >>> from derive import catalogue
+        >>> C, X = example_inputs(catalogue()["embedding"].program(), {"v": 5, "e": 3, "n": 2, "t": 4}, torch.float32)
+        >>> tuple(C.shape), tuple(X.shape), X.dtype, 0 <= int(X.min()) <= int(X.max()) < 5
+        ((5, 3), (2, 4), torch.int64, True)
+    """
     g = torch.Generator().manual_seed(seed)
     ranges = index_ranges(program)
     out = []
@@ -128,7 +155,15 @@ def _forward_function(d: Derivation) -> Any:
 def autograd_grads(
     d: Derivation, inputs: list[torch.Tensor], grad_output: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
-    """Autograd's gradient of every named tensor (``retain_grad`` on each intermediate)."""
+    """Autograd's gradient of every named tensor (``retain_grad`` on each intermediate).
+
+    Example:
+        >>> from derive import catalogue, derive
+        >>> d = derive(catalogue()["cross_entropy"])
+        >>> grads = autograd_grads(d, example_inputs(d.program, {"n": 4, "c": 5}, torch.float64), None)
+        >>> float(grads["logits"].sum(1).abs().max()) < 1e-15  # each row of dlogits sums to zero
+        True
+    """
     program = d.program
     leaves = [x.detach().clone().requires_grad_(not info.is_int) for x, info in zip(inputs, program.inputs)]
     values = _forward_function(d)(*leaves)
@@ -148,7 +183,12 @@ def autograd_grads(
 
 
 def compare(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float = 1e-5) -> Comparison:
-    """Shape, exact equality, allclose and max abs difference, as in the lecture's ``cmp``."""
+    """Shape, exact equality, allclose and max abs difference, as in the lecture's ``cmp``.
+
+    Example:
+        >>> compare("x", torch.ones(3), torch.ones(3) + 1e-7, atol=1e-6)
+        Comparison(name='x', shape_ok=True, exact=False, approx=True, max_abs_diff=1.19...e-07)
+    """
     shape_ok = tuple(got.shape) == tuple(want.shape)
     if not shape_ok:
         return Comparison(name, False, False, False, float("inf"))
@@ -184,7 +224,16 @@ def autograd_function(module: types.ModuleType, program: Program, params: dict[s
 def verify(
     d: Derivation, module: types.ModuleType, sizes: dict[str, int] | None = None, seed: int = 0, exact: bool = True
 ) -> Verification:
-    """Run all three checks on a generated module."""
+    """Run all three checks on a generated module.
+
+    Example:
+        >>> from derive import catalogue, derive
+        >>> from derive.emit import render
+        >>> d = derive(catalogue()["linear"])
+        >>> v = verify(d, load_module(render(d), "linear"))
+        >>> v.ok, v.gradcheck, v.exact
+        (True, True, [('x', 'exact'), ('W', 'exact'), ('b', 'exact')])
+    """
     program = d.program
     sizes = sizes or default_sizes(program)
     result = Verification()
@@ -320,6 +369,14 @@ def concrete_entries(
     """The first entries of ``target = expr`` at concrete small sizes, in terms of other tensors' entries.
 
     This is the by-hand view of a gradient: ``dW[0,1] = dout[0,1]*x[0,0] + dout[1,1]*x[1,0]``.
+
+    Example:
+        >>> from derive import catalogue, derive
+        >>> g = derive(catalogue()["linear"]).gradient("W")
+        >>> for combo, value in concrete_entries(g.result, g.wrt, {"n": 2, "i": 2, "o": 2}, limit=2):
+        ...     print(combo, value)
+        (0, 0) dout[0,0]*x[0,0] + dout[1,0]*x[1,0]
+        (0, 1) dout[0,1]*x[0,0] + dout[1,1]*x[1,0]
     """
     interp = _Interpreter(sizes, {})
     interp.values = _SymbolTable()
@@ -341,6 +398,11 @@ def exact_check(d: Derivation, size: int = 2, seed: int = 0) -> list[tuple[str, 
 
     Returns ``(input, status)`` where status is ``exact`` (equal as rational numbers),
     ``equal to 50 digits`` (transcendental values at a rational point), or ``FAILED``.
+
+    Example:
+        >>> from derive import catalogue, derive
+        >>> exact_check(derive(catalogue()["linear"]))
+        [('x', 'exact'), ('W', 'exact'), ('b', 'exact')]
     """
     program = d.program
     rng = random.Random(seed)
