@@ -206,12 +206,7 @@ class Lowerer:
         known: dict[str, Val] = {}
         common = {f for f in set(sympy.Mul.make_args(g)) & set(sympy.Mul.make_args(at)) if not f.is_number}
         if common and g != 0:
-            shared = sympy.Mul(*sorted(common, key=sympy.default_sort_key))
-            val = self._elementwise(shared)
-            var = self._temp(val.code, "s")
-            lines.append(self.lines.pop())
-            stand_in = sympy.Symbol(f"__val_{var}")
-            known[stand_in.name] = Val(var, val.axes)
+            shared, stand_in = self._share(common, lines, known)
             g, at = g / shared * stand_in, at / shared * stand_in
         axis = target.indices.index(v)
         if g == 0:
@@ -231,6 +226,21 @@ class Lowerer:
         lines.append(f"{name} = {dense}")
         lines.append(f"{name}.scatter_add_({axis}, {index}, {_atom(src_code)}.expand{src_shape})")
         return lines
+
+    def _share(
+        self, factors: set[sympy.Expr], lines: list[str], known: dict[str, Val]
+    ) -> tuple[sympy.Expr, sympy.Symbol]:
+        """Compute a factor common to several terms once, into a temporary ``s<k>``.
+
+        Returns the factor and the stand-in symbol that replaces it (registered in ``known``).
+        """
+        shared = sympy.Mul(*sorted(factors, key=sympy.default_sort_key))
+        val = self._elementwise(shared)
+        var = self._temp(val.code, "s")
+        lines.append(self.lines.pop())
+        stand_in = sympy.Symbol(f"__val_{var}")
+        known[stand_in.name] = Val(var, val.axes)
+        return shared, stand_in
 
     def _fused_terms(self, name: str, e: sympy.Expr, target: TensorInfo) -> list[str] | None:
         """A sum of terms ``F·s`` (F full-size, s small) as one allocation and in-place ``addcmul_``.
@@ -257,12 +267,7 @@ class Lowerer:
         common = set.intersection(*(set(sympy.Mul.make_args(S)) for _, S in full_terms))
         common = {f for f in common if tensor_names(f)}
         if common and len(full_terms) > 1:
-            shared = sympy.Mul(*sorted(common, key=sympy.default_sort_key))
-            val = self.lower(shared)
-            var = self._temp(val.code, "s")
-            lines.append(self.lines.pop())
-            stand_in = sympy.Symbol(f"__val_{var}")
-            known[stand_in.name] = Val(var, val.axes)
+            shared, stand_in = self._share(common, lines, known)
             full_terms = [(F, (S / shared) * stand_in) for F, S in full_terms]
             small = sympy.expand(small / shared) * stand_in if small != 0 else small
         acc = self.align(self._elementwise(small, known), target.indices) if small != 0 else None
