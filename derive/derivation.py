@@ -155,7 +155,9 @@ def lower_program(program: Program, chain: list[ChainStep], gradients: list[Grad
 
     sizes = _size_lines(program)
     fwd = Lowerer(layouts, ref=program.differentiable_inputs[0].name, names=set(layouts), single_assignment=True)
-    plain = Lowerer(layouts, ref=program.differentiable_inputs[0].name, names=set(layouts))
+    # the reference forward for autograd: every statement its own tensor (no shared temporaries,
+    # or retain_grad on one name would collect the gradients of its look-alikes)
+    plain = Lowerer(layouts, ref=program.differentiable_inputs[0].name, names=set(layouts), share=False)
     for stmt in program.statements:
         fwd.assign(stmt.name, stable_forward(stmt, list(program.statements)), stmt.target)
         plain.assign(stmt.name, stmt.expr, stmt.target)

@@ -72,15 +72,24 @@ class TorchCodePrinter(TorchPrinter):
         return repr(float(expr))
 
     def _print_Heaviside(self, expr: sympy.Expr) -> str:
-        # PyTorch's convention: the derivative of relu at 0 is 0
-        return f"({self._print(expr.args[0])} > 0)"
+        # PyTorch's conventions at a kink: relu'(0) = 0 (a value against a constant);
+        # torch.maximum(x, y) splits the gradient evenly at a tie (two values)
+        arg = expr.args[0]
+        code = self._print(arg)
+        ties_between_values = isinstance(arg, sympy.Add) and len([t for t in arg.args if not t.is_number]) >= 2
+        if ties_between_values:
+            return f"torch.heaviside({code}, torch.full_like({code}, 0.5))"
+        return f"({code} > 0)"
 
     def _print_Max(self, expr: sympy.Expr) -> str:
         a, b = expr.args[0], sympy.Max(*expr.args[1:])
-        if a.is_number:
-            return f"torch.clamp_min({self._print(b)}, {self._print(a)})"
-        if b.is_number:
-            return f"torch.clamp_min({self._print(a)}, {self._print(b)})"
+        if a.is_number and b.is_number:
+            return repr(float(expr))
+        if a.is_number or b.is_number:
+            value, bound = (b, a) if a.is_number else (a, b)
+            if bound == 0:
+                return f"torch.relu({self._print(value)})"  # relu's gradient at 0 is 0, as derived
+            return f"torch.clamp_min({self._print(value)}, {self._print(bound)})"
         return f"torch.maximum({self._print(a)}, {self._print(b)})"
 
     def _print_Min(self, expr: sympy.Expr) -> str:
@@ -127,11 +136,23 @@ class Lowerer:
     preferred: Axes = ()
     single_assignment: bool = False
     fuse_arithmetic: bool = False
+    share: bool = True
 
     # -- public ------------------------------------------------------------------------------
     def assign(self, name: str, e: sympy.Expr, target: TensorInfo, accumulate: bool = False, comment: str = "") -> None:
         """Emit ``name = e`` (or ``name = name + e``), laid out like ``target``."""
         self.preferred = target.indices
+        if not tensor_names(e) and not e.has(sympy.KroneckerDelta):
+            # a constant (a gradient that cancelled to 0): a tensor of the target's shape
+            shape = (
+                _shape_tuple(["1" if d is None else _size_code(d.size) for d in target.layout])
+                if target.layout
+                else "()"
+            )
+            value = _PRINTER.doprint(e)
+            code = f"torch.full({shape}, {value}, dtype={self.ref}.dtype, device={self.ref}.device)"
+            self.lines.append(f"{name} = {name} + {code}" if accumulate else f"{name} = {code}")
+            return
         if self.fuse_arithmetic and not accumulate and target.dims and None not in target.layout:
             lines = self._sparse_delta(name, e, target) or self._fused_terms(name, e, target)
             if lines:
@@ -161,7 +182,7 @@ class Lowerer:
             raise OpDefinitionError(
                 f"internal: free indices {sorted(map(str, extra))} left in gradient of {target.name}"
             )
-        aligned = self.align(val, want, strip=False)
+        aligned = self.align(val, want, strip=False) if val.axes else val.code
         if not val.axes and want:
             shape = _shape_tuple([_size_code(d.size) for d in target.dims])
             aligned = f"{aligned} * torch.ones({shape}, dtype={self.ref}.dtype, device={self.ref}.device)"
@@ -309,6 +330,8 @@ class Lowerer:
     # -- alignment ---------------------------------------------------------------------------
     def align(self, val: Val, want: Axes, strip: bool = True) -> str:
         """View ``val`` so its axes line up with ``want`` for broadcasting."""
+        if not val.axes and strip:
+            return val.code  # a scalar broadcasts as it is
         have = [a for a in want if a in val.axes]
         if val.raw is not None and list(val.axes) == have:
             desired = [a if a in val.axes else None for a in want]
@@ -449,6 +472,8 @@ class Lowerer:
         return Val(f"{_atom(code)}[{', '.join(parts)}]", tuple(lead_axes) + tuple(tail), is_int)
 
     def _sum(self, e: ISum) -> Val:
+        if e.var not in free_indices(e.body):
+            return self.lower(e.body * dim_of(e.var).size)  # a sum of something constant along the dim
         indices, body = [], e
         while isinstance(body, ISum):
             indices.append(body.var)
@@ -540,7 +565,8 @@ class Lowerer:
     def _max(self, e: IMax) -> Val:
         body = self.lower(e.body)
         axis = body.axes.index(e.var)
-        return Val(f"{_atom(body.code)}.amax({axis})", tuple(a for a in body.axes if a != e.var))
+        # .max(dim).values: autograd routes a tie to one index, like the derived argmax
+        return Val(f"{_atom(body.code)}.max({axis}).values", tuple(a for a in body.axes if a != e.var))
 
     def _argmax(self, e: ArgMax) -> Val:
         body = self.lower(e.body)

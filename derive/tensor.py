@@ -491,7 +491,30 @@ def _build_program(
         expr = node.build({d: d.index() for d in node.dims})
         statements.append(Statement(info, expr, node.source))
         node.materialized = True
-    return Program(the_op.name, tuple(inputs), tuple(params), tuple(statements), result.name, the_op.doc)
+    program = Program(the_op.name, tuple(inputs), tuple(params), tuple(statements), result.name, the_op.doc)
+    _check_generated_names(program)
+    return program
+
+
+_GENERATED_NAMES = {"torch", "NamedTuple", "saved", "grad_output", "grads", "ctx", "register_custom_op"}
+
+
+def _check_generated_names(program: Program) -> None:
+    """Names the generated module uses itself, and gradient names ``d<name>``, must not be taken."""
+    op = program.name
+    taken = {f"{op}_Grads", f"{op}_forward", f"{op}_backward", f"{op}_backward_steps", f"{op}_Function", op}
+    taken |= _GENERATED_NAMES
+    tensors = [t.name for t in program.inputs] + [s.name for s in program.statements]
+    for name in tensors + [p.name for p in program.params]:
+        if name in taken or name.startswith("_"):
+            raise OpDefinitionError(
+                f"op '{op}': the name '{name}' is used by the generated code itself; rename that tensor or parameter"
+            )
+    for name in tensors:
+        if f"d{name}" in tensors:
+            raise OpDefinitionError(
+                f"op '{op}': tensor 'd{name}' has the name derive gives the gradient of '{name}'; rename it"
+            )
 
 
 def _check_size_names(op_name: str, trace: _Trace, inputs: list[TensorInfo], params: list[Param]) -> None:

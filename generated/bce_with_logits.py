@@ -91,9 +91,7 @@ def bce_with_logits_backward_steps(grad_output, saved):
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
     # per <- loss
-    dper = (dloss / (D * N))[None, None] * torch.ones(
-        (N, D), dtype=dloss.dtype, device=dloss.device
-    )
+    dper = dloss / (D * N) * torch.ones((N, D), dtype=dloss.dtype, device=dloss.device)
     # z <- per
     dz = dper * (-y * (torch.exp(z) + 1) + torch.exp(z)) / (torch.exp(z) + 1)
     # y <- per

@@ -52,7 +52,7 @@ def cross_entropy_forward(logits, target, *, _keep_all=False):
         raise ValueError(
             f"cross_entropy: target must be [N] with N={N}, got shape {tuple(target.shape)}"
         )
-    t1 = logits.amax(1)
+    t1 = logits.max(1).values
     logit_maxes = t1[:, None]
     norm_logits = -logit_maxes + logits
     counts = torch.exp(norm_logits)
