@@ -607,7 +607,8 @@ class Lowerer:
         regrouped = self._small_factors_first(e, dict(leaves), set(axes), known)
         if regrouped is not e:
             return self._elementwise(regrouped, known, want)
-        mapping = {leaf: sympy.Symbol(self.align(v, tuple(axes), strip=not want)) for leaf, v in leaves}
+        # a leaf's code becomes a symbol the printer writes verbatim: parenthesise compound code
+        mapping = {leaf: sympy.Symbol(_atom(self.align(v, tuple(axes), strip=not want))) for leaf, v in leaves}
         code = _PRINTER.doprint(e.xreplace(mapping))
         return Val(code, tuple(axes))
 
@@ -686,8 +687,8 @@ def _rename_bound_canonically(e: sympy.Expr, depth: int = 0) -> sympy.Expr:
     """Bound indices renamed by nesting depth, so alpha-equivalent sums share one key."""
     if isinstance(e, (ISum, IMax, ArgMax)):
         new = sympy.Symbol(f"_b{depth}_{dim_of(e.var).name}", integer=True)
-        body = _rename_bound_canonically(e.body.xreplace({e.var: new}), depth + 1)
-        return type(e)(body, new)
+        inner = _rename_bound_canonically(e.body, depth + 1)  # inner binders first: shadowing is safe
+        return type(e)(inner.xreplace({e.var: new}), new)
     if not e.args or is_entry(e):
         return e
     return e.func(*(_rename_bound_canonically(a, depth) for a in e.args))

@@ -53,6 +53,13 @@ class _Trace:
     def __init__(self, op_name: str) -> None:
         self.op_name = op_name
         self.nodes: list[Tensor] = []
+        self.bound: set[sympy.Basic] = set()  # indices bound so far in the statement being built
+
+    def bind(self, d: Dim, idx: dict[Dim, sympy.Basic]) -> sympy.Symbol:
+        """A new bound index for dim ``d``, unused anywhere in the statement (no shadowing)."""
+        k = fresh_index(d, _all_symbols(idx) | self.bound)
+        self.bound.add(k)
+        return k
 
     def error(self, message: str, source: str | None = None) -> OpDefinitionError:
         where = source if source is not None else _user_line()
@@ -160,7 +167,7 @@ class Tensor:
         )
 
         def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
-            k = fresh_index(d, _all_symbols(idx))
+            k = self.trace.bind(d, idx)
             return node(self.ref({**idx, d: k}), k)
 
         return Tensor(self.trace, layout, build, source=_user_line(), operands=(self,))
@@ -197,7 +204,7 @@ class Tensor:
             raise self.trace.error("matmul would give a result with a repeated dim")
 
         def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
-            k = fresh_index(d, _all_symbols(idx))
+            k = self.trace.bind(d, idx)
             inner = {**idx, d: k}
             return ISum(self.ref(inner) * other.ref(inner), k)
 
@@ -488,6 +495,7 @@ def _build_program(
         if node.is_int:
             raise trace.error(f"integer intermediate '{node.name}' is not supported", node.source)
         info = TensorInfo(node.name, node.layout)
+        trace.bound = set(info.indices)
         expr = node.build({d: d.index() for d in node.dims})
         statements.append(Statement(info, expr, node.source))
         node.materialized = True

@@ -94,7 +94,7 @@ def batchnorm_backward(grad_output, saved):
     dbeta = dout.sum(0)
     dgamma = (dout * xhat).sum(0)
     s3 = gamma * var_inv[0, :]
-    dx = torch.addcmul(-1 / N * dbeta * s3, dout, s3).addcmul_(xhat, -1 / (N - 1) * dgamma * s3)
+    dx = torch.addcmul((-1 / N) * dbeta * s3, dout, s3).addcmul_(xhat, (-1 / (N - 1)) * dgamma * s3)
     return batchnorm_Grads(
         x=dx,
         gamma=dgamma,
@@ -134,7 +134,7 @@ def batchnorm_backward_steps(grad_output, saved):
     # var <- var_inv
     dvar = -1 / 2 * dvar_inv * var_inv**3
     # diff <- var
-    ddiff = ddiff + 2 / (N - 1) * dvar[0, :] * diff
+    ddiff = ddiff + ((2 / (N - 1)) * dvar[0, :]) * diff
     # x <- diff
     dx = ddiff
     t6 = ddiff.sum(0)

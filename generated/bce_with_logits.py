@@ -69,7 +69,7 @@ def bce_with_logits_backward(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    dy = -dloss / (D * N) * z
+    dy = (-dloss / (D * N)) * z
     s2 = dloss
     dz = torch.addcmul(s2 / (D * N), y, -s2 / (D * N)).addcmul_(
         torch.exp(-z) / (1 + torch.exp(-z)), -s2 / (D * N)

@@ -115,7 +115,7 @@ def cross_entropy_backward_steps(grad_output, saved):
     dloss = grad_output
     t1 = dloss.new_zeros((N, C)).scatter_(1, target.unsqueeze(1), 1.0)
     # logprobs <- loss
-    dlogprobs = -dloss / N * t1
+    dlogprobs = (-dloss / N) * t1
     # probs <- logprobs
     dprobs = dlogprobs / probs
     # counts <- probs

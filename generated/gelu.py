@@ -71,7 +71,7 @@ def gelu_backward_steps(grad_output, saved):
     dout = grad_output
     # x <- out
     dx = (
-        1.4104739588693907e-06
+        (1.4104739588693907e-06)
         * dout
         * (
             354490.7701811032 * torch.tanh(0.7978845608028654 * x * ((8943 / 200000) * x**2 + 1))

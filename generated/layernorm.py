@@ -94,8 +94,8 @@ def layernorm_backward(grad_output, saved):
     t4 = torch.einsum("ab,b->a", dout, gamma)
     t6 = (dout * gamma * xhat).sum(1)
     s3 = var_inv[:, 0]
-    dx = torch.addcmul((-1 / D * s3 * t4)[:, None], dout, gamma * s3[:, None]).addcmul_(
-        xhat, (-1 / D * s3 * t6)[:, None]
+    dx = torch.addcmul(((-1 / D) * s3 * t4)[:, None], dout, gamma * s3[:, None]).addcmul_(
+        xhat, ((-1 / D) * s3 * t6)[:, None]
     )
     return layernorm_Grads(
         x=dx,
@@ -136,7 +136,7 @@ def layernorm_backward_steps(grad_output, saved):
     # var <- var_inv
     dvar = -1 / 2 * dvar_inv * var_inv**3
     # diff <- var
-    ddiff = ddiff + (2 / D * dvar[:, 0])[:, None] * diff
+    ddiff = ddiff + ((2 / D) * dvar[:, 0])[:, None] * diff
     # x <- diff
     dx = ddiff
     t6 = ddiff.sum(1)

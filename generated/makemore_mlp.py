@@ -233,7 +233,9 @@ def makemore_mlp_backward(grad_output, saved):
     t4 = dhpreact.sum(0)
     t6 = (bnraw * dhpreact).sum(0)
     s3 = bngain[0, :] * bnvar_inv[0, :]
-    dhprebn = torch.addcmul(-1 / N * s3 * t4, dhpreact, s3).addcmul_(bnraw, -1 / (N - 1) * s3 * t6)
+    dhprebn = torch.addcmul((-1 / N) * s3 * t4, dhpreact, s3).addcmul_(
+        bnraw, (-1 / (N - 1)) * s3 * t6
+    )
     dembcat = dhprebn @ W1.T
     dbnbias = t4[None, :]
     dbngain = t6[None, :]
@@ -298,7 +300,7 @@ def makemore_mlp_backward_steps(grad_output, saved):
     dloss = grad_output
     t1 = dloss.new_zeros((N, K)).scatter_(1, Yb.unsqueeze(1), 1.0)
     # logprobs <- loss
-    dlogprobs = -dloss / N * t1
+    dlogprobs = (-dloss / N) * t1
     # probs <- logprobs
     dprobs = dlogprobs / probs
     # counts <- probs

@@ -69,8 +69,8 @@ def mse_loss_backward(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    dy = -2 * dloss / (D * N) * diff
-    dx = 2 * dloss / (D * N) * diff
+    dy = (-2 * dloss / (D * N)) * diff
+    dx = (2 * dloss / (D * N)) * diff
     return mse_loss_Grads(
         x=dx,
         y=dy,
@@ -87,7 +87,7 @@ def mse_loss_backward_steps(grad_output, saved):
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
     # diff <- loss
-    ddiff = 2 * dloss / (D * N) * diff
+    ddiff = (2 * dloss / (D * N)) * diff
     # x <- diff
     dx = ddiff
     # y <- diff

@@ -74,7 +74,7 @@ def rmsnorm_backward(grad_output, saved):
     dgamma = (dout * xhat).sum(0)
     t3 = (dout * out).sum(1)
     s2 = rms_inv[:, 0]
-    dx = (dout * (gamma * s2[:, None])).addcmul_(xhat, (-1 / D * s2 * t3)[:, None])
+    dx = (dout * (gamma * s2[:, None])).addcmul_(xhat, ((-1 / D) * s2 * t3)[:, None])
     return rmsnorm_Grads(
         x=dx,
         gamma=dgamma,
@@ -105,7 +105,7 @@ def rmsnorm_backward_steps(grad_output, saved):
     # ms <- rms_inv
     dms = -1 / 2 * drms_inv * rms_inv**3
     # x <- ms
-    dx = dx + (2 / D * dms[:, 0])[:, None] * x
+    dx = dx + ((2 / D) * dms[:, 0])[:, None] * x
     return {
         "x": dx,
         "gamma": dgamma,
