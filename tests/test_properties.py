@@ -3,19 +3,29 @@
 Two properties, both in float64 with tight tolerances:
 
 1. every catalogue op, at random sizes (1..7 per dim) and random finite values: the generated
-   fused backward and the atom-by-atom chain agree with autograd run through the reference
-   forward (``derive.verify.autograd_grads``);
+   fused backward, the atom-by-atom chain and the differentiable wrapper agree with autograd run
+   through the reference forward (``derive.verify.autograd_grads``); batch norm with Bessel's
+   correction refuses N = 1 with a ValueError;
 2. random small compositions of the op language (elementwise arithmetic with broadcasting by
-   name, SymPy functions, sum/mean/max with or without keepdim, matmul, gathers) over 1-3 float
-   inputs are derived end to end (``derive``, ``render``, ``load_module``) and the fused backward
-   and the chain agree with autograd, both through derive's reference forward and through an
-   independent torch evaluation of the same expression tree.
+   name, SymPy functions, sum/mean/max with or without keepdim, matmul, gathers, flatten, size-1
+   axes, a scalar parameter) over 1-3 float inputs are derived end to end (``derive``,
+   ``render``, ``load_module``); the fused backward and the chain agree with autograd, both
+   through derive's reference forward and through this file's own torch evaluation of the same
+   expression DAG. Each is written three ways: every intermediate a named local, one inline
+   expression, or a mix.
 
-Profiles: ``ci`` (the default: derandomized, few examples, no deadline) and ``long`` (many more
-examples, random), chosen with ``HYPOTHESIS_PROFILE=long``. The number of compositions checked
-is printed at the end of the module (``-s`` not needed) and recorded as hypothesis events
-(``--hypothesis-show-statistics``). A failing composition prints the op's source: paste it into
-a file and run ``python -m derive FILE.py:comp`` to reproduce.
+Examples on a kink or a tie (relu at 0, a tie in a max) or that overflow are rejected, and so are
+the few shapes of op that hit a bug already recorded in section 3 (each such filter names its
+regression test); rejections are counted in the summary line.
+
+3. regression tests for the bugs the properties found: the fixed ones run, the open ones are
+   strict xfails (an XPASS fails, so the marker goes when the bug is fixed).
+
+Profiles: ``ci`` (the default: derandomized, 25 compositions per style and 50 examples per catalogue
+op, no deadline) and ``long`` (300 and 600, random), chosen with ``HYPOTHESIS_PROFILE=long``. The
+number of compositions checked is printed at the end of the module (``-s`` not needed) and
+recorded as hypothesis events (``--hypothesis-show-statistics``). A failing composition prints the
+op's source: paste it into a file and run ``python -m derive FILE.py:comp`` to reproduce.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ from hypothesis.extra import numpy as hnp
 import derive as derive_pkg
 from derive import apply, derive, op
 from derive.emit import render
-from derive.indexalg import ISum, is_entry
+from derive.indexalg import ISum, dim_of, entry_name, is_entry
 from derive.verify import _forward_function, autograd_grads, index_ranges, load_module, verify
 
 from .conftest import OPS, derived
@@ -52,8 +62,8 @@ _COMMON: dict[str, Any] = dict(
 )
 # ci: deterministic (derandomize) so CI never goes red on a newly explored example; the long
 # profile explores at random and keeps failures in .hypothesis/ (gitignored) for replay.
-settings.register_profile("ci", max_examples=10, derandomize=True, database=None, **_COMMON)
-settings.register_profile("long", max_examples=150, **_COMMON)
+settings.register_profile("ci", max_examples=25, derandomize=True, database=None, **_COMMON)
+settings.register_profile("long", max_examples=300, **_COMMON)
 PROFILE_NAME = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 PROFILE = settings.get_profile(PROFILE_NAME if PROFILE_NAME in ("ci", "long") else "ci")
 # Per-test example counts are multiples of the profile's: catalogue examples are cheap (torch
@@ -140,13 +150,17 @@ def _check_module(
     _close("forward output vs reference forward", out, reference)
     g = None if out.dim() == 0 else draw_grad(tuple(out.shape))
     want = autograd_grads(d, inputs, g)
+    for x, info in zip(inputs, d.program.inputs):  # known bug: test_verify_handles_an_input_with_zero_gradient
+        if not info.is_int and info.name not in want:
+            want[info.name] = torch.zeros_like(x)
     fused = getattr(module, f"{name}_backward")(g, saved)._asdict()
     assert set(fused) == {t.name for t in d.program.differentiable_inputs}, sorted(fused)
     for k, v in fused.items():
         _close(f"fused d{k}", v, want[k])
     steps = getattr(module, f"{name}_backward_steps")(g, saved)
     missing = {t.name for t in d.program.differentiable_inputs} - set(steps)
-    assert not missing, f"backward_steps has no gradient for {sorted(missing)}"
+    # known bug (test_backward_steps_has_every_input): an input with a zero gradient is left out
+    assert all(not fused[k].any() for k in missing), f"backward_steps has no gradient for {sorted(missing)}"
     for k, v in steps.items():
         if k in want and k not in shared:
             _close(f"chain d{k}", v, want[k])
@@ -171,41 +185,37 @@ BESSEL = {"batchnorm", "makemore_mlp"}  # divide by N - 1: the generated forward
 
 
 @pytest.mark.parametrize("name", OPS)
-def test_catalogue_op_matches_autograd_at_random_sizes_and_values(name: str):
+@settings(PROFILE, max_examples=CATALOGUE_EXAMPLES)
+@given(data=st.data())
+def test_catalogue_op_matches_autograd_at_random_sizes_and_values(name: str, data: st.DataObject):
     d, module = derived(name)
     program = d.program
     ranges = index_ranges(program)
     plain = [dim.name for dim in program.dims if not dim.parts]
+    sizes = {dim: data.draw(st.integers(1, 7), label=f"size {dim}") for dim in plain}
+    inputs = []
+    for t in program.inputs:
+        shape = _shape(t, sizes)
+        if t.is_int:
+            high = sizes[ranges[t.name]] if t.name in ranges else 2
+            arr = data.draw(hnp.arrays(np.int64, shape, elements=st.integers(0, high - 1)), label=t.name)
+        else:
+            arr = data.draw(hnp.arrays(np.float64, shape, elements=_floats(-4, 4)), label=t.name)
+        inputs.append(torch.from_numpy(np.array(arr)))
+    forward = getattr(module, f"{name}_forward")
+    if name in BESSEL and sizes["n"] == 1:
+        with pytest.raises(ValueError, match="N - 1|N-1"):
+            forward(*inputs)
+        COUNTS["catalogue N=1 refusals"] += 1
+        return
 
-    @settings(PROFILE, max_examples=CATALOGUE_EXAMPLES)
-    @given(data=st.data())
-    def check(data: st.DataObject) -> None:
-        sizes = {dim: data.draw(st.integers(1, 7), label=f"size {dim}") for dim in plain}
-        inputs = []
-        for t in program.inputs:
-            shape = _shape(t, sizes)
-            if t.is_int:
-                high = sizes[ranges[t.name]] if t.name in ranges else 2
-                arr = data.draw(hnp.arrays(np.int64, shape, elements=st.integers(0, high - 1)), label=t.name)
-            else:
-                arr = data.draw(hnp.arrays(np.float64, shape, elements=_floats(-4, 4)), label=t.name)
-            inputs.append(torch.from_numpy(np.array(arr)))
-        forward = getattr(module, f"{name}_forward")
-        if name in BESSEL and sizes["n"] == 1:
-            with pytest.raises(ValueError, match="N - 1|N-1"):
-                forward(*inputs)
-            COUNTS["catalogue N=1 refusals"] += 1
-            return
+    def draw_grad(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.from_numpy(
+            np.array(data.draw(hnp.arrays(np.float64, shape, elements=_floats()), label="grad_output"))
+        )
 
-        def draw_grad(shape: tuple[int, ...]) -> torch.Tensor:
-            return torch.from_numpy(
-                np.array(data.draw(hnp.arrays(np.float64, shape, elements=_floats()), label="grad_output"))
-            )
-
-        _check_module(d, module, inputs, draw_grad)
-        COUNTS["catalogue examples"] += 1
-
-    check()
+    _check_module(d, module, inputs, draw_grad)
+    COUNTS["catalogue examples"] += 1
 
 
 # == 2. random compositions of the op language =================================================
@@ -222,6 +232,8 @@ FLOAT_LAYOUTS = [
     ("m", "n"),
     (None, "d"),  # declared "1 d": a size-1 axis
 ]
+FLAT = {"dk": ("d", "k"), "nd": ("n", "d")}  # x.flatten("d", "k") has dim "dk"; an input declares it "(d k)"
+FLAT_LAYOUTS = [("dk",), ("n", "dk")]  # only next to an input that declares d and k (their sizes)
 PARAM = ("alpha", 0.75)  # a scalar parameter: a symbol in the derivation, a keyword in the code
 FLOAT_NAMES = ("x", "y", "w")
 INT_NAMES = ("idx", "jdx")
@@ -343,16 +355,16 @@ class Composition:
         return list(seen.values())
 
 
-def _rendered(c: Composition, n: Node, memo: dict[int, str]) -> str:
+def _rendered(c: Composition, n: Node) -> str:
     if n.kind == "input":
         return n.name
     if id(n) in c.names:
         return c.names[id(n)]
-    return "(" + _expression(c, n, memo) + ")"
+    return "(" + _expression(c, n) + ")"
 
 
-def _expression(c: Composition, n: Node, memo: dict[int, str]) -> str:
-    args = [_rendered(c, a, memo) for a in n.args]
+def _expression(c: Composition, n: Node) -> str:
+    args = [_rendered(c, a) for a in n.args]
     if n.kind in ("unary", "binary"):
         return n.template.format(a=args[0], b=args[1] if len(args) > 1 else "")
     if n.kind == "reduce":
@@ -362,6 +374,8 @@ def _expression(c: Composition, n: Node, memo: dict[int, str]) -> str:
         return f"{args[0]} @ {args[1]}"
     if n.kind == "gather":
         return n.template.format(a=args[0], i=args[1], c=n.dim)
+    if n.kind == "flatten":
+        return f'{args[0]}.flatten("{FLAT[n.dim][0]}", "{FLAT[n.dim][1]}")'
     raise AssertionError(n.kind)
 
 
@@ -369,21 +383,21 @@ def render_source(c: Composition) -> str:
     """The op's Python source: each named node is a local, the others are inlined temporaries."""
     floats = [i for i in c.inputs if not i.is_int]
     ints = [i for i in c.inputs if i.is_int]
-    specs = [f'{i.name}="{" ".join("1" if x is None else x for x in i.layout)}"' for i in floats] + [
+    spelled = {None: "1", **{flat: f"({a} {b})" for flat, (a, b) in FLAT.items()}}
+    specs = [f'{i.name}="{" ".join(spelled.get(x, x) for x in i.layout)}"' for i in floats] + [
         f'{i.name}="int {" ".join(i.named())}"' for i in ints
     ]
     args = [i.name for i in floats + ints]
     if any(n.kind == "unary" and n.fn.startswith("param") for n in c.nodes()):
         args.append(f"{PARAM[0]}={PARAM[1]}")
     lines = [f"@op({', '.join(specs)})", f"def comp({', '.join(args)}):"]
-    memo: dict[int, str] = {}
     for n in c.nodes():
         if id(n) in c.names:
-            lines.append(f"    {c.names[id(n)]} = {_expression(c, n, memo)}")
+            lines.append(f"    {c.names[id(n)]} = {_expression(c, n)}")
     if id(c.root) in c.names:
         lines.append(f"    return {c.names[id(c.root)]}")
     else:
-        lines.append(f"    return {_expression(c, c.root, memo)}")
+        lines.append(f"    return {_expression(c, c.root)}")
     return "\n".join(lines) + "\n"
 
 
@@ -453,6 +467,9 @@ def evaluate(c: Composition, values: dict[str, torch.Tensor]) -> dict[int, torch
                     if not _gap_ok(top2.select(axis, 0) - top2.select(axis, 1), top2.select(axis, 0)):
                         raise Rejected("tie in a max")
                 v = a[0].max(axis, keepdim=n.keepdim).values
+        elif n.kind == "flatten":
+            i = n.args[0].layout.index(FLAT[n.dim][0])
+            v = a[0].flatten(i, i + 1)
         elif n.kind == "matmul":
             v = torch.tensordot(a[0], a[1], dims=([a[0].dim() - 1], [0]))
         elif n.kind == "gather":
@@ -482,13 +499,17 @@ def evaluate(c: Composition, values: dict[str, torch.Tensor]) -> dict[int, torch
 @st.composite
 def compositions(draw: st.DrawFn, style: str, max_steps: int = 8 if PROFILE_NAME == "long" else 5) -> Composition:
     sizes = {d: draw(st.integers(1, 7), label=f"size {d}") for d in DIMS}
+    sizes.update({flat: sizes[a] * sizes[b] for flat, (a, b) in FLAT.items()})
     n_inputs = draw(st.integers(1, 3), label="float inputs")
-    inputs = [Node("input", draw(st.sampled_from(FLOAT_LAYOUTS)), name=FLOAT_NAMES[i]) for i in range(n_inputs)]
+    inputs: list[Node] = []
+    for i in range(n_inputs):
+        choices = FLOAT_LAYOUTS + (FLAT_LAYOUTS if any({"d", "k"} <= set(x.layout) for x in inputs) else [])
+        inputs.append(Node("input", draw(st.sampled_from(choices)), name=FLOAT_NAMES[i]))
     pool: list[Node] = list(inputs)
     ints: list[Node] = []
     steps = draw(st.integers(1, max_steps), label="steps")
     for _ in range(steps):
-        kinds = ["unary", "binary", "reduce", "reduce_keepdim", "matmul", "gather"]
+        kinds = ["unary", "binary", "reduce", "reduce_keepdim", "matmul", "gather", "flatten"]
         kind = draw(st.sampled_from(kinds))
         node = _make(draw, kind, pool, ints, sizes)
         if node is None:  # not applicable to this pool: an elementwise function always is
@@ -531,6 +552,8 @@ def compositions(draw: st.DrawFn, style: str, max_steps: int = 8 if PROFILE_NAME
             continue
         if n is comp.root and style != "inline":
             comp.names[id(n)] = "out" if draw(st.booleans(), label="root named out") else f"v{k}"
+        elif n.kind == "flatten":  # inline flattens hit known bugs: test_*flatten* below
+            comp.names[id(n)] = f"v{k}"
         elif named_ok == 1.0 or (named_ok > 0 and draw(st.booleans(), label="named")):
             comp.names[id(n)] = f"v{k}"
         k += 1
@@ -563,7 +586,7 @@ def _make(draw: st.DrawFn, kind: str, pool: list[Node], ints: list[Node], sizes:
             return None
         a = draw(st.sampled_from(cands))
         d = draw(st.sampled_from(a.named()))
-        how = draw(st.sampled_from(["sum", "mean", "max"]))
+        how = draw(st.sampled_from(["sum", "mean"] if d in FLAT else ["sum", "mean", "max"]))  # test_a_max_over_a_fl*
         if kind == "reduce":
             return Node("reduce", tuple(x for x in a.layout if x != d), (a,), fn=how, dim=d)
         # keepdim: the reduced tensor meets a tensor holding dim d, like x - x.max("d", keepdim=True)
@@ -595,12 +618,27 @@ def _make(draw: st.DrawFn, kind: str, pool: list[Node], ints: list[Node], sizes:
             return None
         a, b = draw(st.sampled_from(pairs))
         return Node("matmul", a.layout[:-1] + b.layout[1:], (a, b))
+    if kind == "flatten":
+        cands = [
+            (p, flat)
+            for p in pool
+            for flat, pair in FLAT.items()
+            for i in range(len(p.layout) - 1)
+            if p.layout[i : i + 2] == pair
+        ]
+        if not cands:
+            return None
+        a, flat = draw(st.sampled_from(cands))
+        i = a.layout.index(FLAT[flat][0])
+        return Node("flatten", a.layout[:i] + (flat,) + a.layout[i + 2 :], (a,), dim=flat)
     if kind == "gather":
         cands = [p for p in pool if p.named()]
         if not cands:
             return None
         src = draw(st.sampled_from(cands))
         c = draw(st.sampled_from(src.named()))
+        if c in FLAT:
+            return None  # known bug: see test_a_gather_along_a_flattened_dim
         reuse = [i for i in ints if i.dim == c]
         if reuse and draw(st.booleans()):
             idx = draw(st.sampled_from(reuse))
@@ -655,7 +693,17 @@ def _constant(e: sympy.Expr) -> bool:
 
 def _known_bug(program: Any) -> str:
     """Why this op hits a bug already recorded below as an xfail test ("" if it hits none)."""
+    sums_over = {
+        s.name: {dim_of(a.var).name for a in sympy.preorder_traversal(s.expr) if isinstance(a, ISum)}
+        for s in program.statements
+    }
     for stmt in program.statements:
+        for a in sympy.preorder_traversal(stmt.expr):
+            if isinstance(a, ISum):
+                read = {entry_name(e) for e in sympy.preorder_traversal(a.body) if is_entry(e)}
+                if any(dim_of(a.var).name in sums_over.get(t, ()) for t in read):
+                    # test_a_keepdim_sum_of_a_statement_that_holds_a_keepdim_sum
+                    return "known bug: a sum over a dim of a statement that sums over it"
         if _constant(stmt.expr):  # test_a_constant_output_lowers_to_working_code
             return "known bug: a constant statement"
     return ""
@@ -710,19 +758,17 @@ def _run_composition(data: st.DataObject, style: str) -> None:
         event(f"rejected: {why}")
         COUNTS[f"compositions rejected ({why})"] += 1
         assume(False)
+    event(f"DAG size: {len(c.nodes())} nodes, {len(c.inputs)} inputs")
     for n in c.nodes():
         event(f"node: {n.kind}" + (f" {n.fn}" if n.kind in ("reduce",) else ""))
     COUNTS[f"compositions checked ({style})"] += 1
 
 
 @pytest.mark.parametrize("style", ["named", "inline", "mixed"])
-def test_random_composition_matches_autograd(style: str):
-    @settings(PROFILE, max_examples=COMPOSITION_EXAMPLES)
-    @given(data=st.data())
-    def check(data: st.DataObject) -> None:
-        _run_composition(data, style)
-
-    check()
+@settings(PROFILE, max_examples=COMPOSITION_EXAMPLES)
+@given(data=st.data())
+def test_random_composition_matches_autograd(style: str, data: st.DataObject):
+    _run_composition(data, style)
 
 
 # == 3. regression tests: bugs the properties found (minimal repros) ===========================
@@ -843,6 +889,99 @@ def shadowed(x):
     d, module = _generated(source)
     x = _x(2, 3)
     _check_module(d, module, [x], lambda shape: _x(*shape, seed=1))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="δ(te, (t,e)) is not eliminated in the gradient of an input declared '(t e)' met by an inline flatten: "
+    "dw[te] = Σ_n(Σ_t(Σ_e(dout[n, (t,e)]*x[n, t, e]*δ(te, (t,e))))) is lowered to code that reads `(t,e)` "
+    "(NameError: name 't' is not defined); naming the flattened tensor avoids it",
+)
+@pytest.mark.parametrize("body", ['out = x.flatten("t", "e") * w', 'out = x.flatten("t", "e") @ w'])
+def test_an_input_with_a_flattened_dim_meets_an_inline_flatten(body: str):
+    d, module = _generated(f'@op(x="n t e", w="(t e)")\ndef flat_scale(x, w):\n    {body}\n    return out\n')
+    x, w = _x(2, 3, 4), _x(12, seed=2)
+    _check_module(d, module, [x, w], lambda shape: _x(*shape, seed=1))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="max over a flattened dim: derive() raises OpDefinitionError "
+    "'cannot lower KroneckerDelta((t,e), argmax_te(x(te.0, te.1)))'",
+)
+def test_a_max_over_a_flattened_dim():
+    d, module = _generated('@op(x="t e")\ndef flat_max(x):\n    out = x.flatten("t", "e").max("te")\n    return out\n')
+    x = _x(2, 3)
+    _check_module(d, module, [x], lambda shape: _x(*shape, seed=1))
+
+
+@pytest.mark.parametrize("body", ["out = tanh(x) + 0 * w", "out = x + (3 - w) + w"], ids=["unused", "cancelled"])
+@pytest.mark.xfail(
+    strict=True,
+    reason="autograd_grads leaves out an input that autograd gives no .grad (unused, or cancelled symbolically), "
+    "so verify() raises KeyError and `python -m derive` crashes with a traceback; it should be a zero gradient",
+)
+def test_verify_handles_an_input_with_zero_gradient(body: str):
+    d, module = _generated(f'@op(x="n d", w="n d")\ndef zero_grad(x, w):\n    {body}\n    return out\n')
+    x, w = _x(2, 3), _x(2, 3, seed=2)
+    assert not autograd_grads(d, [x, w], torch.ones(2, 3, dtype=torch.float64))["w"].any()
+    assert verify(d, module, exact=False).ok
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="flatten of an unnamed elementwise result: the generated module is not valid Python "
+    "(black: 'cannot parse'); naming the result first (s = x + y; s.flatten(...)) works",
+)
+def test_a_flatten_of_an_inline_expression():
+    d, module = _generated(
+        '@op(x="n d", y="d")\ndef flat_sum(x, y):\n    out = (x + y).flatten("n", "d")\n    return out\n'
+    )
+    _check_module(d, module, [_x(2, 3), _x(3, seed=2)], lambda shape: _x(*shape, seed=1))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param('out = y.flatten("n", "d").take(idx, "nd")', id="inline"),  # KeyError 'idx(m)' in lowering
+        pytest.param('f = y.flatten("n", "d")\n    out = f.take(idx, "nd")', id="named"),  # not valid Python
+    ],
+)
+@pytest.mark.xfail(strict=True, reason="a gather along a flattened dim does not lower")
+def test_a_gather_along_a_flattened_dim(body: str):
+    d, module = _generated(f'@op(y="n d", idx="int m")\ndef flat_take(y, idx):\n    {body}\n    return out\n')
+    y, idx = _x(2, 3), torch.tensor([5, 0, 5, 2])
+    _check_module(d, module, [y, idx], lambda shape: _x(*shape, seed=1))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="index capture across statements: v1[n, d] = x[n, d] + Σ_d2(x[n, d2]) substituted at v1[n, d2] inside "
+    "Σ_d2 gives dx[n, d] = (D**2 + 1)*Σ_d(dout[n, d]) (should be (D + 1)*Σ_d(dout[n, d])); verify() fails",
+)
+def test_a_keepdim_sum_of_a_statement_that_holds_a_keepdim_sum():
+    source = """
+@op(x="n d", w="n d")
+def sum_of_sums(x, w):
+    v1 = x.sum("d", keepdim=True) + x
+    out = v1.sum("d", keepdim=True) + w
+    return out
+"""
+    d, module = _generated(source)
+    x = _x(2, 3)
+    _check_module(d, module, [x, _x(2, 3, seed=2)], lambda shape: _x(*shape, seed=1))
+
+
+@pytest.mark.parametrize("body", ["out = tanh(x) + 0 * w", "out = x + (3 - w) + w"], ids=["unused", "cancelled"])
+@pytest.mark.xfail(
+    strict=True, reason="backward_steps leaves out an input whose gradient is 0 (the fused backward has it)"
+)
+def test_backward_steps_has_every_input(body: str):
+    d, module = _generated(f'@op(x="n d", w="n d")\ndef zero_steps(x, w):\n    {body}\n    return out\n')
+    out, saved = module.zero_steps_forward(_x(2, 3), _x(2, 3, seed=2))
+    steps = module.zero_steps_backward_steps(torch.ones_like(out), saved)
+    assert set(steps) >= {"x", "w"}, sorted(steps)
+    assert not steps["w"].any()
 
 
 _ALIASED = (
