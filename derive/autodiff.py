@@ -24,6 +24,7 @@ from .indexalg import (
     is_entry,
     tensor_names,
 )
+from .kinks import tie_values
 from .program import Program, Statement, TensorInfo
 
 _LEAVES = (ISum, IMax, ArgMax)
@@ -85,11 +86,12 @@ class Differentiator:
         dummies = {leaf: sympy.Dummy(f"v{k}", real=True) for k, leaf in enumerate(leaves)}
         shell = e.xreplace(dummies)
         back = {u: leaf for leaf, u in dummies.items()}
+        ties = tie_values(shell, set(dummies.values()))
         total = sympy.S.Zero
         for leaf, u in dummies.items():
             inner = self(leaf)
             if inner != 0:
-                total += sympy.diff(shell, u).xreplace(back) * inner
+                total += sympy.diff(shell, u).xreplace(ties).xreplace(back) * inner
         return total
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import sympy
 
 from .autodiff import Contribution, chain_steps, fused_adjoints, grad_name
-from .indexalg import free_indices, substitute_indices, tensor_names
-from .lower import Lowerer
+from .indexalg import free_indices, substitute_indices
+from .lowering import ChainTerm, Code, lower_program
 from .program import Program, TensorInfo
-from .simplify import Simplifier, Step, canonical_bound, stable_forward
+from .simplify import Simplifier, Step, canonical_bound
 from .tensor import Op
 
 
@@ -36,19 +36,6 @@ class ChainStep:
 
     contribution: Contribution
     result: sympy.Expr
-
-
-@dataclass
-class Code:
-    """Lowered code of the generated module's three functions."""
-
-    sizes: list[tuple[str, str]]
-    forward: list[str]
-    reference_forward: list[str]
-    saved: list[str]
-    backward: list[str]
-    backward_steps: list[str]
-    steps_outputs: list[str]
 
 
 @dataclass
@@ -123,7 +110,11 @@ def derive(the_op: Op) -> Derivation:
     timings["simplify"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    code = lower_program(program, chain, gradients)
+    code = lower_program(
+        program,
+        [(g.wrt, g.result) for g in gradients],
+        [ChainTerm(c.contribution.target, c.contribution.source.name, c.result) for c in chain],
+    )
     timings["lower"] = time.perf_counter() - t0
     return Derivation(the_op, program, chain, gradients, code, timings, kink_notes(program))
 
@@ -143,72 +134,6 @@ def kink_notes(program: Program) -> list[str]:
         if any(s.expr.has(kind) for s in program.statements):
             notes.append(text)
     return notes
-
-
-def lower_program(program: Program, chain: list[ChainStep], gradients: list[Gradient]) -> Code:
-    """Lower the forward statements, the fused gradients and the chain into torch code lines."""
-    tensors = program.tensors
-    out = tensors[program.output]
-    layouts = dict(tensors)
-    for t in list(tensors.values()):
-        layouts[grad_name(t.name)] = TensorInfo(grad_name(t.name), t.layout, t.is_int)
-
-    sizes = _size_lines(program)
-    fwd = Lowerer(layouts, ref=program.differentiable_inputs[0].name, names=set(layouts), single_assignment=True)
-    # the reference forward for autograd: every statement its own tensor (no shared temporaries,
-    # or retain_grad on one name would collect the gradients of its look-alikes)
-    plain = Lowerer(layouts, ref=program.differentiable_inputs[0].name, names=set(layouts), share=False)
-    for stmt in program.statements:
-        fwd.assign(stmt.name, stable_forward(stmt, list(program.statements)), stmt.target)
-        plain.assign(stmt.name, stmt.expr, stmt.target)
-
-    seed = grad_name(out.name)
-    bwd = Lowerer(layouts, ref=seed, names=set(layouts), single_assignment=True, fuse_arithmetic=True)
-    for g in gradients:
-        bwd.assign(grad_name(g.wrt.name), g.result, g.wrt)
-
-    steps = Lowerer(layouts, ref=seed, names=set(layouts))
-    assigned: set[str] = set()
-    outputs = [out.name]
-    for c in chain:
-        target = c.contribution.target
-        name = grad_name(target.name)
-        steps.assign(
-            name,
-            c.result,
-            target,
-            accumulate=name in assigned,
-            comment=f"{target.name} <- {c.contribution.source.name}",
-        )
-        if name not in assigned:
-            outputs.append(target.name)
-        assigned.add(name)
-
-    needed: set[str] = set()
-    for e in [g.result for g in gradients] + [c.result for c in chain]:
-        needed |= {n for n in tensor_names(e) if n in tensors}
-    saved = [n for n in tensors if n in needed]
-    return Code(sizes, fwd.lines, plain.lines, saved, bwd.lines, steps.lines, [o for o in tensors if o in outputs])
-
-
-def _size_lines(program: Program) -> list[tuple[str, str]]:
-    """``(N, "x.shape[0]")`` for each plain dim, read from the first input that has it."""
-    out: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for t in program.inputs:
-        for axis, d in enumerate(t.layout):
-            if d is None:
-                continue
-            parts = d.parts or (d,)
-            if len(parts) == 1 and d.name not in seen:
-                seen.add(d.name)
-                out.append((str(d.size), f"{t.name}.shape[{axis}]"))
-    missing = [d.name for d in program.dims if not d.parts and d.name not in seen]
-    if missing:
-        from .errors import OpDefinitionError
-
-        raise OpDefinitionError(f"op '{program.name}': dims {missing} are not in any input, so their size is unknown")
-    return out
 
 
 __all__ = ["ChainStep", "Code", "Derivation", "Gradient", "derive", "free_indices"]

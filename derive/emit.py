@@ -168,6 +168,8 @@ def render(d: Derivation, command: str | None = None) -> str:
     wanted |= {p.name for p in program.params} | ({out.name} if not out.layout else set())
     kept = [k for k in dict.fromkeys([t.name for t in program.inputs] + keys) if k in wanted]
     steps_only = [k for k in _used(code.backward_steps, keys) if k not in wanted]
+    # _keep_all=True keeps every named intermediate too (what a learner compares, as in the lecture)
+    keep_all = steps_only + [s.name for s in program.statements if s.name not in wanted and s.name not in steps_only]
     source = (
         _environment()
         .get_template("module.py.j2")
@@ -191,6 +193,7 @@ def render(d: Derivation, command: str | None = None) -> str:
             forward=code.forward,
             saved=kept,
             steps_only=steps_only,
+            keep_all=keep_all,
             recompute_args=", ".join(
                 [f'saved["{t.name}"]' for t in program.inputs] + [f'{p.name}=saved["{p.name}"]' for p in program.params]
             ),

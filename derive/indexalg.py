@@ -147,6 +147,14 @@ class Pack(sympy.Function):
 
     is_integer = True
 
+    @classmethod
+    def eval(cls, *args):
+        # (f.0, f.1, ...) packs the parts of one flattened index back into it
+        if args and all(isinstance(a, Flat) and a.args[0] == args[0].args[0] for a in args):
+            if [int(a.args[1]) for a in args] == list(range(len(args))):
+                return args[0].args[0]
+        return None
+
     def _sympystr(self, printer) -> str:
         return "(" + ",".join(printer._print(a) for a in self.args) + ")"
 

@@ -27,6 +27,7 @@ from .indexalg import (
     entry_name,
     free_indices,
     is_entry,
+    is_index,
     substitute_indices,
     tensor_names,
 )
@@ -59,6 +60,15 @@ def _delta_partner(f: sympy.Basic, k: sympy.Symbol) -> sympy.Basic | None:
     return None
 
 
+def _unpack_delta(f: sympy.Basic) -> list[sympy.Basic]:
+    """``δ(f, (t, e))`` for an index ``f`` of a flattened dim is ``δ(f.0, t)·δ(f.1, e)``: one delta per part."""
+    if isinstance(f, sympy.KroneckerDelta):
+        for a, b in (f.args, f.args[::-1]):
+            if isinstance(b, Pack) and is_index(a) and len(dim_of(a).parts) == len(b.args):
+                return [sympy.KroneckerDelta(Flat(a, p), part) for p, part in enumerate(b.args)]
+    return [f]
+
+
 def _compound_partner(factors: list[sympy.Basic], k: sympy.Symbol) -> tuple[sympy.Basic, list[sympy.Basic]] | None:
     """For a flattened dim's index ``k``: ``δ(k.0, b) δ(k.1, c)`` pins ``k`` to ``(b, c)``."""
     parts = dim_of(k).parts
@@ -80,7 +90,8 @@ def _compound_partner(factors: list[sympy.Basic], k: sympy.Symbol) -> tuple[symp
 
 def sum_term(term: sympy.Expr, k: sympy.Symbol) -> tuple[sympy.Expr, bool]:
     """``Σ_k`` of one product: eliminate a delta on ``k`` (True), or pull out what does not depend on ``k``."""
-    factors = list(sympy.Mul.make_args(term))
+    factors = [g for f in sympy.Mul.make_args(term) for g in _unpack_delta(f)]
+    term = sympy.Mul(*factors)
     for f in factors:
         partner = _delta_partner(f, k)
         if partner is not None:

@@ -29,6 +29,7 @@ import sympy
 
 from .errors import NotDifferentiableError, OpDefinitionError
 from .indexalg import Dim, Flat, IMax, ISum, entry, fresh_index
+from .materialize import boundaries, synthetic_name
 from .program import Layout, Param, Program, Statement, TensorInfo
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
@@ -79,6 +80,9 @@ class Tensor:
     source: str = ""
     materialized: bool = False
     operands: tuple[Tensor, ...] = field(default=())
+    kind: str = "elementwise"  # input, elementwise, sum, max, contraction, gather, reshape
+    body: sympy.Expr | None = None  # elementwise: the scalar function of ``dummies``, one per operand
+    dummies: tuple[sympy.Symbol, ...] = field(default=())
 
     def __post_init__(self) -> None:
         self.trace.nodes.append(self)
@@ -170,7 +174,8 @@ class Tensor:
             k = self.trace.bind(d, idx)
             return node(self.ref({**idx, d: k}), k)
 
-        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self,))
+        kind = "max" if node is IMax else "sum"
+        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self,), kind=kind)
 
     def sum(self, dim: str, keepdim: bool = False) -> Tensor:
         """Sum over dim ``dim`` (``keepdim`` leaves a size-1 axis in its place)."""
@@ -208,7 +213,7 @@ class Tensor:
             inner = {**idx, d: k}
             return ISum(self.ref(inner) * other.ref(inner), k)
 
-        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self, other))
+        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self, other), kind="contraction")
 
     def take(self, index: Tensor, dim: str) -> Tensor:
         """Gather along ``dim`` with integer ``index``; dims shared with ``index`` are matched by name.
@@ -226,7 +231,7 @@ class Tensor:
             picked = index.ref({k: v for k, v in idx.items() if k in shared})
             return self.ref({**idx, d: picked})
 
-        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self, index))
+        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self, index), kind="gather")
 
     def __getitem__(self, index: Tensor) -> Tensor:
         """``C[X]``: gather rows along the first dim."""
@@ -247,7 +252,7 @@ class Tensor:
             f = idx[merged]
             return self.ref({**idx, **{d: Flat(f, p) for p, d in enumerate(dims)}})
 
-        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self,))
+        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self,), kind="reshape")
 
     def _require_float(self, what: str) -> None:
         if self.is_int:
@@ -310,7 +315,7 @@ def apply(fn: Callable[..., Any], *tensors: Tensor) -> Tensor:
     def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
         return body.xreplace({u: t.ref(idx) for u, t in zip(dummies, tensors)})
 
-    return Tensor(trace, layout, build, source=_user_line(), operands=tuple(tensors))
+    return Tensor(trace, layout, build, source=_user_line(), operands=tuple(tensors), body=body, dummies=tuple(dummies))
 
 
 def _elementwise(fn: Callable[..., sympy.Expr]) -> Callable[[Tensor], Tensor]:
@@ -426,7 +431,15 @@ def trace_op(the_op: Op) -> Program:
         _check_identifier(name, "parameter", p.name)
         if p.name in the_op.specs:
             spec = InputSpec.parse(name, p.name, the_op.specs[p.name])
-            t = Tensor(trace, spec.layout, lambda idx: sympy.S.Zero, is_int=spec.is_int, name=p.name, materialized=True)
+            t = Tensor(
+                trace,
+                spec.layout,
+                lambda idx: sympy.S.Zero,
+                is_int=spec.is_int,
+                name=p.name,
+                materialized=True,
+                kind="input",
+            )
             args.append(t)
             inputs.append(TensorInfo(p.name, spec.layout, spec.is_int))
         elif p.default is not inspect.Parameter.empty and isinstance(p.default, (int, float)):
@@ -480,6 +493,10 @@ def _build_program(
             value.name = var
     if result.name is None:
         result.name = "out"
+    taken = input_names | {p.name for p in params} | {n.name for n in trace.nodes if n.name}
+    for node, role in boundaries(result).items():
+        node.name = synthetic_name(role, taken)
+        taken.add(node.name)
     _check_size_names(the_op.name, trace, inputs, params)
     used = set(input_names)
     statements: list[Statement] = []

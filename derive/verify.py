@@ -139,6 +139,56 @@ def example_inputs(
     return out
 
 
+# -- memory: the no-blow-up invariant ---------------------------------------------------------
+class TensorSizes:
+    """Records the largest tensor any aten op creates inside the block (views and in-place results excluded).
+
+    A backward must never create a tensor larger than the largest its forward made: that is how
+    a rank-3 product standing in for a matmul shows up. Used as a context manager::
+
+        with TensorSizes() as sizes:
+            module.NAME_backward(grad, saved)
+        sizes.largest, sizes.largest_op
+
+    Example:
+        >>> x = torch.randn(4, 3)
+        >>> with TensorSizes() as sizes:
+        ...     _ = (x[:, :, None] * x[:, None, :]).sum(0)  # an outer product, then a sum
+        >>> sizes.largest, sizes.largest_op
+        (36, 'mul')
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        recorder = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                out = func(*args, **(kwargs or {}))
+                returns = func._schema.returns
+                results = out if isinstance(out, (tuple, list)) else (out,)
+                for spec, value in zip(returns, results):
+                    if isinstance(value, torch.Tensor) and spec.alias_info is None:
+                        recorder._record(func.overloadpacket.__name__, value.numel())
+                return out
+
+        self._mode = _Mode()
+        self.largest = 0
+        self.largest_op = ""
+
+    def _record(self, op: str, numel: int) -> None:
+        if numel > self.largest:
+            self.largest, self.largest_op = numel, op
+
+    def __enter__(self) -> TensorSizes:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)
+
+
 # -- autograd reference -----------------------------------------------------------------------
 def _forward_function(d: Derivation) -> Any:
     """The forward statements exactly as written (the atom chain, no rewrites), returning every local."""

@@ -33,7 +33,7 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-05, _keep_all=False):
     """Forward pass of `batchnorm`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"batchnorm: x must be [N, D], got shape {tuple(x.shape)}")
@@ -73,10 +73,13 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-05, _keep_all=False):
         "D": D,
         "eps": eps,
     }
-    if _keep_all:  # what only the atom-by-atom chain reads
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
         saved.update(
             {
                 "diff": diff,
+                "mean": mean,
+                "var": var,
+                "out": out,
             }
         )
     return out, saved

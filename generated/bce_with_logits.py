@@ -27,7 +27,7 @@ def bce_with_logits_forward(z, y, *, _keep_all=False):
     """Forward pass of `bce_with_logits`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if z.dim() != 2:
         raise ValueError(f"bce_with_logits: z must be [N, D], got shape {tuple(z.shape)}")
@@ -47,16 +47,24 @@ def bce_with_logits_forward(z, y, *, _keep_all=False):
         raise ValueError(
             f"bce_with_logits: y must be [N, D] with N={N}, D={D}, got shape {tuple(y.shape)}"
         )
-    per = z * (1 - y) + torch.log(1 + torch.exp(-z))
+    exp_z = torch.exp(-z)
+    per = z * (1 - y) + torch.log(exp_z + 1)
     t1 = per.sum()
     loss = t1 / (D * N)
     saved = {
         "z": z,
         "y": y,
+        "exp_z": exp_z,
         "N": N,
         "D": D,
         "loss": loss,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
+        saved.update(
+            {
+                "per": per,
+            }
+        )
     return loss, saved
 
 
@@ -64,6 +72,7 @@ def bce_with_logits_backward(grad_output, saved):
     """Fused, simplified backward of `bce_with_logits` (see the module docstring for the formulas)."""
     z = saved["z"]
     y = saved["y"]
+    exp_z = saved["exp_z"]
     N = saved["N"]
     D = saved["D"]
     if grad_output is None:
@@ -71,9 +80,7 @@ def bce_with_logits_backward(grad_output, saved):
     dloss = grad_output
     dy = (-dloss / (D * N)) * z
     s2 = dloss
-    dz = torch.addcmul(s2 / (D * N), y, -s2 / (D * N)).addcmul_(
-        torch.exp(-z) / (1 + torch.exp(-z)), -s2 / (D * N)
-    )
+    dz = torch.addcmul(s2 / (D * N), y, -s2 / (D * N)).addcmul_(exp_z / (exp_z + 1), -s2 / (D * N))
     return bce_with_logits_Grads(
         z=dz,
         y=dy,
@@ -84,6 +91,7 @@ def bce_with_logits_backward_steps(grad_output, saved):
     """Atom-by-atom chain rule of `bce_with_logits`: the gradient of every named tensor, by name."""
     z = saved["z"]
     y = saved["y"]
+    exp_z = saved["exp_z"]
     N = saved["N"]
     D = saved["D"]
     loss = saved["loss"]
@@ -93,7 +101,7 @@ def bce_with_logits_backward_steps(grad_output, saved):
     # per <- loss
     dper = dloss / (D * N) * torch.ones((N, D), dtype=dloss.dtype, device=dloss.device)
     # z <- per
-    dz = dper * (-y * (torch.exp(z) + 1) + torch.exp(z)) / (torch.exp(z) + 1)
+    dz = dper * (-y * (1 + 1 / exp_z) + 1 / exp_z) / (1 + 1 / exp_z)
     # y <- per
     dy = -dper * z
     return {
@@ -107,6 +115,7 @@ def bce_with_logits_backward_steps(grad_output, saved):
 _BACKWARD_KEYS = (
     "z",
     "y",
+    "exp_z",
     "N",
     "D",
 )

@@ -21,6 +21,7 @@ import torch
 _STEPS_ONLY_KEYS = (
     "counts",
     "counts_sum_inv",
+    "argmax_logits",
 )
 
 
@@ -34,7 +35,7 @@ def cross_entropy_forward(logits, target, *, _keep_all=False):
     """Forward pass of `cross_entropy`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy: logits must be [N, C], got shape {tuple(logits.shape)}")
@@ -52,8 +53,9 @@ def cross_entropy_forward(logits, target, *, _keep_all=False):
         raise ValueError(
             f"cross_entropy: target must be [N] with N={N}, got shape {tuple(target.shape)}"
         )
-    t1 = logits.max(1).values
-    logit_maxes = t1[:, None]
+    t1 = logits.max(1)
+    argmax_logits = t1.indices
+    logit_maxes = t1.values[:, None]
     norm_logits = -logit_maxes + logits
     counts = torch.exp(norm_logits)
     t2 = counts.sum(1)
@@ -71,11 +73,16 @@ def cross_entropy_forward(logits, target, *, _keep_all=False):
         "C": C,
         "loss": loss,
     }
-    if _keep_all:  # what only the atom-by-atom chain reads
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
         saved.update(
             {
                 "counts": counts,
                 "counts_sum_inv": counts_sum_inv,
+                "argmax_logits": argmax_logits,
+                "logit_maxes": logit_maxes,
+                "norm_logits": norm_logits,
+                "counts_sum": counts_sum,
+                "logprobs": logprobs,
             }
         )
     return loss, saved
@@ -91,7 +98,7 @@ def cross_entropy_backward(grad_output, saved):
     dloss = grad_output
     s1 = dloss / N
     dlogits = probs * s1
-    dlogits.scatter_add_(1, target.unsqueeze(1), (-s1).expand(N, 1))
+    dlogits.scatter_add_(1, target[:, None], (-s1).expand(N, 1))
     return cross_entropy_Grads(
         logits=dlogits,
     )
@@ -102,27 +109,27 @@ def cross_entropy_backward_steps(grad_output, saved):
     if any(key not in saved for key in _STEPS_ONLY_KEYS):
         # the forward kept only what the fused backward reads: recompute the rest
         _, saved = cross_entropy_forward(saved["logits"], saved["target"], _keep_all=True)
-    logits = saved["logits"]
     target = saved["target"]
     counts = saved["counts"]
     counts_sum_inv = saved["counts_sum_inv"]
     probs = saved["probs"]
+    argmax_logits = saved["argmax_logits"]
     N = saved["N"]
     C = saved["C"]
     loss = saved["loss"]
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    t1 = dloss.new_zeros((N, C)).scatter_(1, target.unsqueeze(1), 1.0)
     # logprobs <- loss
-    dlogprobs = (-dloss / N) * t1
+    dlogprobs = dloss.new_zeros((N, C))
+    dlogprobs.scatter_add_(1, target[:, None], (-dloss / N).expand(N, 1))
     # probs <- logprobs
     dprobs = dlogprobs / probs
     # counts <- probs
     dcounts = counts_sum_inv * dprobs
-    t3 = (counts * dprobs).sum(1)
+    t1 = (counts * dprobs).sum(1)
     # counts_sum_inv <- probs
-    dcounts_sum_inv = t3[:, None]
+    dcounts_sum_inv = t1[:, None]
     # counts_sum <- counts_sum_inv
     dcounts_sum = -(counts_sum_inv**2) * dcounts_sum_inv
     # counts <- counts_sum
@@ -131,13 +138,13 @@ def cross_entropy_backward_steps(grad_output, saved):
     dnorm_logits = counts * dcounts
     # logits <- norm_logits
     dlogits = dnorm_logits
-    t4 = dnorm_logits.sum(1)
+    t2 = dnorm_logits.sum(1)
     # logit_maxes <- norm_logits
-    dlogit_maxes = -t4[:, None]
-    t5 = logits.argmax(1)
-    t6 = dloss.new_zeros((N, C)).scatter_(1, t5.unsqueeze(1), 1.0)
+    dlogit_maxes = -t2[:, None]
     # logits <- logit_maxes
-    dlogits = dlogits + dlogit_maxes * t6
+    g3 = dloss.new_zeros((N, C))
+    g3.scatter_add_(1, argmax_logits[:, None], dlogit_maxes[:, 0][:, None].expand(N, 1))
+    dlogits = dlogits + g3
     return {
         "logits": dlogits,
         "logit_maxes": dlogit_maxes,

@@ -24,7 +24,7 @@ def embedding_forward(C, X, *, _keep_all=False):
     """Forward pass of `embedding`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if C.dim() != 2:
         raise ValueError(f"embedding: C must be [V, E], got shape {tuple(C.shape)}")
@@ -47,6 +47,12 @@ def embedding_forward(C, X, *, _keep_all=False):
         "N": N,
         "T": T,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
+        saved.update(
+            {
+                "emb": emb,
+            }
+        )
     return emb, saved
 
 

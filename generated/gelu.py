@@ -24,7 +24,7 @@ def gelu_forward(x, *, _keep_all=False):
     """Forward pass of `gelu`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"gelu: x must be [N, D], got shape {tuple(x.shape)}")
@@ -38,6 +38,12 @@ def gelu_forward(x, *, _keep_all=False):
         "N": N,
         "D": D,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
+        saved.update(
+            {
+                "out": out,
+            }
+        )
     return out, saved
 
 
@@ -47,16 +53,11 @@ def gelu_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("gelu: grad_output is required for a non-scalar output")
     dout = grad_output
+    t3 = torch.tanh(0.7978845608028654 * x * ((8943 / 200000) * x**2 + 1))
     dx = (
         (dout * (1 / 2))
-        .add_(dout * torch.tanh(0.7978845608028654 * x * ((8943 / 200000) * x**2 + 1)), alpha=1 / 2)
-        .add_(
-            dout
-            * x
-            * (1 - torch.tanh(0.7978845608028654 * x * ((8943 / 200000) * x**2 + 1)) ** 2)
-            * (26829 * x**2 + 200000),
-            alpha=1.9947114020071636e-06,
-        )
+        .add_(dout * t3, alpha=1 / 2)
+        .add_(dout * x * (1 - t3**2) * (26829 * x**2 + 200000), alpha=1.9947114020071636e-06)
     )
     return gelu_Grads(
         x=dx,
@@ -69,16 +70,14 @@ def gelu_backward_steps(grad_output, saved):
     if grad_output is None:
         raise ValueError("gelu: grad_output is required for a non-scalar output")
     dout = grad_output
+    t3 = torch.tanh(0.7978845608028654 * x * ((8943 / 200000) * x**2 + 1))
     # x <- out
     dx = (
         (1.4104739588693907e-06)
         * dout
         * (
-            354490.7701811032 * torch.tanh(0.7978845608028654 * x * ((8943 / 200000) * x**2 + 1))
-            + 1.4142135623730951
-            * x
-            * (1 - torch.tanh(0.7978845608028654 * x * ((8943 / 200000) * x**2 + 1)) ** 2)
-            * (26829 * x**2 + 200000)
+            354490.7701811032 * t3
+            + 1.4142135623730951 * x * (1 - t3**2) * (26829 * x**2 + 200000)
             + 354490.7701811032
         )
     )

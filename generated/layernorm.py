@@ -33,7 +33,7 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-05, _keep_all=False):
     """Forward pass of `layernorm`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"layernorm: x must be [N, D], got shape {tuple(x.shape)}")
@@ -71,10 +71,13 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-05, _keep_all=False):
         "D": D,
         "eps": eps,
     }
-    if _keep_all:  # what only the atom-by-atom chain reads
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
         saved.update(
             {
                 "diff": diff,
+                "mean": mean,
+                "var": var,
+                "out": out,
             }
         )
     return out, saved
@@ -91,8 +94,8 @@ def layernorm_backward(grad_output, saved):
     dout = grad_output
     dbeta = dout.sum(0)
     dgamma = (dout * xhat).sum(0)
-    t4 = torch.einsum("ab,b->a", dout, gamma)
-    t6 = (dout * gamma * xhat).sum(1)
+    t4 = dout @ gamma
+    t6 = (dout * xhat) @ gamma
     s3 = var_inv[:, 0]
     dx = torch.addcmul(((-1 / D) * s3 * t4)[:, None], dout, gamma * s3[:, None]).addcmul_(
         xhat, ((-1 / D) * s3 * t6)[:, None]

@@ -28,7 +28,7 @@ def linear_forward(x, W, b, *, _keep_all=False):
     """Forward pass of `linear`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"linear: x must be [N, I], got shape {tuple(x.shape)}")
@@ -59,6 +59,12 @@ def linear_forward(x, W, b, *, _keep_all=False):
         "I": I,
         "O": O,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
+        saved.update(
+            {
+                "out": out,
+            }
+        )
     return out, saved
 
 

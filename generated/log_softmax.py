@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-_STEPS_ONLY_KEYS = ()
+_STEPS_ONLY_KEYS = ("argmax_x",)
 
 
 class log_softmax_Grads(NamedTuple):
@@ -28,7 +28,7 @@ def log_softmax_forward(x, *, _keep_all=False):
     """Forward pass of `log_softmax`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"log_softmax: x must be [N, D], got shape {tuple(x.shape)}")
@@ -36,8 +36,9 @@ def log_softmax_forward(x, *, _keep_all=False):
         raise TypeError(f"log_softmax: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
-    t1 = x.max(1).values
-    maxes = t1[:, None]
+    t1 = x.max(1)
+    argmax_x = t1.indices
+    maxes = t1.values[:, None]
     shifted = -maxes + x
     e = torch.exp(shifted)
     t2 = e.sum(1)
@@ -50,6 +51,15 @@ def log_softmax_forward(x, *, _keep_all=False):
         "N": N,
         "D": D,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
+        saved.update(
+            {
+                "argmax_x": argmax_x,
+                "maxes": maxes,
+                "shifted": shifted,
+                "out": out,
+            }
+        )
     return out, saved
 
 
@@ -69,9 +79,12 @@ def log_softmax_backward(grad_output, saved):
 
 def log_softmax_backward_steps(grad_output, saved):
     """Atom-by-atom chain rule of `log_softmax`: the gradient of every named tensor, by name."""
-    x = saved["x"]
+    if any(key not in saved for key in _STEPS_ONLY_KEYS):
+        # the forward kept only what the fused backward reads: recompute the rest
+        _, saved = log_softmax_forward(saved["x"], _keep_all=True)
     e = saved["e"]
     total = saved["total"]
+    argmax_x = saved["argmax_x"]
     N = saved["N"]
     D = saved["D"]
     if grad_output is None:
@@ -91,10 +104,10 @@ def log_softmax_backward_steps(grad_output, saved):
     t2 = dshifted.sum(1)
     # maxes <- shifted
     dmaxes = -t2[:, None]
-    t3 = x.argmax(1)
-    t4 = dout.new_zeros((N, D)).scatter_(1, t3.unsqueeze(1), 1.0)
     # x <- maxes
-    dx = dx + dmaxes * t4
+    g3 = dout.new_zeros((N, D))
+    g3.scatter_add_(1, argmax_x[:, None], dmaxes[:, 0][:, None].expand(N, 1))
+    dx = dx + g3
     return {
         "x": dx,
         "maxes": dmaxes,

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-_STEPS_ONLY_KEYS = ()
+_STEPS_ONLY_KEYS = ("argmax_x",)
 
 
 class logsumexp_Grads(NamedTuple):
@@ -27,7 +27,7 @@ def logsumexp_forward(x, *, _keep_all=False):
     """Forward pass of `logsumexp`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"logsumexp: x must be [N, D], got shape {tuple(x.shape)}")
@@ -35,8 +35,9 @@ def logsumexp_forward(x, *, _keep_all=False):
         raise TypeError(f"logsumexp: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
-    t1 = x.max(1).values
-    maxes = t1[:, None]
+    t1 = x.max(1)
+    argmax_x = t1.indices
+    maxes = t1.values[:, None]
     e = torch.exp(-maxes + x)
     t2 = e.sum(1)
     total = t2[:, None]
@@ -48,6 +49,14 @@ def logsumexp_forward(x, *, _keep_all=False):
         "N": N,
         "D": D,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
+        saved.update(
+            {
+                "argmax_x": argmax_x,
+                "maxes": maxes,
+                "out": out,
+            }
+        )
     return out, saved
 
 
@@ -66,9 +75,12 @@ def logsumexp_backward(grad_output, saved):
 
 def logsumexp_backward_steps(grad_output, saved):
     """Atom-by-atom chain rule of `logsumexp`: the gradient of every named tensor, by name."""
-    x = saved["x"]
+    if any(key not in saved for key in _STEPS_ONLY_KEYS):
+        # the forward kept only what the fused backward reads: recompute the rest
+        _, saved = logsumexp_forward(saved["x"], _keep_all=True)
     e = saved["e"]
     total = saved["total"]
+    argmax_x = saved["argmax_x"]
     N = saved["N"]
     D = saved["D"]
     if grad_output is None:
@@ -85,10 +97,10 @@ def logsumexp_backward_steps(grad_output, saved):
     t1 = (de * e).sum(1)
     # maxes <- e
     dmaxes = dmaxes + -t1[:, None]
-    t2 = x.argmax(1)
-    t3 = dout.new_zeros((N, D)).scatter_(1, t2.unsqueeze(1), 1.0)
     # x <- maxes
-    dx = dx + dmaxes * t3
+    g2 = dout.new_zeros((N, D))
+    g2.scatter_add_(1, argmax_x[:, None], dmaxes[:, 0][:, None].expand(N, 1))
+    dx = dx + g2
     return {
         "x": dx,
         "maxes": dmaxes,

@@ -43,9 +43,9 @@ import torch
 
 _STEPS_ONLY_KEYS = (
     "bndiff",
-    "logits",
     "counts",
     "counts_sum_inv",
+    "argmax_logits",
 )
 
 
@@ -65,7 +65,7 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
     """Forward pass of `makemore_mlp`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if C.dim() != 2:
         raise ValueError(f"makemore_mlp: C must be [V, E], got shape {tuple(C.shape)}")
@@ -159,8 +159,9 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
     h = torch.tanh(hpreact)
     t4 = h @ W2
     logits = b2 + t4
-    t5 = logits.max(1).values
-    logit_maxes = t5[:, None]
+    t5 = logits.max(1)
+    argmax_logits = t5.indices
+    logit_maxes = t5.values[:, None]
     norm_logits = -logit_maxes + logits
     counts = torch.exp(norm_logits)
     t6 = counts.sum(1)
@@ -194,13 +195,24 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
         "eps": eps,
         "loss": loss,
     }
-    if _keep_all:  # what only the atom-by-atom chain reads
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
         saved.update(
             {
                 "bndiff": bndiff,
-                "logits": logits,
                 "counts": counts,
                 "counts_sum_inv": counts_sum_inv,
+                "argmax_logits": argmax_logits,
+                "emb": emb,
+                "hprebn": hprebn,
+                "bnmeani": bnmeani,
+                "bndiff2": bndiff2,
+                "bnvar": bnvar,
+                "hpreact": hpreact,
+                "logits": logits,
+                "logit_maxes": logit_maxes,
+                "norm_logits": norm_logits,
+                "counts_sum": counts_sum,
+                "logprobs": logprobs,
             }
         )
     return loss, saved
@@ -227,7 +239,7 @@ def makemore_mlp_backward(grad_output, saved):
     dloss = grad_output
     s1 = dloss / N
     dlogits = probs * s1
-    dlogits.scatter_add_(1, Yb.unsqueeze(1), (-s1).expand(N, 1))
+    dlogits.scatter_add_(1, Yb[:, None], (-s1).expand(N, 1))
     dh = dlogits @ W2.T
     dhpreact = dh * (1 - h**2)
     t4 = dhpreact.sum(0)
@@ -284,10 +296,10 @@ def makemore_mlp_backward_steps(grad_output, saved):
     bnvar_inv = saved["bnvar_inv"]
     bnraw = saved["bnraw"]
     h = saved["h"]
-    logits = saved["logits"]
     counts = saved["counts"]
     counts_sum_inv = saved["counts_sum_inv"]
     probs = saved["probs"]
+    argmax_logits = saved["argmax_logits"]
     V = saved["V"]
     E = saved["E"]
     J = saved["J"]
@@ -298,16 +310,16 @@ def makemore_mlp_backward_steps(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    t1 = dloss.new_zeros((N, K)).scatter_(1, Yb.unsqueeze(1), 1.0)
     # logprobs <- loss
-    dlogprobs = (-dloss / N) * t1
+    dlogprobs = dloss.new_zeros((N, K))
+    dlogprobs.scatter_add_(1, Yb[:, None], (-dloss / N).expand(N, 1))
     # probs <- logprobs
     dprobs = dlogprobs / probs
     # counts <- probs
     dcounts = counts_sum_inv * dprobs
-    t3 = (counts * dprobs).sum(1)
+    t1 = (counts * dprobs).sum(1)
     # counts_sum_inv <- probs
-    dcounts_sum_inv = t3[:, None]
+    dcounts_sum_inv = t1[:, None]
     # counts_sum <- counts_sum_inv
     dcounts_sum = -(counts_sum_inv**2) * dcounts_sum_inv
     # counts <- counts_sum
@@ -316,37 +328,37 @@ def makemore_mlp_backward_steps(grad_output, saved):
     dnorm_logits = counts * dcounts
     # logits <- norm_logits
     dlogits = dnorm_logits
-    t4 = dnorm_logits.sum(1)
+    t2 = dnorm_logits.sum(1)
     # logit_maxes <- norm_logits
-    dlogit_maxes = -t4[:, None]
-    t5 = logits.argmax(1)
-    t6 = dloss.new_zeros((N, K)).scatter_(1, t5.unsqueeze(1), 1.0)
+    dlogit_maxes = -t2[:, None]
     # logits <- logit_maxes
-    dlogits = dlogits + dlogit_maxes * t6
-    t7 = h.T @ dlogits
+    g3 = dloss.new_zeros((N, K))
+    g3.scatter_add_(1, argmax_logits[:, None], dlogit_maxes[:, 0][:, None].expand(N, 1))
+    dlogits = dlogits + g3
+    t4 = h.T @ dlogits
     # W2 <- logits
-    dW2 = t7
-    t8 = dlogits.sum(0)
+    dW2 = t4
+    t5 = dlogits.sum(0)
     # b2 <- logits
-    db2 = t8
-    t9 = dlogits @ W2.T
+    db2 = t5
+    t6 = dlogits @ W2.T
     # h <- logits
-    dh = t9
+    dh = t6
     # hpreact <- h
     dhpreact = dh * (1 - h**2)
-    t10 = (bnraw * dhpreact).sum(0)
+    t7 = (bnraw * dhpreact).sum(0)
     # bngain <- hpreact
-    dbngain = t10[None, :]
-    t11 = dhpreact.sum(0)
+    dbngain = t7[None, :]
+    t8 = dhpreact.sum(0)
     # bnbias <- hpreact
-    dbnbias = t11[None, :]
+    dbnbias = t8[None, :]
     # bnraw <- hpreact
     dbnraw = bngain * dhpreact
     # bndiff <- bnraw
     dbndiff = bnvar_inv * dbnraw
-    t12 = (bndiff * dbnraw).sum(0)
+    t9 = (bndiff * dbnraw).sum(0)
     # bnvar_inv <- bnraw
-    dbnvar_inv = t12[None, :]
+    dbnvar_inv = t9[None, :]
     # bnvar <- bnvar_inv
     dbnvar = -1 / 2 * bnvar_inv**3 * dbnvar_inv
     # bndiff2 <- bnvar
@@ -355,25 +367,25 @@ def makemore_mlp_backward_steps(grad_output, saved):
     dbndiff = dbndiff + 2 * bndiff * dbndiff2
     # hprebn <- bndiff
     dhprebn = dbndiff
-    t13 = dbndiff.sum(0)
+    t10 = dbndiff.sum(0)
     # bnmeani <- bndiff
-    dbnmeani = -t13[None]
+    dbnmeani = -t10[None]
     # hprebn <- bnmeani
     dhprebn = dhprebn + (dbnmeani[0, :] / N)[None].expand(N, J)
-    t14 = embcat.T @ dhprebn
+    t11 = embcat.T @ dhprebn
     # W1 <- hprebn
-    dW1 = t14
-    t15 = dhprebn.sum(0)
+    dW1 = t11
+    t12 = dhprebn.sum(0)
     # b1 <- hprebn
-    db1 = t15
-    t16 = dhprebn @ W1.T
+    db1 = t12
+    t13 = dhprebn @ W1.T
     # embcat <- hprebn
-    dembcat = t16
+    dembcat = t13
     # emb <- embcat
     demb = dembcat.reshape(N, T, E)
-    t17 = dloss.new_zeros((V, E)).index_add_(0, Xb.reshape(-1), demb.reshape(-1, E))
+    t14 = dloss.new_zeros((V, E)).index_add_(0, Xb.reshape(-1), demb.reshape(-1, E))
     # C <- emb
-    dC = t17
+    dC = t14
     return {
         "C": dC,
         "W1": dW1,

@@ -27,7 +27,7 @@ def mse_loss_forward(x, y, *, _keep_all=False):
     """Forward pass of `mse_loss`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"mse_loss: x must be [N, D], got shape {tuple(x.shape)}")

@@ -4,7 +4,7 @@ Forward, in index notation:
     out[n, d] = Max(0, x[n, d])
 
 Fused gradients (derived by SymPy, simplified by derive):
-    dx[n, d] = dout[n, d]*Heaviside(x[n, d])
+    dx[n, d] = dout[n, d]*Heaviside(x[n, d], 0)
 """
 
 from typing import NamedTuple
@@ -24,7 +24,7 @@ def relu_forward(x, *, _keep_all=False):
     """Forward pass of `relu`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"relu: x must be [N, D], got shape {tuple(x.shape)}")
@@ -38,6 +38,12 @@ def relu_forward(x, *, _keep_all=False):
         "N": N,
         "D": D,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
+        saved.update(
+            {
+                "out": out,
+            }
+        )
     return out, saved
 
 

@@ -29,7 +29,7 @@ def rmsnorm_forward(x, gamma, *, eps=1e-06, _keep_all=False):
     """Forward pass of `rmsnorm`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"rmsnorm: x must be [N, D], got shape {tuple(x.shape)}")
@@ -58,6 +58,12 @@ def rmsnorm_forward(x, gamma, *, eps=1e-06, _keep_all=False):
         "D": D,
         "eps": eps,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
+        saved.update(
+            {
+                "ms": ms,
+            }
+        )
     return out, saved
 
 

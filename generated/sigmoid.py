@@ -24,7 +24,7 @@ def sigmoid_forward(x, *, _keep_all=False):
     """Forward pass of `sigmoid`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"sigmoid: x must be [N, D], got shape {tuple(x.shape)}")
@@ -32,10 +32,12 @@ def sigmoid_forward(x, *, _keep_all=False):
         raise TypeError(f"sigmoid: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
-    out = 1 / (1 + torch.exp(-x))
+    exp_x = torch.exp(-x)
+    out = 1 / (exp_x + 1)
     saved = {
         "x": x,
         "out": out,
+        "exp_x": exp_x,
         "N": N,
         "D": D,
     }
@@ -44,12 +46,12 @@ def sigmoid_forward(x, *, _keep_all=False):
 
 def sigmoid_backward(grad_output, saved):
     """Fused, simplified backward of `sigmoid` (see the module docstring for the formulas)."""
-    x = saved["x"]
     out = saved["out"]
+    exp_x = saved["exp_x"]
     if grad_output is None:
         raise ValueError("sigmoid: grad_output is required for a non-scalar output")
     dout = grad_output
-    dx = dout * out**2 * torch.exp(-x)
+    dx = dout * exp_x * out**2
     return sigmoid_Grads(
         x=dx,
     )
@@ -57,13 +59,13 @@ def sigmoid_backward(grad_output, saved):
 
 def sigmoid_backward_steps(grad_output, saved):
     """Atom-by-atom chain rule of `sigmoid`: the gradient of every named tensor, by name."""
-    x = saved["x"]
     out = saved["out"]
+    exp_x = saved["exp_x"]
     if grad_output is None:
         raise ValueError("sigmoid: grad_output is required for a non-scalar output")
     dout = grad_output
     # x <- out
-    dx = dout * out**2 * torch.exp(-x)
+    dx = dout * exp_x * out**2
     return {
         "x": dx,
         "out": dout,
@@ -71,8 +73,8 @@ def sigmoid_backward_steps(grad_output, saved):
 
 
 _BACKWARD_KEYS = (
-    "x",
     "out",
+    "exp_x",
 )
 
 

@@ -24,7 +24,7 @@ def silu_forward(x, *, _keep_all=False):
     """Forward pass of `silu`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"silu: x must be [N, D], got shape {tuple(x.shape)}")
@@ -32,22 +32,31 @@ def silu_forward(x, *, _keep_all=False):
         raise TypeError(f"silu: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
-    out = x / (1 + torch.exp(-x))
+    exp_x = torch.exp(-x)
+    out = x / (exp_x + 1)
     saved = {
         "x": x,
+        "exp_x": exp_x,
         "N": N,
         "D": D,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
+        saved.update(
+            {
+                "out": out,
+            }
+        )
     return out, saved
 
 
 def silu_backward(grad_output, saved):
     """Fused, simplified backward of `silu` (see the module docstring for the formulas)."""
     x = saved["x"]
+    exp_x = saved["exp_x"]
     if grad_output is None:
         raise ValueError("silu: grad_output is required for a non-scalar output")
     dout = grad_output
-    dx = dout * (x + torch.exp(x) + 1) * torch.exp(x) / (torch.exp(x) + 1) ** 2
+    dx = dout * (x + 1 + 1 / exp_x) / (exp_x * (1 + 1 / exp_x) ** 2)
     return silu_Grads(
         x=dx,
     )
@@ -56,18 +65,22 @@ def silu_backward(grad_output, saved):
 def silu_backward_steps(grad_output, saved):
     """Atom-by-atom chain rule of `silu`: the gradient of every named tensor, by name."""
     x = saved["x"]
+    exp_x = saved["exp_x"]
     if grad_output is None:
         raise ValueError("silu: grad_output is required for a non-scalar output")
     dout = grad_output
     # x <- out
-    dx = dout * (x + torch.exp(x) + 1) * torch.exp(x) / (torch.exp(x) + 1) ** 2
+    dx = dout * (x + 1 + 1 / exp_x) / (exp_x * (1 + 1 / exp_x) ** 2)
     return {
         "x": dx,
         "out": dout,
     }
 
 
-_BACKWARD_KEYS = ("x",)
+_BACKWARD_KEYS = (
+    "x",
+    "exp_x",
+)
 
 
 class silu_Function(torch.autograd.Function):

@@ -17,6 +17,7 @@ import torch
 _STEPS_ONLY_KEYS = (
     "e",
     "total",
+    "argmax_x",
 )
 
 
@@ -30,7 +31,7 @@ def softmax_forward(x, *, _keep_all=False):
     """Forward pass of `softmax`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"softmax: x must be [N, D], got shape {tuple(x.shape)}")
@@ -38,8 +39,9 @@ def softmax_forward(x, *, _keep_all=False):
         raise TypeError(f"softmax: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
-    t1 = x.max(1).values
-    maxes = t1[:, None]
+    t1 = x.max(1)
+    argmax_x = t1.indices
+    maxes = t1.values[:, None]
     e = torch.exp(-maxes + x)
     t2 = e.sum(1)
     total = t2[:, None]
@@ -50,11 +52,13 @@ def softmax_forward(x, *, _keep_all=False):
         "N": N,
         "D": D,
     }
-    if _keep_all:  # what only the atom-by-atom chain reads
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
         saved.update(
             {
                 "e": e,
                 "total": total,
+                "argmax_x": argmax_x,
+                "maxes": maxes,
             }
         )
     return out, saved
@@ -78,10 +82,10 @@ def softmax_backward_steps(grad_output, saved):
     if any(key not in saved for key in _STEPS_ONLY_KEYS):
         # the forward kept only what the fused backward reads: recompute the rest
         _, saved = softmax_forward(saved["x"], _keep_all=True)
-    x = saved["x"]
     e = saved["e"]
     total = saved["total"]
     out = saved["out"]
+    argmax_x = saved["argmax_x"]
     N = saved["N"]
     D = saved["D"]
     if grad_output is None:
@@ -99,10 +103,10 @@ def softmax_backward_steps(grad_output, saved):
     t2 = (de * e).sum(1)
     # maxes <- e
     dmaxes = -t2[:, None]
-    t3 = x.argmax(1)
-    t4 = dout.new_zeros((N, D)).scatter_(1, t3.unsqueeze(1), 1.0)
     # x <- maxes
-    dx = dx + dmaxes * t4
+    g3 = dout.new_zeros((N, D))
+    g3.scatter_add_(1, argmax_x[:, None], dmaxes[:, 0][:, None].expand(N, 1))
+    dx = dx + g3
     return {
         "x": dx,
         "maxes": dmaxes,

@@ -24,7 +24,7 @@ def softplus_forward(x, *, _keep_all=False):
     """Forward pass of `softplus`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"softplus: x must be [N, D], got shape {tuple(x.shape)}")
@@ -32,22 +32,30 @@ def softplus_forward(x, *, _keep_all=False):
         raise TypeError(f"softplus: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
-    out = torch.log(torch.exp(x) + 1)
+    exp_x = torch.exp(x)
+    out = torch.log(exp_x + 1)
     saved = {
         "x": x,
+        "exp_x": exp_x,
         "N": N,
         "D": D,
     }
+    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
+        saved.update(
+            {
+                "out": out,
+            }
+        )
     return out, saved
 
 
 def softplus_backward(grad_output, saved):
     """Fused, simplified backward of `softplus` (see the module docstring for the formulas)."""
-    x = saved["x"]
+    exp_x = saved["exp_x"]
     if grad_output is None:
         raise ValueError("softplus: grad_output is required for a non-scalar output")
     dout = grad_output
-    dx = dout * torch.exp(x) / (torch.exp(x) + 1)
+    dx = dout * exp_x / (exp_x + 1)
     return softplus_Grads(
         x=dx,
     )
@@ -55,19 +63,19 @@ def softplus_backward(grad_output, saved):
 
 def softplus_backward_steps(grad_output, saved):
     """Atom-by-atom chain rule of `softplus`: the gradient of every named tensor, by name."""
-    x = saved["x"]
+    exp_x = saved["exp_x"]
     if grad_output is None:
         raise ValueError("softplus: grad_output is required for a non-scalar output")
     dout = grad_output
     # x <- out
-    dx = dout * torch.exp(x) / (torch.exp(x) + 1)
+    dx = dout * exp_x / (exp_x + 1)
     return {
         "x": dx,
         "out": dout,
     }
 
 
-_BACKWARD_KEYS = ("x",)
+_BACKWARD_KEYS = ("exp_x",)
 
 
 class softplus_Function(torch.autograd.Function):

@@ -24,7 +24,7 @@ def tanh_forward(x, *, _keep_all=False):
     """Forward pass of `tanh`: returns (output, saved) where saved feeds the backward.
 
     `saved` keeps what the fused backward reads (and references to the inputs);
-    `_keep_all=True` also keeps what only the atom-by-atom chain reads.
+    `_keep_all=True` also keeps what only the atom-by-atom chain reads and every named intermediate.
     """
     if x.dim() != 2:
         raise ValueError(f"tanh: x must be [N, D], got shape {tuple(x.shape)}")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import itertools
 import linecache
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -50,7 +49,7 @@ import derive as derive_pkg
 from derive import apply, derive, op
 from derive.emit import render
 from derive.indexalg import ISum, dim_of, entry_name, is_entry
-from derive.verify import _forward_function, autograd_grads, index_ranges, load_module, verify
+from derive.verify import TensorSizes, _forward_function, autograd_grads, index_ranges, load_module, verify
 
 from .conftest import OPS, derived
 
@@ -115,24 +114,12 @@ def _shape(info: Any, sizes: dict[str, int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _aliased_in_reference(d: Any) -> set[str]:
-    """Named tensors that derive's reference forward aliases to a temporary it also uses elsewhere.
-
-    For ``v0 = x.sum("d"); v2 = x.sum("d")`` (or ``v1 = x.sum("n"); v2 = x.sum("n") / exp(v1)``)
-    the reference forward reads ``t1 = x.sum(0); v0 = t1; ...; v2 = t1``: one tensor object, so
-    autograd's ``retain_grad`` gradient of ``v0`` also collects the other uses of ``t1``. A known
-    bug (see ``test_an_intermediate_equal_to_another_expression_gets_its_own_autograd_gradient``):
-    those names are compared with this file's own torch evaluation instead.
-    """
-    lines = [line.split(" = ", 1) for line in d.code.reference_forward]
-    out = set()
-    for name, code in lines:
-        code = code.strip()
-        if code.isidentifier() and code not in d.program.tensors:
-            uses = sum(re.search(rf"\b{code}\b", rhs) is not None for _, rhs in lines)
-            if uses > 1:
-                out.add(name)
-    return out
+def _no_blow_up(what: str, sizes: TensorSizes, bound: int) -> None:
+    """The invariant: no tensor a backward creates is larger than the largest its forward made."""
+    assert sizes.largest <= bound, (
+        f"{what} created a tensor of {sizes.largest} elements (by aten.{sizes.largest_op}); "
+        f"the forward's largest has {bound}"
+    )
 
 
 def _check_module(
@@ -143,9 +130,10 @@ def _check_module(
 ) -> dict[str, torch.Tensor]:
     """Fused backward and chain against autograd through the reference forward; returns autograd's grads."""
     name = d.program.name
-    shared = _aliased_in_reference(d)
     params = {p.name: p.default for p in d.program.params}
-    out, saved = getattr(module, f"{name}_forward")(*inputs, **params)
+    with TensorSizes() as forward_sizes:
+        out, saved = getattr(module, f"{name}_forward")(*inputs, **params)
+    bound = max([forward_sizes.largest, out.numel()] + [x.numel() for x in inputs])
     reference = _forward_function(d)(*inputs, **params)[d.program.output]
     _close("forward output vs reference forward", out, reference)
     g = None if out.dim() == 0 else draw_grad(tuple(out.shape))
@@ -153,16 +141,20 @@ def _check_module(
     for x, info in zip(inputs, d.program.inputs):  # known bug: test_verify_handles_an_input_with_zero_gradient
         if not info.is_int and info.name not in want:
             want[info.name] = torch.zeros_like(x)
-    fused = getattr(module, f"{name}_backward")(g, saved)._asdict()
+    with TensorSizes() as sizes:
+        fused = getattr(module, f"{name}_backward")(g, saved)._asdict()
+    _no_blow_up("fused backward", sizes, bound)
     assert set(fused) == {t.name for t in d.program.differentiable_inputs}, sorted(fused)
     for k, v in fused.items():
         _close(f"fused d{k}", v, want[k])
-    steps = getattr(module, f"{name}_backward_steps")(g, saved)
+    with TensorSizes() as sizes:
+        steps = getattr(module, f"{name}_backward_steps")(g, saved)
+    _no_blow_up("atom-by-atom backward", sizes, bound)
     missing = {t.name for t in d.program.differentiable_inputs} - set(steps)
     # known bug (test_backward_steps_has_every_input): an input with a zero gradient is left out
     assert all(not fused[k].any() for k in missing), f"backward_steps has no gradient for {sorted(missing)}"
     for k, v in steps.items():
-        if k in want and k not in shared:
+        if k in want:
             _close(f"chain d{k}", v, want[k])
     function = getattr(module, name, None)
     if callable(function):  # the differentiable wrapper: .backward() runs the fused backward
@@ -891,12 +883,6 @@ def shadowed(x):
     _check_module(d, module, [x], lambda shape: _x(*shape, seed=1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="δ(te, (t,e)) is not eliminated in the gradient of an input declared '(t e)' met by an inline flatten: "
-    "dw[te] = Σ_n(Σ_t(Σ_e(dout[n, (t,e)]*x[n, t, e]*δ(te, (t,e))))) is lowered to code that reads `(t,e)` "
-    "(NameError: name 't' is not defined); naming the flattened tensor avoids it",
-)
 @pytest.mark.parametrize("body", ['out = x.flatten("t", "e") * w', 'out = x.flatten("t", "e") @ w'])
 def test_an_input_with_a_flattened_dim_meets_an_inline_flatten(body: str):
     d, module = _generated(f'@op(x="n t e", w="(t e)")\ndef flat_scale(x, w):\n    {body}\n    return out\n')
@@ -984,13 +970,6 @@ def test_backward_steps_has_every_input(body: str):
     assert not steps["w"].any()
 
 
-_ALIASED = (
-    "the reference forward shares one tensor between a named intermediate and an equal expression "
-    "(`t1 = x.sum(0); v0 = t1; ...; v2 = t1`), so autograd's retain_grad gradient of v0 collects the "
-    "other uses too and verify() fails a correct chain"
-)
-
-
 @pytest.mark.parametrize(
     "second",
     [
@@ -998,7 +977,6 @@ _ALIASED = (
         pytest.param('out = v1 * x.sum("d")', id="a-statement-equal-to-a-temporary"),
     ],
 )
-@pytest.mark.xfail(strict=True, reason=_ALIASED)
 def test_an_intermediate_equal_to_another_expression_gets_its_own_autograd_gradient(second: str):
     source = f'@op(x="d k")\ndef shared(x):\n    v0 = x.sum("d")\n    v1 = tanh(v0)\n    {second}\n    return out\n'
     d, module = _generated(source)
@@ -1008,7 +986,8 @@ def test_an_intermediate_equal_to_another_expression_gets_its_own_autograd_gradi
     v0 = x.sum(0)
     expected_dv0 = (1 - torch.tanh(v0) ** 2) * v0 * dout  # d(tanh(v0) * v0)/dv0 along the tanh path only
     torch.testing.assert_close(steps["v0"], expected_dv0)  # the generated chain is right ...
-    torch.testing.assert_close(autograd_grads(d, [x], dout)["v0"], expected_dv0)  # ... autograd's reference is not
+    # ... and so is autograd's reference: each statement is its own tensor there (no shared temporary)
+    torch.testing.assert_close(autograd_grads(d, [x], dout)["v0"], expected_dv0)
     assert verify(d, module, exact=False).ok
 
 

@@ -1,23 +1,24 @@
-"""Lowering: index expressions to vectorised PyTorch statements.
+"""Index expressions to vectorised PyTorch statements.
 
 Each axis of a lowered value is labelled by an index symbol. Entries become tensor variables
-(viewed without their size-1 axes), sums become ``.sum(dim)``, products summed over a shared index
-become ``@`` or ``einsum``, deltas on an integer tensor become ``one_hot`` (or an ``index_add_``
-scatter when the tensor's indices are all summed), and the scalar shell is printed by a subclass
-of SymPy's own torch printer. Common sub-expressions are computed once, into temporaries.
+(viewed without their size-1 axes); a sum of a product is evaluated pair by pair in the order
+:mod:`.plan` finds cheapest (``@``, ``einsum``, ``.sum(dim)``), so no intermediate outgrows the
+forward's tensors; a Kronecker delta that picks a position (a gather's or an argmax's) becomes a
+scatter of values (``scatter_add_``, ``index_add_``), never a one-hot multiplied by anything;
+the scalar shell is printed by :class:`.printer.TorchCodePrinter`. Sums, maxima and the costly
+sub-expressions :mod:`.share` finds more than once are computed once, into temporaries.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import sympy
-from sympy.printing.pytorch import TorchPrinter
 
-from .errors import OpDefinitionError
-from .indexalg import tensor_names
-from .indexalg import (
+from ..errors import OpDefinitionError
+from ..indexalg import (
     ArgMax,
     Dim,
     Flat,
@@ -30,87 +31,15 @@ from .indexalg import (
     free_indices,
     is_entry,
     is_index,
+    substitute_indices,
+    tensor_names,
 )
-from .program import Layout, TensorInfo
+from ..program import Layout, TensorInfo
+from . import plan as planner
+from .printer import PRINTER, atom, shape_tuple, size_code
+from .share import canonical_key, costly
 
 Axes = tuple[sympy.Symbol, ...]
-
-
-class TorchCodePrinter(TorchPrinter):
-    """SymPy's torch printer, with Python operators for powers and PyTorch's kink conventions."""
-
-    def _print_Symbol(self, expr: sympy.Symbol) -> str:
-        return expr.name
-
-    def _print(self, expr, **kwargs) -> str:
-        if isinstance(expr, sympy.Expr) and expr.is_number and not expr.is_Rational and expr.is_real:
-            return repr(float(expr))  # constants such as sqrt(2/pi) become Python floats
-        return super()._print(expr, **kwargs)
-
-    def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
-        base, exp = expr.as_base_exp()
-        b = self.parenthesize(base, sympy.printing.precedence.PRECEDENCE["Pow"])
-        if exp == sympy.S.Half:
-            return f"torch.sqrt({self._print(base)})"
-        if exp == -1:
-            return f"1 / {b}"
-        if exp.is_Integer or exp.is_Rational or exp.is_Float:
-            return f"{b} ** {self._print_exponent(exp)}"
-        return f"{b} ** {self.parenthesize(exp, sympy.printing.precedence.PRECEDENCE['Pow'])}"
-
-    def _print_exponent(self, exp: sympy.Expr) -> str:
-        if exp.is_Integer and exp >= 0:
-            return str(exp)
-        if exp.is_Rational and not exp.is_Integer:
-            return f"({float(exp)!r})"
-        return f"({self._print(exp)})"
-
-    def _print_Rational(self, expr: sympy.Rational) -> str:
-        return f"{expr.p} / {expr.q}"
-
-    def _print_Float(self, expr: sympy.Float) -> str:
-        return repr(float(expr))
-
-    def _print_Heaviside(self, expr: sympy.Expr) -> str:
-        # PyTorch's conventions at a kink: relu'(0) = 0 (a value against a constant);
-        # torch.maximum(x, y) splits the gradient evenly at a tie (two values)
-        arg = expr.args[0]
-        code = self._print(arg)
-        ties_between_values = isinstance(arg, sympy.Add) and len([t for t in arg.args if not t.is_number]) >= 2
-        if ties_between_values:
-            return f"torch.heaviside({code}, torch.full_like({code}, 0.5))"
-        return f"({code} > 0)"
-
-    def _print_Max(self, expr: sympy.Expr) -> str:
-        a, b = expr.args[0], sympy.Max(*expr.args[1:])
-        if a.is_number and b.is_number:
-            return repr(float(expr))
-        if a.is_number or b.is_number:
-            value, bound = (b, a) if a.is_number else (a, b)
-            if bound == 0:
-                return f"torch.relu({self._print(value)})"  # relu's gradient at 0 is 0, as derived
-            return f"torch.clamp_min({self._print(value)}, {self._print(bound)})"
-        return f"torch.maximum({self._print(a)}, {self._print(b)})"
-
-    def _print_Min(self, expr: sympy.Expr) -> str:
-        a, b = expr.args[0], sympy.Min(*expr.args[1:])
-        if a.is_number:
-            return f"torch.clamp_max({self._print(b)}, {self._print(a)})"
-        if b.is_number:
-            return f"torch.clamp_max({self._print(a)}, {self._print(b)})"
-        return f"torch.minimum({self._print(a)}, {self._print(b)})"
-
-    def _print_sign(self, expr: sympy.Expr) -> str:
-        return f"torch.sign({self._print(expr.args[0])})"
-
-    def _print_Abs(self, expr: sympy.Expr) -> str:
-        return f"torch.abs({self._print(expr.args[0])})"
-
-    def _print_Piecewise(self, expr: sympy.Expr) -> str:
-        raise OpDefinitionError(f"piecewise expression {expr} cannot be lowered; use Max/Min/Abs")
-
-
-_PRINTER = TorchCodePrinter({"strict": False})
 
 
 @dataclass(frozen=True)
@@ -137,6 +66,10 @@ class Lowerer:
     single_assignment: bool = False
     fuse_arithmetic: bool = False
     share: bool = True
+    # dims of every forward tensor, as multisets of plain dims: an intermediate must fit in one
+    admissible: list[Counter[str]] = field(default_factory=list)
+    # keys of costly sub-expressions (share.repeated) computed once, into temporaries
+    repeated: set[sympy.Expr] = field(default_factory=set)
 
     # -- public ------------------------------------------------------------------------------
     def assign(self, name: str, e: sympy.Expr, target: TensorInfo, accumulate: bool = False, comment: str = "") -> None:
@@ -145,16 +78,22 @@ class Lowerer:
         if not tensor_names(e) and not e.has(sympy.KroneckerDelta):
             # a constant (a gradient that cancelled to 0): a tensor of the target's shape
             shape = (
-                _shape_tuple(["1" if d is None else _size_code(d.size) for d in target.layout])
-                if target.layout
-                else "()"
+                shape_tuple(["1" if d is None else size_code(d.size) for d in target.layout]) if target.layout else "()"
             )
-            value = _PRINTER.doprint(e)
+            value = PRINTER.doprint(e)
             code = f"torch.full({shape}, {value}, dtype={self.ref}.dtype, device={self.ref}.device)"
             self.lines.append(f"{name} = {name} + {code}" if accumulate else f"{name} = {code}")
             return
+        if target.dims and _positional_deltas(e, target.indices, self.layouts):
+            temp = self._fresh_name("g") if accumulate else name
+            lines = self._scatter_values(temp, e, target)
+            if lines:
+                self.lines += ([f"# {comment}"] if comment else []) + lines
+                if accumulate:
+                    self.lines.append(f"{name} = {name} + {temp}")
+                return
         if self.fuse_arithmetic and not accumulate and target.dims and None not in target.layout:
-            lines = self._sparse_delta(name, e, target) or self._fused_terms(name, e, target)
+            lines = self._fused_terms(name, e, target)
             if lines:
                 self.lines += lines
                 return
@@ -175,8 +114,8 @@ class Lowerer:
         want = target.indices
         if None in target.layout and val.axes and set(val.axes) != set(want):
             full = tuple(d.index() if d else sympy.Symbol(f"_one{k}") for k, d in enumerate(target.layout))
-            shape = ", ".join("1" if d is None else _size_code(d.size) for d in target.layout)
-            return f"{_atom(self.align(val, full, strip=False))}.expand({shape})"
+            shape = ", ".join("1" if d is None else size_code(d.size) for d in target.layout)
+            return f"{atom(self.align(val, full, strip=False))}.expand({shape})"
         extra = set(val.axes) - set(want)
         if extra:
             raise OpDefinitionError(
@@ -184,68 +123,78 @@ class Lowerer:
             )
         aligned = self.align(val, want, strip=False) if val.axes else val.code
         if not val.axes and want:
-            shape = _shape_tuple([_size_code(d.size) for d in target.dims])
+            shape = shape_tuple([size_code(d.size) for d in target.dims])
             aligned = f"{aligned} * torch.ones({shape}, dtype={self.ref}.dtype, device={self.ref}.device)"
         elif set(val.axes) != set(want):
             # the gradient of a broadcast is materialised at the tensor's full shape
-            shape = ", ".join("1" if d is None else _size_code(d.size) for d in target.layout)
-            aligned = f"{_atom(aligned)}.expand({shape})"
+            shape = ", ".join("1" if d is None else size_code(d.size) for d in target.layout)
+            aligned = f"{atom(aligned)}.expand({shape})"
             return aligned if None not in target.layout else aligned
         if None in target.layout:
             idx = ", ".join("None" if d is None else ":" for d in target.layout)
-            aligned = f"{_atom(aligned)}[{idx}]"
+            aligned = f"{atom(aligned)}[{idx}]"
         if not target.layout and val.axes:
             raise OpDefinitionError(f"internal: scalar {target.name} has axes")
         return aligned
 
     # -- fewer passes over memory --------------------------------------------------------------
-    def _sparse_delta(self, name: str, e: sympy.Expr, target: TensorInfo) -> list[str] | None:
-        """``g + h·δ(c, y[n])`` as a dense ``g`` plus ``h`` scatter-added at ``y``: no one-hot tensor.
+    def _scatter_values(self, name: str, e: sympy.Expr, target: TensorInfo) -> list[str] | None:
+        """``g + Σ_k h_k·δ(v_k, p_k)`` as ``g`` with each ``h_k`` scatter-added at position ``p_k`` along ``v_k``.
 
-        This is how ``(probs - onehot)/n`` becomes ``probs/n`` with ``-1/n`` added at the targets.
+        ``p_k`` is a position: a gather's integer index or an argmax. So ``(probs - onehot)/n``
+        becomes ``probs/n`` with ``-1/n`` added at the targets, and a max's gradient is ``dout``
+        scattered to the argmax: no one-hot tensor is ever built. None when ``e`` has no such
+        delta (or a product of two).
         """
-        deltas = [d for d in _value_leaves(e) if isinstance(d, sympy.KroneckerDelta)]
-        if len(deltas) != 1:
+        picks = _positional_deltas(e, target.indices, self.layouts)
+        if not picks:
             return None
-        delta = deltas[0]
-        for v, pick in (delta.args, delta.args[::-1]):
-            if is_index(v) and v in target.indices and is_entry(pick) and all(is_index(i) for i in entry_indices(pick)):
-                break
-        else:
-            return None
-        rest = tuple(i for i in target.indices if i != v)
-        if tuple(entry_indices(pick)) != rest or not self.layouts[entry_name(pick)].is_int:
-            return None
-        marker = sympy.Dummy("delta")
-        linear = e.xreplace({delta: marker})
-        h = sympy.diff(linear, marker)
-        if h.has(marker) or h == 0:
-            return None
-        g = linear.xreplace({marker: 0})
-        at = _substitute_index(h, v, pick)
+        markers = {delta: sympy.Dummy(f"delta{k}") for k, (delta, _, _) in enumerate(picks)}
+        linear = e.xreplace(markers)
+        parts = []
+        for delta, v, p in picks:
+            h = sympy.diff(linear, markers[delta])
+            if h == 0 or h.free_symbols & set(markers.values()):
+                return None
+            parts.append((v, p, substitute_indices(h, {v: p})))
+        g = linear.xreplace({m: 0 for m in markers.values()})
+        flat = TensorInfo(name, tuple(target.dims))
+        out = name if None not in target.layout else f"{name}_"
         lines: list[str] = []
         known: dict[str, Val] = {}
-        common = {f for f in set(sympy.Mul.make_args(g)) & set(sympy.Mul.make_args(at)) if not f.is_number}
+        common = set.intersection(*(set(sympy.Mul.make_args(h)) for _, _, h in parts))
+        common = {f for f in common & set(sympy.Mul.make_args(g)) if not f.is_number}
         if common and g != 0:
             shared, stand_in = self._share(common, lines, known)
-            g, at = g / shared * stand_in, at / shared * stand_in
-        axis = target.indices.index(v)
+            g = g / shared * stand_in
+            parts = [(v, p, h / shared * stand_in) for v, p, h in parts]
+        sizes = [size_code(d.size) for d in target.dims]
         if g == 0:
-            dense = f"{self.ref}.new_zeros({_shape_tuple([_size_code(d.size) for d in target.dims])})"
+            dense = f"{self.ref}.new_zeros({shape_tuple(sizes)})"
         else:
-            dense = self.to_layout(self._elementwise(g, known), target)
-            if _atom(dense) == dense:
-                dense = f"{dense}.clone()"  # never scatter into a saved forward value
-        index = f"{_atom(self.lower(pick).code)}.unsqueeze({axis})"
-        src_val = self._elementwise(at, known)
-        src_shape = _shape_tuple(["1" if i == v else _size_code(dim_of(i).size) for i in target.indices])
-        if src_val.axes:
-            placeholder = tuple(sympy.Symbol("_one") if i == v else i for i in target.indices)
-            src_code = self.align(src_val, placeholder, strip=False)
-        else:
-            src_code = src_val.code  # a 0-dim value expands to any shape directly
-        lines.append(f"{name} = {dense}")
-        lines.append(f"{name}.scatter_add_({axis}, {index}, {_atom(src_code)}.expand{src_shape})")
+            dense = self.to_layout(self._elementwise(g, known), flat)
+            if atom(dense) == dense:
+                dense = f"{dense}.clone()"  # never scatter into a saved value, a view or an expand
+        lines.append(f"{out} = {dense}")
+        for v, p, h in parts:
+            axis = flat.indices.index(v)
+            slots = tuple(sympy.Symbol("_one") if i == v else i for i in flat.indices)
+            shape = shape_tuple(["1" if i == v else size_code(dim_of(i).size) for i in flat.indices])
+            index = self.lower(p)
+            index_code = self.align(index, slots, strip=False) if index.axes else index.code
+            if len(index.axes) < len(slots) - 1:
+                index_code = f"{atom(index_code)}.expand{shape}"
+            src = self._elementwise(h, known)
+            if src.axes:
+                src_code = f"{atom(self.align(src, slots, strip=False))}.expand{shape}"
+            elif tensor_names(h) or any(s.name.startswith("__val_") for s in h.free_symbols):
+                src_code = f"{atom(src.code)}.expand{shape}"
+            else:
+                src_code = f"torch.full({shape}, {src.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
+            lines.append(f"{out}.scatter_add_({axis}, {index_code}, {src_code})")
+        if out != name:
+            idx = ", ".join("None" if d is None else ":" for d in target.layout)
+            lines.append(f"{name} = {out}[{idx}]")
         return lines
 
     def _share(
@@ -298,18 +247,18 @@ class Lowerer:
             tensor_factor = bool(tensor_names(S)) or any(str(a).startswith("__val_") for a in S.free_symbols)
             s_code = "" if S == 1 else self.align(self._elementwise(S, known), target.indices)
             if acc is None:
-                acc = f"{_atom(f_code)}.clone()" if S == 1 else f"{_atom(f_code)} * {_atom(s_code)}"
+                acc = f"{atom(f_code)}.clone()" if S == 1 else f"{atom(f_code)} * {atom(s_code)}"
             elif S == 1:
-                acc = f"{_atom(acc)}.add_({f_code})" if fresh else f"torch.add({acc}, {f_code})"
+                acc = f"{atom(acc)}.add_({f_code})" if fresh else f"torch.add({acc}, {f_code})"
             elif tensor_factor:
                 acc = (
-                    f"{_atom(acc)}.addcmul_({f_code}, {s_code})"
+                    f"{atom(acc)}.addcmul_({f_code}, {s_code})"
                     if fresh
                     else f"torch.addcmul({acc}, {f_code}, {s_code})"
                 )
             else:
                 acc = (
-                    f"{_atom(acc)}.add_({f_code}, alpha={s_code})"
+                    f"{atom(acc)}.add_({f_code}, alpha={s_code})"
                     if fresh
                     else f"torch.add({acc}, {f_code}, alpha={s_code})"
                 )
@@ -343,16 +292,16 @@ class Lowerer:
         code = val.code
         if list(val.axes) != have:
             perm = [val.axes.index(a) for a in have]
-            code = f"{_atom(code)}.T" if len(perm) == 2 else f"{_atom(code)}.permute({', '.join(map(str, perm))})"
+            code = f"{atom(code)}.T" if len(perm) == 2 else f"{atom(code)}.permute({', '.join(map(str, perm))})"
         slots = [":" if a in val.axes else "None" for a in want]
         while strip and slots and slots[0] == "None":
             slots.pop(0)
         if "None" in slots:
             while slots and slots[-1] == ":":
                 slots.pop()
-            code = f"{_atom(code)}[{', '.join(slots)}]"
+            code = f"{atom(code)}[{', '.join(slots)}]"
         elif not strip and len(slots) > len(val.axes) and val.axes:
-            code = f"{_atom(code)}[{', '.join(slots)}]"
+            code = f"{atom(code)}[{', '.join(slots)}]"
         return code
 
     # -- lowering ----------------------------------------------------------------------------
@@ -362,29 +311,31 @@ class Lowerer:
         if isinstance(e, ISum):
             return self._cached(e, self._sum)
         if isinstance(e, IMax):
-            return self._cached(e, self._max)
+            return self._max(e)
         if isinstance(e, ArgMax):
-            return self._cached(e, self._argmax)
+            return self._argmax(e)
         if isinstance(e, sympy.KroneckerDelta):
             return self._cached(e, self._delta)
         if e.is_Symbol and is_index(e):
             raise OpDefinitionError(f"index {e} used as a value")
         return self._elementwise(e)
 
-    def _temp(self, code: str, hint: str = "t") -> str:
+    def _fresh_name(self, hint: str = "t") -> str:
         self.counter += 1
         name = f"{hint}{self.counter}"
         while name in self.names:
             self.counter += 1
             name = f"{hint}{self.counter}"
+        return name
+
+    def _temp(self, code: str, hint: str = "t") -> str:
+        name = self._fresh_name(hint)
         self.lines.append(f"{name} = {code}")
         return name
 
     def _cached(self, e: sympy.Expr, fn) -> Val:
-        order = _free_in_order(e)
-        placeholders = {s: sympy.Symbol(f"_p{k}_{dim_of(s).name}", integer=True) for k, s in enumerate(order)}
-        key = _rename_bound_canonically(e).xreplace(placeholders)
-        if key in self.memo:
+        key, placeholders = canonical_key(e)
+        if key in self.memo and self.share:
             code, axes = self.memo[key]
             back = {p: s for s, p in placeholders.items()}
             return Val(code, tuple(back[a] for a in axes))
@@ -419,23 +370,23 @@ class Lowerer:
         while k < len(idx):
             i, d = idx[k], dims[k]
             if isinstance(i, Pack):
-                shape += [_size_code(p.size) for p in d.parts]
+                shape += [size_code(p.size) for p in d.parts]
                 new_idx += list(i.args)
                 reshaped = True
                 k += 1
             elif isinstance(i, Flat) and int(i.args[1]) == 0:
                 f = i.args[0]
                 n = len(dim_of(f).parts)
-                shape.append(_size_code(dim_of(f).size))
+                shape.append(size_code(dim_of(f).size))
                 new_idx.append(f)
                 reshaped = True
                 k += n
             else:
-                shape.append(_size_code(d.size))
+                shape.append(size_code(d.size))
                 new_idx.append(i)
                 k += 1
         if reshaped:
-            code = f"{_atom(code)}.reshape({', '.join(shape)})"
+            code = f"{atom(code)}.reshape({', '.join(shape)})"
         if all(is_index(i) for i in new_idx):
             return Val(code, tuple(new_idx), info.is_int)
         return self._gather(code, new_idx, info.is_int)
@@ -464,20 +415,17 @@ class Lowerer:
         parts = []
         for i in head:
             if is_index(i):
-                rng = f"torch.arange({_size_code(dim_of(i).size)}, device={base}.device)"
+                rng = f"torch.arange({size_code(dim_of(i).size)}, device={base}.device)"
                 parts.append(self.align(Val(rng, (i,)), tuple(lead_axes)))
             else:
                 parts.append(self.align(self.lower(i), tuple(lead_axes)))
         parts += [":"] * len(tail)
-        return Val(f"{_atom(code)}[{', '.join(parts)}]", tuple(lead_axes) + tuple(tail), is_int)
+        return Val(f"{atom(code)}[{', '.join(parts)}]", tuple(lead_axes) + tuple(tail), is_int)
 
     def _sum(self, e: ISum) -> Val:
         if e.var not in free_indices(e.body):
             return self.lower(e.body * dim_of(e.var).size)  # a sum of something constant along the dim
-        indices, body = [], e
-        while isinstance(body, ISum):
-            indices.append(body.var)
-            body = body.body
+        indices, body = _flatten_sums(e)
         saved_preference, self.preferred = self.preferred, ()
         try:
             return self._sum_body(body, indices, saved_preference)
@@ -488,114 +436,189 @@ class Lowerer:
         scatter = self._scatter(body, indices)
         if scatter is not None:
             return scatter
+        summed = frozenset(indices)
         factors = sympy.Mul.make_args(body)
-        scalars = [f for f in factors if not (free_indices(f) & set(indices))]
-        inner = [f for f in factors if free_indices(f) & set(indices)]
-        val = self._contract(inner, indices, preferred) if len(inner) == 2 else None
-        if val is None:
-            summed = self.lower(sympy.Mul(*inner))
-            dims = sorted(summed.axes.index(i) for i in indices)
-            axes = tuple(a for a in summed.axes if a not in indices)
-            dim_text = str(dims[0]) if len(dims) == 1 else f"({', '.join(map(str, dims))})"
-            val = Val(
-                (
-                    f"{_atom(summed.code)}.sum({dim_text})"
-                    if axes or len(dims) < len(summed.axes)
-                    else f"{_atom(summed.code)}.sum()"
-                ),
-                axes,
-            )
+        scalars = [f for f in factors if not (free_indices(f) & summed)]
+        groups: dict[frozenset[sympy.Symbol], list[sympy.Expr]] = {}
+        for f in factors:
+            if free_indices(f) & summed:
+                groups.setdefault(frozenset(free_indices(f)), []).append(f)
+        # factors of one layout multiply elementwise; the groups contract pairwise, cheapest first
+        vals = [self.lower(sympy.Mul(*fs)) for fs in groups.values()]
+        chosen = planner.plan([frozenset(v.axes) for v in vals], summed, self._weight, self._admissible)
+        for step in chosen.steps:
+            if isinstance(step, planner.Reduce):
+                result = self._reduce(vals[step.operand], step.summed)
+                vals = [v for k, v in enumerate(vals) if k != step.operand] + [result]
+            else:
+                result = self._pair(vals[step.left], vals[step.right], step.summed, preferred)
+                vals = [v for k, v in enumerate(vals) if k not in (step.left, step.right)] + [result]
+        (val,) = vals
         if scalars:
             return self._elementwise(sympy.Mul(*scalars) * sympy.Symbol(f"__val_{id(val)}"), {f"__val_{id(val)}": val})
         return val
 
-    def _contract(self, inner: list[sympy.Expr], indices: list[sympy.Symbol], preferred: Axes = ()) -> Val | None:
-        a, b = self.lower(inner[0]), self.lower(inner[1])
-        shared = set(a.axes) & set(b.axes)
-        if set(indices) - shared or set(a.axes) == set(b.axes):
-            return None
-        out_axes = tuple(x for x in a.axes if x not in indices) + tuple(
-            x for x in b.axes if x not in indices and x not in a.axes
-        )
-        if len(indices) == 1 and len(a.axes) == 2 and len(b.axes) == 2 and not (shared - set(indices)):
-            k = indices[0]
-            first = a.axes[1 - a.axes.index(k)]
-            second = b.axes[1 - b.axes.index(k)]
-            if first in preferred and second in preferred and preferred.index(first) > preferred.index(second):
-                a, b = b, a
-            left = a.code if a.axes[1] == k else f"{_atom(a.code)}.T"
-            right = b.code if b.axes[0] == k else f"{_atom(b.code)}.T"
-            return Val(f"{_atom(left)} @ {_atom(right)}", (a.axes[1 - a.axes.index(k)], b.axes[1 - b.axes.index(k)]))
+    # -- contraction steps ------------------------------------------------------------------------
+    def _weight(self, axes: frozenset[sympy.Symbol]) -> int:
+        """A size estimate without runtime sizes: every plain dim counts as ``BIG``."""
+        return planner.BIG ** sum(len(_parts(i)) for i in axes)
+
+    def _admissible(self, axes: frozenset[sympy.Symbol]) -> bool:
+        """Whether a value with these axes fits inside some forward tensor (so it is never larger)."""
+        need = Counter(p for i in axes for p in _parts(i))
+        return not self.admissible or any(not (need - have) for have in self.admissible)
+
+    def _reduce(self, val: Val, summed: frozenset[sympy.Symbol]) -> Val:
+        dims = sorted(val.axes.index(i) for i in summed)
+        axes = tuple(a for a in val.axes if a not in summed)
+        if not axes:
+            return Val(f"{atom(val.code)}.sum()", ())
+        dim_text = str(dims[0]) if len(dims) == 1 else f"({', '.join(map(str, dims))})"
+        return Val(f"{atom(val.code)}.sum({dim_text})", axes)
+
+    def _pair(self, a: Val, b: Val, summed: frozenset[sympy.Symbol], preferred: Axes) -> Val:
+        """``Σ_summed a·b`` as one product: elementwise, ``(a*b).sum``, ``@`` or ``einsum``."""
+        known = {"__val_pair_a": a, "__val_pair_b": b}
+        product = sympy.Symbol("__val_pair_a") * sympy.Symbol("__val_pair_b")
+        if not summed or set(a.axes) == set(b.axes):
+            val = self._elementwise(product, known)
+            return self._reduce(val, summed) if summed else val
+        batch = (set(a.axes) & set(b.axes)) - summed
+        if not batch and len(summed) == 1 and len(a.axes) <= 2 and len(b.axes) <= 2:
+            return self._matmul(a, b, next(iter(summed)), preferred)
+        return self._einsum(a, b, summed, preferred)
+
+    def _matmul(self, a: Val, b: Val, k: sympy.Symbol, preferred: Axes) -> Val:
+        """``a @ b`` over ``k`` with transposes (matrix or vector on either side)."""
+        free_a = [x for x in a.axes if x != k]
+        free_b = [x for x in b.axes if x != k]
+        if free_a and free_b and free_a[0] in preferred and free_b[0] in preferred:
+            if preferred.index(free_a[0]) > preferred.index(free_b[0]):
+                a, b, free_a, free_b = b, a, free_b, free_a
+        left = a.code if len(a.axes) == 1 or a.axes[-1] == k else f"{atom(a.code)}.T"
+        right = b.code if len(b.axes) == 1 or b.axes[0] == k else f"{atom(b.code)}.T"
+        return Val(f"{atom(left)} @ {atom(right)}", tuple(free_a + free_b))
+
+    def _einsum(self, a: Val, b: Val, summed: frozenset[sympy.Symbol], preferred: Axes) -> Val:
+        out = [x for x in dict.fromkeys(a.axes + b.axes) if x not in summed]
+        out.sort(key=lambda x: preferred.index(x) if x in preferred else len(preferred))
         letters = {s: chr(ord("a") + n) for n, s in enumerate(dict.fromkeys(a.axes + b.axes))}
-        spec = f"{''.join(letters[x] for x in a.axes)},{''.join(letters[x] for x in b.axes)}->{''.join(letters[x] for x in out_axes)}"
-        return Val(f'torch.einsum("{spec}", {a.code}, {b.code})', out_axes)
+        spec = (
+            f"{''.join(letters[x] for x in a.axes)},{''.join(letters[x] for x in b.axes)}"
+            f"->{''.join(letters[x] for x in out)}"
+        )
+        return Val(f'torch.einsum("{spec}", {a.code}, {b.code})', tuple(out))
 
     def _scatter(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
-        """``Σ_I f[I, R] δ(idx[I], v)`` with idx's indices all summed: an ``index_add_`` scatter."""
+        """``Σ_S f[B, S, R] δ(v, idx[B, S])``: ``f`` added into position ``idx`` along ``v``, no one-hot.
+
+        With every index of ``idx`` summed (an embedding's backward) this is ``index_add_`` over
+        the flattened index; with some shared by the result (``B``, a gather that keeps a batch
+        dim) it is ``scatter_add_`` along ``v``. Summed indices ``idx`` lacks are summed out of
+        ``f`` first, and an ``f`` constant along some of them is broadcast (``Σ_n δ(v, idx[n])``
+        counts).
+        """
         for f in sympy.Mul.make_args(body):
             if not isinstance(f, sympy.KroneckerDelta):
                 continue
             for pick, v in (f.args, f.args[::-1]):
-                if (
-                    is_entry(pick)
-                    and is_index(v)
-                    and v not in indices
-                    and set(entry_indices(pick)) == set(indices)
-                    and all(is_index(i) for i in entry_indices(pick))
-                ):
-                    rest = self.lower(body / f)
-                    if v in rest.axes:
-                        continue
-                    lead = tuple(entry_indices(pick))
-                    other = tuple(a for a in rest.axes if a not in lead)
-                    src = (
-                        self.align(Val(rest.code, rest.axes), lead + other, strip=False)
-                        if set(lead) <= set(rest.axes)
-                        else None
-                    )
-                    if src is None:
-                        continue
-                    other_sizes = [_size_code(dim_of(a).size) for a in other]
-                    flat_idx = f"{entry_name(pick)}.reshape(-1)"
-                    zeros = f"{self.ref}.new_zeros({_shape_tuple([_size_code(dim_of(v).size)] + other_sizes)})"
-                    code = f"{zeros}.index_add_(0, {flat_idx}, {_atom(src)}.reshape({', '.join(['-1'] + other_sizes)}))"
-                    return Val(code, (v,) + other)
+                if not (is_entry(pick) and is_index(v) and v not in indices and self.layouts[entry_name(pick)].is_int):
+                    continue
+                lead = tuple(entry_indices(pick))
+                summed = tuple(i for i in lead if i in indices)
+                if not all(is_index(i) for i in lead) or not summed or len(set(lead)) != len(lead):
+                    continue
+                rest_expr = body / f
+                for k in [i for i in indices if i not in lead]:
+                    rest_expr = ISum(rest_expr, k)
+                rest = self.lower(rest_expr)
+                if v in rest.axes:
+                    continue
+                batch = tuple(i for i in lead if i not in indices)
+                other = tuple(a for a in rest.axes if a not in lead)
+                return self._scatter_add(pick, v, rest, rest_expr, batch, summed, other)
         return None
 
+    def _scatter_add(
+        self,
+        pick: sympy.Expr,
+        v: sympy.Symbol,
+        rest: Val,
+        rest_expr: sympy.Expr,
+        batch: Axes,
+        summed: Axes,
+        other: Axes,
+    ) -> Val:
+        def sizes(axes: Axes) -> list[str]:
+            return [size_code(dim_of(a).size) for a in axes]
+
+        order = batch + summed + other
+        if not rest.axes and not tensor_names(rest_expr):
+            src = f"torch.full({shape_tuple(sizes(order))}, {rest.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
+        else:
+            src = self.align(rest, order, strip=False) if rest.axes else rest.code
+            if not set(batch + summed) <= set(rest.axes):
+                src = f"{atom(src)}.expand{shape_tuple(sizes(order))}"
+        zeros = f"{self.ref}.new_zeros({shape_tuple(sizes(batch) + [size_code(dim_of(v).size)] + sizes(other))})"
+        index = self.lower(pick)
+        if not batch:  # every index of idx summed: index_add_ over its flattened entries
+            flat_src = f"{atom(src)}.reshape({', '.join(['-1'] + sizes(other))})"
+            return Val(f"{zeros}.index_add_(0, {atom(index.code)}.reshape(-1), {flat_src})", (v,) + other)
+        idx = f"{atom(self.align(index, batch + summed, strip=False))}.reshape({', '.join(sizes(batch) + ['-1'])})"
+        if other:
+            idx = f"{idx}[{', '.join([':'] * (len(batch) + 1) + ['None'] * len(other))}].expand({', '.join(sizes(batch) + ['-1'] + sizes(other))})"
+        flat_src = f"{atom(src)}.reshape({', '.join(sizes(batch) + ['-1'] + sizes(other))})"
+        return Val(f"{zeros}.scatter_add_({len(batch)}, {idx}, {flat_src})", batch + (v,) + other)
+
     def _max(self, e: IMax) -> Val:
-        body = self.lower(e.body)
-        axis = body.axes.index(e.var)
-        # .max(dim).values: autograd routes a tie to one index, like the derived argmax
-        return Val(f"{_atom(body.code)}.max({axis}).values", tuple(a for a in body.axes if a != e.var))
+        call = self._max_call(e)
+        return Val(f"{call.code}.values", call.axes)
 
     def _argmax(self, e: ArgMax) -> Val:
+        # the index PyTorch's max(dim) picks at a tie: the one autograd routes the gradient to
+        call = self._max_call(e)
+        return Val(f"{call.code}.indices", call.axes, True)
+
+    def _max_call(self, e: IMax | ArgMax) -> Val:
+        """``body.max(axis)`` computed once for a max and its argmax (values and indices)."""
+        return self._cached(IMax(e.body, e.var), self._max_values_and_indices)
+
+    def _max_values_and_indices(self, e: IMax) -> Val:
         body = self.lower(e.body)
         axis = body.axes.index(e.var)
-        return Val(f"{_atom(body.code)}.argmax({axis})", tuple(a for a in body.axes if a != e.var), True)
+        return Val(f"{atom(body.code)}.max({axis})", tuple(a for a in body.axes if a != e.var))
 
     def _delta(self, e: sympy.KroneckerDelta) -> Val:
         a, b = e.args
         if is_index(a) and is_index(b):
-            size = _size_code(dim_of(a).size)
+            size = size_code(dim_of(a).size)
             return Val(f"torch.eye({size}, dtype={self.ref}.dtype, device={self.ref}.device)", (a, b))
         pick, v = (a, b) if is_index(b) else (b, a)
         if not is_index(v):
             raise OpDefinitionError(f"cannot lower {e}")
         val = self.lower(pick)
         # a one-hot row per index, built by scatter (no data-dependent size checks, compile-friendly)
-        shape = _shape_tuple([_size_code(dim_of(a).size) for a in val.axes] + [_size_code(dim_of(v).size)])
+        shape = shape_tuple([size_code(dim_of(a).size) for a in val.axes] + [size_code(dim_of(v).size)])
         axis = len(val.axes)
-        code = f"{self.ref}.new_zeros({shape}).scatter_({axis}, {_atom(val.code)}.unsqueeze({axis}), 1.0)"
+        code = f"{self.ref}.new_zeros({shape}).scatter_({axis}, {atom(val.code)}.unsqueeze({axis}), 1.0)"
         return Val(code, val.axes + (v,))
 
     def _elementwise(self, e: sympy.Expr, known: dict[str, Val] | None = None, want: Axes = ()) -> Val:
         known = dict(known or {})
         leaves: list[tuple[sympy.Expr, Val]] = []
-        for leaf in _value_leaves(e):
+        stand_ins: dict[sympy.Expr, sympy.Expr] = {}
+        for leaf in self._leaves(e):
             if leaf.is_Symbol and leaf.name in known:
                 leaves.append((leaf, known[leaf.name]))
+            elif costly(leaf):  # computed more than once in this function: once, into a temporary
+                stand_in = sympy.Symbol(f"__val_c{self.counter}")
+                self.counter += 1
+                known[stand_in.name] = self._cached(leaf, self._elementwise)
+                stand_ins[leaf] = stand_in
+                leaves.append((stand_in, known[stand_in.name]))
             else:
                 leaves.append((leaf, self.lower(leaf)))
+        e = _replace_elementwise(e, stand_ins)
         axes: list[sympy.Symbol] = []
         for _, v in sorted(leaves, key=lambda lv: -len(lv[1].axes)):
             axes += [a for a in v.axes if a not in axes]
@@ -608,9 +631,13 @@ class Lowerer:
         if regrouped is not e:
             return self._elementwise(regrouped, known, want)
         # a leaf's code becomes a symbol the printer writes verbatim: parenthesise compound code
-        mapping = {leaf: sympy.Symbol(_atom(self.align(v, tuple(axes), strip=not want))) for leaf, v in leaves}
-        code = _PRINTER.doprint(e.xreplace(mapping))
+        mapping = {leaf: sympy.Symbol(atom(self.align(v, tuple(axes), strip=not want))) for leaf, v in leaves}
+        code = PRINTER.doprint(e.xreplace(mapping))
         return Val(code, tuple(axes))
+
+    def _leaves(self, e: sympy.Expr, top: bool = True) -> list[sympy.Expr]:
+        """``e``'s value leaves, with the repeated costly sub-expressions below the top kept whole."""
+        return _value_leaves(e, self.repeated, top)
 
     def _small_factors_first(
         self, e: sympy.Expr, leaves: dict[sympy.Expr, Val], full: set[sympy.Symbol], known: dict[str, Val]
@@ -624,7 +651,7 @@ class Lowerer:
 
         def axes_of(x: sympy.Expr) -> set[sympy.Symbol]:
             out: set[sympy.Symbol] = set()
-            for leaf in _value_leaves(x):
+            for leaf in self._leaves(x, top=False):
                 out |= set(leaves[leaf].axes) if leaf in leaves else set(known[leaf.name].axes)
             return out
 
@@ -644,18 +671,72 @@ class Lowerer:
         return _bottom_up_expr(e, rewrite)
 
 
-def _value_leaves(e: sympy.Expr) -> list[sympy.Expr]:
-    """Index-level leaves of an elementwise expression (entries, sums, deltas, placeholders)."""
+def _flatten_sums(e: ISum) -> tuple[list[sympy.Symbol], sympy.Expr]:
+    """``Σ_m a[m]·Σ_k b[m, k]`` as the single sum ``Σ_{m,k} a[m]·b[m, k]``: one tensor network to plan.
+
+    Nested sums that stand as factors of the body join the outer sum when their index is free
+    nowhere else in the product, so the planner sees every factor and may pick any order.
+    """
+    indices, body = [e.var], e.body
+    while True:
+        factors = list(sympy.Mul.make_args(body))
+        for k, f in enumerate(factors):
+            others = factors[:k] + factors[k + 1 :]
+            if isinstance(f, ISum) and f.var not in indices and not any(f.var in free_indices(g) for g in others):
+                indices.append(f.var)
+                body = sympy.Mul(*others, f.body)
+                break
+        else:
+            return indices, body
+
+
+def _positional_deltas(
+    e: sympy.Expr, indices: tuple[sympy.Symbol, ...], layouts: dict[str, TensorInfo]
+) -> list[tuple[sympy.KroneckerDelta, sympy.Symbol, sympy.Expr]]:
+    """Deltas ``δ(v, p)`` among the elementwise leaves of ``e`` that pin axis ``v`` to a position ``p``.
+
+    ``p`` is an integer tensor's entry (a gather) or an argmax, over other axes of the target.
+    """
+    out = []
+    for leaf in _value_leaves(e):
+        if not isinstance(leaf, sympy.KroneckerDelta):
+            continue
+        for v, p in (leaf.args, leaf.args[::-1]):
+            positional = isinstance(p, ArgMax) or (
+                is_entry(p) and layouts[entry_name(p)].is_int and all(is_index(i) for i in entry_indices(p))
+            )
+            if is_index(v) and v in indices and positional and free_indices(p) <= set(indices) - {v}:
+                out.append((leaf, v, p))
+                break
+    return out
+
+
+def _value_leaves(e: sympy.Expr, repeated: set[sympy.Expr] | None = None, top: bool = True) -> list[sympy.Expr]:
+    """Index-level leaves of an elementwise expression (entries, sums, deltas, placeholders).
+
+    A costly sub-expression whose key is in ``repeated`` is a leaf too, unless it is ``e`` itself.
+    """
     if is_entry(e) or isinstance(e, (ISum, IMax, ArgMax, sympy.KroneckerDelta)):
         return [e]
     if e.is_Symbol and e.name.startswith("__val_"):
         return [e]
+    if repeated and not top and costly(e) and canonical_key(e)[0] in repeated:
+        return [e]
     out: list[sympy.Expr] = []
     for a in e.args:
-        for leaf in _value_leaves(a):
+        for leaf in _value_leaves(a, repeated, False):
             if leaf not in out:
                 out.append(leaf)
     return out
+
+
+def _replace_elementwise(e: sympy.Expr, mapping: dict[sympy.Expr, sympy.Expr]) -> sympy.Expr:
+    """``e.xreplace(mapping)`` that leaves index-level leaves (sums, entries...) untouched inside."""
+    if e in mapping:
+        return mapping[e]
+    if not mapping or is_entry(e) or isinstance(e, (ISum, IMax, ArgMax, sympy.KroneckerDelta)) or not e.args:
+        return e
+    return e.func(*(_replace_elementwise(a, mapping) for a in e.args))
 
 
 def _bottom_up_expr(e: sympy.Expr, fn) -> sympy.Expr:  # noqa: ANN001
@@ -677,52 +758,10 @@ def _full_ops(e: sympy.Expr, full: set[sympy.Symbol]) -> int:
     return own + sum(_full_ops(a, full) for a in e.args)
 
 
-def _substitute_index(e: sympy.Expr, v: sympy.Symbol, value: sympy.Expr) -> sympy.Expr:
-    from .indexalg import substitute_indices
-
-    return substitute_indices(e, {v: value})
-
-
-def _rename_bound_canonically(e: sympy.Expr, depth: int = 0) -> sympy.Expr:
-    """Bound indices renamed by nesting depth, so alpha-equivalent sums share one key."""
-    if isinstance(e, (ISum, IMax, ArgMax)):
-        new = sympy.Symbol(f"_b{depth}_{dim_of(e.var).name}", integer=True)
-        inner = _rename_bound_canonically(e.body, depth + 1)  # inner binders first: shadowing is safe
-        return type(e)(inner.xreplace({e.var: new}), new)
-    if not e.args or is_entry(e):
-        return e
-    return e.func(*(_rename_bound_canonically(a, depth) for a in e.args))
-
-
-def _free_in_order(e: sympy.Expr) -> list[sympy.Symbol]:
-    free = free_indices(e)
-    out: list[sympy.Symbol] = []
-    for a in sympy.preorder_traversal(e):
-        if a in free and a not in out:
-            out.append(a)  # type: ignore[arg-type]
-    return out
-
-
-def _shape_tuple(sizes: list[str]) -> str:
-    """``(N, K)`` or ``(N,)``: a shape literal black keeps on one line."""
-    return f"({sizes[0]},)" if len(sizes) == 1 else f"({', '.join(sizes)})"
-
-
-def _size_code(size: sympy.Expr) -> str:
-    return _PRINTER.doprint(size).replace(" ", "")
-
-
-def _atom(code: str) -> str:
-    """Parenthesise code unless it is already an atom (a name, call or subscript)."""
-    depth = 0
-    for ch in code:
-        if ch in "([":
-            depth += 1
-        elif ch in ")]":
-            depth -= 1
-        elif depth == 0 and ch in " +-*/@<>":
-            return f"({code})"
-    return code
+def _parts(index: sympy.Symbol) -> tuple[str, ...]:
+    """The plain dims an index ranges over (several for a flattened dim)."""
+    d = dim_of(index)
+    return tuple(p.name for p in d.parts) if d.parts else (d.name,)
 
 
 def size_variables(dims: tuple[Dim, ...]) -> list[str]:
@@ -730,4 +769,4 @@ def size_variables(dims: tuple[Dim, ...]) -> list[str]:
     return [str(d.size) for d in dims if not d.parts and d.fixed is None]
 
 
-__all__ = ["Layout", "Lowerer", "TorchCodePrinter", "Val", "size_variables"]
+__all__ = ["Layout", "Lowerer", "Val", "size_variables"]

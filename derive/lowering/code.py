@@ -1,0 +1,135 @@
+"""The lowering stage as a whole: a program and its simplified gradients in, lines of torch code out.
+
+Passes, in order: :mod:`.share` decides which forward values the backward reads (and which
+costly sub-expressions repeat); :class:`.lowerer.Lowerer`, with the contraction planner of
+:mod:`.plan`, prints the forward, the fused backward and the atom-by-atom chain.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import sympy
+
+from ..autodiff import grad_name
+from ..errors import OpDefinitionError
+from ..indexalg import tensor_names
+from ..notation import text
+from ..program import Program, TensorInfo
+from ..simplify import stable_forward
+from . import share
+from .lowerer import Lowerer
+
+
+@dataclass
+class Code:
+    """Lowered code of the generated module's three functions."""
+
+    sizes: list[tuple[str, str]]
+    forward: list[str]
+    reference_forward: list[str]
+    saved: list[str]
+    backward: list[str]
+    backward_steps: list[str]
+    steps_outputs: list[str]
+    # forward sub-expressions kept for the backward: (name, what it holds, the statement computing it)
+    saved_values: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChainTerm:
+    """One contribution of the chain rule: ``d<target> += expr``, pushed back by statement ``source``."""
+
+    target: TensorInfo
+    source: str
+    expr: sympy.Expr
+
+
+def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr]], chain: list[ChainTerm]) -> Code:
+    """Lower the forward statements, the fused gradients and the chain into torch code lines."""
+    tensors = program.tensors
+    out = tensors[program.output]
+    layouts = dict(tensors)
+    for t in list(tensors.values()):
+        layouts[grad_name(t.name)] = TensorInfo(grad_name(t.name), t.layout, t.is_int)
+
+    exprs = [e for _, e in gradients] + [c.expr for c in chain]
+    saved_values, exprs = share.forward_values(program, exprs, set(layouts) | {p.name for p in program.params})
+    fused = exprs[: len(gradients)]
+    steps_exprs = exprs[len(gradients) :]
+    for s in saved_values:
+        layouts[s.name] = s.statement.target
+    fits = _admissible(program)
+    names = set(layouts)
+
+    sizes = _size_lines(program)
+    ref = program.differentiable_inputs[0].name
+    fwd = Lowerer(layouts, ref=ref, names=names, single_assignment=True, admissible=fits)
+    # the reference forward for autograd: every statement its own tensor (no shared temporaries,
+    # or retain_grad on one name would collect the gradients of its look-alikes)
+    plain = Lowerer(layouts, ref=ref, names=names, share=False, admissible=fits)
+    statements = list(program.statements)
+    forward = [share.host_expression(s.name, stable_forward(s, statements), saved_values) for s in statements]
+    fwd.repeated = share.repeated(forward)
+    for stmt, expr in zip(statements, forward):
+        for s in saved_values:
+            if s.host == stmt.name:
+                fwd.assign(s.name, s.statement.expr, s.statement.target)
+        fwd.assign(stmt.name, expr, stmt.target)
+        plain.assign(stmt.name, stmt.expr, stmt.target)
+
+    seed = grad_name(out.name)
+    bwd = Lowerer(layouts, ref=seed, names=names, single_assignment=True, fuse_arithmetic=True, admissible=fits)
+    bwd.repeated = share.repeated(fused)
+    for (wrt, _), e in zip(gradients, fused):
+        bwd.assign(grad_name(wrt.name), e, wrt)
+
+    steps = Lowerer(layouts, ref=seed, names=names, admissible=fits)
+    steps.repeated = share.repeated(steps_exprs)
+    assigned: set[str] = set()
+    outputs = [out.name]
+    for c, e in zip(chain, steps_exprs):
+        name = grad_name(c.target.name)
+        steps.assign(name, e, c.target, accumulate=name in assigned, comment=f"{c.target.name} <- {c.source}")
+        if name not in assigned:
+            outputs.append(c.target.name)
+        assigned.add(name)
+
+    needed: set[str] = set()
+    for e in exprs:
+        needed |= tensor_names(e)
+    kept = [n for n in list(tensors) + [s.name for s in saved_values] if n in needed]
+    described = [(s.name, text(s.original), s.host) for s in saved_values]
+    return Code(
+        sizes, fwd.lines, plain.lines, kept, bwd.lines, steps.lines, [o for o in tensors if o in outputs], described
+    )
+
+
+def _admissible(program: Program) -> list[Counter[str]]:
+    """The dims of every forward tensor as multisets of plain dims: what an intermediate may span."""
+    out = []
+    for t in program.tensors.values():
+        out.append(Counter(p.name for d in t.dims for p in (d.parts or (d,))))
+    return out
+
+
+def _size_lines(program: Program) -> list[tuple[str, str]]:
+    """``(N, "x.shape[0]")`` for each plain dim, read from the first input that has it."""
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for t in program.inputs:
+        for axis, d in enumerate(t.layout):
+            if d is None:
+                continue
+            parts = d.parts or (d,)
+            if len(parts) == 1 and d.name not in seen:
+                seen.add(d.name)
+                out.append((str(d.size), f"{t.name}.shape[{axis}]"))
+    missing = [d.name for d in program.dims if not d.parts and d.name not in seen]
+    if missing:
+        raise OpDefinitionError(f"op '{program.name}': dims {missing} are not in any input, so their size is unknown")
+    return out
+
+
+__all__ = ["ChainTerm", "Code", "lower_program"]

@@ -1,0 +1,128 @@
+"""The scalar shell of a lowered expression printed as torch code, and small code-text helpers.
+
+SymPy's own torch printer does the work; this subclass prints powers with Python operators,
+constants as floats, Max/Min as the kernels whose kink conventions :mod:`derive.kinks` follows,
+and ``Heaviside(x, h0)`` with the tie value it carries.
+"""
+
+from __future__ import annotations
+
+import sympy
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.pytorch import TorchPrinter
+
+from ..errors import OpDefinitionError
+
+
+class TorchCodePrinter(TorchPrinter):
+    """SymPy's torch printer, with Python operators for powers and PyTorch's kink conventions."""
+
+    def _print_Symbol(self, expr: sympy.Symbol) -> str:
+        return expr.name
+
+    def _print(self, expr, **kwargs) -> str:
+        if isinstance(expr, sympy.Expr) and expr.is_number and not expr.is_Rational and expr.is_real:
+            return repr(float(expr))  # constants such as sqrt(2/pi) become Python floats
+        return super()._print(expr, **kwargs)
+
+    def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
+        base, exp = expr.as_base_exp()
+        b = self.parenthesize(base, PRECEDENCE["Pow"])
+        if exp == sympy.S.Half:
+            return f"torch.sqrt({self._print(base)})"
+        if exp == -1:
+            return f"1 / {b}"
+        if exp.is_Integer or exp.is_Rational or exp.is_Float:
+            return f"{b} ** {self._print_exponent(exp)}"
+        return f"{b} ** {self.parenthesize(exp, PRECEDENCE['Pow'])}"
+
+    def _print_exponent(self, exp: sympy.Expr) -> str:
+        if exp.is_Integer and exp >= 0:
+            return str(exp)
+        if exp.is_Rational and not exp.is_Integer:
+            return f"({float(exp)!r})"
+        return f"({self._print(exp)})"
+
+    def _print_Rational(self, expr: sympy.Rational) -> str:
+        return f"{expr.p} / {expr.q}"
+
+    def _print_Float(self, expr: sympy.Float) -> str:
+        return repr(float(expr))
+
+    def _print_Heaviside(self, expr: sympy.Expr) -> str:
+        # the tie value was chosen when differentiating (derive.kinks): relu 0, clamp 1, maximum 1/2
+        arg, tie = expr.args[0], expr.args[1] if len(expr.args) > 1 else sympy.S.Half
+        code = self._print(arg)
+        if tie == 0:
+            return f"({code} > 0)"
+        if tie == 1:
+            return f"({code} >= 0)"
+        if tie == sympy.S.Half:
+            return f"((torch.sign({code}) + 1) / 2)"
+        raise OpDefinitionError(f"no PyTorch convention for a step of value {tie} at 0 in {expr}")
+
+    def _print_Max(self, expr: sympy.Expr) -> str:
+        return self._print_extremum(expr, "torch.maximum", "torch.clamp_min")
+
+    def _print_Min(self, expr: sympy.Expr) -> str:
+        return self._print_extremum(expr, "torch.minimum", "torch.clamp_max")
+
+    def _print_extremum(self, expr: sympy.Expr, between: str, clamp: str) -> str:
+        bounds = [a for a in expr.args if is_constant(a)]
+        values = [a for a in expr.args if not is_constant(a)]
+        if not values:
+            return repr(float(expr)) if expr.is_number else self._print(expr.args[0])
+        value = values[0] if len(values) == 1 else expr.func(*values)
+        code = (
+            self._print(value)
+            if len(values) == 1
+            else f"{between}({self._print(values[0])}, {self._print(expr.func(*values[1:]))})"
+        )
+        if not bounds:
+            return code
+        bound = expr.func(*bounds)
+        if bound == 0 and between == "torch.maximum":
+            return f"torch.relu({code})"  # relu'(0) = 0, as derived
+        return f"{clamp}({code}, {self._print(bound)})"
+
+    def _print_sign(self, expr: sympy.Expr) -> str:
+        return f"torch.sign({self._print(expr.args[0])})"
+
+    def _print_Abs(self, expr: sympy.Expr) -> str:
+        return f"torch.abs({self._print(expr.args[0])})"
+
+    def _print_Piecewise(self, expr: sympy.Expr) -> str:
+        raise OpDefinitionError(f"piecewise expression {expr} cannot be lowered; use Max/Min/Abs")
+
+
+def is_constant(e: sympy.Expr) -> bool:
+    """Free of tensor values: numbers, scalar parameters and sizes (all positive symbols here)."""
+    return all(s.is_positive for s in e.free_symbols)
+
+
+PRINTER = TorchCodePrinter({"strict": False})
+
+
+def shape_tuple(sizes: list[str]) -> str:
+    """``(N, K)`` or ``(N,)``: a shape literal black keeps on one line."""
+    return f"({sizes[0]},)" if len(sizes) == 1 else f"({', '.join(sizes)})"
+
+
+def size_code(size: sympy.Expr) -> str:
+    return PRINTER.doprint(size).replace(" ", "")
+
+
+def atom(code: str) -> str:
+    """Parenthesise code unless it is already an atom (a name, call or subscript)."""
+    depth = 0
+    for ch in code:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif depth == 0 and ch in " +-*/@<>=":
+            return f"({code})"
+    return code
+
+
+__all__ = ["PRINTER", "TorchCodePrinter", "atom", "is_constant", "shape_tuple", "size_code"]

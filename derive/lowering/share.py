@@ -1,0 +1,212 @@
+"""Sharing: costly values computed once, and forward values the backward reads instead of recomputing.
+
+Two passes over the simplified formulas, before any code is printed:
+
+- :func:`forward_values` finds costly sub-expressions of forward statements (a transcendental
+  such as the ``exp(-a)`` inside a sigmoid, a non-integer power) that a gradient needs too. The
+  forward then computes each into a tensor of its own and keeps it for the backward, which reads
+  it instead of evaluating the function again. ``exp(-u)`` is also recognised as ``1/exp(u)``.
+- :func:`repeated` finds costly sub-expressions that occur more than once among the formulas of
+  one backward; the lowering computes each once, into a temporary.
+
+Sub-expressions are compared up to the names of their indices (:func:`canonical_key`), so the
+``exp(a[n, h])`` of ``da[n, h]`` and the ``exp(a[n, h2])`` under ``Σ_h2`` of ``dx`` are one value.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import sympy
+
+from ..indexalg import (
+    ArgMax,
+    Flat,
+    IMax,
+    ISum,
+    Pack,
+    bound_indices,
+    dim_of,
+    entry,
+    free_indices,
+    is_entry,
+    substitute_indices,
+    tensor_names,
+)
+from ..program import Program, Statement, TensorInfo
+
+_CHEAP = (sympy.Max, sympy.Min, sympy.Abs, sympy.sign, sympy.Heaviside, sympy.KroneckerDelta)
+_INDEX_LEVEL = (ISum, IMax, ArgMax, Flat, Pack)
+
+
+@dataclass(frozen=True)
+class SavedValue:
+    """A sub-expression of forward statement ``host`` computed into a tensor of its own."""
+
+    statement: Statement
+    host: str
+    # the sub-expression as it stands in the host (its indices may be bound there)
+    original: sympy.Expr
+
+    read: sympy.Expr  # the saved tensor's entry that replaces ``original`` in the host
+
+    @property
+    def name(self) -> str:
+        return self.statement.name
+
+
+def costly(e: sympy.Basic) -> bool:
+    """A transcendental function or a non-integer power: worth computing once."""
+    if is_entry(e) or isinstance(e, _INDEX_LEVEL) or not tensor_names(e):
+        return False
+    if isinstance(e, sympy.Pow):
+        return not e.exp.is_integer
+    return isinstance(e, sympy.Function) and not isinstance(e, _CHEAP)
+
+
+def forward_values(
+    program: Program, expressions: list[sympy.Expr], taken: set[str]
+) -> tuple[list[SavedValue], list[sympy.Expr]]:
+    """Costly forward sub-expressions the ``expressions`` need, and the expressions reading them instead.
+
+    Example:
+        >>> from derive import catalogue, derive
+        >>> d = derive(catalogue()["sigmoid"])
+        >>> saved, (dx,) = forward_values(d.program, [d.gradient("x").result], set(d.program.tensors))
+        >>> [(s.name, s.host, str(s.statement.expr)) for s in saved], str(dx)
+        ([('exp_x', 'out', 'exp(-x(n, d))')], 'dout(n, d)*exp_x(n, d)*out(n, d)**2')
+    """
+    saved: list[SavedValue] = []
+    names = set(taken)
+    for stmt in program.statements:
+        for sub in _costly_parts(stmt.expr):
+            value = _as_statement(sub, stmt, names)
+            if value is None:
+                continue
+            rewritten = [_read_saved(e, value) for e in expressions]
+            if rewritten != expressions:
+                expressions = rewritten
+                saved.append(SavedValue(value, stmt.name, sub, entry(value.name, _ordered_free(sub, stmt))))
+                names.add(value.name)
+    return saved, expressions
+
+
+def host_expression(host: str, expr: sympy.Expr, saved: list[SavedValue]) -> sympy.Expr:
+    """Forward statement ``host``'s right-hand side reading the values saved out of it."""
+    mapping = {s.original: s.read for s in saved if s.host == host}
+    return expr.xreplace(mapping)
+
+
+def repeated(expressions: Iterable[sympy.Expr]) -> set[sympy.Expr]:
+    """Keys (:func:`canonical_key`) of costly sub-expressions occurring twice or more."""
+    counts: Counter[sympy.Expr] = Counter()
+    for e in expressions:
+        for node in sympy.preorder_traversal(e):
+            if costly(node):
+                counts[canonical_key(node)[0]] += 1
+    return {k for k, n in counts.items() if n > 1}
+
+
+def canonical_key(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Symbol, sympy.Symbol]]:
+    """``e`` with bound indices renamed by depth and free ones by order of appearance.
+
+    Returns the key and the map from ``e``'s free indices to the placeholders that replaced them.
+    """
+    order = _free_in_order(e)
+    placeholders = {s: sympy.Symbol(f"_p{k}_{dim_of(s).name}", integer=True) for k, s in enumerate(order)}
+    return _rename_bound_canonically(e).xreplace(placeholders), placeholders
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _costly_parts(e: sympy.Expr) -> list[sympy.Expr]:
+    """Costly proper sub-expressions, outermost first (a statement that is one is its own value).
+
+    A max over a dim also yields its argmax (``max(dim)`` returns both): the position a max's
+    gradient is scattered to, which the backward would otherwise find again.
+    """
+    out: list[sympy.Expr] = []
+    for node in sympy.preorder_traversal(e):
+        if isinstance(node, IMax):
+            node = ArgMax(node.body, node.var)
+        elif node is e or not costly(node):
+            continue
+        if node not in out:
+            out.append(node)
+    return out
+
+
+def _ordered_free(sub: sympy.Expr, stmt: Statement) -> tuple[sympy.Symbol, ...]:
+    """``sub``'s free indices: the statement's own first (in its order), then bound ones as they appear."""
+    free = free_indices(sub)
+    own = [i for i in stmt.target.indices if i in free]
+    return tuple(own + [i for i in _free_in_order(sub) if i not in own])
+
+
+def _as_statement(sub: sympy.Expr, stmt: Statement, names: set[str]) -> Statement | None:
+    """``name[canonical indices] = sub``, or None when two of its indices range over one dim."""
+    indices = _ordered_free(sub, stmt)
+    dims = tuple(dim_of(i) for i in indices)
+    if len(set(dims)) != len(dims):
+        return None
+    info = TensorInfo(_name_for(sub, names), dims, is_int=isinstance(sub, ArgMax))
+    return Statement(info, substitute_indices(sub, dict(zip(indices, info.indices))), stmt.source)
+
+
+def _name_for(sub: sympy.Expr, names: set[str]) -> str:
+    """``exp_x``, ``tanh_h``...: the function and the first tensor it reads, made unique."""
+    head = "pow" if isinstance(sub, sympy.Pow) else type(sub).__name__.lower()
+    base = f"{head}_{sorted(tensor_names(sub))[0]}"
+    name, k = base, 2
+    while name in names or f"d{name}" in names:
+        name, k = f"{base}{k}", k + 1
+    return name
+
+
+def _read_saved(e: sympy.Expr, value: Statement) -> sympy.Expr:
+    """Occurrences of ``value``'s expression in ``e`` (at any indices) replaced by its entries."""
+    wild = {i: sympy.Wild(f"w_{i}") for i in value.target.indices}
+    bound = {i: sympy.Wild(f"w_{i}") for i in bound_indices(value.expr)}
+    pattern = value.expr.xreplace({**wild, **bound})
+    inverse = sympy.exp(-pattern.args[0]) if isinstance(pattern, sympy.exp) else None
+
+    def swap(node: sympy.Expr) -> sympy.Expr:
+        for pat, power in ((pattern, 1), (inverse, -1)):
+            if pat is None or not isinstance(node, type(pat)):
+                continue
+            m = node.match(pat)
+            if m is not None and all(w in m for w in wild.values()):
+                return entry(value.name, [m[wild[i]] for i in value.target.indices]) ** power
+        return node
+
+    return _bottom_up(e, swap)
+
+
+def _bottom_up(e: sympy.Expr, fn) -> sympy.Expr:  # noqa: ANN001
+    if isinstance(e, sympy.Basic) and e.args and not is_entry(e):
+        e = e.func(*(_bottom_up(a, fn) for a in e.args))
+    return fn(e) if isinstance(e, sympy.Expr) else e
+
+
+def _rename_bound_canonically(e: sympy.Expr, depth: int = 0) -> sympy.Expr:
+    """Bound indices renamed by nesting depth, so alpha-equivalent sums share one key."""
+    if isinstance(e, (ISum, IMax, ArgMax)):
+        new = sympy.Symbol(f"_b{depth}_{dim_of(e.var).name}", integer=True)
+        inner = _rename_bound_canonically(e.body, depth + 1)  # inner binders first: shadowing is safe
+        return type(e)(inner.xreplace({e.var: new}), new)
+    if not e.args or is_entry(e):
+        return e
+    return e.func(*(_rename_bound_canonically(a, depth) for a in e.args))
+
+
+def _free_in_order(e: sympy.Expr) -> list[sympy.Symbol]:
+    free = free_indices(e)
+    out: list[sympy.Symbol] = []
+    for a in sympy.preorder_traversal(e):
+        if a in free and a not in out:
+            out.append(a)  # type: ignore[arg-type]
+    return out
+
+
+__all__ = ["SavedValue", "canonical_key", "costly", "forward_values", "host_expression", "repeated"]
