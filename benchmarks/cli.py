@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cases as cases_mod
+from . import compositions as compositions_mod
 from . import derivation_cost, tables
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -58,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="time torch.compile (default on; quick off)",
     )
     p.add_argument("--runtime", action=argparse.BooleanOptionalAction, default=True, help="backward timings and memory")
+    p.add_argument(
+        "--compositions",
+        type=lambda t: _names(t, tuple(compositions_mod.COMPOSITIONS), "composition"),
+        default=None,
+        help="user-style compositions to time against autograd (default all; --compositions '' for none)",
+    )
     p.add_argument("--derivation", action=argparse.BooleanOptionalAction, default=True, help="derivation cost")
     p.add_argument(
         "--derive-ops",
@@ -152,6 +159,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results.append(runtime.run_case(case, cfg))
         report["runtime"] = results
         report["goals"] = tables.goals(results)
+    names = list(compositions_mod.COMPOSITIONS) if args.compositions is None else args.compositions
+    if names:
+        cfg = runtime.Config(threads=args.threads, rounds=args.rounds, min_run_time=args.min_run_time, clock=args.clock)
+        report["compositions"] = []
+        for name in names:
+            _progress(f"composition: {name}")
+            shapes = compositions_mod.SMALL[name] if args.quick else None
+            report["compositions"].append(runtime.run_composition(name, cfg, shapes))
     if args.derivation:
         from derive import catalogue
 

@@ -269,3 +269,55 @@ def run_case(case: Case, cfg: Config) -> dict[str, Any]:
         "max_rel_err": errors,
         "page_faults_per_call": faults,
     }
+
+
+# -- user-style compositions ---------------------------------------------------------------------
+def run_composition(name: str, cfg: Config, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """A composition's fused backward against autograd through PyTorch's own ops, with tensor sizes beside.
+
+    ``peak``: the largest tensor the generated backward creates (``derive.verify.TensorSizes``);
+    ``forward_largest``: the largest of the forward's inputs, output and the tensors it creates.
+    """
+    from dataclasses import replace
+
+    from derive.verify import TensorSizes
+
+    from .compositions import COMPOSITIONS, generated
+
+    comp = COMPOSITIONS[name]
+    if shapes is not None:
+        comp = replace(comp, shapes=shapes)
+    _, module = generated(name)
+    forward, backward = getattr(module, f"{name}_forward"), getattr(module, f"{name}_backward")
+    g = torch.Generator().manual_seed(cfg.seed)
+    args, params = comp.inputs(g), dict(comp.params)
+    with torch.no_grad(), TensorSizes() as forward_sizes:
+        out, saved = forward(*args, **params)
+    grad_out = None if out.dim() == 0 else torch.randn(out.shape, generator=g)
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    ref_out = comp.torch_fn(*leaves, **params)
+
+    def eager() -> Any:
+        return backward(grad_out, saved)
+
+    def autograd() -> Any:
+        return torch.autograd.grad(ref_out, leaves, grad_outputs=grad_out, retain_graph=True)
+
+    with TensorSizes() as backward_sizes:
+        grads = list(eager())
+    error = _max_rel_err(grads, list(autograd()))
+    timed = time_interleaved({"eager": eager, "autograd": autograd}, cfg)
+    med = {k: v["median"] for k, v in timed.items()}
+    largest = max([forward_sizes.largest, out.numel()] + [a.numel() for a in args])
+    return {
+        "name": name,
+        "shape": comp.shape_text,
+        "doc": (comp.op.doc or "").splitlines()[0] if getattr(comp.op, "doc", "") else "",
+        "time_s": med,
+        "iqr_s": {k: v["iqr"] for k, v in timed.items()},
+        "ratio": med["eager"] / med["autograd"],
+        "peak": backward_sizes.largest,
+        "peak_op": backward_sizes.largest_op,
+        "forward_largest": largest,
+        "max_rel_err": error,
+    }

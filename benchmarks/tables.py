@@ -57,6 +57,17 @@ STACK_COLUMNS = [
     "lines",
 ]
 
+COMPOSITION_COLUMNS = [
+    "composition",
+    "shapes",
+    "derive",
+    "autograd",
+    "derive/autograd",
+    "peak tensor (backward)",
+    "largest tensor (forward)",
+    "max rel err",
+]
+
 GOALS = [
     ("fused backward >= 3x faster than autograd through the atoms", "eager/atoms", 1 / 3),
     ("eager fused backward within 1.5x of the native kernels", "eager/native", 1.5),
@@ -174,6 +185,22 @@ def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # -- derivation ----------------------------------------------------------------------------------
+def composition_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    return [
+        [
+            r["name"],
+            r["shape"],
+            fmt_time(r["time_s"]["eager"]),
+            fmt_time(r["time_s"]["autograd"]),
+            fmt_ratio(r["ratio"]),
+            f"{r['peak']:,} ({r['peak_op']})",
+            f"{r['forward_largest']:,}",
+            f"{r['max_rel_err']:.1e}",
+        ]
+        for r in results
+    ]
+
+
 def derivation_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     out = []
     for r in rows:
@@ -254,6 +281,20 @@ def render(report: dict[str, Any]) -> str:
                 f"- {g['goal']} ({g['ratio']} <= {g['limit']:.2f}): met {len(g['met'])}/{g['measured']}"
                 + (f"; missed: {', '.join(g['missed'])}" if g["missed"] else "")
             )
+    comps = report.get("compositions") or []
+    if comps:
+        parts += [
+            "",
+            "## User-style compositions: derive against autograd through PyTorch's own ops",
+            "",
+            "Each op is written only in the op language, as a user would (benchmarks/compositions.py), and "
+            "derived in-process; derive: its fused backward (eager); autograd: `torch.autograd.grad` through "
+            "the same computation in PyTorch's own ops (F.relu, F.layer_norm, F.gelu, torch.softmax...). "
+            "peak tensor: the most elements of any tensor the generated backward creates (and the aten op "
+            "that made it); it must not exceed the largest tensor of the forward.",
+            "",
+            markdown(COMPOSITION_COLUMNS, composition_rows(comps)),
+        ]
     deriv = report.get("derivation")
     if deriv:
         parts += [

@@ -12,7 +12,7 @@ Example:
     ...     return apply(lambda u: sympy.log(1 + sympy.exp(u)), x)
     >>> d = derive(softplus)
     >>> print(d.formula("x"))
-    dx[n, d] = dout[n, d]*exp(x[n, d])/(exp(x[n, d]) + 1)
+    dx[n, d] = (1 - 1/(exp(x[n, d]) + 1))*dout[n, d]
 """
 
 from .derivation import Derivation, derive

@@ -22,6 +22,7 @@ from .indexalg import (
     free_indices,
     fresh_indices,
     is_entry,
+    rename_bound,
     tensor_names,
 )
 from .kinks import tie_values
@@ -64,7 +65,9 @@ class Differentiator:
 
     def __call__(self, e: sympy.Expr) -> sympy.Expr:
         if e not in self.memo:
-            self.memo[e] = self._derive(e) if self.depends(e) else sympy.S.Zero
+            # a bound index named like one of ``at`` would capture it (δ(k, at) inside Σ_k): rename it
+            safe = rename_bound(e, set(self.at)) if bound_indices(e) & set(self.at) else e
+            self.memo[e] = self._derive(safe) if self.depends(e) else sympy.S.Zero
         return self.memo[e]
 
     def _derive(self, e: sympy.Expr) -> sympy.Expr:

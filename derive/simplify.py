@@ -336,6 +336,36 @@ def absorb_into_sums(e: sympy.Expr, statements: list[Statement]) -> sympy.Expr:
     return _bottom_up(e, rewrite)
 
 
+def bounded_exponentials(e: sympy.Expr) -> sympy.Expr:
+    """Ratios of ``E = exp(v)`` to powers of ``1 + E`` written as polynomials in the bounded ``s = 1/(1 + E)``.
+
+    ``E/(1 + E)**2 = s·(1 - s)``: where ``E`` overflows (``v`` beyond 88 in float32) the left side
+    is ``inf/inf`` and the right side is exact. Applied to each elementwise part in which ``1 + E``
+    divides, and kept only when every ``E`` goes (no ``1/s`` is left).
+    """
+
+    def rewrite(node: sympy.Expr) -> sympy.Expr:
+        if not isinstance(node, (sympy.Add, sympy.Mul, sympy.Pow)) or node.has(ISum, IMax, sympy.KroneckerDelta):
+            return node
+        for E in sorted(node.atoms(sympy.exp), key=sympy.default_sort_key):
+            if not any(_divides(p, E) for p in node.atoms(sympy.Pow)):
+                continue
+            s = sympy.Dummy("s")
+            candidate = sympy.factor(sympy.cancel(sympy.together(node.xreplace({E: (1 - s) / s}))))
+            _, denominator = sympy.fraction(candidate)
+            if denominator.has(s) or candidate.has(E):
+                continue
+            node = candidate.xreplace({s: 1 / (1 + E)})
+        return node
+
+    return _bottom_up(e, rewrite)
+
+
+def _divides(p: sympy.Pow, E: sympy.Expr) -> bool:
+    """``p`` is ``(1 + E)**-k`` (or ``(E + 1)**-k``)."""
+    return p.exp.is_negative and isinstance(p.base, sympy.Add) and set(p.base.args) == {sympy.S.One, E}
+
+
 def combine_fractions(e: sympy.Expr) -> sympy.Expr:
     """Put elementwise sub-expressions (no sums inside) over a common denominator when that is shorter."""
 
@@ -448,6 +478,11 @@ class Simplifier:
         statements = list(program.statements)
         self.rules: list[tuple[str, str, Callable[[sympy.Expr], sympy.Expr]]] = [
             ("split sums", "Σ_k δ(k,a)·f(k) = f(a);  Σ_k (a+b) = Σ_k a + Σ_k b;  Σ_k c·f(k) = c·Σ_k f(k)", split_sums),
+            (
+                "bounded exponentials",
+                "e/(1+e) = 1 - 1/(1+e): ratios of exponentials written with the bounded 1/(1+e), which never overflows",
+                bounded_exponentials,
+            ),
             (
                 "reuse forward values",
                 "a sub-expression the forward pass computed is replaced by its name",

@@ -12,6 +12,9 @@ Fused gradients (derived by SymPy, simplified by derive):
     dbeta[d] = Σ_n(dout[n, d])
     dgamma[d] = Σ_n(dout[n, d]*xhat[n, d])
     dx[n, d] = (dout[n, d] - xhat[n, d]*Σ_n2(dout[n2, d]*xhat[n2, d])/N - Σ_n2(dout[n2, d])/N)*gamma[d]*var_inv[d]
+
+Kept by the forward for the fused backward: gamma, var_inv, xhat.
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple
@@ -99,7 +102,9 @@ def batchnorm_biased_backward(grad_output, saved):
     dbeta = dout.sum(0)
     dgamma = (dout * xhat).sum(0)
     s3 = gamma * var_inv[0, :]
-    dx = torch.addcmul((-1 / N) * dbeta * s3, dout, s3).addcmul_(xhat, (-1 / N) * dgamma * s3)
+    dx = torch.addcmul(torch.mul(dbeta, s3).mul_((-1 / N)), dout, s3).addcmul_(
+        xhat, torch.mul(dgamma, s3).mul_((-1 / N))
+    )
     return batchnorm_biased_Grads(
         x=dx,
         gamma=dgamma,

@@ -6,7 +6,11 @@ Forward, in index notation:
 
 Fused gradients (derived by SymPy, simplified by derive):
     dy[n, d] = -dloss*z[n, d]/(D*N)
-    dz[n, d] = (-y[n, d] + 1 - exp(-z[n, d])/(1 + exp(-z[n, d])))*dloss/(D*N)
+    dz[n, d] = (-y[n, d] + 1/(1 + exp(-z[n, d])))*dloss/(D*N)
+
+Kept by the forward for the fused backward: z, y, exp_z.
+    exp_z[n, d] = exp(-z[n, d]): part of per, kept so the backward does not evaluate it again
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple
@@ -78,9 +82,8 @@ def bce_with_logits_backward(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    dy = (-dloss / (D * N)) * z
-    s2 = dloss
-    dz = torch.addcmul(s2 / (D * N), y, -s2 / (D * N)).addcmul_(exp_z / (exp_z + 1), -s2 / (D * N))
+    dy = torch.mul(dloss, -1 / (D * N)) * z
+    dz = (exp_z + 1).reciprocal_().add_(y, alpha=-1).mul_(torch.mul(dloss, 1 / (D * N)))
     return bce_with_logits_Grads(
         z=dz,
         y=dy,
@@ -101,7 +104,7 @@ def bce_with_logits_backward_steps(grad_output, saved):
     # per <- loss
     dper = dloss / (D * N) * torch.ones((N, D), dtype=dloss.dtype, device=dloss.device)
     # z <- per
-    dz = dper * (-y * (1 + 1 / exp_z) + 1 / exp_z) / (1 + 1 / exp_z)
+    dz = dper * (-y + 1 / (exp_z + 1))
     # y <- per
     dy = -dper * z
     return {

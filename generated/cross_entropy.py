@@ -12,6 +12,9 @@ Forward, in index notation:
 
 Fused gradients (derived by SymPy, simplified by derive):
     dlogits[n, c] = (probs[n, c] - δ(c, target[n]))*dloss/N
+
+Kept by the forward for the fused backward: target, probs.
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple
@@ -122,7 +125,7 @@ def cross_entropy_backward_steps(grad_output, saved):
     dloss = grad_output
     # logprobs <- loss
     dlogprobs = dloss.new_zeros((N, C))
-    dlogprobs.scatter_add_(1, target[:, None], (-dloss / N).expand(N, 1))
+    dlogprobs.scatter_(1, target[:, None], (-dloss / N).expand(N, 1))
     # probs <- logprobs
     dprobs = dlogprobs / probs
     # counts <- probs
@@ -143,7 +146,7 @@ def cross_entropy_backward_steps(grad_output, saved):
     dlogit_maxes = -t2[:, None]
     # logits <- logit_maxes
     g3 = dloss.new_zeros((N, C))
-    g3.scatter_add_(1, argmax_logits[:, None], dlogit_maxes[:, 0][:, None].expand(N, 1))
+    g3.scatter_(1, argmax_logits[:, None], dlogit_maxes[:, 0][:, None].expand(N, 1))
     dlogits = dlogits + g3
     return {
         "logits": dlogits,

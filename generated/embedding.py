@@ -5,6 +5,9 @@ Forward, in index notation:
 
 Fused gradients (derived by SymPy, simplified by derive):
     dC[v, e] = Σ_n(Σ_t(demb[n, t, e]*δ(v, X[n, t])))
+
+Kept by the forward for the fused backward: X.
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple

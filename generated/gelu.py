@@ -5,6 +5,9 @@ Forward, in index notation:
 
 Fused gradients (derived by SymPy, simplified by derive):
     dx[n, d] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*x[n, d]**2/200000 + 1)*x[n, d]/sqrt(pi))**2)*(26829*x[n, d]**2 + 200000)*x[n, d] + 200000*sqrt(pi)*tanh(sqrt(2)*(8943*x[n, d]**2/200000 + 1)*x[n, d]/sqrt(pi)) + 200000*sqrt(pi))*dout[n, d]/(400000*sqrt(pi))
+
+Kept by the forward for the fused backward: x.
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple
@@ -53,11 +56,20 @@ def gelu_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("gelu: grad_output is required for a non-scalar output")
     dout = grad_output
-    t3 = torch.tanh(0.7978845608028654 * x * ((8943 / 200000) * x**2 + 1))
+    t3 = torch.square(x).mul_(8943 / 200000).add_(1).mul_(x).mul_(0.7978845608028654).tanh_()
     dx = (
-        (dout * (1 / 2))
-        .add_(dout * t3, alpha=1 / 2)
-        .add_(dout * x * (1 - t3**2) * (26829 * x**2 + 200000), alpha=1.9947114020071636e-06)
+        (354490.7701811032 * t3)
+        .add_(
+            torch.square(t3)
+            .mul_(-1)
+            .add_(1)
+            .mul_(torch.square(x).mul_(26829).add_(200000))
+            .mul_(x)
+            .mul_(1.4142135623730951)
+        )
+        .add_(354490.7701811032)
+        .mul_(dout)
+        .mul_((1.4104739588693907e-06))
     )
     return gelu_Grads(
         x=dx,

@@ -12,6 +12,9 @@ Fused gradients (derived by SymPy, simplified by derive):
     dbeta[d] = Σ_n(dout[n, d])
     dgamma[d] = Σ_n(dout[n, d]*xhat[n, d])
     dx[n, d] = (dout[n, d]*gamma[d] - xhat[n, d]*Σ_d2(dout[n, d2]*gamma[d2]*xhat[n, d2])/D - Σ_d2(dout[n, d2]*gamma[d2])/D)*var_inv[n]
+
+Kept by the forward for the fused backward: gamma, var_inv, xhat.
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple
@@ -94,11 +97,13 @@ def layernorm_backward(grad_output, saved):
     dout = grad_output
     dbeta = dout.sum(0)
     dgamma = (dout * xhat).sum(0)
-    t4 = dout @ gamma
-    t6 = (dout * xhat) @ gamma
-    s3 = var_inv[:, 0]
-    dx = torch.addcmul(((-1 / D) * s3 * t4)[:, None], dout, gamma * s3[:, None]).addcmul_(
-        xhat, ((-1 / D) * s3 * t6)[:, None]
+    t3 = dout @ gamma
+    t4 = (dout * xhat) @ gamma
+    dx = (
+        (((-1 / D) * t4)[:, None] * xhat)
+        .addcmul_(dout, gamma)
+        .add_(t3[:, None] / D, alpha=-1)
+        .mul_(var_inv)
     )
     return layernorm_Grads(
         x=dx,

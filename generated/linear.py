@@ -7,6 +7,9 @@ Fused gradients (derived by SymPy, simplified by derive):
     db[o] = Σ_n(dout[n, o])
     dW[i, o] = Σ_n(dout[n, o]*x[n, i])
     dx[n, i] = Σ_o(W[i, o]*dout[n, o])
+
+Kept by the forward for the fused backward: x, W.
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple

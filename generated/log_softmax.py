@@ -9,6 +9,9 @@ Forward, in index notation:
 
 Fused gradients (derived by SymPy, simplified by derive):
     dx[n, d] = dout[n, d] - e[n, d]*Σ_d2(dout[n, d2])/total[n]
+
+Kept by the forward for the fused backward: e, total.
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple
@@ -71,7 +74,7 @@ def log_softmax_backward(grad_output, saved):
         raise ValueError("log_softmax: grad_output is required for a non-scalar output")
     dout = grad_output
     t1 = dout.sum(1)
-    dx = (e * (-t1 / total[:, 0])[:, None]).add_(dout)
+    dx = (e * torch.mul(t1, -1).div_(total[:, 0])[:, None]).add_(dout)
     return log_softmax_Grads(
         x=dx,
     )
@@ -106,7 +109,7 @@ def log_softmax_backward_steps(grad_output, saved):
     dmaxes = -t2[:, None]
     # x <- maxes
     g3 = dout.new_zeros((N, D))
-    g3.scatter_add_(1, argmax_x[:, None], dmaxes[:, 0][:, None].expand(N, 1))
+    g3.scatter_(1, argmax_x[:, None], dmaxes[:, 0][:, None].expand(N, 1))
     dx = dx + g3
     return {
         "x": dx,

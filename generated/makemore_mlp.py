@@ -35,6 +35,9 @@ Fused gradients (derived by SymPy, simplified by derive):
     db1[j] = Σ_n(dhprebn[n, j])
     dW1[te, j] = Σ_n(dhprebn[n, j]*embcat[n, te])
     dC[v, e] = Σ_n(Σ_t(dembcat[n, (t,e)]*δ(v, Xb[n, t])))
+
+Kept by the forward for the fused backward: W1, W2, bngain, Xb, Yb, embcat, bnvar_inv, bnraw, h, probs.
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple
@@ -144,7 +147,8 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
             f"makemore_mlp: needs N-1 != 0 (the formulas divide by it), got V={V}, E={E}, J={J}, K={K}, N={N}, T={T}"
         )
     emb = C[Xb, :]
-    embcat = emb.reshape(N, E * T)
+    embcat = emb
+    embcat = embcat.reshape(N, E * T)
     t1 = embcat @ W1
     hprebn = b1 + t1
     t2 = hprebn.sum(0)
@@ -241,12 +245,12 @@ def makemore_mlp_backward(grad_output, saved):
     dlogits = probs * s1
     dlogits.scatter_add_(1, Yb[:, None], (-s1).expand(N, 1))
     dh = dlogits @ W2.T
-    dhpreact = dh * (1 - h**2)
+    dhpreact = torch.square(h).mul_(-1).add_(1).mul_(dh)
     t4 = dhpreact.sum(0)
     t6 = (bnraw * dhpreact).sum(0)
     s3 = bngain[0, :] * bnvar_inv[0, :]
-    dhprebn = torch.addcmul((-1 / N) * s3 * t4, dhpreact, s3).addcmul_(
-        bnraw, (-1 / (N - 1)) * s3 * t6
+    dhprebn = torch.addcmul(torch.mul(s3, t4).mul_((-1 / N)), dhpreact, s3).addcmul_(
+        bnraw, torch.mul(s3, t6).mul_((-1 / (N - 1)))
     )
     dembcat = dhprebn @ W1.T
     dbnbias = t4[None, :]
@@ -312,7 +316,7 @@ def makemore_mlp_backward_steps(grad_output, saved):
     dloss = grad_output
     # logprobs <- loss
     dlogprobs = dloss.new_zeros((N, K))
-    dlogprobs.scatter_add_(1, Yb[:, None], (-dloss / N).expand(N, 1))
+    dlogprobs.scatter_(1, Yb[:, None], (-dloss / N).expand(N, 1))
     # probs <- logprobs
     dprobs = dlogprobs / probs
     # counts <- probs
@@ -333,7 +337,7 @@ def makemore_mlp_backward_steps(grad_output, saved):
     dlogit_maxes = -t2[:, None]
     # logits <- logit_maxes
     g3 = dloss.new_zeros((N, K))
-    g3.scatter_add_(1, argmax_logits[:, None], dlogit_maxes[:, 0][:, None].expand(N, 1))
+    g3.scatter_(1, argmax_logits[:, None], dlogit_maxes[:, 0][:, None].expand(N, 1))
     dlogits = dlogits + g3
     t4 = h.T @ dlogits
     # W2 <- logits

@@ -7,6 +7,9 @@ Forward, in index notation:
 Fused gradients (derived by SymPy, simplified by derive):
     dy[n, d] = -2*diff[n, d]*dloss/(D*N)
     dx[n, d] = 2*diff[n, d]*dloss/(D*N)
+
+Kept by the forward for the fused backward: diff.
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple
@@ -69,8 +72,8 @@ def mse_loss_backward(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    dy = (-2 * dloss / (D * N)) * diff
-    dx = (2 * dloss / (D * N)) * diff
+    dy = diff * torch.mul(dloss, -2 / (D * N))
+    dx = diff * torch.mul(dloss, 2 / (D * N))
     return mse_loss_Grads(
         x=dx,
         y=dy,

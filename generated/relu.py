@@ -5,6 +5,9 @@ Forward, in index notation:
 
 Fused gradients (derived by SymPy, simplified by derive):
     dx[n, d] = dout[n, d]*Heaviside(x[n, d], 0)
+
+Kept by the forward for the fused backward: x.
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple
@@ -53,7 +56,7 @@ def relu_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("relu: grad_output is required for a non-scalar output")
     dout = grad_output
-    dx = dout * (x > 0)
+    dx = torch.where(x > 0, dout, 0.0)
     return relu_Grads(
         x=dx,
     )
@@ -66,7 +69,7 @@ def relu_backward_steps(grad_output, saved):
         raise ValueError("relu: grad_output is required for a non-scalar output")
     dout = grad_output
     # x <- out
-    dx = dout * (x > 0)
+    dx = torch.where(x > 0, dout, 0.0)
     return {
         "x": dx,
         "out": dout,

@@ -9,6 +9,9 @@ Forward, in index notation:
 Fused gradients (derived by SymPy, simplified by derive):
     dgamma[d] = Σ_n(dout[n, d]*xhat[n, d])
     dx[n, d] = (dout[n, d]*gamma[d] - xhat[n, d]*Σ_d2(dout[n, d2]*out[n, d2])/D)*rms_inv[n]
+
+Kept by the forward for the fused backward: gamma, rms_inv, xhat, out.
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple
@@ -78,9 +81,8 @@ def rmsnorm_backward(grad_output, saved):
         raise ValueError("rmsnorm: grad_output is required for a non-scalar output")
     dout = grad_output
     dgamma = (dout * xhat).sum(0)
-    t3 = (dout * out).sum(1)
-    s2 = rms_inv[:, 0]
-    dx = (dout * (gamma * s2[:, None])).addcmul_(xhat, ((-1 / D) * s2 * t3)[:, None])
+    t2 = (dout * out).sum(1)
+    dx = (((-1 / D) * t2)[:, None] * xhat).addcmul_(dout, gamma).mul_(rms_inv)
     return rmsnorm_Grads(
         x=dx,
         gamma=dgamma,

@@ -4,7 +4,11 @@ Forward, in index notation:
     out[n, d] = x[n, d]/(1 + exp(-x[n, d]))
 
 Fused gradients (derived by SymPy, simplified by derive):
-    dx[n, d] = (x[n, d] + exp(x[n, d]) + 1)*dout[n, d]*exp(x[n, d])/(exp(x[n, d]) + 1)**2
+    dx[n, d] = (-out[n, d] + x[n, d] + 1)*dout[n, d]/(1 + exp(-x[n, d]))
+
+Kept by the forward for the fused backward: x, out, exp_x.
+    exp_x[n, d] = exp(-x[n, d]): part of out, kept so the backward does not evaluate it again
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple
@@ -36,27 +40,23 @@ def silu_forward(x, *, _keep_all=False):
     out = x / (exp_x + 1)
     saved = {
         "x": x,
+        "out": out,
         "exp_x": exp_x,
         "N": N,
         "D": D,
     }
-    if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
-        saved.update(
-            {
-                "out": out,
-            }
-        )
     return out, saved
 
 
 def silu_backward(grad_output, saved):
     """Fused, simplified backward of `silu` (see the module docstring for the formulas)."""
     x = saved["x"]
+    out = saved["out"]
     exp_x = saved["exp_x"]
     if grad_output is None:
         raise ValueError("silu: grad_output is required for a non-scalar output")
     dout = grad_output
-    dx = dout * (x + 1 + 1 / exp_x) / (exp_x * (1 + 1 / exp_x) ** 2)
+    dx = (x - out).add_(1).mul_(dout).div_(exp_x + 1)
     return silu_Grads(
         x=dx,
     )
@@ -65,12 +65,13 @@ def silu_backward(grad_output, saved):
 def silu_backward_steps(grad_output, saved):
     """Atom-by-atom chain rule of `silu`: the gradient of every named tensor, by name."""
     x = saved["x"]
+    out = saved["out"]
     exp_x = saved["exp_x"]
     if grad_output is None:
         raise ValueError("silu: grad_output is required for a non-scalar output")
     dout = grad_output
     # x <- out
-    dx = dout * (x + 1 + 1 / exp_x) / (exp_x * (1 + 1 / exp_x) ** 2)
+    dx = dout * (-out + x + 1) / (exp_x + 1)
     return {
         "x": dx,
         "out": dout,
@@ -79,6 +80,7 @@ def silu_backward_steps(grad_output, saved):
 
 _BACKWARD_KEYS = (
     "x",
+    "out",
     "exp_x",
 )
 

@@ -8,6 +8,9 @@ Forward, in index notation:
 
 Fused gradients (derived by SymPy, simplified by derive):
     dx[n, d] = (dout[n, d] - Σ_d2(dout[n, d2]*out[n, d2]))*out[n, d]
+
+Kept by the forward for the fused backward: out.
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple
@@ -71,7 +74,7 @@ def softmax_backward(grad_output, saved):
         raise ValueError("softmax: grad_output is required for a non-scalar output")
     dout = grad_output
     t1 = (dout * out).sum(1)
-    dx = out * (dout - t1[:, None])
+    dx = (dout - t1[:, None]).mul_(out)
     return softmax_Grads(
         x=dx,
     )
@@ -105,7 +108,7 @@ def softmax_backward_steps(grad_output, saved):
     dmaxes = -t2[:, None]
     # x <- maxes
     g3 = dout.new_zeros((N, D))
-    g3.scatter_add_(1, argmax_x[:, None], dmaxes[:, 0][:, None].expand(N, 1))
+    g3.scatter_(1, argmax_x[:, None], dmaxes[:, 0][:, None].expand(N, 1))
     dx = dx + g3
     return {
         "x": dx,

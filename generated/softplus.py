@@ -4,7 +4,11 @@ Forward, in index notation:
     out[n, d] = log(exp(x[n, d]) + 1)
 
 Fused gradients (derived by SymPy, simplified by derive):
-    dx[n, d] = dout[n, d]*exp(x[n, d])/(exp(x[n, d]) + 1)
+    dx[n, d] = (1 - 1/(exp(x[n, d]) + 1))*dout[n, d]
+
+Kept by the forward for the fused backward: exp_x.
+    exp_x[n, d] = exp(x[n, d]): part of out, kept so the backward does not evaluate it again
+The backward recomputes anything else it needs from these.
 """
 
 from typing import NamedTuple
@@ -55,7 +59,7 @@ def softplus_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("softplus: grad_output is required for a non-scalar output")
     dout = grad_output
-    dx = dout * exp_x / (exp_x + 1)
+    dx = (exp_x + 1).reciprocal_().mul_(-1).add_(1).mul_(dout)
     return softplus_Grads(
         x=dx,
     )
@@ -68,7 +72,7 @@ def softplus_backward_steps(grad_output, saved):
         raise ValueError("softplus: grad_output is required for a non-scalar output")
     dout = grad_output
     # x <- out
-    dx = dout * exp_x / (exp_x + 1)
+    dx = dout * (1 - 1 / (exp_x + 1))
     return {
         "x": dx,
         "out": dout,

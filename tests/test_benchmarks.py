@@ -27,6 +27,16 @@ RUNTIME_COLUMNS = [
     "compiled/native",
 ]
 DERIVATION_COLUMNS = ["op", "import", "trace", "differentiate", "simplify", "lower", "emit"]
+COMPOSITION_COLUMNS = [
+    "composition",
+    "shapes",
+    "derive",
+    "autograd",
+    "derive/autograd",
+    "peak tensor (backward)",
+    "largest tensor (forward)",
+    "max rel err",
+]
 
 
 def _header(markdown: str, first: str) -> list[str]:
@@ -40,7 +50,8 @@ def _header(markdown: str, first: str) -> list[str]:
 def test_quick_run_writes_tables(tmp_path, capsys):
     from benchmarks.cli import main
 
-    rc = main(["--quick", "--ops", "log_softmax", "--no-compile", "--stack", "1", "--out", str(tmp_path)])
+    argv = ["--quick", "--ops", "log_softmax", "--no-compile", "--stack", "1", "--out", str(tmp_path)]
+    rc = main(argv + ["--compositions", "mlp_mse,max_middle"])
     assert rc == 0
     md = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert md in capsys.readouterr().out
@@ -66,3 +77,8 @@ def test_quick_run_writes_tables(tmp_path, capsys):
     assert [r["name"] for r in report["derivation"]["ops"]["rows"]] == ["log_softmax"]
     assert [r["k"] for r in report["derivation"]["stack"]["rows"]] == [1]
     assert report["environment"]["threads"] >= 1
+    assert [c["name"] for c in report["compositions"]] == ["mlp_mse", "max_middle"]
+    for c in report["compositions"]:
+        assert c["peak"] <= c["forward_largest"], c  # the no-blow-up invariant, measured
+        assert c["max_rel_err"] < 1e-4
+    assert _header(md, "composition") == COMPOSITION_COLUMNS

@@ -33,7 +33,7 @@ class Code:
     backward: list[str]
     backward_steps: list[str]
     steps_outputs: list[str]
-    # forward sub-expressions kept for the backward: (name, what it holds, the statement computing it)
+    # forward sub-expressions kept for the backward: (name, "name[i] = its value", the statement computing it)
     saved_values: list[tuple[str, str, str]] = field(default_factory=list)
 
 
@@ -100,7 +100,7 @@ def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr
     for e in exprs:
         needed |= tensor_names(e)
     kept = [n for n in list(tensors) + [s.name for s in saved_values] if n in needed]
-    described = [(s.name, text(s.original), s.host) for s in saved_values]
+    described = [(s.name, f"{text(s.read)} = {text(s.original)}", s.host) for s in saved_values]
     return Code(
         sizes, fwd.lines, plain.lines, kept, bwd.lines, steps.lines, [o for o in tensors if o in outputs], described
     )

@@ -35,6 +35,7 @@ from ..indexalg import (
     tensor_names,
 )
 from ..program import Layout, TensorInfo
+from . import inplace
 from . import plan as planner
 from .printer import PRINTER, atom, shape_tuple, size_code
 from .share import canonical_key, costly
@@ -74,6 +75,15 @@ class Lowerer:
     # -- public ------------------------------------------------------------------------------
     def assign(self, name: str, e: sympy.Expr, target: TensorInfo, accumulate: bool = False, comment: str = "") -> None:
         """Emit ``name = e`` (or ``name = name + e``), laid out like ``target``."""
+        e = _packed_deltas(e)
+        unflattened = _unflattened(e, target) or _reflattened(e, target)
+        if unflattened is not None and not accumulate:
+            # e reads the parts of a flattened index on their own (y[nd.1]): compute with the parts
+            # as axes of their own, then flatten them (row-major, as flatten does)
+            self.assign(name, *unflattened, comment=comment)
+            shape = ", ".join("1" if d is None else size_code(d.size) for d in target.layout)
+            self.lines.append(f"{name} = {name}.reshape({shape})")
+            return
         self.preferred = target.indices
         if not tensor_names(e) and not e.has(sympy.KroneckerDelta):
             # a constant (a gradient that cancelled to 0): a tensor of the target's shape
@@ -182,7 +192,7 @@ class Lowerer:
             shape = shape_tuple(["1" if i == v else size_code(dim_of(i).size) for i in flat.indices])
             index = self.lower(p)
             index_code = self.align(index, slots, strip=False) if index.axes else index.code
-            if len(index.axes) < len(slots) - 1:
+            if len(index.axes) < len(slots) - 1 or not index.axes:
                 index_code = f"{atom(index_code)}.expand{shape}"
             src = self._elementwise(h, known)
             if src.axes:
@@ -191,7 +201,9 @@ class Lowerer:
                 src_code = f"{atom(src.code)}.expand{shape}"
             else:
                 src_code = f"torch.full({shape}, {src.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
-            lines.append(f"{out}.scatter_add_({axis}, {index_code}, {src_code})")
+            # one position per line along v: into zeros a plain scatter_ writes what scatter_add_ would add
+            method = "scatter_" if g == 0 and len(parts) == 1 else "scatter_add_"
+            lines.append(f"{out}.{method}({axis}, {index_code}, {src_code})")
         if out != name:
             idx = ", ".join("None" if d is None else ":" for d in target.layout)
             lines.append(f"{name} = {out}[{idx}]")
@@ -229,6 +241,10 @@ class Lowerer:
         small = sympy.Add(*(S for F, S in terms if F == 1))
         if not full_terms or (len(full_terms) == 1 and small == 0):
             return None
+        if any(len(sympy.Mul.make_args(F)) > 1 or F.args for F, _ in full_terms if not is_entry(F)):
+            return None  # a full-size product or function per term: the in-place chain does better
+        if any(free_indices(S) >= full for _, S in terms):
+            return None  # "small" factors that span the target between them (gamma[d]·v[n]) are not small
         fused_cost = sum(_full_ops(F, full) + 1 for F, _ in full_terms)
         if fused_cost >= _full_ops(e, full):
             return None  # the expression as written makes no more passes over full-size tensors
@@ -375,9 +391,11 @@ class Lowerer:
                 reshaped = True
                 k += 1
             elif isinstance(i, Flat) and int(i.args[1]) == 0:
-                f = i.args[0]
-                n = len(dim_of(f).parts)
-                shape.append(size_code(dim_of(f).size))
+                f = i.args[0]  # an index of a flattened dim, or a gathered position in one
+                n = 1
+                while k + n < len(idx) and idx[k + n] == Flat(f, n):
+                    n += 1
+                shape.append(size_code(sympy.Mul(*(p.size for p in dims[k : k + n]))))
                 new_idx.append(f)
                 reshaped = True
                 k += n
@@ -632,7 +650,14 @@ class Lowerer:
             return self._elementwise(regrouped, known, want)
         # a leaf's code becomes a symbol the printer writes verbatim: parenthesise compound code
         mapping = {leaf: sympy.Symbol(atom(self.align(v, tuple(axes), strip=not want))) for leaf, v in leaves}
-        code = PRINTER.doprint(e.xreplace(mapping))
+        if (
+            self.fuse_arithmetic and _full_ops(e, set(axes)) > 1
+        ):  # the fused backward: one fresh buffer, updated in place
+            code = inplace.chain(e.xreplace(mapping), {mapping[leaf]: frozenset(v.axes) for leaf, v in leaves})
+        else:
+            code = PRINTER.doprint(e.xreplace(mapping))
+        if _only_steps(e):  # (x > 0) is bool, 2*(x > 0) an integer: a float for matmuls, scatters and sums
+            code = f"{atom(code)}.to({self.ref}.dtype)"
         return Val(code, tuple(axes))
 
     def _leaves(self, e: sympy.Expr, top: bool = True) -> list[sympy.Expr]:
@@ -671,6 +696,83 @@ class Lowerer:
         return _bottom_up_expr(e, rewrite)
 
 
+def _unflattened(e: sympy.Expr, target: TensorInfo) -> tuple[sympy.Expr, TensorInfo] | None:
+    """``e`` and ``target`` with each flattened index that ``e`` reads by parts split into its parts."""
+    split = [
+        i
+        for i in target.indices
+        if dim_of(i).parts and any(isinstance(f, Flat) and f.args[0] == i for f in sympy.preorder_traversal(e))
+    ]
+    if not split:
+        return None
+    layout: list[Dim | None] = []
+    for d in target.layout:
+        layout += list(d.parts) if d is not None and d.index() in split else [d]
+    named = [d for d in layout if d is not None]
+    if len(set(named)) != len(named):
+        return None  # a part is also a dim of its own in the target: keep the flattened axis
+    info = TensorInfo(target.name, tuple(layout), target.is_int)
+    parts = iter(info.indices)
+    mapping = {}
+    for d in target.layout:
+        if d is None:
+            continue
+        mapping[d.index()] = Pack(*[next(parts) for _ in d.parts]) if d.index() in split else next(parts)
+    return substitute_indices(e, mapping), info
+
+
+def _packed_deltas(e: sympy.Expr) -> sympy.Expr:
+    """``δ(n, p.0)·δ(d, p.1)`` as ``δ((n, d), p)``: a position ``p`` in a flattened dim, pinned as one."""
+
+    def rewrite(node: sympy.Expr) -> sympy.Expr:
+        if not isinstance(node, sympy.Mul):
+            return node
+        pins: dict[sympy.Expr, dict[int, tuple[sympy.Expr, sympy.Expr]]] = {}
+        for f in node.args:
+            if isinstance(f, sympy.KroneckerDelta):
+                for a, b in (f.args, f.args[::-1]):
+                    if is_index(a) and isinstance(b, Flat) and not is_index(b.args[0]):
+                        pins.setdefault(b.args[0], {})[int(b.args[1])] = (a, f)
+                        break
+        for p, parts in pins.items():
+            if len(parts) > 1 and sorted(parts) == list(range(len(parts))):
+                used = {f for _, f in parts.values()}
+                rest = [f for f in node.args if f not in used]
+                packed = sympy.KroneckerDelta(Pack(*(parts[i][0] for i in range(len(parts)))), p)
+                return sympy.Mul(*rest, packed)
+        return node
+
+    if not isinstance(e, sympy.Basic) or not e.args or is_entry(e):
+        return e
+    return rewrite(e.func(*(_packed_deltas(a) for a in e.args)))
+
+
+def _reflattened(e: sympy.Expr, target: TensorInfo) -> tuple[sympy.Expr, TensorInfo] | None:
+    """``e`` and ``target`` with adjacent dims merged where ``e`` pins them as one, ``δ((t, e), p)``.
+
+    A max over a flattened dim routes its gradient to one position of the flattened axis: the
+    scatter happens there, and the result is then viewed with the parts as axes again.
+    """
+    for delta in sympy.preorder_traversal(e):
+        if not isinstance(delta, sympy.KroneckerDelta):
+            continue
+        for packed in delta.args:
+            if not isinstance(packed, Pack) or not all(is_index(i) for i in packed.args):
+                continue
+            dims = [dim_of(i) for i in packed.args]
+            positions = [target.layout.index(d) if d in target.layout else -1 for d in dims]
+            if -1 in positions or positions != list(range(positions[0], positions[0] + len(dims))):
+                continue
+            if tuple(packed.args) != tuple(d.index() for d in dims):
+                continue
+            merged = Dim("".join(d.name for d in dims), parts=tuple(dims))
+            layout = target.layout[: positions[0]] + (merged,) + target.layout[positions[-1] + 1 :]
+            flat = merged.index()
+            mapping = {d.index(): Flat(flat, p) for p, d in enumerate(dims)}
+            return substitute_indices(e, mapping), TensorInfo(target.name, layout, target.is_int)
+    return None
+
+
 def _flatten_sums(e: ISum) -> tuple[list[sympy.Symbol], sympy.Expr]:
     """``Σ_m a[m]·Σ_k b[m, k]`` as the single sum ``Σ_{m,k} a[m]·b[m, k]``: one tensor network to plan.
 
@@ -688,6 +790,19 @@ def _flatten_sums(e: ISum) -> tuple[list[sympy.Symbol], sympy.Expr]:
                 break
         else:
             return indices, body
+
+
+def _only_steps(e: sympy.Expr) -> bool:
+    """Whether ``e`` reads tensors only through steps (``Heaviside``): its code gives bool or int values."""
+    return e.has(sympy.Heaviside) and _steps_or_constants(e)
+
+
+def _steps_or_constants(e: sympy.Expr) -> bool:
+    if isinstance(e, sympy.Heaviside) or not e.args:
+        return not (e.is_Symbol and e.name.startswith("__val_"))
+    if is_entry(e) or isinstance(e, (ISum, IMax, ArgMax, sympy.KroneckerDelta)):
+        return False
+    return isinstance(e, (sympy.Mul, sympy.Add)) and all(_steps_or_constants(a) for a in e.args)
 
 
 def _positional_deltas(

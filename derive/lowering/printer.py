@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sympy
 from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.pycode import PythonCodePrinter
 from sympy.printing.pytorch import TorchPrinter
 
 from ..errors import OpDefinitionError
@@ -23,13 +24,15 @@ class TorchCodePrinter(TorchPrinter):
     def _print(self, expr, **kwargs) -> str:
         if isinstance(expr, sympy.Expr) and expr.is_number and not expr.is_Rational and expr.is_real:
             return repr(float(expr))  # constants such as sqrt(2/pi) become Python floats
+        if isinstance(expr, sympy.Function) and expr.free_symbols and is_constant(expr):
+            return _MATH.doprint(expr)  # a function of sizes and parameters: Python floats, not tensors
         return super()._print(expr, **kwargs)
 
     def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
         base, exp = expr.as_base_exp()
         b = self.parenthesize(base, PRECEDENCE["Pow"])
         if exp == sympy.S.Half:
-            return f"torch.sqrt({self._print(base)})"
+            return f"{b} ** 0.5" if is_constant(base) else f"torch.sqrt({self._print(base)})"
         if exp == -1:
             return f"1 / {b}"
         if exp.is_Integer or exp.is_Rational or exp.is_Float:
@@ -49,14 +52,22 @@ class TorchCodePrinter(TorchPrinter):
     def _print_Float(self, expr: sympy.Float) -> str:
         return repr(float(expr))
 
+    def _print_Mul(self, expr: sympy.Mul) -> str:
+        masks, rest = split_masks(expr)
+        if not masks or is_constant(rest):
+            return super()._print_Mul(expr)
+        # a product with a step selects (PyTorch's threshold_backward does the same): no float mask
+        condition = " & ".join(
+            f"({comparison(self, arg, tie)})" if len(masks) > 1 else comparison(self, arg, tie) for arg, tie in masks
+        )
+        return f"torch.where({condition}, {self._print(rest)}, 0.0)"
+
     def _print_Heaviside(self, expr: sympy.Expr) -> str:
         # the tie value was chosen when differentiating (derive.kinks): relu 0, clamp 1, maximum 1/2
         arg, tie = expr.args[0], expr.args[1] if len(expr.args) > 1 else sympy.S.Half
         code = self._print(arg)
-        if tie == 0:
-            return f"({code} > 0)"
-        if tie == 1:
-            return f"({code} >= 0)"
+        if tie in (0, 1):
+            return f"({comparison(self, arg, tie)})"
         if tie == sympy.S.Half:
             return f"((torch.sign({code}) + 1) / 2)"
         raise OpDefinitionError(f"no PyTorch convention for a step of value {tie} at 0 in {expr}")
@@ -95,12 +106,34 @@ class TorchCodePrinter(TorchPrinter):
         raise OpDefinitionError(f"piecewise expression {expr} cannot be lowered; use Max/Min/Abs")
 
 
+def split_masks(expr: sympy.Expr) -> tuple[list[tuple[sympy.Expr, sympy.Expr]], sympy.Expr]:
+    """The steps ``Heaviside(x, 0)`` and ``Heaviside(x, 1)`` among a product's factors as ``(x, tie)``, and the rest."""
+    masks, rest = [], []
+    for f in sympy.Mul.make_args(expr):
+        if isinstance(f, sympy.Heaviside) and len(f.args) > 1 and f.args[1] in (0, 1):
+            masks.append((f.args[0], f.args[1]))
+        else:
+            rest.append(f)
+    return masks, sympy.Mul(*rest)
+
+
+def comparison(printer: TorchCodePrinter, arg: sympy.Expr, tie: sympy.Expr, negated: bool = False) -> str:
+    """``u > c`` for a step of ``u - c`` that is 0 at the tie, ``u >= c`` for one that is 1 (or the opposite)."""
+    bound = sympy.S.Zero
+    if isinstance(arg, sympy.Add):
+        bound = -sympy.Add(*(t for t in arg.args if is_constant(t)))
+        arg = sympy.Add(*(t for t in arg.args if not is_constant(t)))
+    op = {(0, False): ">", (1, False): ">=", (0, True): "<=", (1, True): "<"}[(int(tie), negated)]
+    return f"{printer._print(arg)} {op} {printer._print(bound)}"
+
+
 def is_constant(e: sympy.Expr) -> bool:
     """Free of tensor values: numbers, scalar parameters and sizes (all positive symbols here)."""
     return all(s.is_positive for s in e.free_symbols)
 
 
 PRINTER = TorchCodePrinter({"strict": False})
+_MATH = PythonCodePrinter({"standard": "python3", "strict": False})
 
 
 def shape_tuple(sizes: list[str]) -> str:
@@ -125,4 +158,4 @@ def atom(code: str) -> str:
     return code
 
 
-__all__ = ["PRINTER", "TorchCodePrinter", "atom", "is_constant", "shape_tuple", "size_code"]
+__all__ = ["PRINTER", "TorchCodePrinter", "atom", "is_constant", "shape_tuple", "size_code", "split_masks"]

@@ -73,10 +73,10 @@ def forward_values(
 
     Example:
         >>> from derive import catalogue, derive
-        >>> d = derive(catalogue()["sigmoid"])
+        >>> d = derive(catalogue()["silu"])  # out = x/(1 + exp(-x))
         >>> saved, (dx,) = forward_values(d.program, [d.gradient("x").result], set(d.program.tensors))
         >>> [(s.name, s.host, str(s.statement.expr)) for s in saved], str(dx)
-        ([('exp_x', 'out', 'exp(-x(n, d))')], 'dout(n, d)*exp_x(n, d)*out(n, d)**2')
+        ([('exp_x', 'out', 'exp(-x(n, d))')], '(-out(n, d) + x(n, d) + 1)*dout(n, d)/(exp_x(n, d) + 1)')
     """
     saved: list[SavedValue] = []
     names = set(taken)

@@ -1,0 +1,229 @@
+"""Elementwise expressions evaluated with one fresh buffer: the first operation allocates, the rest update it in place.
+
+``dout*(1/2 + erf(u)/2 + c*u*exp(-u**2/2))`` printed as a plain expression allocates a full-size
+temporary for every operation, and on a CPU a fresh large buffer costs page faults on top of the
+pass over memory. Printed as a chain, ``u.square().mul_(-0.5).exp_().mul_(u).mul_(c).add_(erf_u,
+alpha=0.5).add_(0.5).mul_(dout)``, it allocates once. An update in place is used only on a buffer
+the chain itself allocated (never on a saved value or an input), and only when the operand's axes
+fit inside it (broadcasting never grows a buffer in place).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from .printer import PRINTER, atom, comparison, split_masks
+
+# SymPy function -> (torch function, in-place method)
+_UNARY = {
+    sympy.exp: ("torch.exp", "exp_"),
+    sympy.log: ("torch.log", "log_"),
+    sympy.tanh: ("torch.tanh", "tanh_"),
+    sympy.erf: ("torch.erf", "erf_"),
+    sympy.sin: ("torch.sin", "sin_"),
+    sympy.cos: ("torch.cos", "cos_"),
+    sympy.Abs: ("torch.abs", "abs_"),
+    sympy.sign: ("torch.sign", "sign_"),
+}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Code for a sub-expression: its axes, and whether it is a buffer the chain allocated."""
+
+    code: str
+    axes: frozenset[sympy.Symbol]
+    fresh: bool = False
+    tensor: bool = True  # False: a Python number, size or parameter
+
+
+def chain(e: sympy.Expr, axes: dict[sympy.Symbol, frozenset[sympy.Symbol]]) -> str:
+    """Code evaluating ``e`` whose leaves are the symbols of ``axes`` (code text as their names)."""
+    return _Chain(axes).emit(e).code
+
+
+class _Chain:
+    def __init__(self, axes: dict[sympy.Symbol, frozenset[sympy.Symbol]]) -> None:
+        self.axes = axes
+
+    def emit(self, e: sympy.Expr) -> Piece:
+        if not (e.free_symbols & set(self.axes)):
+            return Piece(PRINTER.doprint(e), frozenset(), tensor=False)
+        if e in self.axes:
+            return Piece(e.name, self.axes[e])  # type: ignore[attr-defined]
+        if isinstance(e, sympy.Add):
+            return self._add(e)
+        if isinstance(e, sympy.Mul):
+            return self._mul(e)
+        if isinstance(e, sympy.Pow):
+            return self._pow(e)
+        if type(e) in _UNARY:
+            return self._unary(e, *_UNARY[type(e)])
+        if isinstance(e, sympy.Max) and len(e.args) == 2 and 0 in e.args:
+            return self._unary(sympy.Max(*(a for a in e.args if a != 0)), "torch.relu", "relu_")
+        return Piece(PRINTER.doprint(e), self._axes_of(e), fresh=False)  # compares, Max of values...
+
+    def _one_operation(self, e: sympy.Expr) -> bool:
+        """``a + b``, ``1 - a``, ``c*a``, ``a*b``, ``a/b`` of values: printed as written (one new buffer anyway)."""
+        operands = [a for a in e.args if a.free_symbols & set(self.axes)]
+        if any(
+            a not in self.axes
+            and not (isinstance(a, sympy.Pow) and a.args[0] in self.axes and a.args[1] == -1)
+            and a.as_coeff_Mul()[1] not in self.axes
+            for a in operands
+        ):
+            return False
+        constants = [a for a in e.args if not (a.free_symbols & set(self.axes))]
+        scaled = [a for a in operands if a not in self.axes and a.as_coeff_Mul()[0] not in (1, -1)]
+        return len(operands) + len(constants) + len(scaled) <= 2
+
+    def _axes_of(self, e: sympy.Expr) -> frozenset[sympy.Symbol]:
+        out: frozenset[sympy.Symbol] = frozenset()
+        for s in e.free_symbols & set(self.axes):
+            out |= self.axes[s]  # type: ignore[index]
+        return out
+
+    # -- sums -------------------------------------------------------------------------------------
+    def _add(self, e: sympy.Add) -> Piece:
+        full = self._axes_of(e)
+        constant = sympy.Add(*(t for t in e.args if not (t.free_symbols & set(self.axes))))
+        terms = [_split_coefficient(t) for t in e.args if t.free_symbols & set(self.axes)]
+        if self._one_operation(e):
+            return Piece(PRINTER.doprint(e), full, fresh=True)
+        pieces = [(self.emit(body), body, coefficient) for body, coefficient in terms]
+        pieces.sort(key=lambda p: (not p[0].fresh, p[0].axes != full))
+        (first, _, c_first), rest = pieces[0], pieces[1:]
+        if first.fresh and first.axes == full:
+            acc = first.code if c_first == 1 else f"{atom(first.code)}.mul_({PRINTER.doprint(c_first)})"
+        elif rest and c_first == 1:
+            (second, _, c_second), rest = rest[0], rest[1:]
+            if c_second in (1, -1):
+                acc = f"{first.code} {'+' if c_second == 1 else '-'} {atom(second.code)}"
+            else:
+                acc = f"torch.add({first.code}, {second.code}{_alpha(c_second)})"
+            first = Piece(acc, first.axes | second.axes)
+        elif not rest and c_first == 1:
+            acc = f"torch.add({first.code}, {PRINTER.doprint(constant)})"
+            constant = sympy.S.Zero
+        else:
+            acc = f"torch.mul({first.code}, {PRINTER.doprint(c_first)})"
+        axes = first.axes
+        for piece, body, coefficient in rest:
+            acc = self._accumulate(acc, axes, piece, body, coefficient)
+            axes |= piece.axes
+        if constant != 0:
+            acc = f"{atom(acc)}.add_({PRINTER.doprint(constant)})"
+        return Piece(acc, full, fresh=True)
+
+    def _accumulate(
+        self, acc: str, axes: frozenset[sympy.Symbol], piece: Piece, body: sympy.Expr, coefficient: sympy.Expr
+    ) -> str:
+        """``acc + coefficient·body``: in place when it fits (``addcmul_`` for a product of two values)."""
+        if not piece.axes <= axes:
+            return f"{atom(acc)}.add({piece.code}{_alpha(coefficient)})"  # grows by broadcasting: a new buffer
+        factors = sympy.Mul.make_args(body)
+        if isinstance(body, sympy.Mul) and len(factors) == 2 and all(f.as_base_exp()[1] != -1 for f in factors):
+            x, y = (self.emit(f) for f in factors)
+            if not x.fresh and not y.fresh and x.tensor and y.tensor:
+                value = "" if coefficient == 1 else f", value={PRINTER.doprint(coefficient)}"
+                return f"{atom(acc)}.addcmul_({x.code}, {y.code}{value})"
+        return f"{atom(acc)}.add_({piece.code}{_alpha(coefficient)})"
+
+    # -- products ---------------------------------------------------------------------------------
+    def _mul(self, e: sympy.Mul) -> Piece:
+        full = self._axes_of(e)
+        if self._one_operation(e):
+            return Piece(PRINTER.doprint(e), full, fresh=True)
+        masks, rest = split_masks(e)
+        if masks and rest.free_symbols & set(self.axes):
+            r = self.emit(rest)
+            if r.fresh and len(masks) == 1:  # zero where the step is 0, in place
+                arg, tie = masks[0]
+                return Piece(
+                    f"{atom(r.code)}.masked_fill_({comparison(PRINTER, arg, tie, negated=True)}, 0.0)", full, True
+                )
+            return Piece(PRINTER.doprint(e), full, fresh=True)  # torch.where(step, rest, 0.0)
+        constant = sympy.Mul(*(f for f in e.args if not (f.free_symbols & set(self.axes))))
+        numerators, denominators = [], []
+        for f in e.args:
+            if not (f.free_symbols & set(self.axes)):
+                continue
+            base, exponent = f.as_base_exp()
+            if exponent == -1:
+                denominators.append(self.emit(base))
+            else:
+                numerators.append(self.emit(f))
+        numerators.sort(key=lambda p: (not p.fresh, p.axes != full))
+        if numerators and numerators[0].fresh and numerators[0].axes == full:
+            acc, axes, rest = numerators[0].code, full, numerators[1:]
+        elif len(numerators) >= 2:
+            acc = f"torch.mul({numerators[0].code}, {numerators[1].code})"
+            axes, rest = numerators[0].axes | numerators[1].axes, numerators[2:]
+        elif numerators:
+            if constant != 1:
+                acc, constant = f"torch.mul({numerators[0].code}, {PRINTER.doprint(constant)})", sympy.S.One
+            elif denominators:
+                d, denominators = denominators[0], denominators[1:]
+                acc = f"torch.div({numerators[0].code}, {d.code})"
+                axes, rest = numerators[0].axes | d.axes, []
+                return self._finish_mul(acc, axes, rest, denominators, constant, full)
+            else:
+                return numerators[0]
+            axes, rest = numerators[0].axes, []
+        else:
+            d, denominators = denominators[0], denominators[1:]
+            acc, axes, rest = f"torch.reciprocal({d.code})", d.axes, []
+            if constant != 1:
+                acc, constant = f"{acc}.mul_({PRINTER.doprint(constant)})", sympy.S.One
+        return self._finish_mul(acc, axes, rest, denominators, constant, full)
+
+    def _finish_mul(
+        self,
+        acc: str,
+        axes: frozenset[sympy.Symbol],
+        rest: list[Piece],
+        denominators: list[Piece],
+        constant: sympy.Expr,
+        full: frozenset[sympy.Symbol],
+    ) -> Piece:
+        for p in rest:
+            acc = f"{atom(acc)}.mul_({p.code})" if p.axes <= axes else f"{atom(acc)}.mul({p.code})"
+            axes |= p.axes
+        for p in denominators:
+            acc = f"{atom(acc)}.div_({p.code})" if p.axes <= axes else f"{atom(acc)}.div({p.code})"
+            axes |= p.axes
+        if constant != 1:
+            acc = f"{atom(acc)}.mul_({PRINTER.doprint(constant)})"
+        return Piece(acc, full, fresh=True)
+
+    # -- powers and functions ---------------------------------------------------------------------
+    def _pow(self, e: sympy.Pow) -> Piece:
+        base, exponent = e.args
+        if exponent.free_symbols & set(self.axes) or not (base.free_symbols & set(self.axes)):
+            return Piece(PRINTER.doprint(e), self._axes_of(e))
+        b = self.emit(base)
+        methods = {2: "square", -1: "reciprocal", sympy.S.Half: "sqrt", -sympy.S.Half: "rsqrt"}
+        if exponent in methods:
+            name = methods[exponent]
+            return Piece(f"{atom(b.code)}.{name}_()" if b.fresh else f"torch.{name}({b.code})", b.axes, fresh=True)
+        power = PRINTER.doprint(exponent)
+        return Piece(f"{atom(b.code)}.pow_({power})" if b.fresh else f"torch.pow({b.code}, {power})", b.axes, True)
+
+    def _unary(self, e: sympy.Expr, function: str, method: str) -> Piece:
+        x = self.emit(e.args[0])
+        return Piece(f"{atom(x.code)}.{method}()" if x.fresh else f"{function}({x.code})", x.axes, fresh=True)
+
+
+def _split_coefficient(term: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
+    """``-2*x*y`` -> ``(x*y, -2)``: the numeric coefficient of a term and the rest."""
+    coefficient, rest = term.as_coeff_Mul()
+    return rest, coefficient
+
+
+def _alpha(coefficient: sympy.Expr) -> str:
+    return "" if coefficient == 1 else f", alpha={PRINTER.doprint(coefficient)}"
+
+
+__all__ = ["chain"]
