@@ -15,6 +15,8 @@ Example:
     dx[n, d] = (1 - 1/(exp(x[n, d]) + 1))*dout[n, d]
 """
 
+import sys
+
 from .derivation import Derivation, derive
 from .errors import DeriveError, NotDifferentiableError, OpDefinitionError, UnknownOpError, VerificationError
 from .ops import catalogue
@@ -36,7 +38,27 @@ __all__ = [
     "exp",
     "log",
     "op",
+    "show_in_notebooks",
     "sqrt",
     "tanh",
 ]
 __version__ = "0.1.0"
+
+
+def show_in_notebooks() -> bool:
+    """In IPython or Jupyter, display a :class:`Derivation` as its Markdown report, maths typeset.
+
+    Runs on ``import derive``; the record itself knows no printer (the report stage reads it).
+    Returns whether a running IPython shell was found.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    if shell is None:
+        return False
+    from .report import render
+
+    shell.display_formatter.formatters["text/markdown"].for_type(Derivation, lambda d: render(d, "markdown"))
+    return True
+
+
+show_in_notebooks()

@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
     started = started if started is not None else time.perf_counter()
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] == "train":
-        from .train import main as train_main
+        from .training.train import main as train_main
 
         return train_main(args_list[1:])
     parser = build_parser()

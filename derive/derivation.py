@@ -68,11 +68,6 @@ class Derivation:
         g = self.gradient(wrt)
         return f"{text(g.wrt.at()).replace(g.wrt.name, grad_name(g.wrt.name), 1)} = {text(g.result)}"
 
-    def _repr_markdown_(self) -> str:
-        from .report import render
-
-        return render(self, "markdown")
-
 
 def _canonical(e: sympy.Expr, at: tuple[sympy.Symbol, ...], target: TensorInfo) -> sympy.Expr:
     """Rename the free indices ``at`` of a gradient to the target's canonical indices."""

@@ -13,9 +13,12 @@ import inspect
 import io
 import json
 import re
+import sys
+import types
 
 import pytest
 
+import derive as derive_pkg
 from derive import api, catalogue, derive
 from derive.cli import main as cli_main
 from derive.notation import text
@@ -110,13 +113,32 @@ def test_latex_shows_each_fused_gradient_as_an_equation(op: str):
         assert any(m.startswith(lhs) and " = " in m for m in maths), f"no display of d{g.wrt.name} = ..."
 
 
+def _notebook_markdown(d) -> str:
+    """What a Jupyter notebook displays for ``d``: the Markdown formatter derive registers in IPython."""
+    registered: dict = {}
+
+    class Formatter:
+        def for_type(self, cls, fn):
+            registered[cls] = fn
+
+    class Shell:
+        display_formatter = types.SimpleNamespace(formatters={"text/markdown": Formatter()})
+
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = lambda: Shell()  # type: ignore[attr-defined]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "IPython", fake)
+        assert derive_pkg.show_in_notebooks()
+    return registered[type(d)](d)
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_markdown_has_headings_and_is_what_a_notebook_shows(op: str):
     out = printed(op, "markdown")
     headings = [line for line in out.splitlines() if line.startswith("#")]
     assert any("Forward program" in h for h in headings) and any("Fused gradients" in h for h in headings)
     d = derivation(op)
-    notebook = d._repr_markdown_()
+    notebook = _notebook_markdown(d)
     assert notebook == render(d, "markdown")
     assert not unrenderable([m.group(1) for line in notebook.splitlines() if (m := DISPLAY["markdown"].match(line))])
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from derive import mlp
-from derive.data import DataError, Vocabulary, builtin_words, load_dataset, read_words
-from derive.train import ProgressLine, TrainConfig, main, train
+from derive.training import mlp
+from derive.training.data import DataError, Vocabulary, builtin_words, load_dataset, read_words
+from derive.training.train import ProgressLine, TrainConfig, main, train
 
 NAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "names.txt"
 needs_names = pytest.mark.skipif(not NAMES.exists(), reason=f"{NAMES} not present")

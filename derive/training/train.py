@@ -2,11 +2,11 @@
 
 Exercise 4 of LECTURE.md: n_embd 10, n_hidden 200, block 3, batch 32, SGD with ``p -= lr * grad``
 (lr 0.1, then 0.01 after half the steps), inside ``torch.no_grad()``, every gradient coming from
-the modules in ``generated/`` (see :mod:`derive.mlp`). Then batch norm is recalibrated over the
+the modules in ``generated/`` (see :mod:`derive.training.mlp`). Then batch norm is recalibrated over the
 whole training set, the train and val losses are reported and names are sampled.
 
 Example:
-    >>> from derive.data import load_dataset
+    >>> from derive.training.data import load_dataset
     >>> data = load_dataset()
     >>> run = train(TrainConfig(steps=300, n_hidden=16), data)
     >>> len(run.losses), sum(run.losses[:50]) > sum(run.losses[-50:])
@@ -28,7 +28,7 @@ import torch
 
 from . import mlp
 from .data import Dataset, load_dataset
-from .errors import DeriveError
+from ..errors import DeriveError
 
 PROG = "derive train"
 
@@ -172,7 +172,7 @@ recomputed over the whole training set, train and val losses are printed and nam
 EPILOG = """\
 data: one word per line; the vocabulary is '.' (start/end, reserved) then the data's characters
 sorted; the words are shuffled with random.seed(42) and split 80/10/10. Without --data, a built-in
-list of 5,000 made-up names (a deterministic syllable generator in derive/data.py) is used.
+list of 5,000 made-up names (a deterministic syllable generator in derive/training/data.py) is used.
 
 examples:
   python -m derive train --data names.txt                     the lecture's run (200,000 steps)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DeriveError
+from ..errors import DeriveError
 
 END = "."
 """The start/end marker: token 0, reserved (a word may not contain it)."""
@@ -184,7 +184,7 @@ def check_words(words: list[str], vocab: Vocabulary | None = None, source: str =
     >>> check_words(["ab", "a.b"])
     Traceback (most recent call last):
     ...
-    derive.data.DataError: word 2 of the data, 'a.b', contains '.', which is reserved for the start/end of a word
+    derive.training.data.DataError: word 2 of the data, 'a.b', contains '.', which is reserved for the start/end of a word
     """
     allowed = vocab.chars[1:] if vocab is not None else None
     for number, word in enumerate(words, start=1):

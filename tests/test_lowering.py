@@ -1,0 +1,222 @@
+"""Lowering of compositions a user writes: the code a performance engineer would write.
+
+Matmuls in place of broadcast products, one mask, no recomputed contraction, scatters of values,
+transcendentals evaluated once, PyTorch's conventions at kinks, overflow-free exponentials.
+(The no-blow-up invariant is asserted on every catalogue op and random composition in
+test_properties.py.)
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+import sympy
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from derive import apply, derive, op
+from derive.emit import render
+from derive.lowering import plan as planner
+from derive.verify import TensorSizes, load_module
+
+from .conftest import REPO, derived
+
+
+class AtenOps(TorchDispatchMode):
+    """Counts aten ops by name inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+relu = lambda u: sympy.Max(u, 0)  # noqa: E731
+
+
+@op(x="n i", W1="i h", b1="h", W2="h o", b2="o", y="n o")
+def mlp_mse(x, W1, b1, W2, b2, y):
+    loss = ((apply(relu, x @ W1 + b1) @ W2 + b2 - y) ** 2).mean("o").mean("n")
+    return loss
+
+
+@op(x="n i", W="i h", V="i h")
+def gated(x, W, V):
+    out = apply(lambda u: u / (1 + sympy.exp(-u)), x @ W) * (x @ V)
+    return out
+
+
+@op(x="b t c")
+def max_middle(x):
+    out = x.max("t")
+    return out
+
+
+_MODULES: dict[str, tuple] = {}
+
+
+def generated(the_op):
+    if the_op.name not in _MODULES:
+        d = derive(the_op)
+        _MODULES[the_op.name] = (d, load_module(render(d), the_op.name))
+    return _MODULES[the_op.name]
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# -- a two-layer MLP written in one expression -------------------------------------------------
+def test_two_layer_mlp_in_one_expression_lowers_to_matmuls_with_transposes_and_one_mask():
+    d, _ = generated(mlp_mse)
+    assert [s.name for s in d.program.statements] == ["pre1", "act1", "pre2", "loss"]
+    code = "\n".join(d.code.backward)
+    for line in ("dW1 = x.T @ dpre1", "dx = dpre1 @ W1.T", "dW2 = act1.T @ dpre2", "dact1 = dpre2 @ W2.T"):
+        assert line in code, code
+    assert code.count("@") == 4 and "einsum" not in code
+    assert "torch.where(pre1 > 0, dact1, 0.0)" in code  # one mask, relu'(0) = 0
+    assert not re.search(r"\bx @ W1\b|^pre1 = ", code, re.M)  # the pre-activation is saved, not recomputed
+
+
+def test_two_layer_mlp_backward_runs_four_matmuls_and_no_larger_tensor_than_its_forward():
+    d, module = generated(mlp_mse)
+    args = [_randn(64, 32, seed=1), _randn(32, 48, seed=2), _randn(48, seed=3), _randn(48, 16, seed=4)]
+    args += [_randn(16, seed=5), _randn(64, 16, seed=6)]
+    with TensorSizes() as forward:
+        _, saved = module.mlp_mse_forward(*args)
+    with AtenOps() as ops, TensorSizes() as backward:
+        grads = module.mlp_mse_backward(None, saved)
+    assert ops.counts["mm"] == 4, ops.counts
+    assert backward.largest <= max(forward.largest, *(a.numel() for a in args))
+    leaves = [a.clone().requires_grad_() for a in args]
+    ((F.relu(leaves[0] @ leaves[1] + leaves[2]) @ leaves[3] + leaves[4] - leaves[5]) ** 2).mean().backward()
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, atol=1e-6, rtol=1e-5)
+
+
+# -- a gated unit ------------------------------------------------------------------------------
+def test_gated_unit_keeps_both_matmuls_and_evaluates_no_exp_in_the_backward():
+    d, module = generated(gated)
+    assert "dV = x.T @ dmm2" in d.code.backward
+    x, W, V = _randn(32, 8, seed=1), _randn(8, 16, seed=2), _randn(8, 16, seed=3)
+    with AtenOps() as fwd:
+        out, saved = module.gated_forward(x, W, V)
+    assert fwd.counts["mm"] == 2 and fwd.counts["exp"] == 1
+    with AtenOps() as bwd:
+        module.gated_backward(torch.ones_like(out), saved)
+    assert bwd.counts["exp"] == 0 and bwd.counts["exp_"] == 0, bwd.counts  # exp(-a) comes from the forward
+    assert "exp_mm1[n, h] = exp(-mm1[n, h])" in module.__doc__
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_gated_unit_backward_stays_finite_where_exp_overflows(scale: float):
+    _, module = generated(gated)
+    x, W, V = _randn(16, 8, seed=1), _randn(8, 4, seed=2) * scale, _randn(8, 4, seed=3)
+    out, saved = module.gated_forward(x, W, V)
+    grads = module.gated_backward(torch.ones_like(out), saved)
+    leaves = [t.clone().requires_grad_() for t in (x, W, V)]
+    (F.silu(leaves[0] @ leaves[1]) * (leaves[0] @ leaves[2])).sum().backward()
+    for got, leaf in zip(grads, leaves):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, leaf.grad, atol=1e-4 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "silu", "softplus", "bce_with_logits"])
+def test_logistic_family_backward_is_finite_at_large_inputs(name: str):
+    d, module = derived(name)
+    inputs = [torch.tensor([[-100.0, -50.0, 0.0, 50.0, 100.0]])] * len(d.program.inputs)
+    out, saved = getattr(module, f"{name}_forward")(*inputs)
+    grads = getattr(module, f"{name}_backward")(None if out.dim() == 0 else torch.ones_like(out), saved)
+    assert all(torch.isfinite(g).all() for g in grads), grads
+
+
+# -- max over a middle dim ---------------------------------------------------------------------
+def test_max_over_a_middle_dim_scatters_dout_to_the_argmax_the_forward_found():
+    d, module = generated(max_middle)
+    x = _randn(3, 5, 4)
+    out, saved = module.max_middle_forward(x)
+    with AtenOps() as ops:
+        grad = module.max_middle_backward(torch.ones_like(out), saved).x
+    assert ops.counts["scatter_"] == 1 and not ops.counts["max"] and not ops.counts["argmax"], ops.counts
+    assert not re.search(r"one_hot|eye|== ", "\n".join(d.code.backward))
+    leaf = x.clone().requires_grad_()
+    leaf.max(1).values.sum().backward()
+    assert torch.equal(grad, leaf.grad)
+
+
+# -- PyTorch's conventions at kinks ------------------------------------------------------------
+KINKS = {
+    # name: (the op's body, PyTorch's version, values on the kink)
+    "relu": ("apply(lambda u: sympy.Max(u, 0), x)", torch.relu, [0.0, -1.0, 2.0]),
+    "clamp_min": ("apply(lambda u: sympy.Max(u, -0.5), x)", lambda t: torch.clamp_min(t, -0.5), [-0.5, 0.0]),
+    "clamp_max": ("apply(lambda u: sympy.Min(u, 0.5), x)", lambda t: torch.clamp_max(t, 0.5), [0.5, 0.0]),
+    "abs": ("apply(sympy.Abs, x)", torch.abs, [0.0, -2.0]),
+    "maximum": ("apply(sympy.Max, x, 2 * x)", lambda t: torch.maximum(t, 2 * t), [0.0, 1.0]),
+    "max_over_dim": ('x.max("d", keepdim=True) + 0 * x', lambda t: t.max(1, keepdim=True).values + 0 * t, [1.0]),
+}
+
+
+@pytest.mark.parametrize("name", list(KINKS))
+def test_derivative_at_a_kink_is_pytorchs(name: str):
+    body, torch_fn, values = KINKS[name]
+    namespace = {"op": op, "apply": apply, "sympy": sympy}
+    exec(f'@op(x="n d")\ndef kink(x):\n    out = {body}\n    return out\n', namespace)
+    d = derive(namespace["kink"])
+    module = load_module(render(d), "kink")
+    x = torch.tensor([values * 2], dtype=torch.float64)  # every value twice: ties in the max too
+    out, saved = module.kink_forward(x)
+    g = torch.arange(1.0, out.numel() + 1, dtype=torch.float64).reshape(out.shape)
+    leaf = x.clone().requires_grad_()
+    torch_fn(leaf).backward(g)
+    assert torch.equal(module.kink_backward(g, saved).x, leaf.grad), (module.kink_backward(g, saved).x, leaf.grad)
+    assert torch.equal(module.kink_backward_steps(g, saved)["x"], leaf.grad)
+
+
+def test_relu_of_an_unnamed_pre_activation_at_exact_zeros_follows_pytorch():
+    _, module = generated(mlp_mse)
+    x = torch.tensor([[1.0, -1.0], [2.0, 0.5]])
+    W1 = torch.tensor([[1.0, 0.0, 2.0], [1.0, 1.0, 0.0]])
+    b1 = torch.tensor([0.0, 1.0, -2.0])  # pre-activations 0 at (0, 0), (0, 1) and (0, 2)
+    W2, b2, y = torch.ones(3, 2), torch.zeros(2), torch.zeros(2, 2)
+    _, saved = module.mlp_mse_forward(x, W1, b1, W2, b2, y)
+    assert (saved["pre1"] == 0).sum() >= 3
+    grads = module.mlp_mse_backward(None, saved)
+    leaves = [t.clone().requires_grad_() for t in (x, W1, b1, W2, b2, y)]
+    ((F.relu(leaves[0] @ leaves[1] + leaves[2]) @ leaves[3] + leaves[4] - leaves[5]) ** 2).mean().backward()
+    for got, leaf in zip(grads, leaves):
+        assert torch.equal(got, leaf.grad)
+
+
+def test_no_generated_module_splits_a_relu_tie_in_half():
+    for path in (REPO / "generated").glob("*.py"):
+        assert "heaviside" not in path.read_text(encoding="utf-8"), path.name
+
+
+# -- each costly value once ---------------------------------------------------------------------
+def test_gelu_backward_evaluates_tanh_once():
+    _, module = derived("gelu")
+    out, saved = module.gelu_forward(_randn(8, 4))
+    with AtenOps() as ops:
+        module.gelu_backward(torch.ones_like(out), saved)
+    assert ops.counts["tanh"] + ops.counts["tanh_"] <= 1, ops.counts
+
+
+# -- the planner --------------------------------------------------------------------------------
+def test_planner_contracts_a_four_factor_sum_without_a_rank_three_intermediate():
+    n, i, h, o = sympy.symbols("n i h o", integer=True)
+    operands = [frozenset({n, i}), frozenset({n, h}), frozenset({h, o}), frozenset({n, o})]
+    fits = [{n, i}, {i, h}, {h, o}, {n, o}, {n, h}]
+    chosen = planner.plan(
+        operands, frozenset({n, o}), lambda a: planner.BIG ** len(a), lambda a: any(a <= f for f in fits)
+    )
+    assert chosen.admissible and chosen.largest == planner.BIG**2
+    current = list(operands)
+    for step in chosen.steps:
+        current, result = planner.apply_step(current, step)
+        assert len(result) <= 2
