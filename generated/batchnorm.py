@@ -100,8 +100,8 @@ def batchnorm_backward(grad_output, saved):
     dbeta = dout.sum(0)
     dgamma = (dout * xhat).sum(0)
     s3 = gamma * var_inv[0, :]
-    dx = torch.addcmul(torch.mul(dbeta, s3).mul_((-1 / N)), dout, s3).addcmul_(
-        xhat, torch.mul(dgamma, s3).mul_((-1 / (N - 1)))
+    dx = torch.addcmul(torch.mul(dbeta, s3).mul_(-1 / N), dout, s3).addcmul_(
+        xhat, torch.mul(dgamma, s3).mul_(-1 / (N - 1))
     )
     return batchnorm_Grads(
         x=dx,
@@ -142,12 +142,12 @@ def batchnorm_backward_steps(grad_output, saved):
     # var <- var_inv
     dvar = -1 / 2 * dvar_inv * var_inv**3
     # diff <- var
-    ddiff = ddiff + ((2 / (N - 1)) * dvar[0, :]) * diff
+    ddiff = ddiff + (2 * dvar[0, :] / (N - 1)) * diff
     # x <- diff
     dx = ddiff
-    t6 = ddiff.sum(0)
+    t5 = ddiff.sum(0)
     # mean <- diff
-    dmean = -t6[None]
+    dmean = -t5[None]
     # x <- mean
     dx = dx + (dmean[0, :] / N)[None].expand(N, D)
     return {

@@ -102,8 +102,8 @@ def batchnorm_biased_backward(grad_output, saved):
     dbeta = dout.sum(0)
     dgamma = (dout * xhat).sum(0)
     s3 = gamma * var_inv[0, :]
-    dx = torch.addcmul(torch.mul(dbeta, s3).mul_((-1 / N)), dout, s3).addcmul_(
-        xhat, torch.mul(dgamma, s3).mul_((-1 / N))
+    dx = torch.addcmul(torch.mul(dbeta, s3).mul_(-1 / N), dout, s3).addcmul_(
+        xhat, torch.mul(dgamma, s3).mul_(-1 / N)
     )
     return batchnorm_biased_Grads(
         x=dx,
@@ -144,12 +144,12 @@ def batchnorm_biased_backward_steps(grad_output, saved):
     # var <- var_inv
     dvar = -1 / 2 * dvar_inv * var_inv**3
     # diff <- var
-    ddiff = ddiff + ((2 / N) * dvar[0, :]) * diff
+    ddiff = ddiff + (2 * dvar[0, :] / N) * diff
     # x <- diff
     dx = ddiff
-    t6 = ddiff.sum(0)
+    t5 = ddiff.sum(0)
     # mean <- diff
-    dmean = -t6[None]
+    dmean = -t5[None]
     # x <- mean
     dx = dx + (dmean[0, :] / N)[None].expand(N, D)
     return {

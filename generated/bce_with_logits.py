@@ -82,8 +82,8 @@ def bce_with_logits_backward(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    dy = torch.mul(dloss, -1 / (D * N)) * z
-    dz = (exp_z + 1).reciprocal_().add_(y, alpha=-1).mul_(torch.mul(dloss, 1 / (D * N)))
+    dy = (-dloss / (D * N)) * z
+    dz = (exp_z + 1).reciprocal_().add_(y, alpha=-1).mul_((dloss / (D * N)))
     return bce_with_logits_Grads(
         z=dz,
         y=dy,

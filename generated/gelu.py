@@ -35,7 +35,11 @@ def gelu_forward(x, *, _keep_all=False):
         raise TypeError(f"gelu: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
-    out = (1 / 2) * x * (torch.tanh(0.7978845608028654 * ((8943 / 200000) * x**3 + x)) + 1)
+    out = (
+        (1 / 2)
+        * x
+        * (torch.tanh(1.4142135623730951 * ((8943 / 200000) * x**3 + x) / 1.772453850905516) + 1)
+    )
     saved = {
         "x": x,
         "N": N,
@@ -56,11 +60,12 @@ def gelu_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("gelu: grad_output is required for a non-scalar output")
     dout = grad_output
-    t3 = torch.square(x).mul_(8943 / 200000).add_(1).mul_(x).mul_(0.7978845608028654).tanh_()
+    t2 = torch.square(x).mul_(8943 / 200000).add_(1).mul_(x).mul_(0.7978845608028654).tanh_()
     dx = (
-        (354490.7701811032 * t3)
+        (1.772453850905516 * t2)
+        .mul_(200000)
         .add_(
-            torch.square(t3)
+            torch.square(t2)
             .mul_(-1)
             .add_(1)
             .mul_(torch.square(x).mul_(26829).add_(200000))
@@ -69,7 +74,7 @@ def gelu_backward(grad_output, saved):
         )
         .add_(354490.7701811032)
         .mul_(dout)
-        .mul_((1.4104739588693907e-06))
+        .mul_(1.4104739588693907e-06)
     )
     return gelu_Grads(
         x=dx,
@@ -82,16 +87,17 @@ def gelu_backward_steps(grad_output, saved):
     if grad_output is None:
         raise ValueError("gelu: grad_output is required for a non-scalar output")
     dout = grad_output
-    t3 = torch.tanh(0.7978845608028654 * x * ((8943 / 200000) * x**2 + 1))
+    t2 = torch.tanh(1.4142135623730951 * x * ((8943 / 200000) * x**2 + 1) / 1.772453850905516)
     # x <- out
     dx = (
-        (1.4104739588693907e-06)
+        (1 / 400000)
         * dout
         * (
-            354490.7701811032 * t3
-            + 1.4142135623730951 * x * (1 - t3**2) * (26829 * x**2 + 200000)
+            200000 * 1.772453850905516 * t2
+            + 1.4142135623730951 * x * (1 - t2**2) * (26829 * x**2 + 200000)
             + 354490.7701811032
         )
+        / 1.772453850905516
     )
     return {
         "x": dx,

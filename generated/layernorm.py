@@ -96,13 +96,14 @@ def layernorm_backward(grad_output, saved):
         raise ValueError("layernorm: grad_output is required for a non-scalar output")
     dout = grad_output
     dbeta = dout.sum(0)
-    dgamma = (dout * xhat).sum(0)
-    t3 = dout @ gamma
-    t4 = (dout * xhat) @ gamma
+    t2 = dout * xhat
+    dgamma = t2.sum(0)
+    t4 = dout @ gamma
+    t5 = t2 @ gamma
+    del t2
     dx = (
-        (((-1 / D) * t4)[:, None] * xhat)
+        torch.addcmul((t4[:, None] / D) * (-1), (-t5 / D)[:, None], xhat)
         .addcmul_(dout, gamma)
-        .add_(t3[:, None] / D, alpha=-1)
         .mul_(var_inv)
     )
     return layernorm_Grads(
@@ -144,12 +145,12 @@ def layernorm_backward_steps(grad_output, saved):
     # var <- var_inv
     dvar = -1 / 2 * dvar_inv * var_inv**3
     # diff <- var
-    ddiff = ddiff + ((2 / D) * dvar[:, 0])[:, None] * diff
+    ddiff = ddiff + (2 * dvar[:, 0] / D)[:, None] * diff
     # x <- diff
     dx = ddiff
-    t6 = ddiff.sum(1)
+    t5 = ddiff.sum(1)
     # mean <- diff
-    dmean = -t6[:, None]
+    dmean = -t5[:, None]
     # x <- mean
     dx = dx + (dmean[:, 0] / D)[:, None].expand(N, D)
     return {

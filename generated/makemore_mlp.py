@@ -246,19 +246,23 @@ def makemore_mlp_backward(grad_output, saved):
     dlogits.scatter_add_(1, Yb[:, None], (-s1).expand(N, 1))
     dh = dlogits @ W2.T
     dhpreact = torch.square(h).mul_(-1).add_(1).mul_(dh)
+    del dh
     t4 = dhpreact.sum(0)
-    t6 = (bnraw * dhpreact).sum(0)
+    t5 = (bnraw * dhpreact).sum(0)
     s3 = bngain[0, :] * bnvar_inv[0, :]
-    dhprebn = torch.addcmul(torch.mul(s3, t4).mul_((-1 / N)), dhpreact, s3).addcmul_(
-        bnraw, torch.mul(s3, t6).mul_((-1 / (N - 1)))
+    dhprebn = torch.addcmul(torch.mul(s3, t4).mul_(-1 / N), dhpreact, s3).addcmul_(
+        bnraw, torch.mul(s3, t5).mul_(-1 / (N - 1))
     )
+    del dhpreact
     dembcat = dhprebn @ W1.T
     dbnbias = t4[None, :]
-    dbngain = t6[None, :]
+    dbngain = t5[None, :]
     db2 = dlogits.sum(0)
     dW2 = h.T @ dlogits
+    del dlogits
     db1 = dhprebn.sum(0)
     dW1 = embcat.T @ dhprebn
+    del dhprebn
     dC = dloss.new_zeros((V, E)).index_add_(
         0, Xb.reshape(-1), dembcat.reshape(N, T, E).reshape(-1, E)
     )

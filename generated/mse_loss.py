@@ -72,8 +72,8 @@ def mse_loss_backward(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    dy = diff * torch.mul(dloss, -2 / (D * N))
-    dx = diff * torch.mul(dloss, 2 / (D * N))
+    dy = (-2 * dloss / (D * N)) * diff
+    dx = (2 * dloss / (D * N)) * diff
     return mse_loss_Grads(
         x=dx,
         y=dy,

@@ -82,7 +82,7 @@ def rmsnorm_backward(grad_output, saved):
     dout = grad_output
     dgamma = (dout * xhat).sum(0)
     t2 = (dout * out).sum(1)
-    dx = (((-1 / D) * t2)[:, None] * xhat).addcmul_(dout, gamma).mul_(rms_inv)
+    dx = ((-t2 / D)[:, None] * xhat).addcmul_(dout, gamma).mul_(rms_inv)
     return rmsnorm_Grads(
         x=dx,
         gamma=dgamma,
@@ -113,7 +113,7 @@ def rmsnorm_backward_steps(grad_output, saved):
     # ms <- rms_inv
     dms = -1 / 2 * drms_inv * rms_inv**3
     # x <- ms
-    dx = dx + ((2 / D) * dms[:, 0])[:, None] * x
+    dx = dx + (2 * dms[:, 0] / D)[:, None] * x
     return {
         "x": dx,
         "gamma": dgamma,

@@ -7,6 +7,7 @@ costly sub-expressions repeat); :class:`.lowerer.Lowerer`, with the contraction 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -84,6 +85,9 @@ def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr
     bwd.repeated = share.repeated(fused)
     for (wrt, _), e in zip(gradients, fused):
         bwd.assign(grad_name(wrt.name), e, wrt)
+    returned = {grad_name(t.name) for t in program.differentiable_inputs}
+    large = {n for n, r in bwd.rank.items() if r >= 2} | {grad_name(w.name) for w, _ in gradients if len(w.dims) >= 2}
+    backward = release_dead(bwd.lines, large - returned)
 
     steps = Lowerer(layouts, ref=seed, names=names, admissible=fits)
     steps.repeated = share.repeated(steps_exprs)
@@ -102,8 +106,32 @@ def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr
     kept = [n for n in list(tensors) + [s.name for s in saved_values] if n in needed]
     described = [(s.name, f"{text(s.read)} = {text(s.original)}", s.host) for s in saved_values]
     return Code(
-        sizes, fwd.lines, plain.lines, kept, bwd.lines, steps.lines, [o for o in tensors if o in outputs], described
+        sizes, fwd.lines, plain.lines, kept, backward, steps.lines, [o for o in tensors if o in outputs], described
     )
+
+
+def release_dead(lines: list[str], names: set[str]) -> list[str]:
+    """``del t`` after the last line that reads each large temporary ``t`` of ``names``.
+
+    A freed buffer is what the next allocation of its size gets back; two large buffers freed
+    together at the end may instead go back to the operating system, and every page of the next
+    call's buffers is then faulted in again (on the CPU that costs more than the arithmetic).
+
+    Example:
+        >>> release_dead(["t1 = x * y", "a = t1.sum(0)", "b = t1 @ w", "dx = b * 2", "dy = a * 3"], {"t1", "b"})
+        ['t1 = x * y', 'a = t1.sum(0)', 'b = t1 @ w', 'del t1', 'dx = b * 2', 'del b', 'dy = a * 3']
+    """
+    last: dict[str, int] = {}
+    for k, line in enumerate(lines):
+        for name in names:
+            if re.search(rf"\b{name}\b", line):
+                last[name] = k
+    out: list[str] = []
+    for k, line in enumerate(lines):
+        out.append(line)
+        dead = [n for n, at in last.items() if at == k < len(lines) - 1 and not line.startswith(f"{n} = ")]
+        out += [f"del {n}" for n in sorted(dead)]
+    return out
 
 
 def _admissible(program: Program) -> list[Counter[str]]:

@@ -77,7 +77,7 @@ class _Chain:
             return False
         constants = [a for a in e.args if not (a.free_symbols & set(self.axes))]
         scaled = [a for a in operands if a not in self.axes and a.as_coeff_Mul()[0] not in (1, -1)]
-        return len(operands) + len(constants) + len(scaled) <= 2
+        return len(operands) + min(len(constants), 1) + len(scaled) <= 2
 
     def _axes_of(self, e: sympy.Expr) -> frozenset[sympy.Symbol]:
         out: frozenset[sympy.Symbol] = frozenset()
@@ -88,48 +88,76 @@ class _Chain:
     # -- sums -------------------------------------------------------------------------------------
     def _add(self, e: sympy.Add) -> Piece:
         full = self._axes_of(e)
-        constant = sympy.Add(*(t for t in e.args if not (t.free_symbols & set(self.axes))))
-        terms = [_split_coefficient(t) for t in e.args if t.free_symbols & set(self.axes)]
         if self._one_operation(e):
             return Piece(PRINTER.doprint(e), full, fresh=True)
-        pieces = [(self.emit(body), body, coefficient) for body, coefficient in terms]
-        pieces.sort(key=lambda p: (not p[0].fresh, p[0].axes != full))
-        (first, _, c_first), rest = pieces[0], pieces[1:]
-        if first.fresh and first.axes == full:
-            acc = first.code if c_first == 1 else f"{atom(first.code)}.mul_({PRINTER.doprint(c_first)})"
-        elif rest and c_first == 1:
-            (second, _, c_second), rest = rest[0], rest[1:]
-            if c_second in (1, -1):
-                acc = f"{first.code} {'+' if c_second == 1 else '-'} {atom(second.code)}"
-            else:
-                acc = f"torch.add({first.code}, {second.code}{_alpha(c_second)})"
-            first = Piece(acc, first.axes | second.axes)
-        elif not rest and c_first == 1:
-            acc = f"torch.add({first.code}, {PRINTER.doprint(constant)})"
-            constant = sympy.S.Zero
-        else:
-            acc = f"torch.mul({first.code}, {PRINTER.doprint(c_first)})"
-        axes = first.axes
-        for piece, body, coefficient in rest:
-            acc = self._accumulate(acc, axes, piece, body, coefficient)
-            axes |= piece.axes
+        constant = sympy.Add(*(t for t in e.args if not (t.free_symbols & set(self.axes))))
+        terms = [_Term(body, c, self._pair(body), self.emit(body)) for body, c in _terms(e, set(self.axes))]
+        acc, axes, rest = self._start_sum(terms, full)
+        for term in rest:
+            acc = self._accumulate(acc, axes, term)
+            axes |= term.piece.axes
         if constant != 0:
             acc = f"{atom(acc)}.add_({PRINTER.doprint(constant)})"
         return Piece(acc, full, fresh=True)
 
-    def _accumulate(
-        self, acc: str, axes: frozenset[sympy.Symbol], piece: Piece, body: sympy.Expr, coefficient: sympy.Expr
-    ) -> str:
-        """``acc + coefficient·body``: in place when it fits (``addcmul_`` for a product of two values)."""
-        if not piece.axes <= axes:
-            return f"{atom(acc)}.add({piece.code}{_alpha(coefficient)})"  # grows by broadcasting: a new buffer
+    def _start_sum(self, terms: list[_Term], full: frozenset[sympy.Symbol]) -> tuple[str, frozenset, list[_Term]]:
+        """The first operation of a sum, the one that allocates: ideally it makes the full buffer at once."""
+        for t in terms:  # a buffer this chain made already
+            if t.piece.fresh and t.piece.axes == full and t.pair is None:
+                scaled = (
+                    t.piece.code
+                    if t.coefficient == 1
+                    else f"{atom(t.piece.code)}.mul_({PRINTER.doprint(t.coefficient)})"
+                )
+                return scaled, full, [u for u in terms if u is not t]
+        pairs = [t for t in terms if t.pair is not None]
+        for t in pairs:  # other + c·x·y: one addcmul, broadcasting the other (small, or a value) to full size
+            for u in terms:
+                small = u.piece.axes != full
+                if u is t or not u.piece.tensor or not (small or (u.coefficient == 1 and not u.piece.fresh)):
+                    continue
+                x, y = t.pair  # type: ignore[misc]
+                if x.axes | y.axes | u.piece.axes == full:
+                    other = (
+                        u.piece.code
+                        if u.coefficient == 1
+                        else f"{atom(u.piece.code)} * {atom(PRINTER.doprint(u.coefficient))}"
+                    )
+                    code = f"torch.addcmul({other}, {x.code}, {y.code}{_value(t.coefficient)})"
+                    return code, full, [v for v in terms if v is not t and v is not u]
+        for t in pairs:  # c·x·y: the product makes the buffer
+            x, y = t.pair  # type: ignore[misc]
+            if x.axes | y.axes == full:
+                code = f"{atom(x.code)} * {atom(y.code)}"
+                code = code if t.coefficient == 1 else f"({code}).mul_({PRINTER.doprint(t.coefficient)})"
+                return code, full, [v for v in terms if v is not t]
+        terms = sorted(terms, key=lambda t: t.piece.axes != full)
+        first, rest = terms[0], terms[1:]
+        if rest and first.coefficient == 1:
+            second, rest = rest[0], rest[1:]
+            if second.coefficient in (1, -1):
+                code = f"{first.piece.code} {'+' if second.coefficient == 1 else '-'} {atom(second.piece.code)}"
+            else:
+                code = f"torch.add({first.piece.code}, {second.piece.code}{_alpha(second.coefficient)})"
+            return code, first.piece.axes | second.piece.axes, rest
+        return f"torch.mul({first.piece.code}, {PRINTER.doprint(first.coefficient)})", first.piece.axes, rest
+
+    def _pair(self, body: sympy.Expr) -> tuple[Piece, Piece] | None:
+        """``x·y`` of two values the chain did not make (an ``addcmul`` operand pair), else None."""
         factors = sympy.Mul.make_args(body)
-        if isinstance(body, sympy.Mul) and len(factors) == 2 and all(f.as_base_exp()[1] != -1 for f in factors):
-            x, y = (self.emit(f) for f in factors)
-            if not x.fresh and not y.fresh and x.tensor and y.tensor:
-                value = "" if coefficient == 1 else f", value={PRINTER.doprint(coefficient)}"
-                return f"{atom(acc)}.addcmul_({x.code}, {y.code}{value})"
-        return f"{atom(acc)}.add_({piece.code}{_alpha(coefficient)})"
+        if not isinstance(body, sympy.Mul) or len(factors) != 2 or any(f.as_base_exp()[1] == -1 for f in factors):
+            return None
+        x, y = (self.emit(f) for f in factors)
+        return (x, y) if not x.fresh and not y.fresh and x.tensor and y.tensor else None
+
+    def _accumulate(self, acc: str, axes: frozenset[sympy.Symbol], term: _Term) -> str:
+        """``acc + c·term``: in place when it fits (``addcmul_`` for a product of two values)."""
+        if not term.piece.axes <= axes:
+            return f"{atom(acc)}.add({term.piece.code}{_alpha(term.coefficient)})"  # broadcasting grows it: new buffer
+        if term.pair is not None:
+            x, y = term.pair
+            return f"{atom(acc)}.addcmul_({x.code}, {y.code}{_value(term.coefficient)})"
+        return f"{atom(acc)}.add_({term.piece.code}{_alpha(term.coefficient)})"
 
     # -- products ---------------------------------------------------------------------------------
     def _mul(self, e: sympy.Mul) -> Piece:
@@ -214,6 +242,24 @@ class _Chain:
     def _unary(self, e: sympy.Expr, function: str, method: str) -> Piece:
         x = self.emit(e.args[0])
         return Piece(f"{atom(x.code)}.{method}()" if x.fresh else f"{function}({x.code})", x.axes, fresh=True)
+
+
+@dataclass(frozen=True)
+class _Term:
+    """One term ``coefficient·body`` of a sum: its code, and its two factors when it is an addcmul pair."""
+
+    body: sympy.Expr
+    coefficient: sympy.Expr
+    pair: tuple[Piece, Piece] | None
+    piece: Piece
+
+
+def _terms(e: sympy.Add, leaves: set[sympy.Symbol]) -> list[tuple[sympy.Expr, sympy.Expr]]:
+    return [_split_coefficient(t) for t in e.args if t.free_symbols & leaves]
+
+
+def _value(coefficient: sympy.Expr) -> str:
+    return "" if coefficient == 1 else f", value={PRINTER.doprint(coefficient)}"
 
 
 def _split_coefficient(term: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:

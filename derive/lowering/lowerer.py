@@ -38,7 +38,7 @@ from ..program import Layout, TensorInfo
 from . import inplace
 from . import plan as planner
 from .printer import PRINTER, atom, shape_tuple, size_code
-from .share import canonical_key, costly
+from .share import canonical_key, costly, factor_groups, flatten_sums
 
 Axes = tuple[sympy.Symbol, ...]
 
@@ -71,6 +71,8 @@ class Lowerer:
     admissible: list[Counter[str]] = field(default_factory=list)
     # keys of costly sub-expressions (share.repeated) computed once, into temporaries
     repeated: set[sympy.Expr] = field(default_factory=set)
+    # the rank of each temporary this lowerer made
+    rank: dict[str, int] = field(default_factory=dict)
 
     # -- public ------------------------------------------------------------------------------
     def assign(self, name: str, e: sympy.Expr, target: TensorInfo, accumulate: bool = False, comment: str = "") -> None:
@@ -358,6 +360,7 @@ class Lowerer:
         val = fn(e)
         name = val.code if val.code.isidentifier() else self._temp(val.code)
         self.memo[key] = (name, tuple(placeholders[a] for a in val.axes))
+        self.rank[name] = len(val.axes)
         return Val(name, val.axes, val.is_int)
 
     def _entry(self, e: sympy.Expr) -> Val:
@@ -443,7 +446,7 @@ class Lowerer:
     def _sum(self, e: ISum) -> Val:
         if e.var not in free_indices(e.body):
             return self.lower(e.body * dim_of(e.var).size)  # a sum of something constant along the dim
-        indices, body = _flatten_sums(e)
+        indices, body = flatten_sums(e)
         saved_preference, self.preferred = self.preferred, ()
         try:
             return self._sum_body(body, indices, saved_preference)
@@ -455,14 +458,13 @@ class Lowerer:
         if scatter is not None:
             return scatter
         summed = frozenset(indices)
-        factors = sympy.Mul.make_args(body)
-        scalars = [f for f in factors if not (free_indices(f) & summed)]
-        groups: dict[frozenset[sympy.Symbol], list[sympy.Expr]] = {}
-        for f in factors:
-            if free_indices(f) & summed:
-                groups.setdefault(frozenset(free_indices(f)), []).append(f)
-        # factors of one layout multiply elementwise; the groups contract pairwise, cheapest first
-        vals = [self.lower(sympy.Mul(*fs)) for fs in groups.values()]
+        scalars, groups = factor_groups(body, summed)
+        # factors of one layout multiply elementwise (once per function when several sums share them);
+        # the groups contract pairwise, cheapest first
+        vals = [
+            self._cached(g, self._elementwise) if canonical_key(g)[0] in self.repeated else self.lower(g)
+            for g in groups
+        ]
         chosen = planner.plan([frozenset(v.axes) for v in vals], summed, self._weight, self._admissible)
         for step in chosen.steps:
             if isinstance(step, planner.Reduce):
@@ -685,8 +687,8 @@ class Lowerer:
                 return node
             small = [f for f in node.args if axes_of(f) != full]
             big = [f for f in node.args if axes_of(f) == full]
-            if not big or len(small) < 2:
-                return node
+            if not big or len(small) < 2 or not any(axes_of(f) or self._leaves(f, top=False) for f in small):
+                return node  # (a product of constants alone stays a number in the expression)
             val = self._elementwise(sympy.Mul(*small), known)
             stand_in = sympy.Symbol(f"__val_{len(known)}_{self.counter}")
             self.counter += 1
@@ -771,25 +773,6 @@ def _reflattened(e: sympy.Expr, target: TensorInfo) -> tuple[sympy.Expr, TensorI
             mapping = {d.index(): Flat(flat, p) for p, d in enumerate(dims)}
             return substitute_indices(e, mapping), TensorInfo(target.name, layout, target.is_int)
     return None
-
-
-def _flatten_sums(e: ISum) -> tuple[list[sympy.Symbol], sympy.Expr]:
-    """``Σ_m a[m]·Σ_k b[m, k]`` as the single sum ``Σ_{m,k} a[m]·b[m, k]``: one tensor network to plan.
-
-    Nested sums that stand as factors of the body join the outer sum when their index is free
-    nowhere else in the product, so the planner sees every factor and may pick any order.
-    """
-    indices, body = [e.var], e.body
-    while True:
-        factors = list(sympy.Mul.make_args(body))
-        for k, f in enumerate(factors):
-            others = factors[:k] + factors[k + 1 :]
-            if isinstance(f, ISum) and f.var not in indices and not any(f.var in free_indices(g) for g in others):
-                indices.append(f.var)
-                body = sympy.Mul(*others, f.body)
-                break
-        else:
-            return indices, body
 
 
 def _only_steps(e: sympy.Expr) -> bool:

@@ -100,13 +100,53 @@ def host_expression(host: str, expr: sympy.Expr, saved: list[SavedValue]) -> sym
 
 
 def repeated(expressions: Iterable[sympy.Expr]) -> set[sympy.Expr]:
-    """Keys (:func:`canonical_key`) of costly sub-expressions occurring twice or more."""
+    """Keys (:func:`canonical_key`) of values computed twice or more: costly sub-expressions, and the
+    products of one layout that several sums multiply out (``dout*xhat`` for both dgamma and dx)."""
     counts: Counter[sympy.Expr] = Counter()
+    sums: set[sympy.Expr] = set()
     for e in expressions:
         for node in sympy.preorder_traversal(e):
             if costly(node):
                 counts[canonical_key(node)[0]] += 1
+            elif isinstance(node, ISum) and canonical_key(node)[0] not in sums:  # an equal sum is computed once
+                sums.add(canonical_key(node)[0])
+                indices, body = flatten_sums(node)
+                for group in factor_groups(body, frozenset(indices))[1]:
+                    if isinstance(group, sympy.Mul):
+                        counts[canonical_key(group)[0]] += 1
     return {k for k, n in counts.items() if n > 1}
+
+
+def factor_groups(body: sympy.Expr, summed: frozenset[sympy.Symbol]) -> tuple[list[sympy.Expr], list[sympy.Expr]]:
+    """A sum's body as the factors free of the summed indices and the products of factors sharing a layout."""
+    scalars: list[sympy.Expr] = []
+    groups: dict[frozenset[sympy.Symbol], list[sympy.Expr]] = {}
+    for f in sympy.Mul.make_args(body):
+        free = free_indices(f)
+        if free & summed:
+            groups.setdefault(frozenset(free), []).append(f)
+        else:
+            scalars.append(f)
+    return scalars, [sympy.Mul(*fs) for fs in groups.values()]
+
+
+def flatten_sums(e: ISum) -> tuple[list[sympy.Symbol], sympy.Expr]:
+    """``Σ_m a[m]·Σ_k b[m, k]`` as the single sum ``Σ_{m,k} a[m]·b[m, k]``: one tensor network to plan.
+
+    Nested sums that stand as factors of the body join the outer sum when their index is free
+    nowhere else in the product, so the planner sees every factor and may pick any order.
+    """
+    indices, body = [e.var], e.body
+    while True:
+        factors = list(sympy.Mul.make_args(body))
+        for k, f in enumerate(factors):
+            others = factors[:k] + factors[k + 1 :]
+            if isinstance(f, ISum) and f.var not in indices and not any(f.var in free_indices(g) for g in others):
+                indices.append(f.var)
+                body = sympy.Mul(*others, f.body)
+                break
+        else:
+            return indices, body
 
 
 def canonical_key(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Symbol, sympy.Symbol]]:
@@ -209,4 +249,13 @@ def _free_in_order(e: sympy.Expr) -> list[sympy.Symbol]:
     return out
 
 
-__all__ = ["SavedValue", "canonical_key", "costly", "forward_values", "host_expression", "repeated"]
+__all__ = [
+    "SavedValue",
+    "canonical_key",
+    "costly",
+    "factor_groups",
+    "flatten_sums",
+    "forward_values",
+    "host_expression",
+    "repeated",
+]
