@@ -331,7 +331,7 @@ def to_json(result: RunResult, total: float) -> dict[str, Any]:
     Example:
         >>> record = to_json(run(resolve("tanh"), write=False, verify=False), total=1.0)
         >>> record["op"], record["inputs"], record["verification"]
-        ('tanh', [{'name': 'x', 'shape': 'N x D', 'integer': False}], None)
+        ('tanh', [{'name': 'x', 'shape': 'N x D', 'integer': False, 'const': False}], None)
     """
     import sympy
 
@@ -339,7 +339,9 @@ def to_json(result: RunResult, total: float) -> dict[str, Any]:
     v = result.verification
     return {
         "op": d.name,
-        "inputs": [{"name": t.name, "shape": t.shape_text(), "integer": t.is_int} for t in d.program.inputs],
+        "inputs": [
+            {"name": t.name, "shape": t.shape_text(), "integer": t.is_int, "const": t.const} for t in d.program.inputs
+        ],
         "params": [{"name": p.name, "default": p.default} for p in d.program.params],
         "forward": [
             {

@@ -141,7 +141,7 @@ def chain_steps(program: Program) -> list[Contribution]:
             continue
         for name in sorted(tensor_names(stmt.expr), key=lambda n: _order(program, n)):
             target = tensors[name]
-            if target.is_int:
+            if not target.differentiable:
                 continue
             at = fresh_indices(target.dims, _all_indices(program))
             diff = Differentiator(name, at)
@@ -161,7 +161,7 @@ def cut_tensors(program: Program) -> list[str]:
     boundaries: they get named adjoints (``dlogits``, ``dh``), and everything between two
     boundaries (a loss, a normalisation) is differentiated as one expression and simplified.
     """
-    inputs = {t.name for t in program.inputs if not t.is_int}
+    inputs = {t.name for t in program.differentiable_inputs}
     cuts = {program.output} | inputs
     for stmt in program.statements:
         reads = tensor_names(stmt.expr)
@@ -171,7 +171,8 @@ def cut_tensors(program: Program) -> list[str]:
         elif len(reads & inputs) >= 2 and reads - inputs - {t.name for t in program.inputs}:
             cuts.add(stmt.name)  # a layer: parameters meet activations (gamma * xhat + beta)
     order = [t.name for t in program.inputs] + [s.name for s in program.statements]
-    return [n for n in reversed(order) if n in cuts and not program.tensors[n].is_int]
+    fixed = {t.name for t in program.inputs if not t.differentiable}
+    return [n for n in reversed(order) if n in cuts and not program.tensors[n].is_int and n not in fixed]
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,7 @@ def render(d: Derivation, command: str | None = None) -> str:
             param_names=[p.name for p in program.params],
             positional=", ".join([t.name for t in program.inputs] + [p.name for p in program.params]),
             call_args=", ".join([t.name for t in program.inputs] + [f"{p.name}={p.name}" for p in program.params]),
-            backward_returns=[f"grads.{t.name}" if not t.is_int else "None" for t in program.inputs]
+            backward_returns=[f"grads.{t.name}" if t.differentiable else "None" for t in program.inputs]
             + ["None"] * len(program.params),
             forward=code.forward,
             saved=kept,

@@ -83,7 +83,7 @@ class _Leaves:
         if id(n) not in self.memo:
             out: set[int] = set()
             for o in n.operands:
-                if not o.is_int:
+                if not o.is_int and not o.const:
                     out |= {id(o)} if self._is_boundary(o) else self.targets(o)
             self.memo[id(n)] = frozenset(out)
         return self.memo[id(n)]

@@ -18,6 +18,11 @@ class TensorInfo:
     name: str
     layout: Layout
     is_int: bool = False
+    const: bool = False  # a float input that gets no gradient
+
+    @property
+    def differentiable(self) -> bool:
+        return not self.is_int and not self.const
 
     @property
     def dims(self) -> tuple[Dim, ...]:
@@ -114,7 +119,7 @@ class Program:
 
     @property
     def differentiable_inputs(self) -> tuple[TensorInfo, ...]:
-        return tuple(t for t in self.inputs if not t.is_int)
+        return tuple(t for t in self.inputs if t.differentiable)
 
     @property
     def dims(self) -> tuple[Dim, ...]:

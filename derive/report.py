@@ -256,7 +256,11 @@ def header(d: Derivation, style: Style) -> list[str]:
         lines.append(f"  {program.doc.splitlines()[0]}")
     lines.append("")
     lines.append(
-        "  inputs:  " + ", ".join(f"{t.name} [{t.shape_text()}{', int' if t.is_int else ''}]" for t in program.inputs)
+        "  inputs:  "
+        + ", ".join(
+            f"{t.name} [{t.shape_text()}{', int' if t.is_int else ''}{', const' if t.const else ''}]"
+            for t in program.inputs
+        )
     )
     if program.params:
         lines.append("  params:  " + ", ".join(f"{p.name} = {p.default!r} (kept symbolic)" for p in program.params))

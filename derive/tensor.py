@@ -81,6 +81,7 @@ class Tensor:
     materialized: bool = False
     operands: tuple[Tensor, ...] = field(default=())
     kind: str = "elementwise"  # input, elementwise, sum, max, contraction, gather, reshape
+    const: bool = False  # an input declared "const ...": no gradient flows to it
     body: sympy.Expr | None = None  # elementwise: the scalar function of ``dummies``, one per operand
     dummies: tuple[sympy.Symbol, ...] = field(default=())
 
@@ -191,27 +192,54 @@ class Tensor:
 
     # -- contraction, gather, reshape -------------------------------------------------------
     def __matmul__(self, other: Tensor) -> Tensor:
-        """Contract this tensor's last dim with ``other``'s first (they must be the same dim)."""
+        """Contract the one dim both tensors share, wherever it stands: ``x "n i" @ w "o i"`` is ``"n o"``."""
+        if not isinstance(other, Tensor):
+            raise self.trace.error(f"cannot matmul {self._label()} with {type(other).__name__}")
+        shared = [d for d in self.dims if d in other.dims]
+        if len(shared) != 1:
+            names = ", ".join(f"'{d.name}'" for d in shared)
+            detail = (
+                f'share dims {names}: say which to contract, e.g. a.matmul(b, over="{shared[-1].name}")'
+                if shared
+                else f"share no dim to contract over ({self._label()} has {_quoted(self)}; {other._label()} has {_quoted(other)})"
+            )
+            raise self.trace.error(f"matmul: {self._label()} and {other._label()} {detail}")
+        return self.matmul(other, over=shared[0].name)
+
+    def matmul(self, other: Tensor, over: str | tuple[str, ...]) -> Tensor:
+        """Contract the dims ``over`` (one name or several) with ``other``; other shared dims are batch dims.
+
+        ``q "b n d"``, ``k "b m d"``: ``q.matmul(k, over="d")`` is ``"b n m"``.
+        """
         if not isinstance(other, Tensor):
             raise self.trace.error(f"cannot matmul {self._label()} with {type(other).__name__}")
         self._require_float("matmul")
         other._require_float("matmul")
-        if not self.dims or not other.dims or self.layout[-1] != other.layout[0] or self.layout[-1] is None:
-            a = self.layout[-1].name if self.layout and self.layout[-1] else "none"
-            b = other.layout[0].name if other.layout and other.layout[0] else "none"
-            raise self.trace.error(
-                f"matmul contracts over a dim both sides share, but {self._label()} ends in dim '{a}' "
-                f"and {other._label()} starts with dim '{b}'"
-            )
-        d = self.layout[-1]
-        layout = self.layout[:-1] + other.layout[1:]
-        if len({x for x in layout if x is not None}) != len([x for x in layout if x is not None]):
-            raise self.trace.error("matmul would give a result with a repeated dim")
+        names = (over,) if isinstance(over, str) else tuple(over)
+        for side in (self, other):
+            missing = [n for n in names if n not in {d.name for d in side.dims}]
+            if missing:
+                have = ", ".join(d.name for d in side.dims) or "none"
+                raise self.trace.error(
+                    f"matmul over {missing[0]!r}: {side._label()} has no such dim (its dims: {have})"
+                )
+        contracted = [self.dim(n) for n in names]
+        batch = [d for d in self.dims if d in other.dims and d not in contracted]
+        layout = tuple(x for x in self.layout if x not in contracted) + tuple(
+            x for x in other.layout if x is not None and x not in contracted and x not in batch
+        )
 
         def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
-            k = self.trace.bind(d, idx)
-            inner = {**idx, d: k}
-            return ISum(self.ref(inner) * other.ref(inner), k)
+            inner = dict(idx)
+            bound = []
+            for d in contracted:
+                k = self.trace.bind(d, inner)
+                inner[d] = k
+                bound.append(k)
+            body = self.ref(inner) * other.ref(inner)
+            for k in reversed(bound):
+                body = ISum(body, k)
+            return body
 
         return Tensor(self.trace, layout, build, source=_user_line(), operands=(self, other), kind="contraction")
 
@@ -257,6 +285,10 @@ class Tensor:
     def _require_float(self, what: str) -> None:
         if self.is_int:
             raise self.trace.error(f"{what} of integer {self._label()}: only gathers may use integer tensors")
+
+
+def _quoted(t: Tensor) -> str:
+    return ", ".join(f"'{d.name}'" for d in t.dims) or "no dims"
 
 
 def product_dim(*dims: Dim) -> Dim:
@@ -337,17 +369,23 @@ erf = _elementwise(sympy.erf)
 # -- input specs and tracing ------------------------------------------------------------------
 @dataclass(frozen=True)
 class InputSpec:
-    """A declared input: ``"n d"``, ``"1 h"`` (size-1 axis), ``"int n t"``, ``"(t e) h"``."""
+    """A declared input: ``"n d"``, ``"1 h"`` (size-1 axis), ``"int n t"``, ``"(t e) h"``, ``"const n m"``.
+
+    ``int``: an integer tensor (gather indices); ``const``: a float tensor that gets no gradient
+    (a mask, a fixed table).
+    """
 
     name: str
     layout: Layout
     is_int: bool
+    const: bool = False
 
     @staticmethod
     def parse(op_name: str, name: str, text: str) -> InputSpec:
         words = text.replace("(", " ( ").replace(")", " ) ").split()
         is_int = bool(words) and words[0] == "int"
-        words = words[1:] if is_int else words
+        const = bool(words) and words[0] == "const"
+        words = words[1:] if is_int or const else words
         layout: list[Dim | None] = []
         group: list[Dim] | None = None
         for w in words:
@@ -369,7 +407,7 @@ class InputSpec:
         names = [d.name for d in layout if d is not None]
         if len(set(names)) != len(names):
             raise OpDefinitionError(f"op '{op_name}': input '{name}' spec '{text}' repeats a dim")
-        return InputSpec(name, tuple(layout), is_int)
+        return InputSpec(name, tuple(layout), is_int, const)
 
 
 @dataclass
@@ -439,9 +477,10 @@ def trace_op(the_op: Op) -> Program:
                 name=p.name,
                 materialized=True,
                 kind="input",
+                const=spec.const,
             )
             args.append(t)
-            inputs.append(TensorInfo(p.name, spec.layout, spec.is_int))
+            inputs.append(TensorInfo(p.name, spec.layout, spec.is_int, spec.const))
         elif p.default is not inspect.Parameter.empty and isinstance(p.default, (int, float)):
             param = Param(p.name, float(p.default))
             params.append(param)

@@ -1,9 +1,15 @@
 """The op language: tracing records named statements in index form, by dim name."""
 
+import pytest
 import sympy
+import torch
+import torch.nn.functional as F
 
-from derive import apply, op
+from derive import apply, derive, op
+from derive.emit import render
+from derive.errors import OpDefinitionError
 from derive.indexalg import ISum
+from derive.verify import load_module, verify
 
 
 def test_locals_name_the_intermediates():
@@ -90,3 +96,112 @@ def test_flatten_merges_adjacent_dims():
         return out
 
     assert f.program().tensors["out"].shape_text() == "N x E*T"
+
+
+# -- contraction by name, piecewise functions, constant inputs (issue 11) -----------------------
+
+
+def _generated(the_op):
+    d = derive(the_op)
+    module = load_module(render(d), the_op.name)
+    assert verify(d, module).ok
+    return d, module
+
+
+def test_matmul_contracts_the_shared_dim_wherever_it_stands():
+    @op(x="n i", w="o i", b="o")
+    def linear_oi(x, w, b):
+        out = x @ w + b
+        return out
+
+    d, module = _generated(linear_oi)
+    assert [dim.name for dim in d.program.tensors["out"].dims] == ["n", "o"]
+    x, w, b = torch.randn(4, 3), torch.randn(5, 3), torch.randn(5)
+    out, _ = module.linear_oi_forward(x, w, b)
+    torch.testing.assert_close(out, F.linear(x, w, b))
+
+
+def test_matmul_over_names_the_contracted_dims_the_other_shared_ones_are_batch_dims():
+    @op(q="b n d", k="b m d")
+    def scores(q, k):
+        out = q.matmul(k, over="d")
+        return out
+
+    @op(x="n k c", W="k c o")
+    def two_dims(x, W):
+        out = x.matmul(W, over=("k", "c"))
+        return out
+
+    d, module = _generated(scores)
+    assert [dim.name for dim in d.program.tensors["out"].dims] == ["b", "n", "m"]
+    q, k = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    torch.testing.assert_close(module.scores_forward(q, k)[0], q @ k.transpose(1, 2))
+    d, _ = _generated(two_dims)
+    assert [dim.name for dim in d.program.tensors["out"].dims] == ["n", "o"]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("q @ k", "share dims 'b', 'd': say which to contract"),
+        ('q.matmul(k, over="e")', "matmul over 'e': tensor 'q' has no such dim"),
+    ],
+)
+def test_an_ambiguous_or_impossible_matmul_is_a_one_line_error_naming_the_line(body: str, message: str, tmp_path):
+    from derive.api import load_user_op
+
+    path = tmp_path / "bad_ops.py"
+    path.write_text(
+        f'from derive import op\n\n@op(q="b n d", k="b m d")\ndef bad(q, k):\n    out = {body}\n    return out\n'
+    )
+    with pytest.raises(OpDefinitionError, match=message) as caught:
+        load_user_op(path, "bad").program()
+    assert "\n" not in str(caught.value) and f"bad_ops.py:5: out = {body}" in str(caught.value)
+
+
+PIECEWISE = {
+    "elu": ("sympy.Piecewise((u, u > 0), (sympy.exp(u) - 1, True))", F.elu),
+    "leaky_relu": ("sympy.Piecewise((u, u > 0), (u / 100, True))", F.leaky_relu),
+    "hardtanh": ("sympy.Piecewise((-1, u <= -1), (1, u >= 1), (u, True))", F.hardtanh),
+    "huber": ("sympy.Piecewise((u**2 / 2, sympy.Abs(u) <= 1), (sympy.Abs(u) - sympy.Rational(1, 2), True))", None),
+}
+
+
+@pytest.mark.parametrize("name", list(PIECEWISE))
+def test_piecewise_functions_lower_to_where_and_match_pytorch_at_their_switch_points(name: str):
+    body, torch_fn = PIECEWISE[name]
+    namespace = {"op": op, "apply": apply, "sympy": sympy}
+    exec(f'@op(x="n d")\ndef {name}(x):\n    out = apply(lambda u: {body}, x)\n    return out\n', namespace)
+    d, module = _generated(namespace[name])
+    assert "torch.where" in "\n".join(d.code.backward)
+    if torch_fn is None:  # Huber: against F.huber_loss, elementwise
+        torch_fn = lambda t: F.huber_loss(t, torch.zeros_like(t), reduction="none")  # noqa: E731
+    x = torch.tensor([[-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]], dtype=torch.float64)  # switch points included
+    g = torch.arange(1.0, 8.0, dtype=torch.float64)[None]
+    out, saved = getattr(module, f"{name}_forward")(x)
+    leaf = x.clone().requires_grad_()
+    torch_fn(leaf).backward(g)
+    torch.testing.assert_close(out, torch_fn(x))
+    assert torch.equal(getattr(module, f"{name}_backward")(g, saved).x, leaf.grad)
+
+
+def test_a_const_input_gets_no_gradient_and_an_additive_minus_inf_mask_works():
+    from derive import exp
+
+    @op(q="b n d", k="b m d", v="b m e", mask="const n m")
+    def causal_attention(q, k, v, mask):
+        s = q.matmul(k, over="d") * q.size("d") ** -0.5 + mask
+        p = exp(s - s.max("m", keepdim=True))
+        p = p / p.sum("m", keepdim=True)
+        out = p.matmul(v, over="m")
+        return out
+
+    d, module = _generated(causal_attention)
+    assert module.causal_attention_Grads._fields == ("q", "k", "v")
+    q, k, v = (torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.full((5, 5), float("-inf"), dtype=torch.float64).triu(1)
+    module.causal_attention(q, k, v, mask).sum().backward()
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*ref, attn_mask=mask).sum().backward()
+    for got, want in zip((q, k, v), ref):
+        torch.testing.assert_close(got.grad, want.grad)

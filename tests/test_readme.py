@@ -171,3 +171,14 @@ def test_cli_reference_lists_every_option():
         if not any(re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", block) for f in flags)
     ]
     assert not missing, f"README.md's CLI reference does not show {missing}"
+
+
+def test_quoted_mlp_backward_is_what_derive_generates(tmp_path: Path):
+    section = README.split("### A layer in one expression", 1)[1].split("\n## ", 1)[0]
+    quoted = [body for lang, body in (m.groups() for m in FENCE.finditer(section)) if lang == "text"][0]
+    path = tmp_path / "my_layers.py"
+    path.write_text(FILES["my_layers.py"], encoding="utf-8")
+    source = api.run(api.resolve(f"{path}:mlp_mse"), write=False, verify=False).source
+    body = source.split("def mlp_mse_backward(", 1)[1].split("    dloss = grad_output\n", 1)[1]
+    lines = [line[4:] for line in body.split("    return mlp_mse_Grads(", 1)[0].splitlines()]
+    assert quoted.strip().splitlines() == lines

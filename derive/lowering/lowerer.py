@@ -625,6 +625,7 @@ class Lowerer:
 
     def _elementwise(self, e: sympy.Expr, known: dict[str, Val] | None = None, want: Axes = ()) -> Val:
         known = dict(known or {})
+        e = _fold_piecewise(e)
         leaves: list[tuple[sympy.Expr, Val]] = []
         stand_ins: dict[sympy.Expr, sympy.Expr] = {}
         for leaf in self._leaves(e):
@@ -775,12 +776,38 @@ def _reflattened(e: sympy.Expr, target: TensorInfo) -> tuple[sympy.Expr, TensorI
     return None
 
 
+def _fold_piecewise(e: sympy.Expr) -> sympy.Expr:
+    """``dout·Piecewise((1, c), (slope, True))`` as ``Piecewise((dout, c), (slope·dout, True))``.
+
+    A piecewise of plain numbers prints as ``torch.where`` of Python floats, whose dtype is the
+    default one; folding the product into the branches keeps the tensor's dtype (and saves a pass).
+    """
+
+    def constant_valued(f: sympy.Basic) -> bool:
+        return isinstance(f, sympy.Piecewise) and all(not tensor_names(v) for v, _ in f.args)
+
+    def fold(node: sympy.Expr) -> sympy.Expr:
+        if not isinstance(node, sympy.Mul):
+            return node
+        pieces = [f for f in node.args if constant_valued(f)]
+        if len(pieces) != 1:
+            return node
+        rest = sympy.Mul(*(f for f in node.args if f is not pieces[0]))
+        return sympy.Piecewise(*((rest * v, c) for v, c in pieces[0].args))
+
+    if not e.has(sympy.Piecewise):
+        return e
+    return _bottom_up_expr(e, fold)
+
+
 def _only_steps(e: sympy.Expr) -> bool:
     """Whether ``e`` reads tensors only through steps (``Heaviside``): its code gives bool or int values."""
-    return e.has(sympy.Heaviside) and _steps_or_constants(e)
+    return e.has(sympy.Heaviside, sympy.Piecewise) and _steps_or_constants(e)
 
 
 def _steps_or_constants(e: sympy.Expr) -> bool:
+    if isinstance(e, sympy.Piecewise):  # its conditions read tensors; its values may be plain numbers
+        return all(_steps_or_constants(value) for value, _ in e.args)
     if isinstance(e, sympy.Heaviside) or not e.args:
         return not (e.is_Symbol and e.name.startswith("__val_"))
     if is_entry(e) or isinstance(e, (ISum, IMax, ArgMax, sympy.KroneckerDelta)):

@@ -103,7 +103,29 @@ class TorchCodePrinter(TorchPrinter):
         return f"torch.abs({self._print(expr.args[0])})"
 
     def _print_Piecewise(self, expr: sympy.Expr) -> str:
-        raise OpDefinitionError(f"piecewise expression {expr} cannot be lowered; use Max/Min/Abs")
+        """``torch.where`` nested in the order written: the first branch whose condition holds."""
+        *branches, (last, cond) = expr.args
+        code = (
+            self._print(last)
+            if cond == sympy.true
+            else f"torch.where({self._print(cond)}, {self._print(last)}, torch.nan)"
+        )
+        for value, condition in reversed(branches):
+            code = f"torch.where({self._print(condition)}, {self._print(value)}, {code})"
+        return code
+
+    def _print_Relational(self, expr: sympy.Expr) -> str:
+        sides = [self._print(s) if s.is_number else atom(self._print(s)) for s in (expr.lhs, expr.rhs)]
+        return f"{sides[0]} {expr.rel_op} {sides[1]}"
+
+    def _print_And(self, expr: sympy.Expr) -> str:
+        return " & ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Or(self, expr: sympy.Expr) -> str:
+        return " | ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Not(self, expr: sympy.Expr) -> str:
+        return f"~({self._print(expr.args[0])})"
 
 
 def split_masks(expr: sympy.Expr) -> tuple[list[tuple[sympy.Expr, sympy.Expr]], sympy.Expr]:
