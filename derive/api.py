@@ -199,7 +199,7 @@ def run(
     spec_text = spec_of(the_op, spec)
     source = emit.render(d, command=f"python -m derive {spec_text}")
     d.timings["emit"] = time.perf_counter() - t0
-    sizes = {**default_sizes(d.program), **the_op.sizes}
+    sizes = d.program.tie({**default_sizes(d.program), **the_op.sizes})
     verification = None
     if do_verify:
         say(f"verifying {d.name} (autograd, gradcheck, exact check)")

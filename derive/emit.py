@@ -111,6 +111,12 @@ def prologue(d: Derivation) -> list[str]:
                 f"if {t.name}.shape[{axis}] != {want}:\n"
                 f'    raise ValueError(f"{name}: {t.name} must be {_dims_text(t)} with {_size_values(t)}, got shape {{tuple({t.name}.shape)}}")'
             )
+    for tied, partner in program.ties:
+        a, b = tied.upper(), partner.upper()
+        lines.append(
+            f"if {a} != {b}:\n"
+            f'    raise ValueError(f"{name}: dim {tied} is dim {partner} renamed, so {a} must equal {b}, got {a}={{{a}}}, {b}={{{b}}}")'
+        )
     for denominator in _size_denominators(d):
         lines.append(
             f"if {denominator} == 0:\n"

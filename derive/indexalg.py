@@ -38,11 +38,18 @@ _DIMS: dict[str, Dim] = {}
 
 @dataclass(frozen=True)
 class Dim:
-    """A named dimension. ``parts`` is non-empty for a dim made by flattening others."""
+    """A named dimension. ``parts`` is non-empty for a dim made by flattening others;
+    ``size_of`` names the dim whose size a renamed dim has (``x.rename(t="s")``: ``S`` is ``T``)."""
 
     name: str
     parts: tuple[Dim, ...] = field(default=())
     fixed: int | None = None
+    size_of: str | None = None
+
+    @property
+    def owns_size(self) -> bool:
+        """Whether this dim has a size variable of its own (not flattened, fixed or renamed)."""
+        return not self.parts and self.fixed is None and self.size_of is None
 
     def __post_init__(self) -> None:
         _DIMS[self.name] = self
@@ -54,6 +61,8 @@ class Dim:
             return sympy.Integer(self.fixed)
         if self.parts:
             return sympy.Mul(*(p.size for p in self.parts))
+        if self.size_of is not None:
+            return _DIMS[self.size_of].size
         return sympy.Symbol(self.name.upper(), integer=True, positive=True)
 
     def index(self, k: int = 0) -> sympy.Symbol:

@@ -15,6 +15,9 @@ inputs would be derived once per input. So an unnamed node gets a name of its ow
   loss): its adjoint is then computed once, not once per input;
 - it is **used twice** (a shared sub-expression held in a ``_``-prefixed local or a container).
 
+An unnamed ``rename`` is a view: it never becomes a statement, and its consumers count as its
+operand's.
+
 Everything else stays inlined, so the forward program reads as the user wrote it. The rules look
 only at the traced graph's structure, never at which op it is.
 """
@@ -38,7 +41,11 @@ def boundaries(result: Tensor) -> dict[Tensor, str]:
     for n in nodes:
         for o in dict.fromkeys(n.operands):
             consumers[id(o)].append(n)
-    free = [n for n in nodes if n.name is None and n.kind != "input" and not n.is_int]
+    for n in reversed(nodes):  # a rename is a view: its consumers are its operand's
+        if n.kind == "rename" and n.name is None:
+            (o,) = n.operands
+            consumers[id(o)] = [u for u in consumers[id(o)] if u is not n] + consumers[id(n)]
+    free = [n for n in nodes if n.name is None and n.kind not in ("input", "rename") and not n.is_int]
     chosen: dict[Tensor, str] = {}
     for n in free:
         users = consumers[id(n)]

@@ -106,6 +106,7 @@ class Program:
     statements: tuple[Statement, ...]
     output: str
     doc: str = ""
+    ties: tuple[tuple[str, str], ...] = ()  # (s, t): input dim s renamed from t, so S must equal T
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:
@@ -131,6 +132,21 @@ class Program:
                     seen.setdefault(part.name, part)
                 seen.setdefault(d.name, d)
         return tuple(seen.values())
+
+    @property
+    def size_dims(self) -> tuple[Dim, ...]:
+        """The dims with a size of their own, the sizes verification and generated code choose."""
+        tied = {s for s, _ in self.ties}
+        return tuple(d for d in self.dims if not d.parts and d.size_of is None and d.name not in tied)
+
+    def tie(self, sizes: dict[str, int]) -> dict[str, int]:
+        """``sizes`` with every tied dim given its partner's size."""
+        ties = dict(self.ties)
+
+        def root(name: str) -> str:
+            return root(ties[name]) if name in ties else name
+
+        return {**sizes, **{s: sizes[root(s)] for s in ties if root(s) in sizes}}
 
 
 __all__ = ["ArgMax", "Layout", "Param", "Program", "Statement", "TensorInfo"]

@@ -191,9 +191,9 @@ def small_section(d: Derivation, style: Style, size: int = 2) -> list[str]:
     """Each fused gradient worked out entry by entry at small sizes, beside the general rule."""
     from .verify import concrete_entries
 
-    sizes = {
-        dim.name: size + (1 if dim.name == d.program.dims[0].name else 0) for dim in d.program.dims if not dim.parts
-    }
+    sizes = d.program.tie(
+        {dim.name: size + (1 if dim.name == d.program.dims[0].name else 0) for dim in d.program.size_dims}
+    )
     size_text = ", ".join(f"{k}={v}" for k, v in sizes.items())
     lines = [style.heading(f"3b. The same gradients by hand, on a small index set ({size_text})")]
     for g in d.gradients:

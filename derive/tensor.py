@@ -55,12 +55,31 @@ class _Trace:
         self.op_name = op_name
         self.nodes: list[Tensor] = []
         self.bound: set[sympy.Basic] = set()  # indices bound so far in the statement being built
+        self.ties: dict[str, str] = {}  # input dim -> the dim whose size it must have (by a rename)
 
     def bind(self, d: Dim, idx: dict[Dim, sympy.Basic]) -> sympy.Symbol:
         """A new bound index for dim ``d``, unused anywhere in the statement (no shadowing)."""
         k = fresh_index(d, _all_symbols(idx) | self.bound)
         self.bound.add(k)
         return k
+
+    def renamed(self, d: Dim, new: str) -> Dim:
+        """The dim ``new`` with ``d``'s size: one the op already has (an input's dim is tied to ``d``'s size)."""
+        owner = self.root(str(d.size_of or d.name))
+        for x in (x for n in self.nodes for x in n.dims if x.name == new):
+            if self.root(str(x.size_of or x.name)) == owner:
+                return x
+            if not x.owns_size:
+                raise self.error(f"rename to {new!r}: the op already has a dim '{new}' of another size")
+            self.ties[self.root(x.name)] = owner
+            return x
+        return Dim(new, size_of=owner)
+
+    def root(self, name: str) -> str:
+        """The dim whose size ``name``'s size is, following ties."""
+        while name in self.ties:
+            name = self.ties[name]
+        return name
 
     def error(self, message: str, source: str | None = None) -> OpDefinitionError:
         where = source if source is not None else _user_line()
@@ -281,6 +300,30 @@ class Tensor:
             return self.ref({**idx, **{d: Flat(f, p) for p, d in enumerate(dims)}})
 
         return Tensor(self.trace, layout, build, source=_user_line(), operands=(self,), kind="reshape")
+
+    def rename(self, **names: str) -> Tensor:
+        """The same tensor with dims renamed, sizes unchanged: ``x.rename(t="s")``.
+
+        Self-attention compares positions ``t`` with positions ``s`` of one sequence; a square
+        weight ``U "j k"`` applies to ``h.rename(k="j")``. The backward renames back.
+        """
+        mapping: dict[Dim, Dim] = {}
+        for old, new in names.items():
+            d = self.dim(old)
+            _check_identifier(self.trace.op_name, "dim name", new)
+            if d.parts or d.fixed is not None:
+                raise self.trace.error(f"rename {old}={new!r}: only a plain dim can be renamed")
+            if new in {x.name for x in self.dims if x != d}:
+                raise self.trace.error(f"rename {old}={new!r}: {self._label()} already has a dim '{new}'")
+            mapping[d] = self.trace.renamed(d, new)
+        layout = tuple(None if x is None else mapping.get(x, x) for x in self.layout)
+
+        def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
+            return self.ref({**idx, **{old: idx[new] for old, new in mapping.items()}})
+
+        return Tensor(
+            self.trace, layout, build, is_int=self.is_int, source=_user_line(), operands=(self,), kind="rename"
+        )
 
     def _require_float(self, what: str) -> None:
         if self.is_int:
@@ -555,7 +598,9 @@ def _build_program(
         expr = node.build({d: d.index() for d in node.dims})
         statements.append(Statement(info, expr, node.source))
         node.materialized = True
-    program = Program(the_op.name, tuple(inputs), tuple(params), tuple(statements), result.name, the_op.doc)
+    program = Program(
+        the_op.name, tuple(inputs), tuple(params), tuple(statements), result.name, the_op.doc, tuple(trace.ties.items())
+    )
     _check_generated_names(program)
     return program
 

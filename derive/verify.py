@@ -77,9 +77,9 @@ def default_sizes(program: Program, base: int = 4) -> dict[str, int]:
         {'n': 4, 'i': 5, 'o': 6}
     """
     sizes: dict[str, int] = {}
-    for k, d in enumerate(d for d in program.dims if not d.parts):
+    for k, d in enumerate(program.size_dims):
         sizes[d.name] = base + k
-    return sizes
+    return program.tie(sizes)
 
 
 def index_ranges(program: Program) -> dict[str, str]:
@@ -107,10 +107,12 @@ def _shape(info: TensorInfo, sizes: dict[str, int]) -> tuple[int, ...]:
 
 
 def _dim_size(d: Any, sizes: dict[str, int]) -> int:
+    if d.size_of is not None:
+        return sizes[d.size_of]
     if d.parts:
         out = 1
         for p in d.parts:
-            out *= sizes[p.name]
+            out *= _dim_size(p, sizes)
         return out
     return sizes[d.name]
 
@@ -285,7 +287,7 @@ def verify(
         (True, True, [('x', 'exact'), ('W', 'exact'), ('b', 'exact')])
     """
     program = d.program
-    sizes = sizes or default_sizes(program)
+    sizes = program.tie(sizes or default_sizes(program))
     result = Verification()
     inputs = example_inputs(program, sizes, torch.float32, seed)
     params = {p.name: p.default for p in program.params}
@@ -354,8 +356,8 @@ class _Interpreter:
             parts = dim_of(e.args[0]).parts
             coords = []
             for part in reversed(parts):
-                coords.append(f % self.sizes[part.name])
-                f //= self.sizes[part.name]
+                coords.append(f % _dim_size(part, self.sizes))
+                f //= _dim_size(part, self.sizes)
             return list(reversed(coords))[p]
         if isinstance(e, Pack):
             value = 0
@@ -471,9 +473,9 @@ def exact_check(d: Derivation, size: int = 2, seed: int = 0) -> list[tuple[str, 
     """
     program = d.program
     rng = random.Random(seed)
-    plain = [x for x in program.dims if not x.parts]
+    plain = list(program.size_dims)
     # distinct sizes catch transpositions; with many dims all 2 keep the expansion small
-    sizes = {dim.name: size + (k % 2 if len(plain) < 4 else 0) for k, dim in enumerate(plain)}
+    sizes = program.tie({dim.name: size + (k % 2 if len(plain) < 4 else 0) for k, dim in enumerate(plain)})
     ranges = index_ranges(program)
     params = {p.symbol: sympy.Rational(1, 10) for p in program.params}
     point: dict[sympy.Symbol, sympy.Expr] = {}

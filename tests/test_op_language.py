@@ -205,3 +205,70 @@ def test_a_const_input_gets_no_gradient_and_an_additive_minus_inf_mask_works():
     F.scaled_dot_product_attention(*ref, attn_mask=mask).sum().backward()
     for got, want in zip((q, k, v), ref):
         torch.testing.assert_close(got.grad, want.grad)
+
+
+# -- renaming (issue 11) ----------------------------------------------------------------------
+
+
+def test_causal_self_attention_from_one_input_renames_its_positions():
+    from derive import exp
+
+    @op(x="n t c", Wq="c d", Wk="c d", Wv="c d", mask="const t s")
+    def self_attention(x, Wq, Wk, Wv, mask):
+        q = x @ Wq
+        k = (x @ Wk).rename(t="s")
+        v = (x @ Wv).rename(t="s")
+        scores = q.matmul(k, over="d") * q.size("d") ** -0.5 + mask
+        p = exp(scores - scores.max("s", keepdim=True))
+        p = p / p.sum("s", keepdim=True)
+        out = p.matmul(v, over="s")
+        return out
+
+    d, module = _generated(self_attention)
+    assert d.program.ties == (("s", "t"),)  # the mask's s must be as long as x's t
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    Ws = [torch.randn(6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    mask = torch.full((5, 5), float("-inf"), dtype=torch.float64).triu(1)
+    module.self_attention(x, *Ws, mask).sum().backward()
+    ref = [t.detach().clone().requires_grad_() for t in (x, *Ws)]
+    q, k, v = (ref[0] @ W for W in ref[1:])
+    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    for got, want in zip((x, *Ws), ref):
+        torch.testing.assert_close(got.grad, want.grad)
+    with pytest.raises(ValueError, match="S must equal T"):
+        module.self_attention_forward(x, *Ws, mask[:, :4])
+
+
+def test_a_square_recurrent_weight_applies_to_a_renamed_state():
+    @op(x="n i", h="n j", W="i j", U="j k")
+    def rnn_step(x, h, W, U):
+        out = apply(sympy.tanh, (x @ W).rename(j="k") + h.rename(j="k").rename(k="j") @ U)
+        return out
+
+    d, module = _generated(rnn_step)
+    assert d.program.ties == (("k", "j"),)
+    x, h, W, U = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in [(3, 4), (3, 5), (4, 5), (5, 5)])
+    out = module.rnn_step(x, h, W, U)
+    torch.testing.assert_close(out, torch.tanh(x @ W + h @ U))
+    assert "rename" not in "\n".join(d.code.backward)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('x.rename(n="d")', "rename n='d': tensor 'x' already has a dim 'd'"),
+        ('x.rename(e="f")', "tensor 'x' has no dim 'e'"),
+        ('x.rename(d="k").sum("k") + w.rename(d="k")', ""),
+    ],
+)
+def test_rename_errors_name_the_line(body: str, message: str, tmp_path):
+    from derive.api import load_user_op
+
+    path = tmp_path / "bad_ops.py"
+    path.write_text(f'from derive import op\n\n@op(x="n d", w="d")\ndef bad(x, w):\n    out = {body}\n    return out\n')
+    if not message:  # renaming to the same new name twice gives the same dim
+        assert [d.name for d in load_user_op(path, "bad").program().tensors["out"].dims] == ["n", "k"]
+        return
+    with pytest.raises(OpDefinitionError, match=message) as caught:
+        load_user_op(path, "bad").program()
+    assert "\n" not in str(caught.value) and f"bad_ops.py:5: out = {body}" in str(caught.value)

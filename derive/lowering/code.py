@@ -154,7 +154,7 @@ def _size_lines(program: Program) -> list[tuple[str, str]]:
             if len(parts) == 1 and d.name not in seen:
                 seen.add(d.name)
                 out.append((str(d.size), f"{t.name}.shape[{axis}]"))
-    missing = [d.name for d in program.dims if not d.parts and d.name not in seen]
+    missing = [d.name for d in program.size_dims if d.name not in seen]
     if missing:
         raise OpDefinitionError(f"op '{program.name}': dims {missing} are not in any input, so their size is unknown")
     return out

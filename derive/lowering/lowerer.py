@@ -891,7 +891,7 @@ def _parts(index: sympy.Symbol) -> tuple[str, ...]:
 
 def size_variables(dims: tuple[Dim, ...]) -> list[str]:
     """Names of the size variables generated code defines (plain dims only)."""
-    return [str(d.size) for d in dims if not d.parts and d.fixed is None]
+    return [str(d.size) for d in dims if d.owns_size]
 
 
 __all__ = ["Layout", "Lowerer", "Val", "size_variables"]
