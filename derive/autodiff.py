@@ -135,7 +135,7 @@ def chain_steps(program: Program) -> list[Contribution]:
     """The atom-by-atom backward: statements in reverse, each pushing gradient to what it reads."""
     tensors = program.tensors
     steps: list[Contribution] = []
-    reached = {program.output}
+    reached = set(program.outputs)
     for stmt in reversed(program.statements):
         if stmt.name not in reached:
             continue
@@ -162,7 +162,7 @@ def cut_tensors(program: Program) -> list[str]:
     boundaries (a loss, a normalisation) is differentiated as one expression and simplified.
     """
     inputs = {t.name for t in program.differentiable_inputs}
-    cuts = {program.output} | inputs
+    cuts = set(program.outputs) | inputs
     for stmt in program.statements:
         reads = tensor_names(stmt.expr)
         if stmt.kind == "contraction":
@@ -190,11 +190,13 @@ def fused_adjoints(program: Program) -> list[FusedAdjoint]:
     region = {n: s for n, s in program.definitions.items() if n not in cuts}
     avoid = _all_indices(program)
     out: list[FusedAdjoint] = []
-    for name in cuts[1:]:
+    for name in cuts:
+        if name in program.outputs and program.seed_name(name) == grad_name(name):
+            continue  # the caller gives this gradient
         wrt = program.tensors[name]
         at = fresh_indices(wrt.dims, avoid)
         diff = Differentiator(name, at, region)
-        total = sympy.S.Zero
+        total = entry(program.seed_name(name), at) if name in program.outputs else sympy.S.Zero
         for consumer in cuts:
             stmt = program.definitions.get(consumer)
             if stmt is None or not diff.depends(stmt.expr):

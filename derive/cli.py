@@ -120,6 +120,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
             return 1
         print("generated/ is current")
         return 0
+    if args.out is not None and (args.all or (args.op and not args.no_write)):
+        from .emit import writable_folder
+
+        writable_folder(args.out)
     if args.all:
         written = api.generate_all(args.out, progress=lambda msg: print(msg, file=sys.stderr))
         print(f"{len(written)} file(s) rewritten")

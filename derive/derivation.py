@@ -111,7 +111,7 @@ def derive(the_op: Op) -> Derivation:
         [ChainTerm(c.contribution.target, c.contribution.source.name, c.result) for c in chain],
     )
     timings["lower"] = time.perf_counter() - t0
-    return Derivation(the_op, program, chain, gradients, code, timings, kink_notes(program))
+    return Derivation(the_op, program, chain, gradients, code, timings, kink_notes(program) + stability_notes(program))
 
 
 _KINKS = {
@@ -128,6 +128,25 @@ def kink_notes(program: Program) -> list[str]:
     for kind, text in _KINKS.items():
         if any(s.expr.has(kind) for s in program.statements):
             notes.append(text)
+    return notes
+
+
+def stability_notes(program: Program) -> list[str]:
+    """Statements a stabler forward would compute differently, and how to ask for it."""
+    from .notation import text
+    from .simplify import stable_forward
+
+    statements = list(program.statements)
+    notes = []
+    for s in statements:
+        stable = stable_forward(s, statements)
+        if stable != s.expr:
+            done = "computes" if program.stable_forward else "can compute"
+            notes.append(
+                f"{s.name} = {text(s.expr)} underflows to log(0) for very negative logits; "
+                f"the forward {done} it as {text(stable)}"
+                + ("" if program.stable_forward else " with @op(stable_forward=True)")
+            )
     return notes
 
 

@@ -163,25 +163,12 @@ def render(d: Derivation, command: str | None = None) -> str:
     signature = ", ".join([t.name for t in program.inputs] + (["*"] + params if params else []))
     size_vars = [v for v, _ in code.sizes]
     keys = code.saved + size_vars + [p.name for p in program.params]
-    seed = grad_name(out.name)
-    if out.layout:
-        seed_lines = (
-            f"    if grad_output is None:\n"
-            f'        raise ValueError("{program.name}: grad_output is required for a non-scalar output")\n'
-            f"    {seed} = grad_output"
-        )
-    else:
-        if out.name not in keys:
-            keys.append(out.name)
-        seed_lines = (
-            f"    if grad_output is None:\n"
-            f'        grad_output = torch.ones_like(saved["{out.name}"])\n'
-            f"    {seed} = grad_output"
-        )
+    seed_lines = _seed_lines(program, keys)
     # the forward keeps what the fused backward reads, plus the inputs (references, no copies)
     # so that the atom-by-atom chain can recompute what only it needs
     wanted = set(_used(code.backward, keys)) | {t.name for t in program.inputs} | set(size_vars)
     wanted |= {p.name for p in program.params} | ({out.name} if not out.layout else set())
+    wanted |= set(program.outputs) if program.several_outputs else set()  # zeros for an unused one
     kept = [k for k in dict.fromkeys([t.name for t in program.inputs] + keys) if k in wanted]
     steps_only = [k for k in _used(code.backward_steps, keys) if k not in wanted]
     # _keep_all=True keeps every named intermediate too (what a learner compares, as in the lecture)
@@ -217,7 +204,10 @@ def render(d: Derivation, command: str | None = None) -> str:
             recompute_args=", ".join(
                 [f'saved["{t.name}"]' for t in program.inputs] + [f'{p.name}=saved["{p.name}"]' for p in program.params]
             ),
-            output=program.output,
+            output=f"({', '.join(program.outputs)})" if program.several_outputs else program.output,
+            several=program.several_outputs,
+            grad_param="grad_outputs" if program.several_outputs else "grad_output",
+            n_outputs=len(program.outputs),
             unpack=_used(code.backward, keys),
             unpack_steps=_used(code.backward_steps, keys),
             seed_lines=seed_lines,
@@ -227,6 +217,31 @@ def render(d: Derivation, command: str | None = None) -> str:
         )
     )
     return black.format_str(source, mode=black.Mode(line_length=100))
+
+
+def _seed_lines(program, keys: list[str]) -> str:
+    """The backward's first lines: the gradients the caller gives, one per output.
+
+    A scalar output's may be None (1, a loss); with several outputs, None means that output is
+    unused (a zero gradient). ``keys`` gains the outputs the lines read from ``saved``.
+    """
+    if not program.several_outputs:
+        out = program.tensors[program.output]
+        seed = program.seed_name(out.name)
+        if out.layout:
+            missing = f'raise ValueError("{program.name}: grad_output is required for a non-scalar output")'
+        else:
+            missing = f'grad_output = torch.ones_like(saved["{out.name}"])'
+            if out.name not in keys:
+                keys.append(out.name)
+        return f"    if grad_output is None:\n        {missing}\n    {seed} = grad_output"
+    seeds = [program.seed_name(o) for o in program.outputs]
+    lines = [f"    {', '.join(seeds)} = grad_outputs"]
+    for o, seed in zip(program.outputs, seeds):
+        lines.append(f'    if {seed} is None:  # {o} unused\n        {seed} = torch.zeros_like(saved["{o}"])')
+        if o not in keys:
+            keys.append(o)
+    return "\n".join(lines)
 
 
 def write_atomic(path: Path, content: str) -> bool:
@@ -243,6 +258,26 @@ def write_atomic(path: Path, content: str) -> bool:
         Path(tmp).unlink(missing_ok=True)
         raise
     return True
+
+
+def writable_folder(out_dir: Path) -> Path:
+    """``out_dir``, created if missing; an :class:`OutputPathError` naming why it cannot be written.
+
+    Checked before any work, so that a long derivation is not lost to a typo in ``--out``.
+    """
+    blocker = next((p for p in [out_dir, *out_dir.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OutputPathError(f"--out {out_dir}: {blocker} is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
+    try:
+        probe = tempfile.TemporaryFile(dir=out_dir)
+    except OSError as exc:
+        raise OutputPathError(f"--out {out_dir}: cannot write there ({exc.strerror})") from None
+    probe.close()
+    return out_dir
 
 
 def output_path(out_dir: Path, name: str) -> Path:

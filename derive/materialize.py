@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 ROLES = {"contraction": "mm", "operand": "act", "argument": "pre", "shared": "tmp"}
 
 
-def boundaries(result: Tensor) -> dict[Tensor, str]:
-    """The unnamed nodes reachable from ``result`` that become statements, each with its role."""
-    nodes = _reachable(result)
+def boundaries(results: list[Tensor]) -> dict[Tensor, str]:
+    """The unnamed nodes reachable from ``results`` that become statements, each with its role."""
+    nodes = _reachable(results)
     consumers: dict[int, list[Tensor]] = {id(n): [] for n in nodes}
     for n in nodes:
         for o in dict.fromkeys(n.operands):
@@ -107,16 +107,16 @@ class _Leaves:
         return n.kind == "contraction" or any(self._holds_contraction(o) for o in inlined)
 
 
-def _reachable(result: Tensor) -> list[Tensor]:
-    """Nodes ``result`` depends on, in trace (topological) order."""
+def _reachable(results: list[Tensor]) -> list[Tensor]:
+    """Nodes the ``results`` depend on, in trace (topological) order."""
     seen: dict[int, Tensor] = {}
-    stack = [result]
+    stack = list(results)
     while stack:
         t = stack.pop()
         if id(t) not in seen:
             seen[id(t)] = t
             stack.extend(t.operands)
-    order = {id(n): k for k, n in enumerate(result.trace.nodes)}
+    order = {id(n): k for k, n in enumerate(results[0].trace.nodes)}
     return sorted(seen.values(), key=lambda n: order[id(n)])
 
 

@@ -80,6 +80,12 @@ class Statement:
         return substitute_indices(self.expr, mapping)
 
 
+def _names(e: sympy.Expr) -> set[str]:
+    from .indexalg import tensor_names
+
+    return tensor_names(e)
+
+
 def _entries(e: sympy.Expr) -> set[sympy.Basic]:
     return {a for a in sympy.preorder_traversal(e) if is_entry(a)}
 
@@ -98,15 +104,31 @@ class Param:
 
 @dataclass(frozen=True)
 class Program:
-    """A traced forward op: inputs, parameters, statements in order, and the output's name."""
+    """A traced forward op: inputs, parameters, statements in order, and the outputs' names."""
 
     name: str
     inputs: tuple[TensorInfo, ...]
     params: tuple[Param, ...]
     statements: tuple[Statement, ...]
-    output: str
+    outputs: tuple[str, ...]
     doc: str = ""
     ties: tuple[tuple[str, str], ...] = ()  # (s, t): input dim s renamed from t, so S must equal T
+    stable_forward: bool = False  # compute log(exp-products) in the stabler rewritten form
+
+    @property
+    def output(self) -> str:
+        """The first (usually the only) output."""
+        return self.outputs[0]
+
+    @property
+    def several_outputs(self) -> bool:
+        return len(self.outputs) > 1
+
+    def seed_name(self, output: str) -> str:
+        """The name of the gradient the caller gives for ``output``: ``dout``, or ``dc_given`` when
+        statements read ``c`` too (then ``dc`` is that plus what flows back from them)."""
+        read = any(output in _names(s.expr) for s in self.statements)
+        return f"d{output}_given" if read else f"d{output}"
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:

@@ -229,7 +229,9 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "NO"
 
 
-def verification_section(v: Verification, sizes: dict[str, int], style: Style) -> list[str]:
+def verification_section(
+    v: Verification, sizes: dict[str, int], style: Style, outputs: tuple[str, ...] = ()
+) -> list[str]:
     size_text = ", ".join(f"{k}={n}" for k, n in sizes.items())
     lines = [style.heading(f"5. Verification against PyTorch autograd (float32; {size_text})")]
     lines.append("  fused backward (NAME_backward):")
@@ -237,6 +239,11 @@ def verification_section(v: Verification, sizes: dict[str, int], style: Style) -
     if v.steps:
         lines.append("  atom-by-atom chain (NAME_backward_steps):")
         lines += table(v.steps)
+        atoms = [c for c in v.steps if c.name not in outputs]
+        lines.append(
+            f"  bit-exact (torch.equal) with autograd through the op as written: "
+            f"{sum(c.exact for c in atoms)} of {len(atoms)} atoms"
+        )
     if v.gradcheck is not None:
         lines.append(
             f"  float64 gradcheck of the fused backward: {'passed' if v.gradcheck else 'FAILED ' + v.gradcheck_error}"
@@ -264,7 +271,9 @@ def header(d: Derivation, style: Style) -> list[str]:
     )
     if program.params:
         lines.append("  params:  " + ", ".join(f"{p.name} = {p.default!r} (kept symbolic)" for p in program.params))
-    lines.append(f"  output:  {program.output} [{program.tensors[program.output].shape_text()}]")
+    label = "outputs:" if program.several_outputs else "output: "
+    shown = ", ".join(f"{o} [{program.tensors[o].shape_text()}]" for o in program.outputs)
+    lines.append(f"  {label} {shown}")
     for note in d.notes:
         lines.append(_wrap(f"  note:    {note}", 11))
     if style is MARKDOWN:
@@ -291,7 +300,7 @@ def render(
     lines.append(style.heading("4. Generated code"))
     lines.append(f"  {written}" if written else "  (not written)")
     if verification is not None:
-        lines += verification_section(verification, sizes or {}, style)
+        lines += verification_section(verification, sizes or {}, style, d.program.outputs)
     if style is LATEX:  # all but the displays as % comments, so the output pastes into a .tex file
         lines = [
             line if not line.strip() or line.lstrip().startswith(("%", "\\[")) else f"% {line}"

@@ -213,8 +213,12 @@ def _match_product(node: sympy.Expr, pattern: sympy.Expr) -> tuple[dict, sympy.E
     return binding, rest
 
 
-def recognize(e: sympy.Expr, statements: list[Statement]) -> sympy.Expr:
-    """Replace sub-expressions that a forward statement already computed by that statement's value."""
+def recognize(e: sympy.Expr, statements: list[Statement], powers: bool = True) -> sympy.Expr:
+    """Replace sub-expressions that a forward statement already computed by that statement's value.
+
+    With ``powers``, other powers of a computed power's base are rewritten through it too
+    (``B**-2`` as ``v**2`` for ``v = B**-1``); the atom-by-atom chain keeps ``B**-2`` as autograd does.
+    """
     for stmt in reversed(statements):
         if is_entry(stmt.expr) or stmt.expr.is_Atom:
             continue
@@ -247,7 +251,7 @@ def recognize(e: sympy.Expr, statements: list[Statement]) -> sympy.Expr:
             return node
 
         e = _bottom_up(e, swap)
-        e = _rewrite_powers(e, stmt)
+        e = _rewrite_powers(e, stmt) if powers else e
     return e
 
 
@@ -486,7 +490,7 @@ class Simplifier:
             (
                 "reuse forward values",
                 "a sub-expression the forward pass computed is replaced by its name",
-                lambda x: recognize(x, statements),
+                lambda x: recognize(x, statements, powers=identities),
             ),
             (
                 "absorb into sums",

@@ -461,6 +461,7 @@ class Op:
     specs: dict[str, str]
     name: str
     sizes: dict[str, int] = field(default_factory=dict)
+    stable_forward: bool = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -474,10 +475,15 @@ class Op:
         return trace_op(self)
 
 
-def op(*, sizes: dict[str, int] | None = None, **specs: str) -> Callable[[Callable[..., Any]], Op]:
+def op(
+    *, sizes: dict[str, int] | None = None, stable_forward: bool = False, **specs: str
+) -> Callable[[Callable[..., Any]], Op]:
     """Declare a forward op; each keyword names an input and its dims.
 
     ``sizes`` optionally gives example dim sizes used when verifying (``{"n": 32}``).
+    ``stable_forward=True`` lets the generated forward compute ``log`` of a product of
+    exponentials in a rewritten form that cannot underflow (the printed derivation says where);
+    by default the forward computes exactly what the op says.
 
     Example:
         >>> from derive import op
@@ -489,7 +495,7 @@ def op(*, sizes: dict[str, int] | None = None, **specs: str) -> Callable[[Callab
     """
 
     def wrap(fn: Callable[..., Any]) -> Op:
-        return Op(fn, dict(specs), fn.__name__, dict(sizes or {}))
+        return Op(fn, dict(specs), fn.__name__, dict(sizes or {}), stable_forward)
 
     return wrap
 
@@ -536,11 +542,17 @@ def trace_op(the_op: Op) -> Program:
     if unknown:
         raise OpDefinitionError(f"op '{name}': @op declares {sorted(unknown)} but the function has no such parameter")
     result, local_names = _run_capturing_locals(the_op.fn, args)
-    if not isinstance(result, Tensor):
-        raise OpDefinitionError(f"op '{name}': returned {type(result).__name__}, not a tensor")
-    if result.is_int:
-        raise OpDefinitionError(f"op '{name}': returns an integer tensor; nothing to differentiate")
-    return _build_program(the_op, trace, inputs, params, result, local_names)
+    results = list(result) if isinstance(result, (tuple, list)) and result else [result]
+    for r in results:
+        if not isinstance(r, Tensor):
+            raise OpDefinitionError(f"op '{name}': returned {type(r).__name__}, not a tensor (or a tuple of tensors)")
+        if r.is_int:
+            raise OpDefinitionError(f"op '{name}': returns an integer tensor; nothing to differentiate")
+        if r.kind == "input":
+            raise OpDefinitionError(f"op '{name}': returns its input '{r.name}' unchanged; nothing to differentiate")
+    if len({id(r) for r in results}) != len(results):
+        raise OpDefinitionError(f"op '{name}': returns the same tensor twice")
+    return _build_program(the_op, trace, inputs, params, results, local_names)
 
 
 def _run_capturing_locals(fn: Callable[..., Any], args: list[Any]) -> tuple[Any, dict[str, Any]]:
@@ -566,17 +578,19 @@ def _build_program(
     trace: _Trace,
     inputs: list[TensorInfo],
     params: list[Param],
-    result: Tensor,
+    results: list[Tensor],
     local_names: dict[str, Any],
 ) -> Program:
     input_names = {t.name for t in inputs}
     for var, value in local_names.items():
         if isinstance(value, Tensor) and value.name is None and var not in input_names and not var.startswith("_"):
             value.name = var
-    if result.name is None:
-        result.name = "out"
     taken = input_names | {p.name for p in params} | {n.name for n in trace.nodes if n.name}
-    for node, role in boundaries(result).items():
+    for k, r in enumerate(results, start=1):
+        if r.name is None:
+            r.name = "out" if len(results) == 1 else next(f"out{j}" for j in range(k, k + 99) if f"out{j}" not in taken)
+            taken.add(r.name)
+    for node, role in boundaries(results).items():
         node.name = synthetic_name(role, taken)
         taken.add(node.name)
     _check_size_names(the_op.name, trace, inputs, params)
@@ -589,7 +603,7 @@ def _build_program(
             raise trace.error(f"two tensors are both called '{node.name}'", node.source)
         _check_identifier(the_op.name, "tensor name", node.name)
         used.add(node.name)
-        if not _reaches(result, node):
+        if not any(_reaches(r, node) for r in results):
             continue
         if node.is_int:
             raise trace.error(f"integer intermediate '{node.name}' is not supported", node.source)
@@ -599,7 +613,14 @@ def _build_program(
         statements.append(Statement(info, expr, node.source))
         node.materialized = True
     program = Program(
-        the_op.name, tuple(inputs), tuple(params), tuple(statements), result.name, the_op.doc, tuple(trace.ties.items())
+        the_op.name,
+        tuple(inputs),
+        tuple(params),
+        tuple(statements),
+        tuple(str(r.name) for r in results),
+        the_op.doc,
+        tuple(trace.ties.items()),
+        the_op.stable_forward,
     )
     _check_generated_names(program)
     return program
@@ -620,7 +641,7 @@ def _check_generated_names(program: Program) -> None:
                 f"op '{op}': the name '{name}' is used by the generated code itself; rename that tensor or parameter"
             )
     for name in tensors:
-        if f"d{name}" in tensors:
+        if f"d{name}" in tensors or f"d{name}_given" in tensors:
             raise OpDefinitionError(
                 f"op '{op}': tensor 'd{name}' has the name derive gives the gradient of '{name}'; rename it"
             )

@@ -204,9 +204,7 @@ def _forward_function(d: Derivation) -> Any:
     return namespace["_forward"]
 
 
-def autograd_grads(
-    d: Derivation, inputs: list[torch.Tensor], grad_output: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
+def autograd_grads(d: Derivation, inputs: list[torch.Tensor], grad_output: Any) -> dict[str, torch.Tensor]:
     """Autograd's gradient of every named tensor (``retain_grad`` on each intermediate).
 
     Example:
@@ -223,15 +221,33 @@ def autograd_grads(
     for name, value in values.items():
         if name in names and isinstance(value, torch.Tensor) and value.requires_grad and not value.is_leaf:
             value.retain_grad()
-    out = values[program.output]
-    out.backward(grad_output if out.dim() else None)
+    outs = [values[o] for o in program.outputs]
+    seeds = _seeds(program, outs, grad_output)
+    torch.autograd.backward(outs, seeds)
     grads = {}
     for name in names:
         value = values.get(name)
         if isinstance(value, torch.Tensor) and value.grad is not None:
             grads[name] = value.grad
-    grads[program.output] = grad_output if grad_output is not None else torch.ones_like(out)
+    for o, seed in zip(program.outputs, seeds):
+        if program.seed_name(o) == grad_name(o):  # read by no statement: its gradient is the one given
+            grads[o] = seed
     return grads
+
+
+def _seeds(program: Program, outs: list[torch.Tensor], grad_output: Any) -> list[torch.Tensor]:
+    """One gradient per output: a scalar's None is 1 (a loss); with several outputs None is 0 (unused)."""
+    given = list(grad_output) if program.several_outputs else [grad_output]
+    fill = torch.zeros_like if program.several_outputs else torch.ones_like
+    return [fill(o) if g is None else g for o, g in zip(outs, given)]
+
+
+def random_grad_outputs(program: Program, outs: Any, seed: int) -> Any:
+    """Random output gradients (None for a single scalar output: the loss), shaped like ``outs``."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    if not program.several_outputs:
+        return None if outs.dim() == 0 else torch.randn(outs.shape, generator=gen)
+    return tuple(torch.randn(o.shape, generator=gen) for o in outs)
 
 
 def compare(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float = 1e-5) -> Comparison:
@@ -260,14 +276,14 @@ def autograd_function(module: types.ModuleType, program: Program, params: dict[s
 
     class Generated(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        def forward(ctx: Any, *inputs: torch.Tensor) -> Any:  # type: ignore[override]
             out, saved = fwd(*inputs, **params)
             ctx.saved = saved
             return out
 
         @staticmethod
-        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-            grads = bwd(grad, ctx.saved)._asdict()
+        def backward(ctx: Any, *grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+            grads = bwd(grad if program.several_outputs else grad[0], ctx.saved)._asdict()
             return tuple(grads[t.name] if t.name in grads_fields else None for t in program.inputs)
 
     return Generated
@@ -292,10 +308,11 @@ def verify(
     inputs = example_inputs(program, sizes, torch.float32, seed)
     params = {p.name: p.default for p in program.params}
     out, saved = getattr(module, f"{program.name}_forward")(*inputs, **params)
-    g = None if out.dim() == 0 else torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
+    g = random_grad_outputs(program, out, seed)
     want = autograd_grads(d, inputs, g)
-    reference_out = _forward_function(d)(*inputs, **params)[program.output]
-    result.fused.append(compare(f"{program.output} (forward)", out, reference_out, atol=1e-5))
+    reference = _forward_function(d)(*inputs, **params)
+    for name, value in zip(program.outputs, out if program.several_outputs else [out]):
+        result.fused.append(compare(f"{name} (forward)", value, reference[name], atol=1e-5))
     fused = getattr(module, f"{program.name}_backward")(g, saved)._asdict()
     for name, got in fused.items():
         result.fused.append(compare(name, got, want[name], atol=1e-5))
@@ -492,13 +509,16 @@ def exact_check(d: Derivation, size: int = 2, seed: int = 0) -> list[tuple[str, 
         symbolic.values[t.name] = table
     for stmt in program.statements:
         symbolic.fill(stmt.target, stmt.expr)
-    out = program.tensors[program.output]
-    seed_values = {c: sympy.Rational(rng.randint(-9, 9), 7) for c in _product([symbolic.size(i) for i in out.indices])}
+    seeds = {}
+    for o in program.outputs:
+        out = program.tensors[o]
+        seeds[o] = {c: sympy.Rational(rng.randint(-9, 9), 7) for c in _product([symbolic.size(i) for i in out.indices])}
 
     numeric = _Interpreter(sizes, params)
     for name, table in symbolic.values.items():
         numeric.values[name] = {k: v.xreplace(point) for k, v in table.items()}
-    numeric.values[grad_name(out.name)] = seed_values
+    for o, seed_values in seeds.items():
+        numeric.values[program.seed_name(o)] = seed_values
     for g in d.gradients:
         numeric.fill(TensorInfo(grad_name(g.wrt.name), g.wrt.layout), g.result)
 
@@ -509,7 +529,9 @@ def exact_check(d: Derivation, size: int = 2, seed: int = 0) -> list[tuple[str, 
         if len(entries) > ENTRIES_CHECKED:  # a spot check: the formula is one expression for every entry
             entries = sorted(rng.sample(entries, ENTRIES_CHECKED))
         for combo, sym in entries:
-            direct = sympy.Add(*(seed_values[c] * sympy.diff(v, sym) for c, v in symbolic.values[out.name].items()))
+            direct = sympy.Add(
+                *(seeds[o][c] * sympy.diff(v, sym) for o in program.outputs for c, v in symbolic.values[o].items())
+            )
             diff = direct.xreplace(point) - numeric.values[grad_name(t.name)][combo]
             diff = sympy.nsimplify(diff) if diff.is_Rational else diff
             if diff.is_Rational:

@@ -21,7 +21,10 @@ from typing import NamedTuple
 
 import torch
 
-_STEPS_ONLY_KEYS = ("diff",)
+_STEPS_ONLY_KEYS = (
+    "diff",
+    "var",
+)
 
 
 class batchnorm_biased_Grads(NamedTuple):
@@ -61,10 +64,10 @@ def batchnorm_biased_forward(x, gamma, beta, *, eps=1e-05, _keep_all=False):
             f"batchnorm_biased: beta must be [D] with D={D}, got shape {tuple(beta.shape)}"
         )
     t1 = x.sum(0)
-    mean = t1[None] / N
+    mean = (1 / N) * t1[None]
     diff = -mean + x
     t2 = (diff**2).sum(0)
-    var = t2[None] / N
+    var = (1 / N) * t2[None]
     var_inv = (eps + var) ** (-0.5)
     xhat = diff * var_inv
     out = beta + gamma * xhat
@@ -82,8 +85,8 @@ def batchnorm_biased_forward(x, gamma, beta, *, eps=1e-05, _keep_all=False):
         saved.update(
             {
                 "diff": diff,
-                "mean": mean,
                 "var": var,
+                "mean": mean,
                 "out": out,
             }
         )
@@ -121,10 +124,12 @@ def batchnorm_biased_backward_steps(grad_output, saved):
         )
     gamma = saved["gamma"]
     diff = saved["diff"]
+    var = saved["var"]
     var_inv = saved["var_inv"]
     xhat = saved["xhat"]
     N = saved["N"]
     D = saved["D"]
+    eps = saved["eps"]
     if grad_output is None:
         raise ValueError("batchnorm_biased: grad_output is required for a non-scalar output")
     dout = grad_output
@@ -142,16 +147,16 @@ def batchnorm_biased_backward_steps(grad_output, saved):
     # var_inv <- xhat
     dvar_inv = t3[None, :]
     # var <- var_inv
-    dvar = -1 / 2 * dvar_inv * var_inv**3
+    dvar = (-1 / 2) * dvar_inv * (eps + var) ** (-1.5)
     # diff <- var
-    ddiff = ddiff + (2 * dvar[0, :] / N) * diff
+    ddiff = ddiff + ((2 / N) * dvar[0, :]) * diff
     # x <- diff
     dx = ddiff
     t5 = ddiff.sum(0)
     # mean <- diff
     dmean = -t5[None]
     # x <- mean
-    dx = dx + (dmean[0, :] / N)[None].expand(N, D)
+    dx = dx + ((1 / N) * dmean[0, :])[None].expand(N, D)
     return {
         "x": dx,
         "gamma": dgamma,

@@ -54,7 +54,7 @@ def bce_with_logits_forward(z, y, *, _keep_all=False):
     exp_z = torch.exp(-z)
     per = z * (1 - y) + torch.log(exp_z + 1)
     t1 = per.sum()
-    loss = t1 / (D * N)
+    loss = (1 / (D * N)) * t1
     saved = {
         "z": z,
         "y": y,
@@ -102,9 +102,9 @@ def bce_with_logits_backward_steps(grad_output, saved):
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
     # per <- loss
-    dper = dloss / (D * N) * torch.ones((N, D), dtype=dloss.dtype, device=dloss.device)
+    dper = (1 / (D * N)) * dloss * torch.ones((N, D), dtype=dloss.dtype, device=dloss.device)
     # z <- per
-    dz = dper * (-y + 1 / (exp_z + 1))
+    dz = dper * (-y + (exp_z + 1) ** (-1))
     # y <- per
     dy = -dper * z
     return {

@@ -23,6 +23,7 @@ import torch
 
 _STEPS_ONLY_KEYS = (
     "counts",
+    "counts_sum",
     "counts_sum_inv",
     "argmax_logits",
 )
@@ -63,11 +64,11 @@ def cross_entropy_forward(logits, target, *, _keep_all=False):
     counts = torch.exp(norm_logits)
     t2 = counts.sum(1)
     counts_sum = t2[:, None]
-    counts_sum_inv = 1 / counts_sum
+    counts_sum_inv = counts_sum ** (-1)
     probs = counts * counts_sum_inv
     logprobs = norm_logits + torch.log(counts_sum_inv)
     t3 = logprobs[torch.arange(N, device=logprobs.device), target].sum()
-    loss = -t3 / N
+    loss = (-1 / N) * t3
     saved = {
         "logits": logits,
         "target": target,
@@ -80,11 +81,11 @@ def cross_entropy_forward(logits, target, *, _keep_all=False):
         saved.update(
             {
                 "counts": counts,
+                "counts_sum": counts_sum,
                 "counts_sum_inv": counts_sum_inv,
                 "argmax_logits": argmax_logits,
                 "logit_maxes": logit_maxes,
                 "norm_logits": norm_logits,
-                "counts_sum": counts_sum,
                 "logprobs": logprobs,
             }
         )
@@ -114,6 +115,7 @@ def cross_entropy_backward_steps(grad_output, saved):
         _, saved = cross_entropy_forward(saved["logits"], saved["target"], _keep_all=True)
     target = saved["target"]
     counts = saved["counts"]
+    counts_sum = saved["counts_sum"]
     counts_sum_inv = saved["counts_sum_inv"]
     probs = saved["probs"]
     argmax_logits = saved["argmax_logits"]
@@ -125,7 +127,7 @@ def cross_entropy_backward_steps(grad_output, saved):
     dloss = grad_output
     # logprobs <- loss
     dlogprobs = dloss.new_zeros((N, C))
-    dlogprobs.scatter_(1, target[:, None], (-dloss / N).expand(N, 1))
+    dlogprobs.scatter_(1, target[:, None], ((-1 / N) * dloss).expand(N, 1))
     # probs <- logprobs
     dprobs = dlogprobs / probs
     # counts <- probs
@@ -134,7 +136,7 @@ def cross_entropy_backward_steps(grad_output, saved):
     # counts_sum_inv <- probs
     dcounts_sum_inv = t1[:, None]
     # counts_sum <- counts_sum_inv
-    dcounts_sum = -(counts_sum_inv**2) * dcounts_sum_inv
+    dcounts_sum = -dcounts_sum_inv * counts_sum ** (-2)
     # counts <- counts_sum
     dcounts = dcounts + dcounts_sum.expand(N, C)
     # norm_logits <- counts

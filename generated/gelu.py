@@ -35,11 +35,7 @@ def gelu_forward(x, *, _keep_all=False):
         raise TypeError(f"gelu: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
-    out = (
-        (1 / 2)
-        * x
-        * (torch.tanh(1.4142135623730951 * ((8943 / 200000) * x**3 + x) / 1.772453850905516) + 1)
-    )
+    out = (1 / 2) * x * (torch.tanh((0.7978845608028654) * ((8943 / 200000) * x**3 + x)) + 1)
     saved = {
         "x": x,
         "N": N,
@@ -87,17 +83,16 @@ def gelu_backward_steps(grad_output, saved):
     if grad_output is None:
         raise ValueError("gelu: grad_output is required for a non-scalar output")
     dout = grad_output
-    t2 = torch.tanh(1.4142135623730951 * x * ((8943 / 200000) * x**2 + 1) / 1.772453850905516)
+    t2 = torch.tanh((0.7978845608028654) * x * ((8943 / 200000) * x**2 + 1))
     # x <- out
     dx = (
-        (1 / 400000)
+        (1.4104739588693907e-06)
         * dout
         * (
             200000 * 1.772453850905516 * t2
             + 1.4142135623730951 * x * (1 - t2**2) * (26829 * x**2 + 200000)
             + 354490.7701811032
         )
-        / 1.772453850905516
     )
     return {
         "x": dx,

@@ -21,7 +21,10 @@ from typing import NamedTuple
 
 import torch
 
-_STEPS_ONLY_KEYS = ("diff",)
+_STEPS_ONLY_KEYS = (
+    "diff",
+    "var",
+)
 
 
 class layernorm_Grads(NamedTuple):
@@ -57,10 +60,10 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-05, _keep_all=False):
     if beta.shape[0] != D:
         raise ValueError(f"layernorm: beta must be [D] with D={D}, got shape {tuple(beta.shape)}")
     t1 = x.sum(1)
-    mean = t1[:, None] / D
+    mean = (1 / D) * t1[:, None]
     diff = -mean + x
     t2 = (diff**2).sum(1)
-    var = t2[:, None] / D
+    var = (1 / D) * t2[:, None]
     var_inv = (eps + var) ** (-0.5)
     xhat = diff * var_inv
     out = beta + gamma * xhat
@@ -78,8 +81,8 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-05, _keep_all=False):
         saved.update(
             {
                 "diff": diff,
-                "mean": mean,
                 "var": var,
+                "mean": mean,
                 "out": out,
             }
         )
@@ -122,10 +125,12 @@ def layernorm_backward_steps(grad_output, saved):
         )
     gamma = saved["gamma"]
     diff = saved["diff"]
+    var = saved["var"]
     var_inv = saved["var_inv"]
     xhat = saved["xhat"]
     N = saved["N"]
     D = saved["D"]
+    eps = saved["eps"]
     if grad_output is None:
         raise ValueError("layernorm: grad_output is required for a non-scalar output")
     dout = grad_output
@@ -143,16 +148,16 @@ def layernorm_backward_steps(grad_output, saved):
     # var_inv <- xhat
     dvar_inv = t3[:, None]
     # var <- var_inv
-    dvar = -1 / 2 * dvar_inv * var_inv**3
+    dvar = (-1 / 2) * dvar_inv * (eps + var) ** (-1.5)
     # diff <- var
-    ddiff = ddiff + (2 * dvar[:, 0] / D)[:, None] * diff
+    ddiff = ddiff + ((2 / D) * dvar[:, 0])[:, None] * diff
     # x <- diff
     dx = ddiff
     t5 = ddiff.sum(1)
     # mean <- diff
     dmean = -t5[:, None]
     # x <- mean
-    dx = dx + (dmean[:, 0] / D)[:, None].expand(N, D)
+    dx = dx + ((1 / D) * dmean[:, 0])[:, None].expand(N, D)
     return {
         "x": dx,
         "gamma": dgamma,

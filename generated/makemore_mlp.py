@@ -46,7 +46,9 @@ import torch
 
 _STEPS_ONLY_KEYS = (
     "bndiff",
+    "bnvar",
     "counts",
+    "counts_sum",
     "counts_sum_inv",
     "argmax_logits",
 )
@@ -152,11 +154,11 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
     t1 = embcat @ W1
     hprebn = b1 + t1
     t2 = hprebn.sum(0)
-    bnmeani = t2[None] / N
+    bnmeani = (1 / N) * t2[None]
     bndiff = -bnmeani + hprebn
     bndiff2 = bndiff**2
     t3 = bndiff2.sum(0)
-    bnvar = t3[None] / (N - 1)
+    bnvar = (1 / (N - 1)) * t3[None]
     bnvar_inv = (bnvar + eps) ** (-0.5)
     bnraw = bndiff * bnvar_inv
     hpreact = bnbias + bngain * bnraw
@@ -170,11 +172,11 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
     counts = torch.exp(norm_logits)
     t6 = counts.sum(1)
     counts_sum = t6[:, None]
-    counts_sum_inv = 1 / counts_sum
+    counts_sum_inv = counts_sum ** (-1)
     probs = counts * counts_sum_inv
-    logprobs = norm_logits + torch.log(counts_sum_inv)
+    logprobs = torch.log(probs)
     t7 = logprobs[torch.arange(N, device=logprobs.device), Yb].sum()
-    loss = -t7 / N
+    loss = (-1 / N) * t7
     saved = {
         "C": C,
         "W1": W1,
@@ -203,19 +205,19 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
         saved.update(
             {
                 "bndiff": bndiff,
+                "bnvar": bnvar,
                 "counts": counts,
+                "counts_sum": counts_sum,
                 "counts_sum_inv": counts_sum_inv,
                 "argmax_logits": argmax_logits,
                 "emb": emb,
                 "hprebn": hprebn,
                 "bnmeani": bnmeani,
                 "bndiff2": bndiff2,
-                "bnvar": bnvar,
                 "hpreact": hpreact,
                 "logits": logits,
                 "logit_maxes": logit_maxes,
                 "norm_logits": norm_logits,
-                "counts_sum": counts_sum,
                 "logprobs": logprobs,
             }
         )
@@ -301,10 +303,12 @@ def makemore_mlp_backward_steps(grad_output, saved):
     Yb = saved["Yb"]
     embcat = saved["embcat"]
     bndiff = saved["bndiff"]
+    bnvar = saved["bnvar"]
     bnvar_inv = saved["bnvar_inv"]
     bnraw = saved["bnraw"]
     h = saved["h"]
     counts = saved["counts"]
+    counts_sum = saved["counts_sum"]
     counts_sum_inv = saved["counts_sum_inv"]
     probs = saved["probs"]
     argmax_logits = saved["argmax_logits"]
@@ -314,13 +318,14 @@ def makemore_mlp_backward_steps(grad_output, saved):
     K = saved["K"]
     N = saved["N"]
     T = saved["T"]
+    eps = saved["eps"]
     loss = saved["loss"]
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
     # logprobs <- loss
     dlogprobs = dloss.new_zeros((N, K))
-    dlogprobs.scatter_(1, Yb[:, None], (-dloss / N).expand(N, 1))
+    dlogprobs.scatter_(1, Yb[:, None], ((-1 / N) * dloss).expand(N, 1))
     # probs <- logprobs
     dprobs = dlogprobs / probs
     # counts <- probs
@@ -329,7 +334,7 @@ def makemore_mlp_backward_steps(grad_output, saved):
     # counts_sum_inv <- probs
     dcounts_sum_inv = t1[:, None]
     # counts_sum <- counts_sum_inv
-    dcounts_sum = -(counts_sum_inv**2) * dcounts_sum_inv
+    dcounts_sum = -dcounts_sum_inv * counts_sum ** (-2)
     # counts <- counts_sum
     dcounts = dcounts + dcounts_sum.expand(N, K)
     # norm_logits <- counts
@@ -368,9 +373,9 @@ def makemore_mlp_backward_steps(grad_output, saved):
     # bnvar_inv <- bnraw
     dbnvar_inv = t9[None, :]
     # bnvar <- bnvar_inv
-    dbnvar = -1 / 2 * bnvar_inv**3 * dbnvar_inv
+    dbnvar = (-1 / 2) * dbnvar_inv * (bnvar + eps) ** (-1.5)
     # bndiff2 <- bnvar
-    dbndiff2 = (dbnvar[0, :] / (N - 1))[None].expand(N, J)
+    dbndiff2 = ((1 / (N - 1)) * dbnvar[0, :])[None].expand(N, J)
     # bndiff <- bndiff2
     dbndiff = dbndiff + 2 * bndiff * dbndiff2
     # hprebn <- bndiff
@@ -379,7 +384,7 @@ def makemore_mlp_backward_steps(grad_output, saved):
     # bnmeani <- bndiff
     dbnmeani = -t10[None]
     # hprebn <- bnmeani
-    dhprebn = dhprebn + (dbnmeani[0, :] / N)[None].expand(N, J)
+    dhprebn = dhprebn + ((1 / N) * dbnmeani[0, :])[None].expand(N, J)
     t11 = embcat.T @ dhprebn
     # W1 <- hprebn
     dW1 = t11

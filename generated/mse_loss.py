@@ -52,7 +52,7 @@ def mse_loss_forward(x, y, *, _keep_all=False):
         )
     diff = x - y
     t1 = (diff**2).sum()
-    loss = t1 / (D * N)
+    loss = (1 / (D * N)) * t1
     saved = {
         "x": x,
         "y": y,
@@ -90,7 +90,7 @@ def mse_loss_backward_steps(grad_output, saved):
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
     # diff <- loss
-    ddiff = (2 * dloss / (D * N)) * diff
+    ddiff = ((2 / (D * N)) * dloss) * diff
     # x <- diff
     dx = ddiff
     # y <- diff

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-_STEPS_ONLY_KEYS = ()
+_STEPS_ONLY_KEYS = ("ms",)
 
 
 class rmsnorm_Grads(NamedTuple):
@@ -47,7 +47,7 @@ def rmsnorm_forward(x, gamma, *, eps=1e-06, _keep_all=False):
     if gamma.shape[0] != D:
         raise ValueError(f"rmsnorm: gamma must be [D] with D={D}, got shape {tuple(gamma.shape)}")
     t1 = (x**2).sum(1)
-    ms = t1[:, None] / D
+    ms = (1 / D) * t1[:, None]
     rms_inv = (eps + ms) ** (-0.5)
     xhat = rms_inv * x
     out = gamma * xhat
@@ -91,12 +91,17 @@ def rmsnorm_backward(grad_output, saved):
 
 def rmsnorm_backward_steps(grad_output, saved):
     """Atom-by-atom chain rule of `rmsnorm`: the gradient of every named tensor, by name."""
+    if any(key not in saved for key in _STEPS_ONLY_KEYS):
+        # the forward kept only what the fused backward reads: recompute the rest
+        _, saved = rmsnorm_forward(saved["x"], saved["gamma"], eps=saved["eps"], _keep_all=True)
     x = saved["x"]
     gamma = saved["gamma"]
+    ms = saved["ms"]
     rms_inv = saved["rms_inv"]
     xhat = saved["xhat"]
     out = saved["out"]
     D = saved["D"]
+    eps = saved["eps"]
     if grad_output is None:
         raise ValueError("rmsnorm: grad_output is required for a non-scalar output")
     dout = grad_output
@@ -111,9 +116,9 @@ def rmsnorm_backward_steps(grad_output, saved):
     # rms_inv <- xhat
     drms_inv = t2[:, None]
     # ms <- rms_inv
-    dms = -1 / 2 * drms_inv * rms_inv**3
+    dms = (-1 / 2) * drms_inv * (eps + ms) ** (-1.5)
     # x <- ms
-    dx = dx + (2 * dms[:, 0] / D)[:, None] * x
+    dx = dx + ((2 / D) * dms[:, 0])[:, None] * x
     return {
         "x": dx,
         "gamma": dgamma,

@@ -72,7 +72,7 @@ def softplus_backward_steps(grad_output, saved):
         raise ValueError("softplus: grad_output is required for a non-scalar output")
     dout = grad_output
     # x <- out
-    dx = dout * (1 - 1 / (exp_x + 1))
+    dx = dout * (1 - (exp_x + 1) ** (-1))
     return {
         "x": dx,
         "out": dout,

@@ -80,3 +80,22 @@ def test_batchnorm_reports_its_own_time_including_imports():
 def test_help_explains_with_examples():
     r = derive_cli("--help")
     assert r.returncode == 0 and "examples:" in r.stdout and "PATH.py:FUNCTION" in r.stdout
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "uncreatable", "read-only"])
+def test_an_out_that_cannot_be_written_is_a_one_line_usage_error_before_any_work(where: str, tmp_path: Path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine\n")
+    out = {
+        "a file": blocker,
+        "under a file": blocker / "generated",
+        "uncreatable": Path("/proc/derive-out"),  # no process may create folders in /proc
+        "read-only": Path("/sys/kernel"),  # sysfs refuses new files, even to root
+    }[where]
+    if not out.parent.exists():
+        pytest.skip(f"{out.parent} does not exist on this machine")
+    proc = derive_cli("tanh", "--out", str(out), "-q")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("derive: error: --out ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert blocker.read_text() == "mine\n"

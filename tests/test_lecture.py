@@ -105,3 +105,49 @@ def test_exercise_2_dlogits_rows_sum_to_zero():
     logits, y = torch.randn(32, 27, dtype=torch.float64), torch.randint(0, 27, (32,))
     _, saved = module.cross_entropy_forward(logits, y)
     assert module.cross_entropy_backward(None, saved).logits.sum(1).abs().max() < 1e-15
+
+
+def lecture_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb):
+    """The forward of LECTURE.md written as the lecture writes it, every atom retaining its grad."""
+    n = Xb.shape[0]
+    emb = C[Xb]
+    embcat = emb.view(emb.shape[0], -1)
+    hprebn = embcat @ W1 + b1
+    bnmeani = 1 / n * hprebn.sum(0, keepdim=True)
+    bndiff = hprebn - bnmeani
+    bndiff2 = bndiff**2
+    bnvar = 1 / (n - 1) * (bndiff2).sum(0, keepdim=True)
+    bnvar_inv = (bnvar + 1e-5) ** -0.5
+    bnraw = bndiff * bnvar_inv
+    hpreact = bngain * bnraw + bnbias
+    h = torch.tanh(hpreact)
+    logits = h @ W2 + b2
+    logit_maxes = logits.max(1, keepdim=True).values
+    norm_logits = logits - logit_maxes
+    counts = norm_logits.exp()
+    counts_sum = counts.sum(1, keepdims=True)
+    counts_sum_inv = counts_sum**-1
+    probs = counts * counts_sum_inv
+    logprobs = probs.log()
+    loss = -logprobs[range(n), Yb].mean()
+    atoms = dict(locals())
+    for name in ATOMS[:9] + ATOMS[11:12] + ATOMS[14:22] + ATOMS[24:25]:  # the intermediates
+        atoms[name].retain_grad()
+    return loss, atoms
+
+
+UPSTREAM_OF_TANH = ATOMS[:11]  # logprobs ... b2: the atoms the lecture's hand formulas make exact
+
+
+def test_the_chain_is_bit_exact_with_autograd_through_the_lectures_own_code_upstream_of_tanh():
+    """LECTURE.md's bar is `torch.equal`; derive's forward and chain use the lecture's operations."""
+    _, module = derived("makemore_mlp")
+    inputs = lecture_batch()
+    leaves = [x.clone().requires_grad_() if x.is_floating_point() else x for x in inputs]
+    loss, atoms = lecture_forward(*leaves)
+    loss.backward()
+    _, saved = module.makemore_mlp_forward(*inputs)
+    got = module.makemore_mlp_backward_steps(None, saved)
+    exact = [name for name in ATOMS if torch.equal(got[name].reshape(atoms[name].shape), atoms[name].grad)]
+    assert set(UPSTREAM_OF_TANH) <= set(exact), sorted(set(UPSTREAM_OF_TANH) - set(exact))
+    print(f"bit-exact with the lecture's autograd: {len(exact)} of {len(ATOMS)}")

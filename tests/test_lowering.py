@@ -220,3 +220,77 @@ def test_planner_contracts_a_four_factor_sum_without_a_rank_three_intermediate()
     for step in chosen.steps:
         current, result = planner.apply_step(current, step)
         assert len(result) <= 2
+
+
+def test_relu_of_a_sum_inside_an_in_place_chain_keeps_the_whole_sum():
+    """Found by the property tests: relu(a + b) in a fused chain once printed relu(a)."""
+
+    @op(x="n d", y="d k", w="d")
+    def relu_of_sum(x, y, w):
+        out = (apply(lambda u: sympy.Max(u, 0), x.sum("n", keepdim=True) + x) + y.sum("k")) / (w**2 + 1)
+        return out
+
+    _, module = generated(relu_of_sum)
+    x, y, w = (_randn(*s, seed=k).requires_grad_() for k, s in enumerate([(5, 6), (6, 7), (6,)]))
+    out, saved = module.relu_of_sum_forward(x, y, w)
+    g = _randn(5, 6, seed=9)
+    grads = module.relu_of_sum_backward(g, saved)
+    ((torch.relu(x.sum(0, keepdim=True) + x) + y.sum(1)) / (w**2 + 1)).backward(g)
+    for got, leaf in zip(grads, (x, y, w)):
+        torch.testing.assert_close(got, leaf.grad)
+
+
+def test_a_gather_of_a_gather_scatters_its_gradient_with_one_index_put():
+    """Found by the property tests: x[jdx, idx[jdx]]'s backward once built a D x D one-hot."""
+
+    @op(x="n d", idx="int n", jdx="int d")
+    def double_gather(x, idx, jdx):
+        out = x.take(idx, "d").take(jdx, "n")
+        return out
+
+    _, module = generated(double_gather)
+    x = _randn(3, 7).requires_grad_()
+    idx, jdx = torch.tensor([6, 0, 6]), torch.tensor([0, 0, 2, 1, 2, 2, 0])
+    out, saved = module.double_gather_forward(x, idx, jdx)
+    with TensorSizes() as sizes:
+        grads = module.double_gather_backward(torch.ones(7), saved)
+    assert sizes.largest <= x.numel()
+    x[torch.arange(3), idx][jdx].sum().backward()
+    torch.testing.assert_close(grads.x, x.grad)
+
+
+def test_a_max_read_at_gathered_positions_is_the_max_then_a_gather():
+    """Found by the property tests: max_d x[n, d, argmax_k(...)] once gathered an N x D x D copy of x."""
+
+    @op(x="n d k")
+    def max_at_argmax(x):
+        inner = x.sum("k", keepdim=True) * (x + x.max("d"))
+        return inner.flatten("n", "d").max("k"), inner.flatten("n", "d")
+
+    d, module = generated(max_at_argmax)
+    x = _randn(3, 6, 3).double().requires_grad_()
+    (out1, out2), saved = module.max_at_argmax_forward(x)
+    g1, g2 = torch.randn(18, dtype=torch.float64), torch.randn(18, 3, dtype=torch.float64)
+    with TensorSizes() as sizes:
+        grads = module.max_at_argmax_backward((g1, g2), saved)
+    assert sizes.largest <= x.numel()
+    inner = x.sum(2, keepdim=True) * (x + x.max(1, keepdim=True).values)
+    torch.autograd.backward([inner.flatten(0, 1).max(1).values, inner.flatten(0, 1)], [g1, g2])
+    torch.testing.assert_close(grads.x, x.grad)
+
+
+def test_the_chain_adds_a_second_contribution_through_a_flattened_dim():
+    """Found by the property tests: a flatten's gradient accumulated onto another failed to lower."""
+
+    @op(x="n d k")
+    def flat_and_max(x):
+        return x.flatten("d", "k").max("dk"), x.flatten("d", "k")
+
+    d, module = generated(flat_and_max)
+    x = _randn(2, 3, 4)
+    _, saved = module.flat_and_max_forward(x)
+    g1, g2 = _randn(2, seed=1), _randn(2, 12, seed=2)
+    steps = module.flat_and_max_backward_steps((g1, g2), saved)
+    leaf = x.clone().requires_grad_()
+    torch.autograd.backward([leaf.flatten(1).max(1).values, leaf.flatten(1)], [g1, g2])
+    torch.testing.assert_close(steps["x"], leaf.grad)

@@ -272,3 +272,62 @@ def test_rename_errors_name_the_line(body: str, message: str, tmp_path):
     with pytest.raises(OpDefinitionError, match=message) as caught:
         load_user_op(path, "bad").program()
     assert "\n" not in str(caught.value) and f"bad_ops.py:5: out = {body}" in str(caught.value)
+
+
+# -- several outputs (issue 11) ---------------------------------------------------------------
+
+
+def _lstm_cell():
+    from derive import tanh
+
+    def sigmoid(t):
+        return apply(lambda u: 1 / (1 + sympy.exp(-u)), t)
+
+    @op(x="n i", h="n k", c="n k", Wi="i k", Wf="i k", Wg="i k", Wo="i k", Ui="j k", Uf="j k", Ug="j k", Uo="j k")
+    def lstm_cell(x, h, c, Wi, Wf, Wg, Wo, Ui, Uf, Ug, Uo):
+        hj = h.rename(k="j")  # the recurrent weights are square: k -> j
+        i = sigmoid(x @ Wi + hj @ Ui)
+        f = sigmoid(x @ Wf + hj @ Uf)
+        g = tanh(x @ Wg + hj @ Ug)
+        o = sigmoid(x @ Wo + hj @ Uo)
+        c_new = f * c + i * g
+        h_new = o * tanh(c_new)
+        return h_new, c_new
+
+    return lstm_cell
+
+
+def test_an_lstm_cell_returns_two_outputs_and_its_backward_takes_one_gradient_per_output():
+    d, module = _generated(_lstm_cell())
+    assert d.program.outputs == ("h_new", "c_new")
+    n, i, k = 3, 4, 5
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(n, i), torch.randn(n, k), torch.randn(n, k)]
+    args += [torch.randn(i, k, generator=gen) for _ in range(4)] + [torch.randn(k, k, generator=gen) for _ in range(4)]
+    args = [a.double().requires_grad_() for a in args]
+    cell = torch.nn.LSTMCell(i, k, bias=False).double()
+    with torch.no_grad():
+        cell.weight_ih.copy_(torch.cat([W.T for W in args[3:7]]))
+        cell.weight_hh.copy_(torch.cat([U.T for U in args[7:]]))
+    (h_new, c_new), saved = module.lstm_cell_forward(*args)
+    want_h, want_c = cell(args[0], (args[1], args[2]))
+    torch.testing.assert_close((h_new, c_new), (want_h, want_c))
+
+    # only h_new is used: its gradient alone, c_new's None
+    g = torch.randn(n, k, dtype=torch.float64)
+    grads = module.lstm_cell_backward((g, None), saved)
+    want = torch.autograd.grad(want_h, [args[0], args[1], args[2], cell.weight_ih, cell.weight_hh], g)
+    torch.testing.assert_close((grads.x, grads.h, grads.c), want[:3])
+    torch.testing.assert_close(torch.cat([W.T for W in grads[3:7]]), want[3])
+    torch.testing.assert_close(torch.cat([U.T for U in grads[7:]]), want[4])
+
+    # through autograd: both outputs used, then only c_new (Wo reaches h_new alone)
+    h_new, c_new = module.lstm_cell(*args)
+    (h_new.sum() + (c_new**2).sum()).backward()
+    want_h, want_c = cell(args[0], (args[1], args[2]))
+    want = torch.autograd.grad(want_h.sum() + (want_c**2).sum(), args[:3])
+    torch.testing.assert_close([a.grad for a in args[:3]], list(want))
+    for a in args:
+        a.grad = None
+    module.lstm_cell(*args)[1].sum().backward()
+    assert torch.equal(args[6].grad, torch.zeros_like(args[6]))

@@ -124,15 +124,19 @@ def test_op_file_derives_verifies_and_writes_with_the_api(filename: str, tmp_pat
         spec.loader.exec_module(module)
         program = result.derivation.program
         inputs = [
-            x.requires_grad_() if x.is_floating_point() else x
-            for x in example_inputs(program, result.sizes, torch.float64)
+            x.requires_grad_() if t.differentiable else x
+            for x, t in zip(example_inputs(program, result.sizes, torch.float64), program.inputs)
         ]
         out, saved = getattr(module, f"{name}_forward")(*inputs)
-        grads = getattr(module, f"{name}_backward")(torch.ones_like(out) if out.dim() else None, saved)
+        if program.several_outputs:
+            grads = getattr(module, f"{name}_backward")(tuple(torch.ones_like(o) for o in out), saved)
+        else:
+            grads = getattr(module, f"{name}_backward")(torch.ones_like(out) if out.dim() else None, saved)
         assert set(grads._fields) == {t.name for t in program.differentiable_inputs}
-        getattr(module, name)(*inputs).sum().backward()  # the differentiable function runs the fused backward
+        outs = getattr(module, name)(*inputs)  # the differentiable function runs the fused backward
+        sum(o.sum() for o in (outs if program.several_outputs else [outs])).backward()
         for x, t in zip(inputs, program.inputs):
-            if x.is_floating_point():
+            if t.differentiable:
                 torch.testing.assert_close(x.grad, getattr(grads, t.name))
 
 

@@ -15,12 +15,13 @@ import sympy
 
 from ..autodiff import grad_name
 from ..errors import OpDefinitionError
-from ..indexalg import tensor_names
+from ..indexalg import entry, tensor_names
 from ..notation import text
 from ..program import Program, TensorInfo
 from ..simplify import stable_forward
 from . import share
 from .lowerer import Lowerer
+from .printer import FAITHFUL
 
 
 @dataclass
@@ -50,10 +51,11 @@ class ChainTerm:
 def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr]], chain: list[ChainTerm]) -> Code:
     """Lower the forward statements, the fused gradients and the chain into torch code lines."""
     tensors = program.tensors
-    out = tensors[program.output]
     layouts = dict(tensors)
     for t in list(tensors.values()):
         layouts[grad_name(t.name)] = TensorInfo(grad_name(t.name), t.layout, t.is_int)
+    for o in program.outputs:
+        layouts[program.seed_name(o)] = TensorInfo(program.seed_name(o), tensors[o].layout)
 
     exprs = [e for _, e in gradients] + [c.expr for c in chain]
     saved_values, exprs = share.forward_values(program, exprs, set(layouts) | {p.name for p in program.params})
@@ -66,12 +68,14 @@ def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr
 
     sizes = _size_lines(program)
     ref = program.differentiable_inputs[0].name
-    fwd = Lowerer(layouts, ref=ref, names=names, single_assignment=True, admissible=fits)
+    fwd = Lowerer(layouts, ref=ref, names=names, single_assignment=True, admissible=fits, printer=FAITHFUL)
     # the reference forward for autograd: every statement its own tensor (no shared temporaries,
     # or retain_grad on one name would collect the gradients of its look-alikes)
-    plain = Lowerer(layouts, ref=ref, names=names, share=False, admissible=fits)
+    plain = Lowerer(layouts, ref=ref, names=names, share=False, admissible=fits, printer=FAITHFUL)
     statements = list(program.statements)
-    forward = [share.host_expression(s.name, stable_forward(s, statements), saved_values) for s in statements]
+    # the statements as written; a stabler form only when the op asks for it (@op(stable_forward=True))
+    written = [stable_forward(s, statements) if program.stable_forward else s.expr for s in statements]
+    forward = [share.host_expression(s.name, e, saved_values) for s, e in zip(statements, written)]
     fwd.repeated = share.repeated(forward)
     for stmt, expr in zip(statements, forward):
         for s in saved_values:
@@ -80,7 +84,7 @@ def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr
         fwd.assign(stmt.name, expr, stmt.target)
         plain.assign(stmt.name, stmt.expr, stmt.target)
 
-    seed = grad_name(out.name)
+    seed = program.seed_name(program.output)
     bwd = Lowerer(layouts, ref=seed, names=names, single_assignment=True, fuse_arithmetic=True, admissible=fits)
     bwd.repeated = share.repeated(fused)
     for (wrt, _), e in zip(gradients, fused):
@@ -89,10 +93,14 @@ def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr
     large = {n for n, r in bwd.rank.items() if r >= 2} | {grad_name(w.name) for w, _ in gradients if len(w.dims) >= 2}
     backward = release_dead(bwd.lines, large - returned)
 
-    steps = Lowerer(layouts, ref=seed, names=names, admissible=fits)
+    steps = Lowerer(layouts, ref=seed, names=names, admissible=fits, printer=FAITHFUL)
     steps.repeated = share.repeated(steps_exprs)
     assigned: set[str] = set()
-    outputs = [out.name]
+    outputs = list(program.outputs)
+    for o in program.outputs:  # an output statements read: its gradient starts as the one given
+        if program.seed_name(o) != grad_name(o):
+            steps.assign(grad_name(o), entry(program.seed_name(o), tensors[o].indices), tensors[o])
+            assigned.add(grad_name(o))
     for c, e in zip(chain, steps_exprs):
         name = grad_name(c.target.name)
         steps.assign(name, e, c.target, accumulate=name in assigned, comment=f"{c.target.name} <- {c.source}")

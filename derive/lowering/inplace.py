@@ -60,9 +60,10 @@ class _Chain:
         if isinstance(e, sympy.Pow):
             return self._pow(e)
         if type(e) in _UNARY:
-            return self._unary(e, *_UNARY[type(e)])
+            return self._unary(e.args[0], *_UNARY[type(e)])
         if isinstance(e, sympy.Max) and len(e.args) == 2 and 0 in e.args:
-            return self._unary(sympy.Max(*(a for a in e.args if a != 0)), "torch.relu", "relu_")
+            (argument,) = (a for a in e.args if a != 0)  # Max(0, a): relu(a), however a is built
+            return self._unary(argument, "torch.relu", "relu_")
         return Piece(PRINTER.doprint(e), self._axes_of(e), fresh=False)  # compares, Max of values...
 
     def _one_operation(self, e: sympy.Expr) -> bool:
@@ -239,8 +240,8 @@ class _Chain:
         power = PRINTER.doprint(exponent)
         return Piece(f"{atom(b.code)}.pow_({power})" if b.fresh else f"torch.pow({b.code}, {power})", b.axes, True)
 
-    def _unary(self, e: sympy.Expr, function: str, method: str) -> Piece:
-        x = self.emit(e.args[0])
+    def _unary(self, argument: sympy.Expr, function: str, method: str) -> Piece:
+        x = self.emit(argument)
         return Piece(f"{atom(x.code)}.{method}()" if x.fresh else f"{function}({x.code})", x.axes, fresh=True)
 
 

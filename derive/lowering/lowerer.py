@@ -25,10 +25,12 @@ from ..indexalg import (
     IMax,
     ISum,
     Pack,
+    bound_indices,
     dim_of,
     entry_indices,
     entry_name,
     free_indices,
+    fresh_index,
     is_entry,
     is_index,
     substitute_indices,
@@ -37,7 +39,7 @@ from ..indexalg import (
 from ..program import Layout, TensorInfo
 from . import inplace
 from . import plan as planner
-from .printer import PRINTER, atom, shape_tuple, size_code
+from .printer import PRINTER, TorchCodePrinter, atom, shape_tuple, size_code
 from .share import canonical_key, costly, factor_groups, flatten_sums
 
 Axes = tuple[sympy.Symbol, ...]
@@ -66,6 +68,7 @@ class Lowerer:
     preferred: Axes = ()
     single_assignment: bool = False
     fuse_arithmetic: bool = False
+    printer: TorchCodePrinter = PRINTER  # FAITHFUL for the forward and the chain: forms as written
     share: bool = True
     # dims of every forward tensor, as multisets of plain dims: an intermediate must fit in one
     admissible: list[Counter[str]] = field(default_factory=list)
@@ -75,16 +78,31 @@ class Lowerer:
     rank: dict[str, int] = field(default_factory=dict)
 
     # -- public ------------------------------------------------------------------------------
-    def assign(self, name: str, e: sympy.Expr, target: TensorInfo, accumulate: bool = False, comment: str = "") -> None:
-        """Emit ``name = e`` (or ``name = name + e``), laid out like ``target``."""
+    def assign(
+        self,
+        name: str,
+        e: sympy.Expr,
+        target: TensorInfo,
+        accumulate: bool = False,
+        comment: str = "",
+        relaid: bool = False,
+    ) -> None:
+        """Emit ``name = e`` (or ``name = name + e``), laid out like ``target``.
+
+        ``relaid``: ``target`` is already the layout ``e`` reads best (split or merged once; a
+        second change would only undo the first).
+        """
         e = _packed_deltas(e)
-        unflattened = _unflattened(e, target) or _reflattened(e, target)
-        if unflattened is not None and not accumulate:
+        unflattened = None if relaid else (_unflattened(e, target) or _reflattened(e, target))
+        if unflattened is not None:
             # e reads the parts of a flattened index on their own (y[nd.1]): compute with the parts
             # as axes of their own, then flatten them (row-major, as flatten does)
-            self.assign(name, *unflattened, comment=comment)
+            temp = self._fresh_name("g") if accumulate else name
+            self.assign(temp, *unflattened, comment=comment, relaid=True)
             shape = ", ".join("1" if d is None else size_code(d.size) for d in target.layout)
-            self.lines.append(f"{name} = {name}.reshape({shape})")
+            self.lines.append(f"{temp} = {temp}.reshape({shape})")
+            if accumulate:
+                self.lines.append(f"{name} = {name} + {temp}")
             return
         self.preferred = target.indices
         if not tensor_names(e) and not e.has(sympy.KroneckerDelta):
@@ -92,7 +110,7 @@ class Lowerer:
             shape = (
                 shape_tuple(["1" if d is None else size_code(d.size) for d in target.layout]) if target.layout else "()"
             )
-            value = PRINTER.doprint(e)
+            value = self.printer.doprint(e)
             code = f"torch.full({shape}, {value}, dtype={self.ref}.dtype, device={self.ref}.device)"
             self.lines.append(f"{name} = {name} + {code}" if accumulate else f"{name} = {code}")
             return
@@ -454,7 +472,7 @@ class Lowerer:
             self.preferred = saved_preference
 
     def _sum_body(self, body: sympy.Expr, indices: list[sympy.Symbol], preferred: Axes) -> Val:
-        scatter = self._scatter(body, indices)
+        scatter = self._index_put(body, indices) or self._scatter(body, indices)
         if scatter is not None:
             return scatter
         summed = frozenset(indices)
@@ -559,6 +577,46 @@ class Lowerer:
                 return self._scatter_add(pick, v, rest, rest_expr, batch, summed, other)
         return None
 
+    def _index_put(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
+        """``Σ_S f[S, R] δ(v1, p1[S]) δ(v2, p2[S])…``: ``f`` added at positions ``(p1, p2, …)``.
+
+        Two or more deltas route one summed entry to one position along several result dims (a
+        gather of a gather: ``x[jdx, idx[jdx]]``); one ``index_put_(..., accumulate=True)`` adds
+        them all, with no one-hot over any pair of dims.
+        """
+        summed = set(indices)
+        routes: list[tuple[sympy.KroneckerDelta, sympy.Expr, sympy.Symbol]] = []
+        for f in sympy.Mul.make_args(body):
+            if not isinstance(f, sympy.KroneckerDelta):
+                continue
+            for pick, v in (f.args, f.args[::-1]):
+                if is_index(v) and v not in summed and not is_index(pick) and free_indices(pick) <= summed:
+                    if is_entry(pick) and self.layouts[entry_name(pick)].is_int and v not in [r[2] for r in routes]:
+                        routes.append((f, pick, v))
+                        break
+        if len(routes) < 2:
+            return None
+        rest_expr = body / sympy.Mul(*(f for f, _, _ in routes))
+        lead = tuple(dict.fromkeys(i for _, pick, _ in routes for i in sorted(free_indices(pick), key=str)))
+        for k in [i for i in indices if i not in lead]:
+            rest_expr = ISum(rest_expr, k)
+        rest = self.lower(rest_expr)
+        targets = tuple(v for _, _, v in routes)
+        if set(targets) & set(rest.axes):
+            return None
+        other = tuple(a for a in rest.axes if a not in lead)
+        sizes = [size_code(dim_of(a).size) for a in lead + other]
+        if rest.axes:
+            src = self.align(rest, lead + other, strip=False)
+            if not set(lead) <= set(rest.axes):
+                src = f"{atom(src)}.expand{shape_tuple(sizes)}"
+        else:
+            src = f"torch.full({shape_tuple(sizes)}, {rest.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
+        picks = [self.align(self.lower(pick), lead, strip=False) for _, pick, _ in routes]
+        shape = shape_tuple([size_code(dim_of(a).size) for a in targets + other])
+        code = f"{self.ref}.new_zeros({shape}).index_put_(({', '.join(picks)},), {src}, accumulate=True)"
+        return Val(code, targets + other)
+
     def _scatter_add(
         self,
         pick: sympy.Expr,
@@ -591,10 +649,34 @@ class Lowerer:
         return Val(f"{zeros}.scatter_add_({len(batch)}, {idx}, {flat_src})", batch + (v,) + other)
 
     def _max(self, e: IMax) -> Val:
+        gathered = self._max_at_positions(e)
+        if gathered is not None:
+            return gathered
         call = self._max_call(e)
         return Val(f"{call.code}.values", call.axes)
 
+    def _max_at_positions(self, e: IMax | ArgMax) -> Val | None:
+        """``max_k x[n, k, p(n, d)]`` (or its argmax), read at gathered positions: the max at every
+        position (the forward's size), then gathered at ``p``; never the max of a gathered copy of ``x``."""
+        for leaf in sympy.preorder_traversal(e.body):
+            if not is_entry(leaf):
+                continue
+            info = self.layouts[entry_name(leaf)]
+            for d, p in zip(info.dims, entry_indices(leaf)):
+                if is_index(p) or e.var in free_indices(p) or not free_indices(p):
+                    continue
+                k = fresh_index(d, free_indices(e) | bound_indices(e) | {e.var})
+                inner = self.lower(type(e)(e.body.xreplace({p: k}), e.var))
+                if k not in inner.axes:
+                    return None
+                name = inner.code if inner.code.isidentifier() else self._temp(inner.code)
+                return self._gather(name, [p if a == k else a for a in inner.axes], inner.is_int)
+        return None
+
     def _argmax(self, e: ArgMax) -> Val:
+        gathered = self._max_at_positions(e)
+        if gathered is not None:
+            return gathered
         # the index PyTorch's max(dim) picks at a tie: the one autograd routes the gradient to
         call = self._max_call(e)
         return Val(f"{call.code}.indices", call.axes, True)
@@ -658,7 +740,7 @@ class Lowerer:
         ):  # the fused backward: one fresh buffer, updated in place
             code = inplace.chain(e.xreplace(mapping), {mapping[leaf]: frozenset(v.axes) for leaf, v in leaves})
         else:
-            code = PRINTER.doprint(e.xreplace(mapping))
+            code = self.printer.doprint(e.xreplace(mapping))
         if _only_steps(e):  # (x > 0) is bool, 2*(x > 0) an integer: a float for matmuls, scatters and sums
             code = f"{atom(code)}.to({self.ref}.dtype)"
         return Val(code, tuple(axes))

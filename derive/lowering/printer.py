@@ -154,7 +154,42 @@ def is_constant(e: sympy.Expr) -> bool:
     return all(s.is_positive for s in e.free_symbols)
 
 
+class FaithfulPrinter(TorchCodePrinter):
+    """Prints products and powers in the forms a person writes and autograd differentiates.
+
+    ``x**-1`` stays a power and ``c * Σx`` with ``c = 1/(N - 1)`` stays a multiplication by the
+    reciprocal (the op language's ``mean`` is exactly that): the same float operations as the
+    user's program, so the forward and the atom-by-atom chain can agree with autograd bit for bit.
+    """
+
+    def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
+        base, exp = expr.as_base_exp()
+        if exp.is_negative and exp.is_Rational and not is_constant(base):
+            return f"{self.parenthesize(base, PRECEDENCE['Pow'])} ** {self._print_exponent(exp)}"
+        return super()._print_Pow(expr, rational)
+
+    def _print_Mul(self, expr: sympy.Mul) -> str:
+        masks, _ = split_masks(expr)
+        coefficient, factors = expr.as_coeff_mul()
+        sizes = [f for f in factors if is_constant(f)]
+        values = [f for f in factors if not is_constant(f)]
+        if masks or not values or not any(f.is_Pow and f.exp.is_negative for f in expr.args):
+            return super()._print_Mul(expr)
+        scale = sympy.Mul(coefficient, *sizes)
+        # a / b stays a division (as written, and as autograd divides); a lone b**-1 stays a power
+        divisors = [f for f in values if f.is_Pow and f.exp == -1] if len(values) > 1 else []
+        numerators = [f for f in values if f not in divisors] or [sympy.S.One]
+        body = " * ".join(self.parenthesize(f, PRECEDENCE["Mul"]) for f in numerators)
+        body += "".join(f" / {self.parenthesize(f.base, PRECEDENCE['Mul'])}" for f in divisors)
+        if scale == 1:
+            return body
+        if scale == -1:
+            return f"-{body}"
+        return f"({self._print(scale)}) * {body}"
+
+
 PRINTER = TorchCodePrinter({"strict": False})
+FAITHFUL = FaithfulPrinter({"strict": False})
 _MATH = PythonCodePrinter({"standard": "python3", "strict": False})
 
 

@@ -5,9 +5,12 @@ import sympy
 from ..tensor import exp, log, op
 
 
-@op(sizes={"n": 32, "c": 27}, logits="n c", target="int n")
+@op(sizes={"n": 32, "c": 27}, stable_forward=True, logits="n c", target="int n")
 def cross_entropy(logits, target):
-    """Mean cross-entropy, as the lecture's atoms (max subtraction included)."""
+    """Mean cross-entropy, as the lecture's atoms (max subtraction included).
+
+    A loss must stay finite for any logits: ``stable_forward`` computes ``log(probs)`` as
+    ``norm_logits - log(counts_sum)``, which cannot underflow (the derivation notes it)."""
     logit_maxes = logits.max("c", keepdim=True)
     norm_logits = logits - logit_maxes
     counts = exp(norm_logits)
