@@ -995,6 +995,26 @@ def test_a_max_over_a_flattened_dim():
     _check_module(d, module, [x], lambda shape: _x(*shape, seed=1))
 
 
+def test_a_sum_over_a_flattened_dim_that_reads_one_part_alone():
+    """``max_d(x[nd.0, d, k])`` inside ``Σ_nd``: a value broadcast along d, summed over (n, d)."""
+    d, module = _generated(
+        '@op(x="n d k")\ndef comp(x):\n'
+        '    out = (x * x.max("d", keepdim=True)).flatten("n", "d").mean("nd").mean("k")\n    return out\n'
+    )
+    _check_module(d, module, [_x(3, 4, 5)], lambda shape: _x(*shape, seed=1))
+
+
+def test_an_argmax_at_gathered_positions_scatters_its_values_with_no_one_hot():
+    """Two deltas, one an argmax that also depends on a result dim (k): one index_put_, no N·M·K·N one-hot."""
+    d, module = _generated(
+        '@op(x="n d k", idx="int n m")\ndef comp(x, idx):\n'
+        '    out = (x / exp(x.max("n", keepdim=True))).take(idx, "d")\n    return out\n'
+    )
+    idx = torch.randint(0, 6, (3, 6), generator=torch.Generator().manual_seed(0))
+    _check_module(d, module, [_x(3, 6, 5), idx], lambda shape: _x(*shape, seed=1))
+    assert "index_put_" in "\n".join(d.code.backward)
+
+
 @pytest.mark.parametrize("body", ["out = tanh(x) + 0 * w", "out = x + (3 - w) + w"], ids=["unused", "cancelled"])
 @pytest.mark.xfail(
     strict=True,

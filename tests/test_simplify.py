@@ -1,5 +1,6 @@
 """The simplifier: compact fused gradients recovered from forward definitions alone."""
 
+import pytest
 import sympy
 import torch
 import torch.nn.functional as F
@@ -132,17 +133,29 @@ def test_fused_and_chain_backward_agree(op_name):
 
 def test_fused_formula_is_exact_on_small_index_sets(op_name):
     d, _ = derived(op_name)
-    if op_name == "makemore_mlp":
-        return  # expanding the whole network is slow; its parts are checked one by one
-    assert all(status != "FAILED" for _, status in exact_check(d)), exact_check(d)
+    statuses = exact_check(d)
+    assert [name for name, _ in statuses] == [t.name for t in d.program.differentiable_inputs]
+    assert all(status in ("exact", "equal to 50 digits") for _, status in statuses), statuses
 
 
-def test_exact_check_catches_a_wrong_formula():
-    d, _ = derived("tanh")
-    g = d.gradients[0]
-    wrong = type(g)(g.wrt, g.raw, g.steps, g.result * 2)
-    broken = type(d)(d.op, d.program, d.chain, [wrong], d.code)
-    assert exact_check(broken) == [("x", "FAILED")]
+@pytest.mark.parametrize(
+    "op_name, wrt, error",
+    [
+        ("tanh", "x", 1),  # twice the derivative
+        ("linear", "W", sympy.Rational(1, 10**30)),  # rational: any difference at all
+        ("batchnorm", "x", sympy.Rational(1, 10**40)),  # far below float64's resolution
+        ("makemore_mlp", "W1", sympy.Rational(1, 10**40)),  # the whole network, at its depth
+    ],
+)
+def test_exact_check_catches_a_wrong_formula(op_name: str, wrt: str, error: sympy.Expr):
+    d, _ = derived(op_name)
+    gradients = [
+        type(g)(g.wrt, g.raw, g.steps, g.result * (1 + error)) if g.wrt.name == wrt else g for g in d.gradients
+    ]
+    broken = type(d)(d.op, d.program, d.chain, gradients, d.code)
+    statuses = dict(exact_check(broken))
+    assert statuses.pop(wrt) == "FAILED"
+    assert "FAILED" not in statuses.values()
 
 
 @op(x="n d", w="d")

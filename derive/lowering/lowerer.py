@@ -31,6 +31,7 @@ from ..indexalg import (
     entry_name,
     free_indices,
     fresh_index,
+    fresh_indices,
     is_entry,
     is_index,
     substitute_indices,
@@ -462,6 +463,9 @@ class Lowerer:
         return Val(f"{atom(code)}[{', '.join(parts)}]", tuple(lead_axes) + tuple(tail), is_int)
 
     def _sum(self, e: ISum) -> Val:
+        split = _split_flat_sums(e)
+        if split != e:
+            return self.lower(split)
         if e.var not in free_indices(e.body):
             return self.lower(e.body * dim_of(e.var).size)  # a sum of something constant along the dim
         indices, body = flatten_sums(e)
@@ -578,30 +582,38 @@ class Lowerer:
         return None
 
     def _index_put(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
-        """``Σ_S f[S, R] δ(v1, p1[S]) δ(v2, p2[S])…``: ``f`` added at positions ``(p1, p2, …)``.
+        """``Σ_S f[S, R] δ(v1, p1[S, B]) δ(v2, p2[S, B])…``: ``f`` added at positions ``(p1, p2, …)``.
 
         Two or more deltas route one summed entry to one position along several result dims (a
-        gather of a gather: ``x[jdx, idx[jdx]]``); one ``index_put_(..., accumulate=True)`` adds
-        them all, with no one-hot over any pair of dims.
+        gather of a gather: ``x[jdx, idx[jdx]]``; an argmax at gathered positions); one
+        ``index_put_(..., accumulate=True)`` adds them all, with no one-hot over any pair of dims.
+        A result dim ``B`` a position also depends on is indexed by its own ``arange``.
         """
         summed = set(indices)
+        free = free_indices(body)
         routes: list[tuple[sympy.KroneckerDelta, sympy.Expr, sympy.Symbol]] = []
         for f in sympy.Mul.make_args(body):
             if not isinstance(f, sympy.KroneckerDelta):
                 continue
             for pick, v in (f.args, f.args[::-1]):
-                if is_index(v) and v not in summed and not is_index(pick) and free_indices(pick) <= summed:
-                    if is_entry(pick) and self.layouts[entry_name(pick)].is_int and v not in [r[2] for r in routes]:
-                        routes.append((f, pick, v))
-                        break
+                if not is_index(v) or v in summed or is_index(pick) or v in [r[2] for r in routes]:
+                    continue
+                if not free_indices(pick) & summed or v in free_indices(pick):
+                    continue
+                if isinstance(pick, ArgMax) or (is_entry(pick) and self.layouts[entry_name(pick)].is_int):
+                    routes.append((f, pick, v))
+                    break
         if len(routes) < 2:
+            return None
+        targets = tuple(v for _, _, v in routes)
+        batch = tuple(dict.fromkeys(i for _, pick, _ in routes for i in sorted(free_indices(pick) - summed, key=str)))
+        if set(batch) & set(targets) or not set(batch) <= free - set(targets):
             return None
         rest_expr = body / sympy.Mul(*(f for f, _, _ in routes))
         lead = tuple(dict.fromkeys(i for _, pick, _ in routes for i in sorted(free_indices(pick), key=str)))
         for k in [i for i in indices if i not in lead]:
             rest_expr = ISum(rest_expr, k)
         rest = self.lower(rest_expr)
-        targets = tuple(v for _, _, v in routes)
         if set(targets) & set(rest.axes):
             return None
         other = tuple(a for a in rest.axes if a not in lead)
@@ -613,9 +625,12 @@ class Lowerer:
         else:
             src = f"torch.full({shape_tuple(sizes)}, {rest.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
         picks = [self.align(self.lower(pick), lead, strip=False) for _, pick, _ in routes]
-        shape = shape_tuple([size_code(dim_of(a).size) for a in targets + other])
+        for b in batch:
+            rng = f"torch.arange({size_code(dim_of(b).size)}, device={self.ref}.device)"
+            picks.append(self.align(Val(rng, (b,)), lead, strip=False))
+        shape = shape_tuple([size_code(dim_of(a).size) for a in targets + batch + other])
         code = f"{self.ref}.new_zeros({shape}).index_put_(({', '.join(picks)},), {src}, accumulate=True)"
-        return Val(code, targets + other)
+        return Val(code, targets + batch + other)
 
     def _scatter_add(
         self,
@@ -779,6 +794,41 @@ class Lowerer:
             return sympy.Mul(*big, stand_in)
 
         return _bottom_up_expr(e, rewrite)
+
+
+def _reads_by_part(e: sympy.Basic, var: sympy.Symbol) -> bool:
+    """Whether ``e`` reads the flattened index ``var`` other than as whole runs ``x[var.0, var.1]``."""
+    if isinstance(e, Flat) and e.args[0] == var:
+        return True
+    if not is_entry(e):
+        return any(_reads_by_part(a, var) for a in e.args)
+    idx, n, k = entry_indices(e), len(dim_of(var).parts), 0
+    while k < len(idx):
+        if idx[k] == Flat(var, 0) and tuple(idx[k : k + n]) == tuple(Flat(var, p) for p in range(n)):
+            k += n  # the whole flattened index: a reshape of this tensor reads it
+        elif _reads_by_part(idx[k], var):
+            return True
+        else:
+            k += 1
+    return False
+
+
+def _split_flat_sums(e: sympy.Expr) -> sympy.Expr:
+    """Each ``Σ_f body`` as ``Σ_t Σ_e body[f := (t, e)]`` where the body reads ``f`` a part at a time.
+
+    A part alone (``m[f.0]``: a value broadcast along the other parts) has no axis of the
+    flattened dim to stand on; over the parts, every read is a plain or packed index.
+    """
+    if not isinstance(e, sympy.Basic) or not e.args or is_entry(e):
+        return e
+    e = e.func(*(_split_flat_sums(a) for a in e.args))
+    if not isinstance(e, ISum) or not dim_of(e.var).parts or not _reads_by_part(e.body, e.var):
+        return e
+    parts = fresh_indices(dim_of(e.var).parts, free_indices(e.body) | bound_indices(e.body) | {e.var})
+    body = substitute_indices(e.body, {e.var: Pack(*parts)})
+    for part in reversed(parts):
+        body = ISum(body, part)
+    return body
 
 
 def _unflattened(e: sympy.Expr, target: TensorInfo) -> tuple[sympy.Expr, TensorInfo] | None:
