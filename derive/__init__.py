@@ -21,6 +21,7 @@ from .derivation import Derivation, derive
 from .errors import DeriveError, NotDifferentiableError, OpDefinitionError, UnknownOpError, VerificationError
 from .ops import catalogue
 from .tensor import Op, Tensor, apply, erf, exp, log, op, sqrt, tanh
+from .tutor import check
 
 __all__ = [
     "Derivation",
@@ -33,6 +34,7 @@ __all__ = [
     "VerificationError",
     "apply",
     "catalogue",
+    "check",
     "derive",
     "erf",
     "exp",

@@ -28,6 +28,8 @@ examples:
   python -m derive --check                exit 1 if generated/ is stale
   python -m derive cross_entropy --format json | jq .gradients
   python -m derive train --steps 2000     train the lecture's MLP with generated code only
+  python -m derive check makemore_mlp --against my_backward.py
+                                          grade a hand-written backward, atom by atom
 
 exit status: 0 ok, 1 verification failed or generated/ stale, 2 usage error."""
 
@@ -88,6 +90,8 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
         from .training.train import main as train_main
 
         return train_main(args_list[1:])
+    if args_list and args_list[0] == "check":
+        return check_main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
     try:
@@ -103,6 +107,51 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+CHECK_DESCRIPTION = """\
+Grade a hand-written backward pass against derive's derivation, atom by atom.
+
+FILE.py defines backward(t). t holds every input and named intermediate of OP's forward on one
+example batch (t.logprobs, t.bndiff, t.Xb, ... for makemore_mlp; t.dout, the output's gradient,
+when the output is not a scalar loss). backward returns {name: your gradient of the loss w.r.t.
+that tensor} for any of the names. Each is compared with autograd as the lecture's cmp does; a
+wrong one is diagnosed (shape, factor, sign, transposed, missing contribution, or following from
+a wrong gradient upstream) and shown with the right formula and its code."""
+
+CHECK_EPILOG = """\
+example FILE.py:
+  def backward(t):
+      dlogits = t.probs.clone()
+      ...
+      return {"logits": dlogits, "W2": t.h.T @ dlogits}
+
+exit status: 0 every gradient right, 1 any wrong, 2 usage error."""
+
+
+def check_main(argv: Sequence[str]) -> int:
+    """``python -m derive check OP --against FILE.py``: the tutor."""
+    parser = argparse.ArgumentParser(
+        prog="derive check",
+        description=CHECK_DESCRIPTION,
+        epilog=CHECK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("op", help="a catalogue op (see derive --list) or PATH.py:FUNCTION")
+    parser.add_argument("--against", required=True, type=Path, metavar="FILE.py", help="the file defining backward(t)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example batch (default 0)")
+    args = parser.parse_args(list(argv))
+    from .tutor import check, render
+
+    try:
+        grading = check(args.op, args.against, seed=args.seed)
+    except DeriveError as exc:
+        print(f"derive check: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    print(render(grading), end="")
+    return 0 if grading.ok else 1
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: float) -> int:

@@ -147,23 +147,33 @@ def fused_section(d: Derivation, style: Style) -> list[str]:
 
 
 def _code_for(d: Derivation, name: str) -> list[str]:
-    """The generated lines that compute ``name``, with the temporaries they use."""
+    return code_for(d.code.backward, name)
+
+
+def code_for(lines: list[str], name: str) -> list[str]:
+    """The lines that assign ``name``, with the temporaries they read, in their order.
+
+    Example:
+        >>> code_for(["t1 = a * b", "t2 = c + 1", "dx = t1.sum(0)", "dy = t2", "dx = dx + 1"], "dx")
+        ['t1 = a * b', 'dx = t1.sum(0)', 'dx = dx + 1']
+    """
     import re
 
-    lines = d.code.backward
-    by_target = {line.split(" = ", 1)[0]: line for line in lines if " = " in line}
-    wanted: list[str] = []
+    assigned: dict[str, list[int]] = {}
+    for k, line in enumerate(lines):
+        if " = " in line and not line.startswith("#"):
+            assigned.setdefault(line.split(" = ", 1)[0], []).append(k)
+    wanted: set[int] = set()
 
     def visit(var: str) -> None:
-        line = by_target.get(var)
-        if line is None or line in wanted:
-            return
-        for word in re.findall(r"\bt\d+\b", line.split(" = ", 1)[1]):
-            visit(word)
-        wanted.append(line)
+        for k in assigned.get(var, []):
+            if k not in wanted:
+                wanted.add(k)
+                for word in re.findall(r"\bt\d+\b", lines[k].split(" = ", 1)[1]):
+                    visit(word)
 
     visit(name)
-    return wanted
+    return [lines[k] for k in sorted(wanted)]
 
 
 def _fused_one(g: Gradient, style: Style) -> list[str]:

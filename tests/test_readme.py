@@ -42,17 +42,20 @@ def file_name(body: str) -> str | None:
     return m.group("name") if m else None
 
 
-def derive_commands(body: str) -> list[list[str]]:
-    """The ``python -m derive PATH.py:FUNCTION ...`` lines of a bash block, as argv after ``python -m derive``.
+def derive_commands(body: str) -> list[tuple[list[str], int]]:
+    """``(argv after python -m derive, exit status)`` for the lines of a bash block that use README's files.
 
-    Only those derive an op from a file the README has shown; ``train`` runs (minutes, and the
-    lecture's data) are tested in test_train.py, the catalogue commands in test_cli.py.
+    Those derive an op from a file the README has shown, or ``check`` one; the status is 0 unless
+    the line's comment says ``exits N``. ``train`` runs (minutes, and the lecture's data) are
+    tested in test_train.py, the catalogue commands in test_cli.py.
     """
     out = []
     for line in body.splitlines():
-        argv = shlex.split(line.split("#", 1)[0])
-        if argv[:3] == ["python", "-m", "derive"] and len(argv) > 3 and ".py:" in argv[3]:
-            out.append(argv[3:])
+        command, _, comment = line.partition("#")
+        argv = shlex.split(command)
+        status = re.search(r"\bexits (\d)", comment)
+        if argv[:3] == ["python", "-m", "derive"] and len(argv) > 3 and (".py:" in argv[3] or argv[3] == "check"):
+            out.append((argv[3:], int(status.group(1)) if status else 0))
     return out
 
 
@@ -66,7 +69,9 @@ def op_names(source: str) -> list[str]:
     return re.findall(r"^@op\(.*?\)\s*\ndef (\w+)", source, re.S | re.M)
 
 
-FILES = {name: body for lang, body in fenced_blocks() if lang == "python" and (name := file_name(body))}
+FILES = {
+    name: body for lang, body in fenced_blocks() if lang == "python" and (name := file_name(body)) and "@op(" in body
+}
 
 
 @pytest.fixture
@@ -100,10 +105,14 @@ def test_readme_walkthrough(reader_folder: Path, monkeypatch: pytest.MonkeyPatch
                 assert want in printed, f"{where}: README says {want!r}; it printed {printed}"
             ran["snippets"] += 1
         elif lang == "bash":
-            for argv in derive_commands(body):
+            for argv, expected in derive_commands(body):
                 status = cli_main(argv)
                 captured = capsys.readouterr()
-                assert status == 0, f"{where}: `python -m derive {shlex.join(argv)}` exited {status}: {captured.err}"
+                assert (
+                    status == expected
+                ), f"{where}: `python -m derive {shlex.join(argv)}` exited {status}: {captured.err}"
+                if argv[0] == "check":  # the output README shows is what a reader gets
+                    assert captured.out in README, f"{where}: README shows other output than:\n{captured.out}"
                 ran["commands"] += 1
     assert ran["files"] and ran["commands"] and ran["snippets"] >= 2, ran
 

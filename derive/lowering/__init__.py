@@ -8,8 +8,8 @@
 :func:`lower_program` runs them for one op.
 """
 
-from .code import ChainTerm, Code, lower_program
+from .code import ChainTerm, Code, lower_program, lower_terms
 from .lowerer import Lowerer, Val, size_variables
 from .printer import TorchCodePrinter
 
-__all__ = ["ChainTerm", "Code", "Lowerer", "TorchCodePrinter", "Val", "lower_program", "size_variables"]
+__all__ = ["ChainTerm", "Code", "Lowerer", "TorchCodePrinter", "Val", "lower_program", "lower_terms", "size_variables"]

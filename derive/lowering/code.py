@@ -51,11 +51,7 @@ class ChainTerm:
 def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr]], chain: list[ChainTerm]) -> Code:
     """Lower the forward statements, the fused gradients and the chain into torch code lines."""
     tensors = program.tensors
-    layouts = dict(tensors)
-    for t in list(tensors.values()):
-        layouts[grad_name(t.name)] = TensorInfo(grad_name(t.name), t.layout, t.is_int)
-    for o in program.outputs:
-        layouts[program.seed_name(o)] = TensorInfo(program.seed_name(o), tensors[o].layout)
+    layouts = _layouts(program)
 
     exprs = [e for _, e in gradients] + [c.expr for c in chain]
     saved_values, exprs = share.forward_values(program, exprs, set(layouts) | {p.name for p in program.params})
@@ -118,6 +114,31 @@ def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr
     )
 
 
+def _layouts(program: Program) -> dict[str, TensorInfo]:
+    """Every name a backward reads: forward tensors, their gradients ``d<name>``, the given seeds."""
+    tensors = program.tensors
+    layouts = dict(tensors)
+    for t in list(tensors.values()):
+        layouts[grad_name(t.name)] = TensorInfo(grad_name(t.name), t.layout, t.is_int)
+    for o in program.outputs:
+        layouts[program.seed_name(o)] = TensorInfo(program.seed_name(o), tensors[o].layout)
+    return layouts
+
+
+def lower_terms(program: Program, terms: list[tuple[str, sympy.Expr, TensorInfo]]) -> list[str]:
+    """Lines computing each ``(name, expr, layout)`` into a variable of its own.
+
+    The expressions read forward tensors and gradients by name (the chain's contributions, one at
+    a time: the tutor weighs a person's gradient against them).
+    """
+    layouts = _layouts(program)
+    ref = program.seed_name(program.outputs[0])
+    lowerer = Lowerer(layouts, ref=ref, names=set(layouts), admissible=_admissible(program), printer=FAITHFUL)
+    for name, e, target in terms:
+        lowerer.assign(name, e, target)
+    return lowerer.lines
+
+
 def release_dead(lines: list[str], names: set[str]) -> list[str]:
     """``del t`` after the last line that reads each large temporary ``t`` of ``names``.
 
@@ -168,4 +189,4 @@ def _size_lines(program: Program) -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["ChainTerm", "Code", "lower_program"]
+__all__ = ["ChainTerm", "Code", "lower_program", "lower_terms"]
