@@ -223,12 +223,17 @@ def autograd_grads(d: Derivation, inputs: list[torch.Tensor], grad_output: Any) 
             value.retain_grad()
     outs = [values[o] for o in program.outputs]
     seeds = _seeds(program, outs, grad_output)
-    torch.autograd.backward(outs, seeds)
+    live = [(o, s) for o, s in zip(outs, seeds) if o.requires_grad]  # a constant output has no graph
+    if live:
+        torch.autograd.backward([o for o, _ in live], [s for _, s in live])
     grads = {}
     for name in names:
         value = values.get(name)
         if isinstance(value, torch.Tensor) and value.grad is not None:
             grads[name] = value.grad
+    for x, info in zip(leaves, program.inputs):  # unused, or cancelled: autograd leaves it no .grad
+        if info.differentiable and info.name not in grads:
+            grads[info.name] = torch.zeros_like(x)
     for o, seed in zip(program.outputs, seeds):
         if program.seed_name(o) == grad_name(o):  # read by no statement: its gradient is the one given
             grads[o] = seed

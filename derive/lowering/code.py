@@ -103,6 +103,10 @@ def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr
         if name not in assigned:
             outputs.append(c.target.name)
         assigned.add(name)
+    for t in program.differentiable_inputs:  # unused, or every path cancelled: a zero gradient
+        if grad_name(t.name) not in assigned:
+            steps.assign(grad_name(t.name), sympy.S.Zero, t, comment=f"{t.name}: no path to the output")
+            outputs.append(t.name)
 
     needed: set[str] = set()
     for e in exprs:

@@ -111,7 +111,7 @@ class Lowerer:
             shape = (
                 shape_tuple(["1" if d is None else size_code(d.size) for d in target.layout]) if target.layout else "()"
             )
-            value = self.printer.doprint(e)
+            value = self.lower(e).code  # a sum of a constant is the constant times the dim's size
             code = f"torch.full({shape}, {value}, dtype={self.ref}.dtype, device={self.ref}.device)"
             self.lines.append(f"{name} = {name} + {code}" if accumulate else f"{name} = {code}")
             return
