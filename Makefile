@@ -32,6 +32,7 @@ check: $(READY)
 
 regenerate: $(READY)
 	$(BIN)/python -m derive --all
+	$(BIN)/python -m derive batchnorm --no-write --no-verify -q --graph examples/batchnorm.svg
 
 train: $(READY)
 	$(BIN)/python -m derive train $(if $(wildcard ../shared/data/names.txt),--data ../shared/data/names.txt,)

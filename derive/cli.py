@@ -55,7 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", action="store_true", help="skip the autograd and exact checks")
     parser.add_argument("--no-write", action="store_true", help="derive and verify without writing a file")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+    parser.add_argument(
+        "--graph",
+        type=Path,
+        metavar="FILE.svg",
+        help="also draw the forward program as an SVG graph: tensors with shapes and gradient formulas",
+    )
     return parser
+
+
+def graph_target(path: Path) -> Path:
+    """``--graph``'s file, checked before any work: an .svg in a folder that can be written."""
+    from .emit import writable_folder
+    from .errors import OutputPathError
+
+    if path.suffix.lower() != ".svg":
+        raise OutputPathError(f"--graph {path}: derive draws SVG (no extra dependency); name the file .svg")
+    if path.is_dir():
+        raise OutputPathError(f"--graph {path}: is a folder; name an .svg file")
+    writable_folder(path.parent, option=f"--graph {path}")
+    return path
+
+
+def write_graph(path: Path, svg_text: str) -> None:
+    from .emit import write_atomic
+
+    write_atomic(path, svg_text)
 
 
 def _progress(message: str) -> None:
@@ -140,10 +165,15 @@ def check_main(argv: Sequence[str]) -> int:
     parser.add_argument("op", help="a catalogue op (see derive --list) or PATH.py:FUNCTION")
     parser.add_argument("--against", required=True, type=Path, metavar="FILE.py", help="the file defining backward(t)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the example batch (default 0)")
+    parser.add_argument(
+        "--graph", type=Path, metavar="FILE.svg", help="also draw the forward graph, wrong atoms in red"
+    )
     args = parser.parse_args(list(argv))
     from .tutor import check, render
 
     try:
+        if args.graph is not None:
+            graph_target(args.graph)
         grading = check(args.op, args.against, seed=args.seed)
     except DeriveError as exc:
         print(f"derive check: error: {exc}", file=sys.stderr)
@@ -151,6 +181,12 @@ def check_main(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         return 130
     print(render(grading), end="")
+    if args.graph is not None:
+        from .graph import graph_of, svg
+
+        wrong = frozenset(r.name for r in grading.rows if not r.ok)
+        write_graph(args.graph, svg(graph_of(grading.derivation), wrong))
+        print(f"Graph: {args.graph} (wrong gradients in red)")
     return 0 if grading.ok else 1
 
 
@@ -169,6 +205,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
             return 1
         print("generated/ is current")
         return 0
+    if args.graph is not None:
+        graph_target(args.graph)
     if args.out is not None and (args.all or (args.op and not args.no_write)):
         from .emit import writable_folder
 
@@ -196,6 +234,12 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
         print(json.dumps(api.to_json(result, total), indent=2))
     elif not args.quiet:
         print(api.report_text(result, fmt, small=args.small), end="")
+    if args.graph is not None:
+        from .graph import graph_of, svg
+
+        write_graph(args.graph, svg(graph_of(result.derivation)))
+        if fmt == "text" and not args.quiet:
+            print(f"Graph: {args.graph}")
     if fmt != "json":
         print(("% " if fmt == "latex" else "") + api.summary_line(result, total))
     return 0 if result.verification is None or result.verification.ok else 1

@@ -253,6 +253,7 @@ def write_atomic(path: Path, content: str) -> bool:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(content)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; a written file is not
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -260,22 +261,30 @@ def write_atomic(path: Path, content: str) -> bool:
     return True
 
 
-def writable_folder(out_dir: Path) -> Path:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def writable_folder(out_dir: Path, option: str | None = None) -> Path:
     """``out_dir``, created if missing; an :class:`OutputPathError` naming why it cannot be written.
 
     Checked before any work, so that a long derivation is not lost to a typo in ``--out``.
+    ``option`` is how the message names the path (default ``--out DIR``).
     """
+    label = option or f"--out {out_dir}"
     blocker = next((p for p in [out_dir, *out_dir.parents] if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
-        raise OutputPathError(f"--out {out_dir}: {blocker} is a file, not a folder")
+        raise OutputPathError(f"{label}: {blocker} is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputPathError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
+        raise OutputPathError(f"{label}: cannot create the folder ({exc.strerror})") from None
     try:
         probe = tempfile.TemporaryFile(dir=out_dir)
     except OSError as exc:
-        raise OutputPathError(f"--out {out_dir}: cannot write there ({exc.strerror})") from None
+        raise OutputPathError(f"{label}: cannot write there ({exc.strerror})") from None
     probe.close()
     return out_dir
 

@@ -303,6 +303,10 @@ def render(
     style = STYLES[style_name]
     lines = header(d, style)
     lines += forward_section(d, style)
+    if style is MARKDOWN:  # the program as a graph: GitHub and Jupyter draw Mermaid blocks
+        from .graph import graph_of, mermaid
+
+        lines += ["", mermaid(graph_of(d)), ""]
     lines += chain_section(d, style)
     lines += fused_section(d, style)
     if small:

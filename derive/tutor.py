@@ -61,6 +61,7 @@ class Grading:
     source: str
     sizes: dict[str, int]
     rows: list[Row]
+    derivation: Derivation = field(repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -186,7 +187,7 @@ def check(
     """Grade ``against`` (a file defining ``backward(t)``, or the function) on one example batch.
 
     Example:
-        >>> g = check("linear", lambda t: {"b": t.dout.sum(0), "W": t.x.T @ t.dout})
+        >>> g = check("linear", lambda t: {"b": t.dout.sum(0), "W": (t.x.T @ t.dout).T})
         >>> [(r.name, r.ok, r.diagnosis) for r in g.rows]
         [('W', False, 'transposed'), ('b', True, '')]
     """
@@ -208,7 +209,7 @@ def check(
         if name in given:
             rows[name] = _grade(name, given[name], batch, chain, right, theirs, rows)
     source = str(path) if path is not None else getattr(backward, "__name__", "backward")
-    return Grading(d.name, source, batch.sizes, list(rows.values()))
+    return Grading(d.name, source, batch.sizes, list(rows.values()), d)
 
 
 def _call(backward: Callable[[Any], Any], t: Any, program: Program, path: Path | None) -> dict[str, torch.Tensor]:
