@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import emit, report
+from . import cache, emit, report
 from .derivation import Derivation, derive
 from .errors import DeriveError, OpDefinitionError, UnknownOpError, VerificationError
 from .notation import text
@@ -197,7 +197,9 @@ def run(
     d = derive_op(the_op)
     t0 = time.perf_counter()
     spec_text = spec_of(the_op, spec)
-    source = emit.render(d, command=f"python -m derive {spec_text}")
+    key = cache.key(the_op, spec_text)
+    hit = cache.load(key)  # the same op, deriver and template render the same module
+    source = str(hit["source"]) if hit else emit.render(d, command=f"python -m derive {spec_text}")
     d.timings["emit"] = time.perf_counter() - t0
     sizes = d.program.tie({**default_sizes(d.program), **the_op.sizes})
     verification = None
@@ -207,6 +209,8 @@ def run(
         module = load_module(source, d.name)
         verification = verify_module(d, module, sizes=sizes)
         d.timings["verify"] = time.perf_counter() - t0
+    if hit is None or (verification is not None and verification.ok and not hit.get("verified")):
+        cache.store(key, {"source": source, "verified": verification is not None and verification.ok})
     path = None
     written = False
     if write:
@@ -224,8 +228,6 @@ def module_source(the_op: Op, spec: str | None = None, verified: bool = True) ->
 
     With ``verified``, a cache miss runs the full verification before the entry is stored.
     """
-    from . import cache
-
     spec_text = spec_of(the_op, spec)
     k = cache.key(the_op, spec_text)
     hit = cache.load(k)

@@ -33,12 +33,13 @@ def cache_dir() -> Path | None:
 
 @lru_cache(maxsize=1)
 def _deriver_fingerprint() -> str:
-    import black
+    from importlib.metadata import version
+
     import sympy
 
     from .emit import _template_folder
 
-    h = hashlib.sha256(f"sympy {sympy.__version__} black {black.__version__}".encode())
+    h = hashlib.sha256(f"sympy {sympy.__version__} black {version('black')}".encode())
     files = sorted(_PACKAGE.rglob("*.py")) + sorted(_template_folder().glob("*.j2"))
     for path in files:
         h.update(path.name.encode())

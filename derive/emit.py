@@ -7,13 +7,15 @@ import re
 import tempfile
 from pathlib import Path
 
-import black
-import jinja2
+from typing import TYPE_CHECKING
 
 from .autodiff import grad_name
 from .derivation import Derivation
 from .errors import OutputPathError
 from .notation import text
+
+if TYPE_CHECKING:
+    import jinja2
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -31,6 +33,8 @@ def _template_folder() -> Path:
 
 
 def _environment() -> jinja2.Environment:
+    import jinja2  # here, not at import: a run whose module is cached never renders
+
     folder = _template_folder()
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(folder)),
@@ -216,6 +220,8 @@ def render(d: Derivation, command: str | None = None) -> str:
             steps_outputs=code.steps_outputs,
         )
     )
+    import black  # about 0.3 s to import: only when a module is rendered
+
     return black.format_str(source, mode=black.Mode(line_length=100))
 
 

@@ -82,3 +82,11 @@ def test_quick_run_writes_tables(tmp_path, capsys):
         assert c["peak"] <= c["forward_largest"], c  # the no-blow-up invariant, measured
         assert c["max_rel_err"] < 1e-4
     assert _header(md, "composition") == COMPOSITION_COLUMNS
+
+
+def test_startup_report_states_both_medians_their_ratio_and_the_machine():
+    from benchmarks.startup import report
+
+    text = report({"bare": [3.0, 2.0, 4.0], "derive": [3.3, 3.6, 3.0]})
+    assert "| 3.00 |" in text and "| 3.30 |" in text and "3 interleaved runs" in text
+    assert text.endswith("derive batchnorm / bare import: 1.10x") and "CPUs" in text
