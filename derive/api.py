@@ -133,7 +133,7 @@ def _user_frame(exc: BaseException, path: Path) -> str:
     return f" (at {path.name}:{frames[-1].lineno})" if frames else ""
 
 
-def derive_op(the_op: Op) -> Derivation:
+def derive_op(the_op: Op, shard: str | None = None) -> Derivation:
     """Run the pipeline, turning an exception raised by the user's own op code into one line.
 
     Example:
@@ -141,7 +141,7 @@ def derive_op(the_op: Op) -> Derivation:
         ['W', 'b', 'x']
     """
     try:
-        return derive(the_op)
+        return derive(the_op, shard=shard)
     except DeriveError:
         raise
     except RecursionError:
@@ -179,6 +179,7 @@ def run(
     verify: bool = True,
     spec: str | None = None,
     progress: Callable[[str], None] | None = None,
+    shard: str | None = None,
 ) -> RunResult:
     """Derive, render, verify (in memory), then write atomically only if all went well.
 
@@ -194,9 +195,9 @@ def run(
     do_verify = verify
     say = progress or (lambda message: None)
     say(f"deriving {the_op.name} (trace, differentiate, simplify, lower)")
-    d = derive_op(the_op)
+    d = derive_op(the_op, shard)
     t0 = time.perf_counter()
-    spec_text = spec_of(the_op, spec)
+    spec_text = spec_of(the_op, spec) + (f" --shard {shard}" if shard else "")
     key = cache.key(the_op, spec_text)
     hit = cache.load(key)  # the same op, deriver and template render the same module
     source = str(hit["source"]) if hit else emit.render(d, command=f"python -m derive {spec_text}")

@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-write", action="store_true", help="derive and verify without writing a file")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     parser.add_argument(
+        "--shard",
+        metavar="DIM",
+        help="DIM is split across processes: every reduction over it all-reduces on the module's group= "
+        "(needs --out or --no-write: generated/ holds the single-process modules)",
+    )
+    parser.add_argument(
         "--graph",
         type=Path,
         metavar="FILE.svg",
@@ -183,6 +189,12 @@ def check_main(argv: Sequence[str]) -> int:
     parser.add_argument("--against", required=True, type=Path, metavar="FILE.py", help="the file defining backward(t)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the example batch (default 0)")
     parser.add_argument(
+        "--shard",
+        metavar="DIM",
+        help="DIM is split across processes: every reduction over it all-reduces on the module's group= "
+        "(needs --out or --no-write: generated/ holds the single-process modules)",
+    )
+    parser.add_argument(
         "--graph", type=Path, metavar="FILE.svg", help="also draw the forward graph, wrong atoms in red"
     )
     args = parser.parse_args(list(argv))
@@ -224,6 +236,13 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
         return 0
     if args.graph is not None:
         graph_target(args.graph)
+    if args.shard and args.out is None and not args.no_write:
+        print(
+            "derive: error: --shard writes a distributed module: name its folder with --out DIR "
+            "(generated/ holds the single-process ones), or pass --no-write",
+            file=sys.stderr,
+        )
+        return 2
     if args.out is not None and (args.all or (args.op and not args.no_write)):
         from .emit import writable_folder
 
@@ -241,7 +260,13 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
     spec = args.op if ":" in args.op else None
     progress = _progress if sys.stderr.isatty() else None
     result = api.run(
-        the_op, out_dir=args.out, write=not args.no_write, verify=not args.no_verify, spec=spec, progress=progress
+        the_op,
+        out_dir=args.out,
+        write=not args.no_write,
+        verify=not args.no_verify,
+        spec=spec,
+        progress=progress,
+        shard=args.shard,
     )
     if progress:
         print("\r\033[K", end="", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from .autodiff import Contribution, chain_steps, fused_adjoints, grad_name
+from .errors import OpDefinitionError
 from .indexalg import free_indices, substitute_indices
 from .lowering import ChainTerm, Code, lower_program
 from .program import Program, TensorInfo
@@ -74,8 +75,8 @@ def _canonical(e: sympy.Expr, at: tuple[sympy.Symbol, ...], target: TensorInfo) 
     return canonical_bound(substitute_indices(e, dict(zip(at, target.indices))))
 
 
-def derive(the_op: Op) -> Derivation:
-    """Run the pipeline on one op.
+def derive(the_op: Op, shard: str | None = None) -> Derivation:
+    """Run the pipeline on one op; ``shard`` names a dim split across processes (see ``lower_program``).
 
     Example:
         >>> from derive.ops import catalogue
@@ -105,10 +106,17 @@ def derive(the_op: Op) -> Derivation:
     timings["simplify"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    sharded = None
+    if shard is not None:
+        sharded = next((dim for dim in program.size_dims if dim.name == shard), None)
+        if sharded is None:
+            names = ", ".join(dim.name for dim in program.size_dims)
+            raise OpDefinitionError(f"op '{program.name}' has no dim '{shard}' to shard; its dims: {names}")
     code = lower_program(
         program,
         [(g.wrt, g.result) for g in gradients],
         [ChainTerm(c.contribution.target, c.contribution.source.name, c.result) for c in chain],
+        sharded,
     )
     timings["lower"] = time.perf_counter() - t0
     return Derivation(the_op, program, chain, gradients, code, timings, kink_notes(program) + stability_notes(program))

@@ -121,7 +121,12 @@ def prologue(d: Derivation) -> list[str]:
             f"if {a} != {b}:\n"
             f'    raise ValueError(f"{name}: dim {tied} is dim {partner} renamed, so {a} must equal {b}, got {a}={{{a}}}, {b}={{{b}}}")'
         )
+    if d.code.shard is not None:  # sizes in arithmetic are the whole group's
+        local, total = d.code.shard
+        lines.append(f"{total} = _global_size({local}, group)")
     for denominator in _size_denominators(d):
+        if d.code.shard is not None:
+            denominator = re.sub(rf"\b{d.code.shard[0]}\b", d.code.shard[1], denominator)
         lines.append(
             f"if {denominator} == 0:\n"
             f'    raise ValueError(f"{name}: needs {denominator} != 0 (the formulas divide by it), got {_size_values_all(d)}")'
@@ -165,7 +170,7 @@ def render(d: Derivation, command: str | None = None) -> str:
     out = program.tensors[program.output]
     params = [f"{p.name}={p.default!r}" for p in program.params]
     signature = ", ".join([t.name for t in program.inputs] + (["*"] + params if params else []))
-    size_vars = [v for v, _ in code.sizes]
+    size_vars = [v for v, _ in code.sizes] + ([code.shard[1], "group"] if code.shard else [])
     keys = code.saved + size_vars + [p.name for p in program.params]
     seed_lines = _seed_lines(program, keys)
     # the forward keeps what the fused backward reads, plus the inputs (references, no copies)
@@ -189,7 +194,14 @@ def render(d: Derivation, command: str | None = None) -> str:
             name=program.name,
             grads=[t.name for t in program.differentiable_inputs],
             signature=signature,
-            forward_signature=", ".join([t.name for t in program.inputs] + ["*"] + params + ["_keep_all=False"]),
+            forward_signature=", ".join(
+                [t.name for t in program.inputs]
+                + ["*"]
+                + params
+                + (["group=None"] if code.shard else [])
+                + ["_keep_all=False"]
+            ),
+            shard=code.shard,
             prologue=prologue(d),
             annotated=", ".join(
                 [f"{t.name}: torch.Tensor" for t in program.inputs] + [f"{p.name}: float" for p in program.params]
@@ -206,7 +218,9 @@ def render(d: Derivation, command: str | None = None) -> str:
             keep_all=keep_all,
             uses_math=uses_math,
             recompute_args=", ".join(
-                [f'saved["{t.name}"]' for t in program.inputs] + [f'{p.name}=saved["{p.name}"]' for p in program.params]
+                [f'saved["{t.name}"]' for t in program.inputs]
+                + [f'{p.name}=saved["{p.name}"]' for p in program.params]
+                + (['group=saved["group"]'] if code.shard else [])
             ),
             output=f"({', '.join(program.outputs)})" if program.several_outputs else program.output,
             several=program.several_outputs,

@@ -286,9 +286,25 @@ def header(d: Derivation, style: Style) -> list[str]:
     lines.append(f"  {label} {shown}")
     for note in d.notes:
         lines.append(_wrap(f"  note:    {note}", 11))
+    if d.code.shard is not None:
+        reductions = sharded_reductions(d)
+        lines += [_wrap(f"  {'sharded:' if k == 0 else ''.ljust(8)} {line}", 11) for k, line in enumerate(reductions)]
     if style is MARKDOWN:
         return [f"## derive: {program.name}", "", "```text", *lines[1:], "```"]
     return lines
+
+
+def sharded_reductions(d: Derivation) -> list[str]:
+    """What a sharded op all-reduces: each reduction over the split dim, where the code computes it."""
+    import re
+
+    local, total = d.code.shard or ("", "")
+    out = [f"{local.lower()} is split across the processes of `group`; {total} is its size over all of them"]
+    for part, lines in (("forward", d.code.forward), ("backward", d.code.backward)):
+        found = [line for line in lines if "_all_reduce(" in line]
+        out.append(f"{part}: {len(found)} all-reduce(s)" + (":" if found else ""))
+        out += [f"  {re.sub(r'_all_reduce', 'all_reduce', line)}" for line in found]
+    return out
 
 
 def render(

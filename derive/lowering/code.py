@@ -15,12 +15,12 @@ import sympy
 
 from ..autodiff import grad_name
 from ..errors import OpDefinitionError
-from ..indexalg import entry, tensor_names
+from ..indexalg import ArgMax, Dim, IMax, dim_of, entry, entry_indices, entry_name, is_entry, is_index, tensor_names
 from ..notation import text
 from ..program import Program, TensorInfo
 from ..simplify import stable_forward
 from . import share
-from .lowerer import Lowerer
+from .lowerer import Lowerer, Sharding
 from .printer import FAITHFUL
 
 
@@ -37,6 +37,8 @@ class Code:
     steps_outputs: list[str]
     # forward sub-expressions kept for the backward: (name, "name[i] = its value", the statement computing it)
     saved_values: list[tuple[str, str, str]] = field(default_factory=list)
+    # sharded: (local size variable, global size variable), e.g. ("N", "N_all"); None when not
+    shard: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,18 @@ class ChainTerm:
     expr: sympy.Expr
 
 
-def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr]], chain: list[ChainTerm]) -> Code:
-    """Lower the forward statements, the fused gradients and the chain into torch code lines."""
+def lower_program(
+    program: Program,
+    gradients: list[tuple[TensorInfo, sympy.Expr]],
+    chain: list[ChainTerm],
+    shard: Dim | None = None,
+) -> Code:
+    """Lower the forward statements, the fused gradients and the chain into torch code lines.
+
+    With ``shard``, that dim is split across processes: every reduction over it becomes a local
+    one plus an all-reduce, and its size in arithmetic is the global one (shapes stay local).
+    The reference forward (autograd's, in one process) is lowered unsharded.
+    """
     tensors = program.tensors
     layouts = _layouts(program)
 
@@ -64,7 +76,10 @@ def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr
 
     sizes = _size_lines(program)
     ref = program.differentiable_inputs[0].name
-    fwd = Lowerer(layouts, ref=ref, names=names, single_assignment=True, admissible=fits, printer=FAITHFUL)
+    distributed = sharding(program, shard)
+    fwd = Lowerer(
+        layouts, ref=ref, names=names, single_assignment=True, admissible=fits, printer=FAITHFUL, shard=distributed
+    )
     # the reference forward for autograd: every statement its own tensor (no shared temporaries,
     # or retain_grad on one name would collect the gradients of its look-alikes)
     plain = Lowerer(layouts, ref=ref, names=names, share=False, admissible=fits, printer=FAITHFUL)
@@ -72,16 +87,29 @@ def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr
     # the statements as written; a stabler form only when the op asks for it (@op(stable_forward=True))
     written = [stable_forward(s, statements) if program.stable_forward else s.expr for s in statements]
     forward = [share.host_expression(s.name, e, saved_values) for s, e in zip(statements, written)]
+    if distributed is not None:
+        forward, fused, steps_exprs = (
+            [distributed.global_sizes(e) for e in es] for es in (forward, fused, steps_exprs)
+        )
     fwd.repeated = share.repeated(forward)
     for stmt, expr in zip(statements, forward):
         for s in saved_values:
             if s.host == stmt.name:
-                fwd.assign(s.name, s.statement.expr, s.statement.target)
+                value = s.statement.expr if distributed is None else distributed.global_sizes(s.statement.expr)
+                fwd.assign(s.name, value, s.statement.target)
         fwd.assign(stmt.name, expr, stmt.target)
         plain.assign(stmt.name, stmt.expr, stmt.target)
 
     seed = program.seed_name(program.output)
-    bwd = Lowerer(layouts, ref=seed, names=names, single_assignment=True, fuse_arithmetic=True, admissible=fits)
+    bwd = Lowerer(
+        layouts,
+        ref=seed,
+        names=names,
+        single_assignment=True,
+        fuse_arithmetic=True,
+        admissible=fits,
+        shard=distributed,
+    )
     bwd.repeated = share.repeated(fused)
     for (wrt, _), e in zip(gradients, fused):
         bwd.assign(grad_name(wrt.name), e, wrt)
@@ -89,7 +117,7 @@ def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr
     large = {n for n, r in bwd.rank.items() if r >= 2} | {grad_name(w.name) for w, _ in gradients if len(w.dims) >= 2}
     backward = release_dead(bwd.lines, large - returned)
 
-    steps = Lowerer(layouts, ref=seed, names=names, admissible=fits, printer=FAITHFUL)
+    steps = Lowerer(layouts, ref=seed, names=names, admissible=fits, printer=FAITHFUL, shard=distributed)
     steps.repeated = share.repeated(steps_exprs)
     assigned: set[str] = set()
     outputs = list(program.outputs)
@@ -114,8 +142,42 @@ def lower_program(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr
     kept = [n for n in list(tensors) + [s.name for s in saved_values] if n in needed]
     described = [(s.name, f"{text(s.read)} = {text(s.original)}", s.host) for s in saved_values]
     return Code(
-        sizes, fwd.lines, plain.lines, kept, backward, steps.lines, [o for o in tensors if o in outputs], described
+        sizes,
+        fwd.lines,
+        plain.lines,
+        kept,
+        backward,
+        steps.lines,
+        [o for o in tensors if o in outputs],
+        described,
+        None if distributed is None else (str(distributed.dim.size), str(distributed.total)),
     )
+
+
+def sharding(program: Program, dim: Dim | None) -> Sharding | None:
+    """The sharding of ``dim``, refused (one line) where a process would need another's entries."""
+    if dim is None:
+        return None
+    if dim not in program.size_dims:
+        names = ", ".join(d.name for d in program.size_dims)
+        raise OpDefinitionError(f"op '{program.name}' has no dim '{dim.name}' to shard; its dims: {names}")
+    for stmt in program.statements:
+        for leaf in sympy.preorder_traversal(stmt.expr):
+            if isinstance(leaf, (IMax, ArgMax)) and dim_of(leaf.var) == dim:
+                raise OpDefinitionError(
+                    f"op '{program.name}': {stmt.name} takes a max over the sharded dim '{dim.name}' "
+                    "(its argmax would be another process's entry); shard another dim"
+                )
+            if not is_entry(leaf):
+                continue
+            info = program.tensors[entry_name(leaf)]
+            for d, i in zip(info.dims, entry_indices(leaf)):
+                if dim in d.parts or (d == dim and not (is_index(i) and dim_of(i) == dim)):
+                    raise OpDefinitionError(
+                        f"op '{program.name}': {stmt.name} reads {info.name} along the sharded dim '{dim.name}' "
+                        "at other positions (a gather, flatten or shift); shard another dim"
+                    )
+    return Sharding(dim)
 
 
 def _layouts(program: Program) -> dict[str, TensorInfo]:
@@ -193,4 +255,4 @@ def _size_lines(program: Program) -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["ChainTerm", "Code", "lower_program", "lower_terms"]
+__all__ = ["ChainTerm", "Code", "lower_program", "lower_terms", "sharding"]

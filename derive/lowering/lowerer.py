@@ -56,6 +56,25 @@ class Val:
     raw: tuple[str, tuple[sympy.Symbol | None, ...]] | None = None
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """A dim split across the processes of ``group``: its reductions all-reduce, its size is global."""
+
+    dim: Dim
+
+    @property
+    def total(self) -> sympy.Symbol:
+        """The global size (``N_all``); ``dim.size`` (``N``) stays the local one, for shapes."""
+        return sympy.Symbol(f"{self.dim.size}_all", integer=True, positive=True)
+
+    def global_sizes(self, e: sympy.Expr) -> sympy.Expr:
+        """``e`` with the dim's size in arithmetic (a mean's ``1/N``) the global one."""
+        return e.xreplace({self.dim.size: self.total})
+
+    def reduces(self, indices: list[sympy.Symbol]) -> bool:
+        return any(dim_of(i) == self.dim for i in indices)
+
+
 @dataclass
 class Lowerer:
     """Turns index expressions into lines of torch code, sharing temporaries between them."""
@@ -77,6 +96,8 @@ class Lowerer:
     repeated: set[sympy.Expr] = field(default_factory=set)
     # the rank of each temporary this lowerer made
     rank: dict[str, int] = field(default_factory=dict)
+    # a dim split across processes: reductions over it are all-reduced (None: one process)
+    shard: Sharding | None = None
 
     # -- public ------------------------------------------------------------------------------
     def assign(
@@ -120,6 +141,10 @@ class Lowerer:
             lines = self._scatter_values(temp, e, target)
             if lines:
                 self.lines += ([f"# {comment}"] if comment else []) + lines
+                if (
+                    self.shard is not None and self.shard.dim not in target.dims and self.shard.reduces(_outer_sums(e))
+                ):  # the scatter added this process's entries only
+                    self.lines.append(f"{temp} = _all_reduce({temp}, group)")
                 if accumulate:
                     self.lines.append(f"{name} = {name} + {temp}")
                 return
@@ -466,14 +491,18 @@ class Lowerer:
         split = _split_flat_sums(e)
         if split != e:
             return self.lower(split)
-        if e.var not in free_indices(e.body):
-            return self.lower(e.body * dim_of(e.var).size)  # a sum of something constant along the dim
+        if e.var not in free_indices(e.body):  # a sum of something constant along the dim
+            sharded = self.shard is not None and self.shard.reduces([e.var])
+            return self.lower(e.body * (self.shard.total if self.shard and sharded else dim_of(e.var).size))
         indices, body = flatten_sums(e)
         saved_preference, self.preferred = self.preferred, ()
         try:
-            return self._sum_body(body, indices, saved_preference)
+            val = self._sum_body(body, indices, saved_preference)
         finally:
             self.preferred = saved_preference
+        if self.shard is not None and self.shard.reduces(indices):  # each process summed its own part
+            return Val(f"_all_reduce({val.code}, group)", val.axes, val.is_int)
+        return val
 
     def _sum_body(self, body: sympy.Expr, indices: list[sympy.Symbol], preferred: Axes) -> Val:
         scatter = self._index_put(body, indices) or self._scatter(body, indices)
@@ -794,6 +823,15 @@ class Lowerer:
             return sympy.Mul(*big, stand_in)
 
         return _bottom_up_expr(e, rewrite)
+
+
+def _outer_sums(e: sympy.Expr) -> list[sympy.Symbol]:
+    """The indices summed at the top of ``e`` (of each term, of each factor), not inside a body."""
+    if isinstance(e, ISum):
+        return flatten_sums(e)[0]
+    if isinstance(e, (sympy.Add, sympy.Mul)):
+        return [i for a in e.args for i in _outer_sums(a)]
+    return []
 
 
 def _reads_by_part(e: sympy.Basic, var: sympy.Symbol) -> bool:
