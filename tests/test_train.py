@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,8 @@ import torch
 
 from derive.training import mlp
 from derive.training.data import DataError, Vocabulary, builtin_words, load_dataset, read_words
-from derive.training.train import ProgressLine, TrainConfig, main, train
+from derive.training.mlp import Params
+from derive.training.train import ProgressLine, TrainConfig, evaluate, main, train
 
 NAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "names.txt"
 needs_names = pytest.mark.skipif(not NAMES.exists(), reason=f"{NAMES} not present")
@@ -155,6 +156,9 @@ MORE_ERRORS = {
     "unknown option": Case(["--bogus"], "unrecognized arguments: --bogus"),
     "--plot without matplotlib": Case(["--plot", "{tmp}/loss.png"], "pip install 'derive[plot]'", no_matplotlib=True),
     "--plot into a missing folder": Case(["--plot", "{tmp}/nowhere/loss.png"], "does not exist"),
+    "--ddp 1": Case(["--ddp", "1"], "--ddp: must be at least 2"),
+    "--ddp uneven": Case(["--ddp", "3", "--batch-size", "32"], "does not split into 3 equal parts"),
+    "--ddp network": Case(["--ddp", "2", "--backward", "network"], "--ddp composes the per-layer modules"),
 }
 """Errors checked through main() in this process (same code path, no interpreter start-up)."""
 
@@ -227,3 +231,14 @@ def test_compare_autograd_prints_both_runs_side_by_side(cli_runs):
     header = next(line for line in result.stdout.splitlines() if "generated" in line and "autograd" in line)
     assert result.returncode == 0 and header.split() == ["generated", "autograd"], result.stdout
     assert "steps/s" in result.stdout and "largest |loss difference|" in result.stdout
+
+
+def test_ddp_on_two_processes_trains_like_one(data):
+    """derive train --ddp 2 --batch-size 64 --steps 300: the single-process losses, to 1e-4."""
+    config = TrainConfig(steps=300, batch_size=64)
+    one, two = train(config, data), train(replace(config, ddp=2), data)
+    assert max(abs(a - b) for a, b in zip(one.losses, two.losses)) < 1e-4
+    for name, a, b in zip(Params._fields, one.params, two.params):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=name)
+    e1, e2 = evaluate(one, data, samples=0), evaluate(two, data, samples=0)
+    assert abs(e1.train_loss - e2.train_loss) < 1e-4 and abs(e1.val_loss - e2.val_loss) < 1e-4

@@ -23,12 +23,17 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from types import SimpleNamespace
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from generated import batchnorm, cross_entropy, embedding, linear, makemore_mlp, tanh
+
+_GENERATED = SimpleNamespace(
+    embedding=embedding, linear=linear, batchnorm=batchnorm, tanh=tanh, cross_entropy=cross_entropy
+)
 
 BN_EPS = 1e-5
 """Batch norm's epsilon, as in the lecture."""
@@ -94,6 +99,10 @@ def parameter_count(vocab_size: int, n_embd: int = 10, n_hidden: int = 200, bloc
     return vocab_size * n_embd + (n_embd * block_size + 1) * n_hidden + (n_hidden + 1) * vocab_size + 2 * n_hidden
 
 
+LAYERS = ("embedding", "linear", "batchnorm", "tanh", "cross_entropy")
+"""The catalogue ops :func:`generated_step` composes."""
+
+
 def generated_step(params: Params, Xb: torch.Tensor, Yb: torch.Tensor) -> tuple[torch.Tensor, Params]:
     """Loss and gradients by composing the generated per-layer modules (forward, then backward in reverse).
 
@@ -101,21 +110,32 @@ def generated_step(params: Params, Xb: torch.Tensor, Yb: torch.Tensor) -> tuple[
     (n x block*embd) and back, and the lecture's 1 x n_hidden bngain/bnbias as the [n_hidden]
     gamma/beta of ``generated.batchnorm`` and back.
     """
-    C, W1, b1, W2, b2, bngain, bnbias = params
-    emb, emb_saved = embedding.embedding_forward(C, Xb)
-    embcat = emb.view(emb.shape[0], -1)
-    hprebn, l1_saved = linear.linear_forward(embcat, W1, b1)
-    hpreact, bn_saved = batchnorm.batchnorm_forward(hprebn, bngain.view(-1), bnbias.view(-1), eps=BN_EPS)
-    h, tanh_saved = tanh.tanh_forward(hpreact)
-    logits, l2_saved = linear.linear_forward(h, W2, b2)
-    loss, ce_saved = cross_entropy.cross_entropy_forward(logits, Yb)
+    return layer_step(params, Xb, Yb)
 
-    d_ce = cross_entropy.cross_entropy_backward(None, ce_saved)
-    d_l2 = linear.linear_backward(d_ce.logits, l2_saved)
-    d_tanh = tanh.tanh_backward(d_l2.x, tanh_saved)
-    d_bn = batchnorm.batchnorm_backward(d_tanh.x, bn_saved)
-    d_l1 = linear.linear_backward(d_bn.x, l1_saved)
-    d_emb = embedding.embedding_backward(d_l1.x.view(emb.shape), emb_saved)
+
+def layer_step(
+    params: Params, Xb: torch.Tensor, Yb: torch.Tensor, modules: Any = None, group: Any = None
+) -> tuple[torch.Tensor, Params]:
+    """:func:`generated_step` with other modules of the same ops, e.g. ones sharded over the batch
+    (``derive --shard n``), whose forwards take ``group``: then this process's rows give the whole
+    batch's loss and gradients."""
+    m = modules or _GENERATED
+    g = {} if group is None else {"group": group}
+    C, W1, b1, W2, b2, bngain, bnbias = params
+    emb, emb_saved = m.embedding.embedding_forward(C, Xb, **g)
+    embcat = emb.view(emb.shape[0], -1)
+    hprebn, l1_saved = m.linear.linear_forward(embcat, W1, b1, **g)
+    hpreact, bn_saved = m.batchnorm.batchnorm_forward(hprebn, bngain.view(-1), bnbias.view(-1), eps=BN_EPS, **g)
+    h, tanh_saved = m.tanh.tanh_forward(hpreact, **g)
+    logits, l2_saved = m.linear.linear_forward(h, W2, b2, **g)
+    loss, ce_saved = m.cross_entropy.cross_entropy_forward(logits, Yb, **g)
+
+    d_ce = m.cross_entropy.cross_entropy_backward(None, ce_saved)
+    d_l2 = m.linear.linear_backward(d_ce.logits, l2_saved)
+    d_tanh = m.tanh.tanh_backward(d_l2.x, tanh_saved)
+    d_bn = m.batchnorm.batchnorm_backward(d_tanh.x, bn_saved)
+    d_l1 = m.linear.linear_backward(d_bn.x, l1_saved)
+    d_emb = m.embedding.embedding_backward(d_l1.x.view(emb.shape), emb_saved)
     grads = Params(
         C=d_emb.C,
         W1=d_l1.W,

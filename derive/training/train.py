@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = mlp.LECTURE_SEED
     backward: str = "layers"
     check_every: int = 0
+    ddp: int = 0  # processes sharing each batch (0: one process)
 
     def lr_at(self, step: int) -> float:
         """``lr`` for the first half of the steps, ``lr / 10`` after (0.1 then 0.01 in the lecture).
@@ -105,13 +106,25 @@ Progress = Callable[[int, float, float], None]
 """Called as ``progress(step, loss, steps_per_second)`` while training."""
 
 
-def train(config: TrainConfig, data: Dataset, progress: Progress | None = None) -> TrainRun:
+def train(
+    config: TrainConfig,
+    data: Dataset,
+    progress: Progress | None = None,
+    step_fn: mlp.Step | None = None,
+    rows: tuple[int, int] | None = None,
+) -> TrainRun:
     """Train from ``config.seed`` with the step named by ``config.backward`` ("layers", "network", "autograd").
 
     Runs inside ``torch.no_grad()`` on one thread (the ops are tiny: more threads only add overhead);
     with ``check_every`` > 0 the generated gradients are recomputed by autograd every that many steps.
+    ``config.ddp`` processes share each batch (:mod:`.ddp`); one of them passes its ``step_fn`` and
+    its ``rows`` (``(k, K)``: the k-th of K equal slices of every batch).
     """
-    step_fn = mlp.STEPS[config.backward]
+    if config.ddp and step_fn is None:
+        from .ddp import train_distributed
+
+        return train_distributed(config, data)
+    step_fn = step_fn or mlp.STEPS[config.backward]
     params, g = mlp.init_params(data.vocab.size, config.n_embd, config.n_hidden, config.block_size, config.seed)
     if config.backward == "autograd":
         params = mlp.Params(*(p.requires_grad_() for p in params))
@@ -125,6 +138,8 @@ def train(config: TrainConfig, data: Dataset, progress: Progress | None = None) 
         with torch.no_grad():
             for step in range(config.steps):
                 ix = torch.randint(0, Xtr.shape[0], (config.batch_size,), generator=g)
+                if rows is not None:  # every process draws the same batch and takes its slice
+                    ix = ix.chunk(rows[1])[rows[0]]
                 Xb, Yb = Xtr[ix], Ytr[ix]
                 loss, grads = step_fn(params, Xb, Yb)
                 if check is not None and step % config.check_every == 0:
@@ -262,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train again from the same seed with loss.backward() and compare losses and speed",
     )
+    p.add_argument(
+        "--ddp",
+        type=_int_at_least(2),
+        metavar="K",
+        default=0,
+        help="K processes (gloo, 127.0.0.1), each with 1/K of every batch, using modules generated with --shard n",
+    )
     p.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of log10 training loss (needs matplotlib)")
     p.add_argument("--samples", type=_int_at_least(0), default=20, help="names to sample (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
@@ -272,6 +294,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The training configuration an argument namespace asks for."""
     if args.seed + 10 >= 2**63:
         raise TrainUsageError(f"argument --seed: must be below 2**63 - 10, got {args.seed}")
+    if args.ddp and args.batch_size % args.ddp:
+        raise TrainUsageError(
+            f"--ddp {args.ddp}: --batch-size {args.batch_size} does not split into {args.ddp} equal parts"
+        )
+    if args.ddp and (args.backward != "layers" or args.check_every):
+        raise TrainUsageError(
+            "--ddp composes the per-layer modules: it takes neither --backward network nor --check-every"
+        )
     return TrainConfig(
         steps=args.steps,
         n_hidden=args.hidden,
@@ -280,6 +310,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed,
         backward=args.backward,
         check_every=args.check_every,
+        ddp=args.ddp,
     )
 
 
@@ -347,6 +378,12 @@ def describe_setup(config: TrainConfig, data: Dataset) -> str:
         f"sgd:      {config.steps:,} steps, batch {config.batch_size}, lr {config.lr:g} then {config.lr / 10:g} "
         f"from step {config.steps // 2:,}\n"
         f"backward: {backward}"
+        + (
+            f"\nddp:      {config.ddp} processes (gloo, 127.0.0.1), each {config.batch_size // config.ddp} rows of every "
+            "batch; modules generated with --shard n all-reduce over the batch"
+            if config.ddp
+            else ""
+        )
     )
 
 
