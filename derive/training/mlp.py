@@ -167,32 +167,40 @@ def reference_loss(params: Params, Xb: torch.Tensor, Yb: torch.Tensor) -> torch.
 
 
 def autograd_step(params: Params, Xb: torch.Tensor, Yb: torch.Tensor) -> tuple[torch.Tensor, Params]:
-    """Loss and gradients by ``loss.backward()`` through :func:`reference_loss` (comparison only).
+    """Loss and gradients by ``loss.backward()`` through :func:`reference_loss` (comparison only)."""
+    return autograd_grads(reference_loss, params, Xb, Yb)
+
+
+def autograd_grads(loss_fn: Callable[..., torch.Tensor], params: Any, Xb: torch.Tensor, Yb: torch.Tensor) -> Any:
+    """``loss_fn``'s loss and gradients by ``loss.backward()``, as the same NamedTuple as ``params``.
 
     Parameters that already require grad (an autograd training run) are used as they are; otherwise
     (a check inside a generated run) detached copies are.
     """
+    kind = type(params)
     with torch.enable_grad():
-        leaves = params if params.C.requires_grad else Params(*(p.detach().requires_grad_() for p in params))
+        leaves = params if params[0].requires_grad else kind(*(p.detach().requires_grad_() for p in params))
         for p in leaves:
             p.grad = None
-        loss = reference_loss(leaves, Xb, Yb)
+        loss = loss_fn(leaves, Xb, Yb)
         loss.backward()
-    return loss.detach(), Params(*(p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves))
+    return loss.detach(), kind(*(p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves))
 
 
 STEPS: dict[str, Step] = {"layers": generated_step, "network": generated_network_step, "autograd": autograd_step}
+DEFAULTS = SimpleNamespace(n_embd=10, n_hidden=200, block_size=3)
+"""The lecture's sizes (exercise 4)."""
 """Training steps by name: the two generated ones and the autograd reference."""
 
 
-def max_abs_difference(grads: Params, reference: Params) -> tuple[float, str]:
+def max_abs_difference(grads: Any, reference: Any) -> tuple[float, str]:
     """The largest absolute difference between two gradients, and the parameter where it occurs."""
-    diffs = {name: (a - b).abs().max().item() for name, a, b in zip(Params._fields, grads, reference)}
+    diffs = {name: (a - b).abs().max().item() for name, a, b in zip(type(grads)._fields, grads, reference)}
     worst = max(diffs, key=diffs.__getitem__)
     return diffs[worst], worst
 
 
-def sgd_update(params: Params, grads: Params, lr: float) -> None:
+def sgd_update(params: Any, grads: Any, lr: float) -> None:
     """``p -= lr * grad`` for every parameter, in place."""
     for p, grad in zip(params, grads):
         p.sub_(grad, alpha=lr)
@@ -231,13 +239,21 @@ def sample(
     One ``torch.Generator`` seeded with ``seed`` draws every token with ``torch.multinomial``, as in the
     lecture (seed 2147483657).
     """
+    return sample_from(lambda X: logits_at_inference(params, stats, X), block_size, count, seed, max_length)
+
+
+@torch.no_grad()
+def sample_from(
+    logits_of: Callable[[torch.Tensor], torch.Tensor], block_size: int, count: int, seed: int, max_length: int = 50
+) -> list[list[int]]:
+    """:func:`sample` for any model, given its logits at inference for a batch of contexts."""
     g = torch.Generator().manual_seed(seed)
     samples = []
     for _ in range(count):
         context = [0] * block_size
         out: list[int] = []
         while len(out) < max_length:
-            probs = F.softmax(logits_at_inference(params, stats, torch.tensor([context])), dim=1)
+            probs = F.softmax(logits_of(torch.tensor([context])), dim=1)
             token = int(torch.multinomial(probs, num_samples=1, generator=g).item())
             context = context[1:] + [token]
             out.append(token)

@@ -22,15 +22,19 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
 import torch
 
-from . import mlp
+from . import mlp, wavenet
 from .data import Dataset, load_dataset
 from ..errors import DeriveError
 
 PROG = "derive train"
+
+
+MODELS = {"mlp": mlp, "wavenet": wavenet}
+"""The models ``--model`` names: modules with the same functions (init_params, STEPS, calibrate, ...)."""
 
 
 class TrainUsageError(DeriveError):
@@ -51,6 +55,7 @@ class TrainConfig:
     backward: str = "layers"
     check_every: int = 0
     ddp: int = 0  # processes sharing each batch (0: one process)
+    model: str = "mlp"  # mlp (the lecture's) or wavenet (the hierarchical one that follows it)
 
     def lr_at(self, step: int) -> float:
         """``lr`` for the first half of the steps, ``lr / 10`` after (0.1 then 0.01 in the lecture).
@@ -82,7 +87,7 @@ class TrainRun:
     """What one training run produced: parameters, the loss of every step, time, checks."""
 
     config: TrainConfig
-    params: mlp.Params
+    params: Any  # the model's Params
     losses: list[float]
     seconds: float
     grad_check: GradCheck | None = None
@@ -110,7 +115,7 @@ def train(
     config: TrainConfig,
     data: Dataset,
     progress: Progress | None = None,
-    step_fn: mlp.Step | None = None,
+    step_fn: Callable[..., Any] | None = None,
     rows: tuple[int, int] | None = None,
 ) -> TrainRun:
     """Train from ``config.seed`` with the step named by ``config.backward`` ("layers", "network", "autograd").
@@ -124,10 +129,11 @@ def train(
         from .ddp import train_distributed
 
         return train_distributed(config, data)
-    step_fn = step_fn or mlp.STEPS[config.backward]
-    params, g = mlp.init_params(data.vocab.size, config.n_embd, config.n_hidden, config.block_size, config.seed)
+    model = MODELS[config.model]
+    step_fn = step_fn or model.STEPS[config.backward]
+    params, g = model.init_params(data.vocab.size, config.n_embd, config.n_hidden, config.block_size, config.seed)
     if config.backward == "autograd":
-        params = mlp.Params(*(p.requires_grad_() for p in params))
+        params = type(params)(*(p.requires_grad_() for p in params))
     check = GradCheck() if config.check_every and config.backward != "autograd" else None
     Xtr, Ytr = data.train.X, data.train.Y
     losses: list[float] = []
@@ -143,7 +149,7 @@ def train(
                 Xb, Yb = Xtr[ix], Ytr[ix]
                 loss, grads = step_fn(params, Xb, Yb)
                 if check is not None and step % config.check_every == 0:
-                    check.add(step, *mlp.max_abs_difference(grads, mlp.autograd_step(params, Xb, Yb)[1]))
+                    check.add(step, *mlp.max_abs_difference(grads, model.autograd_step(params, Xb, Yb)[1]))
                 mlp.sgd_update(params, grads, config.lr_at(step))
                 losses.append(loss.item())
                 if progress is not None:
@@ -151,17 +157,18 @@ def train(
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
-    params = mlp.Params(*(p.detach() for p in params))
+    params = type(params)(*(p.detach() for p in params))
     return TrainRun(config=config, params=params, losses=losses, seconds=seconds, grad_check=check)
 
 
 def evaluate(run: TrainRun, data: Dataset, samples: int = 20) -> Evaluation:
     """Recalibrate batch norm over the training set, then the train/val losses and ``samples`` names."""
-    stats = mlp.calibrate(run.params, data.train.X)
-    names = mlp.sample(run.params, stats, run.config.block_size, samples, seed=run.config.seed + 10)
+    model = MODELS[run.config.model]
+    stats = model.calibrate(run.params, data.train.X)
+    names = model.sample(run.params, stats, run.config.block_size, samples, seed=run.config.seed + 10)
     return Evaluation(
-        train_loss=mlp.evaluate(run.params, stats, data.train.X, data.train.Y),
-        val_loss=mlp.evaluate(run.params, stats, data.val.X, data.val.Y),
+        train_loss=model.evaluate(run.params, stats, data.train.X, data.train.Y),
+        val_loss=model.evaluate(run.params, stats, data.val.X, data.val.Y),
         samples=[data.vocab.decode(tokens) for tokens in names],
     )
 
@@ -239,8 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", metavar="CHARS", help="fix the vocabulary to '.' plus CHARS; other characters are errors")
     p.add_argument("--steps", type=_int_at_least(1), default=defaults.steps, help="SGD steps (default: %(default)s)")
     p.add_argument(
-        "--hidden", type=_int_at_least(1), default=defaults.n_hidden, help="hidden units (default: %(default)s)"
+        "--model",
+        choices=sorted(MODELS),
+        default="mlp",
+        help="mlp: the lecture's network; wavenet: the hierarchical one that follows it, context 8 (default: mlp)",
     )
+    p.add_argument("--hidden", type=_int_at_least(1), default=None, help="hidden units (default: mlp 200, wavenet 128)")
     p.add_argument(
         "--batch-size",
         type=_int_at_least(2, " (batch norm's unbiased variance divides by n - 1)"),
@@ -298,13 +309,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise TrainUsageError(
             f"--ddp {args.ddp}: --batch-size {args.batch_size} does not split into {args.ddp} equal parts"
         )
+    if args.model != "mlp" and args.backward == "network":
+        raise TrainUsageError(f"--backward network is the MLP's whole-network op; --model {args.model} composes layers")
+    if args.ddp and args.model != "mlp":
+        raise TrainUsageError("--ddp trains the MLP (--model mlp)")
     if args.ddp and (args.backward != "layers" or args.check_every):
         raise TrainUsageError(
             "--ddp composes the per-layer modules: it takes neither --backward network nor --check-every"
         )
+    sizes = MODELS[args.model].DEFAULTS
     return TrainConfig(
         steps=args.steps,
-        n_hidden=args.hidden,
+        n_embd=sizes.n_embd,
+        block_size=sizes.block_size,
+        n_hidden=args.hidden or sizes.n_hidden,
+        model=args.model,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
@@ -365,15 +384,20 @@ class ProgressLine:
 
 def describe_setup(config: TrainConfig, data: Dataset) -> str:
     """The lines printed before training: data, model, optimiser, backward."""
-    count = mlp.parameter_count(data.vocab.size, config.n_embd, config.n_hidden, config.block_size)
+    count = MODELS[config.model].parameter_count(data.vocab.size, config.n_embd, config.n_hidden, config.block_size)
     backward = {
         "layers": "generated embedding -> linear -> batchnorm -> tanh -> linear -> cross_entropy, each *_backward",
         "network": "generated makemore_mlp_backward (whole network fused)",
     }[config.backward]
+    if config.model == "wavenet":
+        backward = (
+            "generated embedding -> 3 x (pairs -> linear -> batchnorm -> tanh) -> linear -> cross_entropy, "
+            "each *_backward"
+        )
     return (
         f"data:     {data.source}: {data.words:,} words, {data.vocab.size} tokens {data.vocab.chars!r}\n"
         f"examples: train {len(data.train):,} / val {len(data.val):,} / test {len(data.test):,}\n"
-        f"model:    {count:,} parameters (n_embd {config.n_embd}, n_hidden {config.n_hidden}, "
+        f"model:    {config.model}, {count:,} parameters (n_embd {config.n_embd}, n_hidden {config.n_hidden}, "
         f"block_size {config.block_size}), seed {config.seed}\n"
         f"sgd:      {config.steps:,} steps, batch {config.batch_size}, lr {config.lr:g} then {config.lr / 10:g} "
         f"from step {config.steps // 2:,}\n"
@@ -428,7 +452,8 @@ def describe_comparison(runs: dict[str, TrainRun], results: dict[str, Evaluation
     gap = max(abs(x - y) for x, y in zip(a, b))
     speedup = runs[names[0]].steps_per_second / runs[names[1]].steps_per_second
     lines.append(
-        f"largest |loss difference| over the {len(a):,} steps: {gap:.3g}; {names[0]} is {speedup:.2f}x as fast"
+        f"{names[0]} is {speedup:.2f}x as fast over the {len(a):,} steps\n"
+        f"largest per-step loss difference: {gap:.3g}"
     )
     return "\n".join(lines)
 
