@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,26 @@ from derive.emit import render
 from derive.verify import load_module
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def derive_cli(*args: str, fresh: bool = False) -> subprocess.CompletedProcess:
+    """``python -m derive ARGS``: in this process (the same ``main``, no interpreter start-up), or in
+    a ``fresh`` one where start-up itself is under test."""
+    if fresh:
+        return subprocess.run(
+            [sys.executable, "-m", "derive", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+        )
+    from derive.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(list(args))
+        except SystemExit as exc:  # --help
+            status = int(exc.code or 0)
+    return subprocess.CompletedProcess(["derive", *args], status, out.getvalue(), err.getvalue())
+
+
 SHARED_NAMES = REPO.parent / "shared" / "data" / "names.txt"
 OPS = list(catalogue())
 

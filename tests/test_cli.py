@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
-
-
-def derive_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "derive", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+from .conftest import derive_cli
 
 
 def test_makemore_mlp_prints_derivation_table_and_writes_the_module(tmp_path):
@@ -73,7 +67,7 @@ def test_other_formats_print_maths(fmt):
 
 
 def test_batchnorm_reports_its_own_time_including_imports():
-    r = derive_cli("batchnorm", "--no-write", "-q")
+    r = derive_cli("batchnorm", "--no-write", "-q", fresh=True)
     assert r.returncode == 0 and "imports included" in r.stdout
 
 

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from derive.graph import graph_of, mermaid, picture
 
-from .conftest import derived
+from .conftest import derive_cli, derived
 
 REPO = Path(__file__).resolve().parent.parent
 SVG = "{http://www.w3.org/2000/svg}"
 
 
 def _derive(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "derive", *args], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
+    return derive_cli(*args)
 
 
 def _texts(path: Path) -> list[str]:

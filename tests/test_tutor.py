@@ -11,6 +11,8 @@ import pytest
 from derive import check
 from derive.tutor import CheckUsageError, render
 
+from .conftest import derive_cli
+
 REPO = Path(__file__).resolve().parent.parent
 
 # The lecture's exercise 1, solved as a person would: every atom by hand, in chain order.
@@ -160,12 +162,6 @@ def test_usage_errors_are_one_line_with_exit_2(tmp_path, text, message):
     with pytest.raises(CheckUsageError, match=None) as info:
         check("linear", path)
     assert message in str(info.value) and "\n" not in str(info.value)
-    r = subprocess.run(
-        [sys.executable, "-m", "derive", "check", "linear", "--against", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    r = derive_cli("check", "linear", "--against", str(path))
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
