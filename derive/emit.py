@@ -164,8 +164,12 @@ def _size_denominators(d: Derivation) -> list[str]:
     return list(found)
 
 
-def render(d: Derivation, command: str | None = None) -> str:
-    """The generated module's source, black-formatted; byte-for-byte deterministic."""
+def render(d: Derivation, command: str | None = None, formatted: bool = True) -> str:
+    """The generated module's source, black-formatted; byte-for-byte deterministic.
+
+    ``formatted=False`` skips black (the same code, laid out by the template only): for checks that
+    only run the module, where formatting is a third of the cost.
+    """
     program, code = d.program, d.code
     out = program.tensors[program.output]
     params = [f"{p.name}={p.default!r}" for p in program.params]
@@ -234,6 +238,8 @@ def render(d: Derivation, command: str | None = None) -> str:
             steps_outputs=code.steps_outputs,
         )
     )
+    if not formatted:
+        return source
     import black  # about 0.3 s to import: only when a module is rendered
 
     return black.format_str(source, mode=black.Mode(line_length=100))

@@ -199,7 +199,7 @@ def check(
     assert callable(backward)
     d = derive_op(op_value)
     batch = _batch(d, sizes, seed)
-    given = _call(backward, tensors_for_person(batch), d.program, path)
+    given = _call(backward, tensors_for_person(batch), d.program, path, list(batch.correct))
     chain = _Contributions(batch)
     right = chain.evaluate(batch.correct)
     usable = {k: v for k, v in given.items() if v.shape == batch.correct[k].shape}
@@ -212,7 +212,9 @@ def check(
     return Grading(d.name, source, batch.sizes, list(rows.values()), d)
 
 
-def _call(backward: Callable[[Any], Any], t: Any, program: Program, path: Path | None) -> dict[str, torch.Tensor]:
+def _call(
+    backward: Callable[[Any], Any], t: Any, program: Program, path: Path | None, graded: list[str]
+) -> dict[str, torch.Tensor]:
     try:
         result = backward(t)
     except Exception as exc:
@@ -221,7 +223,7 @@ def _call(backward: Callable[[Any], Any], t: Any, program: Program, path: Path |
         raise CheckUsageError(
             f"backward(t) must return a dict from tensor name to gradient, not {type(result).__name__}"
         )
-    names = [n for n in program.tensors if not program.tensors[n].is_int]
+    names = [n for n in program.tensors if n in graded]  # float tensors with a gradient (not int, not const)
     out: dict[str, torch.Tensor] = {}
     for key, value in result.items():
         if key not in names:
@@ -229,7 +231,7 @@ def _call(backward: Callable[[Any], Any], t: Any, program: Program, path: Path |
 
             near = difflib.get_close_matches(str(key), names, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(near)}?" if near else f"; its tensors: {', '.join(names)}"
-            raise CheckUsageError(f"'{key}' is not a float tensor of {program.name}{hint}")
+            raise CheckUsageError(f"'{key}' is not a tensor of {program.name} with a gradient{hint}")
         if not isinstance(value, torch.Tensor):
             raise CheckUsageError(f"the gradient given for '{key}' is a {type(value).__name__}, not a tensor")
         out[key] = value.detach().to(torch.float64)

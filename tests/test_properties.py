@@ -807,7 +807,7 @@ def check_composition(c: Composition, values: dict[str, torch.Tensor], grad_seed
     if known:
         raise Rejected(known)
     d = derive(the_op)
-    module = load_module(render(d), "comp")
+    module = load_module(render(d, formatted=False), "comp")  # black: tested on the catalogue
     inputs = [values[t.name] for t in d.program.inputs]
 
     out, _ = module.comp_forward(*inputs)
@@ -868,7 +868,7 @@ def test_random_composition_built_on_a_given_construct_matches_autograd(first: s
 def _generated(source: str) -> tuple[Any, Any]:
     the_op = build_op(source)
     d = derive(the_op)
-    return d, load_module(render(d), the_op.name)
+    return d, load_module(render(d, formatted=False), the_op.name)
 
 
 def _x(*shape: int, seed: int = 0) -> torch.Tensor:

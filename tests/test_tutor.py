@@ -145,7 +145,7 @@ def test_a_gradient_with_no_pattern_says_where_it_differs():
     [
         (None, "no such file"),
         ("x = 1\n", "defines no function backward(t)"),
-        ("def backward(t):\n    return {'nope': t.x}\n", "'nope' is not a float tensor of linear"),
+        ("def backward(t):\n    return {'nope': t.x}\n", "'nope' is not a tensor of linear with a gradient"),
         ("def backward(t):\n    return {'x': 1.0}\n", "not a tensor"),
         ("def backward(t):\n    return [t.x]\n", "must return a dict"),
         (
