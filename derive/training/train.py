@@ -178,7 +178,8 @@ def evaluate(run: TrainRun, data: Dataset, samples: int = 20) -> Evaluation:
 # --------------------------------------------------------------------------------------------
 
 DESCRIPTION = """\
-Train the lecture's makemore MLP (LECTURE.md, exercise 4) with generated backward code only.
+Train the lecture's makemore MLP (LECTURE.md, exercise 4), or the hierarchical "WaveNet" model that
+follows it (--model wavenet), with generated backward code only.
 
 Every gradient comes from the modules in generated/: by default the forward of generated.embedding,
 linear, batchnorm, tanh, linear and cross_entropy, then each one's fused backward in reverse
@@ -201,6 +202,8 @@ examples:
   python -m derive train --steps 2000 --check-every 100       short run, autograd cross-check
   python -m derive train --data names.txt --compare-autograd --steps 5000
   python -m derive train --steps 20000 --plot loss.png        needs: pip install 'derive[plot]'
+  python -m derive train --model wavenet --steps 5000 --compare-autograd
+  python -m derive train --ddp 2 --batch-size 64 --steps 300  2 processes, each half of every batch
 
 exit status: 0 ok, 2 usage or data error, 130 interrupted."""
 
