@@ -189,12 +189,6 @@ def check_main(argv: Sequence[str]) -> int:
     parser.add_argument("--against", required=True, type=Path, metavar="FILE.py", help="the file defining backward(t)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the example batch (default 0)")
     parser.add_argument(
-        "--shard",
-        metavar="DIM",
-        help="DIM is split across processes: every reduction over it all-reduces on the module's group= "
-        "(needs --out or --no-write: generated/ holds the single-process modules)",
-    )
-    parser.add_argument(
         "--graph", type=Path, metavar="FILE.svg", help="also draw the forward graph, wrong atoms in red"
     )
     args = parser.parse_args(list(argv))

@@ -201,15 +201,13 @@ def check(
     batch = _batch(d, sizes, seed)
     given = _call(backward, tensors_for_person(batch), d.program, path, list(batch.correct))
     chain = _Contributions(batch)
-    right = chain.evaluate(batch.correct)
     usable = {k: v for k, v in given.items() if v.shape == batch.correct[k].shape}
-    theirs = chain.evaluate({**batch.correct, **usable})
-    rows: dict[str, Row] = {}
+    grader = _Grader(batch, chain, chain.evaluate(batch.correct), chain.evaluate({**batch.correct, **usable}))
     for name in _chain_order(d.program):
         if name in given:
-            rows[name] = _grade(name, given[name], batch, chain, right, theirs, rows)
+            grader.rows[name] = grader.grade(name, given[name])
     source = str(path) if path is not None else getattr(backward, "__name__", "backward")
-    return Grading(d.name, source, batch.sizes, list(rows.values()), d)
+    return Grading(d.name, source, batch.sizes, list(grader.rows.values()), d)
 
 
 def _call(
@@ -243,64 +241,65 @@ def _chain_order(program: Program) -> list[str]:
     return [s.name for s in reversed(program.statements)] + [t.name for t in program.inputs]
 
 
-def _grade(
-    name: str,
-    got: torch.Tensor,
-    batch: _Batch,
-    chain: _Contributions,
-    right: list[torch.Tensor],
-    theirs: list[torch.Tensor],
-    rows: dict[str, Row],
-) -> Row:
-    want = batch.correct[name]
-    if got.shape != want.shape:
-        diagnosis, detail = _shape_diagnosis(name, got, want, batch.d)
-        return Row(name, tuple(got.shape), False, False, False, float("nan"), diagnosis, detail, _right(batch.d, name))
-    diff = float((got - want).abs().max()) if got.numel() else 0.0
-    exact = bool(torch.equal(got, want))
-    if torch.allclose(got, want, rtol=RTOL, atol=ATOL):
-        return Row(name, tuple(got.shape), True, exact, True, diff)
-    diagnosis, detail = _diagnose(name, got, want, batch, chain, right, theirs, rows)
-    return Row(name, tuple(got.shape), False, exact, False, diff, diagnosis, detail, _right(batch.d, name))
+@dataclass
+class _Grader:
+    """Grades gradients in chain order against the right ones and the chain's contributions.
+
+    ``right`` and ``theirs`` are the chain's contributions evaluated from the right upstream
+    gradients and from the person's; ``rows`` are the gradients graded so far (upstream ones first).
+    """
+
+    batch: _Batch
+    chain: _Contributions
+    right: list[torch.Tensor]
+    theirs: list[torch.Tensor]
+    rows: dict[str, Row] = field(default_factory=dict)
+
+    def grade(self, name: str, got: torch.Tensor) -> Row:
+        d, want = self.batch.d, self.batch.correct[name]
+        if got.shape != want.shape:
+            diagnosis, detail = _shape_diagnosis(name, got, want, d)
+            return Row(name, tuple(got.shape), False, False, False, float("nan"), diagnosis, detail, _right(d, name))
+        diff = float((got - want).abs().max()) if got.numel() else 0.0
+        exact = bool(torch.equal(got, want))
+        if torch.allclose(got, want, rtol=RTOL, atol=ATOL):
+            return Row(name, tuple(got.shape), True, exact, True, diff)
+        diagnosis, detail = self.diagnose(name, got, want)
+        return Row(name, tuple(got.shape), False, exact, False, diff, diagnosis, detail, _right(d, name))
+
+    def diagnose(self, name: str, got: torch.Tensor, want: torch.Tensor) -> tuple[str, str]:
+        """The first pattern that explains a wrong gradient of the right shape."""
+        chain, program = self.chain, self.batch.d.program
+        upstream_wrong = [src for src, _ in chain.into(name, self.right) if src in self.rows and not self.rows[src].ok]
+        if upstream_wrong:
+            from_theirs = sum((v for _, v in chain.into(name, self.theirs)), torch.zeros_like(want))
+            if _close(got, from_theirs):
+                listed = ", ".join(f"d{s}" for s in dict.fromkeys(upstream_wrong))
+                return "follows", f"follows from {listed}: right given your {listed}; fix that first"
+        if _close(got, -want):
+            return "sign", "the sign is flipped"
+        if got.dim() == 2 and got.shape[0] == got.shape[1] and _close(got, want.T):
+            return "transposed", "it is the transpose of the right gradient"
+        factor = _factor(got, want)
+        if factor is not None:
+            return "factor", _name_factor(factor, program, self.batch.sizes)
+        parts = chain.into(name, self.right)
+        for k in range(1, len(parts)):
+            for kept in itertools.combinations(range(len(parts)), k):
+                partial = sum((parts[i][1] for i in kept), torch.zeros_like(want))
+                if _close(got, partial):
+                    missing = [parts[i][0] for i in range(len(parts)) if i not in kept]
+                    stmts = {s.name: s for s in program.statements}
+                    paths = "; ".join(f"{m} = {text(stmts[m].expr)}" for m in missing)
+                    return (
+                        "missing contribution",
+                        f"the path through {paths} is missing (d{name} sums every use of {name})",
+                    )
+        return "differs", _where(name, got, want, program)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=RTOL, atol=ATOL))
-
-
-def _diagnose(
-    name: str,
-    got: torch.Tensor,
-    want: torch.Tensor,
-    batch: _Batch,
-    chain: _Contributions,
-    right: list[torch.Tensor],
-    theirs: list[torch.Tensor],
-    rows: dict[str, Row],
-) -> tuple[str, str]:
-    upstream_wrong = [src for src, _ in chain.into(name, right) if src in rows and not rows[src].ok]
-    if upstream_wrong:
-        from_theirs = sum((v for _, v in chain.into(name, theirs)), torch.zeros_like(want))
-        if _close(got, from_theirs):
-            listed = ", ".join(f"d{s}" for s in dict.fromkeys(upstream_wrong))
-            return "follows", f"follows from {listed}: right given your {listed}; fix that first"
-    if _close(got, -want):
-        return "sign", "the sign is flipped"
-    if got.dim() == 2 and got.shape[0] == got.shape[1] and _close(got, want.T):
-        return "transposed", "it is the transpose of the right gradient"
-    factor = _factor(got, want)
-    if factor is not None:
-        return "factor", _name_factor(factor, batch.d.program, batch.sizes)
-    parts = chain.into(name, right)
-    for k in range(1, len(parts)):
-        for kept in itertools.combinations(range(len(parts)), k):
-            partial = sum((parts[i][1] for i in kept), torch.zeros_like(want))
-            if _close(got, partial):
-                missing = [parts[i][0] for i in range(len(parts)) if i not in kept]
-                stmts = {s.name: s for s in batch.d.program.statements}
-                paths = "; ".join(f"{m} = {text(stmts[m].expr)}" for m in missing)
-                return "missing contribution", f"the path through {paths} is missing (d{name} sums every use of {name})"
-    return "differs", _where(name, got, want, batch.d.program)
 
 
 def _factor(got: torch.Tensor, want: torch.Tensor) -> float | None:

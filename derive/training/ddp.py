@@ -9,13 +9,12 @@ single-process run's, up to the order of floating-point sums.
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import tempfile
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,15 +36,9 @@ def write_sharded_modules(folder: Path) -> None:
 
 def load_modules(folder: Path) -> SimpleNamespace:
     """``folder``'s generated layer modules, by op name."""
+    from ..verify import load_module
 
-    def load(name: str) -> ModuleType:
-        spec = importlib.util.spec_from_file_location(f"_sharded_{name}", folder / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    return SimpleNamespace(**{name: load(name) for name in mlp.LAYERS})
+    return SimpleNamespace(**{name: load_module((folder / f"{name}.py").read_text(), name) for name in mlp.LAYERS})
 
 
 def _free_port() -> int:
