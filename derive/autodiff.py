@@ -157,15 +157,15 @@ def chain_steps(program: Program) -> list[Contribution]:
 def cut_tensors(program: Program) -> list[str]:
     """Tensors whose adjoint the fused backward materialises, output first.
 
-    Contractions and layers (statements reading two or more of the op's inputs) are natural
-    boundaries: they get named adjoints (``dlogits``, ``dh``), and everything between two
+    Contractions, windows and paddings, and layers (statements reading two or more of the op's
+    inputs) are natural boundaries: they get named adjoints (``dlogits``, ``dh``), and everything between two
     boundaries (a loss, a normalisation) is differentiated as one expression and simplified.
     """
     inputs = {t.name for t in program.differentiable_inputs}
     cuts = set(program.outputs) | inputs
     for stmt in program.statements:
         reads = tensor_names(stmt.expr)
-        if stmt.kind == "contraction":
+        if stmt.kind in ("contraction", "window"):
             cuts.add(stmt.name)
             cuts |= reads
         elif len(reads & inputs) >= 2 and reads - inputs - {t.name for t in program.inputs}:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .autodiff import grad_name
 from .derivation import Derivation
 from .errors import OutputPathError
+from .lowering.printer import size_code
 from .notation import text
 
 if TYPE_CHECKING:
@@ -120,6 +121,12 @@ def prologue(d: Derivation) -> list[str]:
         lines.append(
             f"if {a} != {b}:\n"
             f'    raise ValueError(f"{name}: dim {tied} is dim {partner} renamed, so {a} must equal {b}, got {a}={{{a}}}, {b}={{{b}}}")'
+        )
+    for dim in (x for x in program.dims if x.derived is not None and not x.derived.is_positive):
+        size = size_code(dim.size)
+        lines.append(
+            f"if {size} < 1:\n"
+            f'    raise ValueError(f"{name}: dim {dim.label} is too short for the window cut from it ({dim.name} would have {size} = {{{size}}} positions), got {_size_values_all(d)}")'
         )
     if d.code.shard is not None:  # sizes in arithmetic are the whole group's
         local, total = d.code.shard
@@ -270,15 +277,17 @@ def _seed_lines(program, keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, content: str) -> bool:
-    """Write ``content`` to ``path`` via a temp file and rename; skip if unchanged. True if written."""
-    if path.exists() and path.read_text(encoding="utf-8") == content:
+def write_atomic(path: Path, content: str | bytes) -> bool:
+    """Write ``content`` (text, or bytes such as a PNG) to ``path`` via a temp file and rename; skip if
+    unchanged. True if written."""
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    if path.exists() and path.is_file() and path.read_bytes() == data:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(content)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; a written file is not
         os.replace(tmp, path)
     except BaseException:

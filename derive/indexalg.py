@@ -39,17 +39,26 @@ _DIMS: dict[str, Dim] = {}
 @dataclass(frozen=True)
 class Dim:
     """A named dimension. ``parts`` is non-empty for a dim made by flattening others;
-    ``size_of`` names the dim whose size a renamed dim has (``x.rename(t="s")``: ``S`` is ``T``)."""
+    ``size_of`` names the dim whose size a renamed dim has (``x.rename(t="s")``: ``S`` is ``T``);
+    ``derived`` is the size of a dim a window or padding made from another (``T + 4``,
+    ``floor((T - 3)/2) + 1``), and ``alias`` the name the user calls it by (``t``)."""
 
     name: str
     parts: tuple[Dim, ...] = field(default=())
     fixed: int | None = None
     size_of: str | None = None
+    derived: sympy.Expr | None = None
+    alias: str | None = None
 
     @property
     def owns_size(self) -> bool:
-        """Whether this dim has a size variable of its own (not flattened, fixed or renamed)."""
-        return not self.parts and self.fixed is None and self.size_of is None
+        """Whether this dim has a size variable of its own (not flattened, fixed, renamed or derived)."""
+        return not self.parts and self.fixed is None and self.size_of is None and self.derived is None
+
+    @property
+    def label(self) -> str:
+        """The name the user calls this dim by."""
+        return self.alias or self.name
 
     def __post_init__(self) -> None:
         _DIMS[self.name] = self
@@ -59,6 +68,8 @@ class Dim:
         """The symbolic size: ``N`` for dim ``n``; a product for a flattened dim."""
         if self.fixed is not None:
             return sympy.Integer(self.fixed)
+        if self.derived is not None:
+            return self.derived
         if self.parts:
             return sympy.Mul(*(p.size for p in self.parts))
         if self.size_of is not None:
@@ -73,6 +84,19 @@ class Dim:
 
     def __repr__(self) -> str:
         return f"Dim({self.name!r})"
+
+
+def use_dims(dims: Iterable[Dim]) -> None:
+    """Make index symbols named after ``dims`` (``k``, ``k2``...) mean these dims again.
+
+    Index symbols are found by name, so a later op with a dim of the same name but another size
+    (``k`` of a window is 3, another op's ``k`` is ``K``) would change what an earlier
+    derivation's symbols mean; checking that derivation afterwards calls this first.
+    """
+    for d in dims:
+        for key in [k for k in _DIMS if k == d.name or (k.startswith(d.name) and k[len(d.name) :].isdigit())]:
+            _DIMS[key] = d
+        _DIMS[d.name] = d
 
 
 def dim_of(sym: sympy.Basic) -> Dim:

@@ -9,11 +9,15 @@ inputs would be derived once per input. So an unnamed node gets a name of its ow
   coefficients, a node that becomes a statement anyway (``x @ W + b`` is one statement, as a
   person writes ``hprebn = embcat @ W1 + b1``);
 - it is an **operand of a contraction** (its adjoint is the contraction's natural output, and the
-  other operand's gradient contracts with its value);
+  other operand's gradient contracts with its value), or of a padding (which reads zeros past the
+  ends of a tensor: an inlined expression would pad only its entries);
 - it is the argument of a **nonlinear** elementwise function and reads two or more differentiable
   tensors (the pre-activation ``x @ W1 + b1`` of a ReLU, the residual ``pred - y`` of a squared
   loss): its adjoint is then computed once, not once per input;
-- it is **used twice** (a shared sub-expression held in a ``_``-prefixed local or a container).
+- it is **used twice** (a shared sub-expression held in a ``_``-prefixed local or a container);
+- it is a **padding** (``x.pad("t", 4, 0)``): its reads past the ends are zeros, which only its
+  own statement may hold; or a **window** (``x.unfold("t", 3, 1, "k")``): the forward holds it (a
+  view, or the im2col a contraction needs) and the backward adds its adjoint back (col2im).
 
 An unnamed ``rename`` is a view: it never becomes a statement, and its consumers count as its
 operand's.
@@ -31,7 +35,7 @@ import sympy
 if TYPE_CHECKING:
     from .tensor import Tensor
 
-ROLES = {"contraction": "mm", "operand": "act", "argument": "pre", "shared": "tmp"}
+ROLES = {"contraction": "mm", "operand": "act", "argument": "pre", "shared": "tmp", "padded": "pad", "window": "win"}
 
 
 def boundaries(results: list[Tensor]) -> dict[Tensor, str]:
@@ -49,8 +53,12 @@ def boundaries(results: list[Tensor]) -> dict[Tensor, str]:
     chosen: dict[Tensor, str] = {}
     for n in free:
         users = consumers[id(n)]
-        if any(u.kind == "contraction" for u in users):
-            chosen[n] = "operand"
+        if n.kind == "pad":
+            chosen[n] = "padded"
+        elif n.kind == "window" and not any(u.kind == "contraction" for u in users):
+            chosen[n] = "window"
+        elif any(u.kind in ("contraction", "pad") for u in users):
+            chosen[n] = "operand"  # a padding reads zeros past the ends of a tensor, not of an expression
         elif len(users) > 1:
             chosen[n] = "shared"
     leaves = _Leaves(chosen, consumers)

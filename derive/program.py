@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from .indexalg import ArgMax, Dim, Flat, IMax, ISum, entry, is_entry, substitute_indices
+from .indexalg import ArgMax, Dim, Flat, IMax, ISum, entry, is_entry, is_index, substitute_indices
 
 Layout = tuple[Dim | None, ...]
 
@@ -65,6 +65,8 @@ class Statement:
         entries = _entries(self.expr)
         if any(any(is_entry(i) for i in e.args) for e in entries):
             return "gather"
+        if any(any(is_window_index(i) for i in e.args) for e in entries):
+            return "window"
         if self.expr.has(Flat):
             return "reshape"
         if self.expr.has(ISum):
@@ -78,6 +80,17 @@ class Statement:
         """The statement's right-hand side with its free indices replaced by ``indices``."""
         mapping = dict(zip(self.target.indices, indices))
         return substitute_indices(self.expr, mapping)
+
+
+def is_window_index(i: sympy.Basic) -> bool:
+    """An index that is an affine expression of indices: a window's ``t*2 + k`` or a padding's ``t - 4``."""
+    return (
+        isinstance(i, (sympy.Add, sympy.Mul))
+        and not i.has(Flat)
+        and not any(is_entry(a) for a in sympy.preorder_traversal(i))
+        and bool(i.free_symbols)
+        and all(is_index(s) for s in i.free_symbols)
+    )
 
 
 def _names(e: sympy.Expr) -> set[str]:
@@ -159,16 +172,36 @@ class Program:
     def size_dims(self) -> tuple[Dim, ...]:
         """The dims with a size of their own, the sizes verification and generated code choose."""
         tied = {s for s, _ in self.ties}
-        return tuple(d for d in self.dims if not d.parts and d.size_of is None and d.name not in tied)
+        return tuple(d for d in self.dims if d.owns_size and d.name not in tied)
 
     def tie(self, sizes: dict[str, int]) -> dict[str, int]:
-        """``sizes`` with every tied dim given its partner's size."""
+        """``sizes`` with every tied dim given its partner's size, lengthened where needed so that
+        every window or padding made from a dim has at least two positions."""
         ties = dict(self.ties)
 
         def root(name: str) -> str:
             return root(ties[name]) if name in ties else name
 
-        return {**sizes, **{s: sizes[root(s)] for s in ties if root(s) in sizes}}
+        def tied(sizes: dict[str, int]) -> dict[str, int]:
+            return {**sizes, **{s: sizes[root(s)] for s in ties if root(s) in sizes}}
+
+        sizes = tied(sizes)
+        derived = [d for d in self.dims if d.derived is not None]
+        for _ in range(256):
+            short = [d for d in derived if derived_size(d, sizes) < 2]
+            if not short:
+                break
+            for d in short:
+                for sym in d.derived.free_symbols:  # type: ignore[union-attr]
+                    sizes[root(sym.name.lower())] += 1
+            sizes = tied(sizes)
+        return sizes
 
 
-__all__ = ["ArgMax", "Layout", "Param", "Program", "Statement", "TensorInfo"]
+def derived_size(d: Dim, sizes: dict[str, int]) -> int:
+    """The size of a window's or padding's dim at concrete sizes of the plain dims."""
+    assert d.derived is not None
+    return int(d.derived.xreplace({s: sympy.Integer(sizes[s.name.lower()]) for s in d.derived.free_symbols}))
+
+
+__all__ = ["ArgMax", "Layout", "Param", "Program", "Statement", "TensorInfo", "derived_size", "is_window_index"]

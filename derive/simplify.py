@@ -60,6 +60,37 @@ def _delta_partner(f: sympy.Basic, k: sympy.Symbol) -> sympy.Basic | None:
     return None
 
 
+def _shift_partner(f: sympy.Basic, k: sympy.Symbol) -> sympy.Basic | None:
+    """For ``δ(k + c, e)`` (a padding's shift), the ``e - c`` that ``k`` must be, when that is
+    always inside ``k``'s range: the sum over ``k`` then has exactly one term."""
+    if not isinstance(f, sympy.KroneckerDelta) or not (is_index(k) and f.has(k)):
+        return None
+    a, b = f.args
+    for x, y in ((a, b), (b, a)):
+        rest = x - k
+        if rest.has(k) or y.has(k) or not (rest.is_Integer or rest == 0):
+            continue
+        value = y - rest
+        if _always_within(value, dim_of(k).size):
+            return value
+    return None
+
+
+def _always_within(e: sympy.Expr, size: sympy.Expr) -> bool:
+    """Whether the affine index expression ``e`` lies in ``[0, size)`` for every value of its indices."""
+    lo = hi = sympy.S.Zero
+    for term in sympy.Add.make_args(sympy.expand(e)):
+        coeff, rest = term.as_coeff_Mul()
+        if rest == 1:
+            lo, hi = lo + coeff, hi + coeff
+        elif is_index(rest):
+            top = coeff * (dim_of(rest).size - 1)
+            lo, hi = (lo, hi + top) if coeff > 0 else (lo + top, hi)
+        else:
+            return False
+    return bool(sympy.simplify(lo).is_nonnegative) and bool(sympy.simplify(size - 1 - hi).is_nonnegative)
+
+
 def _unpack_delta(f: sympy.Basic) -> list[sympy.Basic]:
     """``δ(f, (t, e))`` for an index ``f`` of a flattened dim is ``δ(f.0, t)·δ(f.1, e)``: one delta per part."""
     if isinstance(f, sympy.KroneckerDelta):
@@ -94,6 +125,8 @@ def sum_term(term: sympy.Expr, k: sympy.Symbol) -> tuple[sympy.Expr, bool]:
     term = sympy.Mul(*factors)
     for f in factors:
         partner = _delta_partner(f, k)
+        if partner is None:
+            partner = _shift_partner(f, k)
         if partner is not None:
             rest = sympy.Mul(*(g for g in factors if g is not f))
             return substitute_indices(rest, {k: partner}), True

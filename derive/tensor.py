@@ -56,6 +56,7 @@ class _Trace:
         self.nodes: list[Tensor] = []
         self.bound: set[sympy.Basic] = set()  # indices bound so far in the statement being built
         self.ties: dict[str, str] = {}  # input dim -> the dim whose size it must have (by a rename)
+        self.windows: dict[str, int] = {}  # input dim -> the window length it holds (by an unfold)
 
     def bind(self, d: Dim, idx: dict[Dim, sympy.Basic]) -> sympy.Symbol:
         """A new bound index for dim ``d``, unused anywhere in the statement (no shadowing)."""
@@ -74,6 +75,33 @@ class _Trace:
             self.ties[self.root(x.name)] = owner
             return x
         return Dim(new, size_of=owner)
+
+    def window_dim(self, name: str, size: int) -> Dim:
+        """The dim of a window's offsets: one of the op's when it has that name (a conv weight's
+        ``k``, whose size must then be ``size``), else a new dim of fixed size."""
+        for x in (x for n in self.nodes for x in n.dims if x.name == name):
+            if x.fixed == size:
+                return x
+            if x.owns_size and self.windows.get(name, size) == size:
+                self.windows[name] = size  # the op is traced again with this dim's size fixed
+                return x
+            raise self.error(f"unfold: dim '{name}' has size {x.size}, not the window's {size}")
+        return Dim(name, fixed=size)
+
+    def derived_dim(self, d: Dim, size: sympy.Expr, suffix: str) -> Dim:
+        """The dim a window or padding makes from ``d``: ``d`` itself when the size is unchanged, a
+        dim of the op with that size when there is one (a causal conv keeps ``t``), else a new one
+        called ``d``'s name plus ``suffix``, which the user still calls by ``d``'s name."""
+        size = sympy.simplify(size)
+        dims = [d] + [x for n in self.nodes for x in n.dims if x.label == d.label]
+        for x in dims:
+            if sympy.simplify(x.size - size) == 0:
+                return x
+        taken = {x.name for n in self.nodes for x in n.dims}
+        name = d.name + suffix
+        while name in taken:
+            name += suffix
+        return Dim(name, derived=size, alias=d.label)
 
     def root(self, name: str) -> str:
         """The dim whose size ``name``'s size is, following ties."""
@@ -99,7 +127,7 @@ class Tensor:
     source: str = ""
     materialized: bool = False
     operands: tuple[Tensor, ...] = field(default=())
-    kind: str = "elementwise"  # input, elementwise, sum, max, contraction, gather, reshape
+    kind: str = "elementwise"  # input, elementwise, sum, max, contraction, gather, reshape, window, pad
     const: bool = False  # an input declared "const ...": no gradient flows to it
     body: sympy.Expr | None = None  # elementwise: the scalar function of ``dummies``, one per operand
     dummies: tuple[sympy.Symbol, ...] = field(default=())
@@ -116,6 +144,9 @@ class Tensor:
         """The dim called ``name`` (an error naming the dims there are otherwise)."""
         for d in self.dims:
             if d.name == name:
+                return d
+        for d in self.dims:
+            if d.alias == name:
                 return d
         have = ", ".join(d.name for d in self.dims) or "none"
         raise self.trace.error(f"{self._label()} has no dim '{name}' (its dims: {have})")
@@ -325,6 +356,50 @@ class Tensor:
             self.trace, layout, build, is_int=self.is_int, source=_user_line(), operands=(self,), kind="rename"
         )
 
+    def unfold(self, dim: str, size: int, step: int, new: str, dilation: int = 1) -> Tensor:
+        """Sliding windows along ``dim``, PyTorch's ``Tensor.unfold`` by name: ``dim`` becomes the
+        window positions and a new dim ``new`` of length ``size`` is added last; the entry at
+        position ``t``, offset ``k`` is ``x[..., t*step + k*dilation, ...]``.
+
+        ``x "n t c"``: ``x.unfold("t", 3, 1, "k").matmul(W, over=("k", "c"))`` is a conv1d.
+        """
+        d = self.dim(dim)
+        for what, value in (("size", size), ("step", step), ("dilation", dilation)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise self.trace.error(f"unfold {dim!r}: {what} must be a positive integer, got {value!r}")
+        _check_identifier(self.trace.op_name, "dim name", new)
+        if new in {x.label for x in self.dims}:
+            raise self.trace.error(f"unfold {dim!r}: {self._label()} already has a dim '{new}'")
+        span = dilation * (size - 1) + 1
+        if d.size.is_number and span > d.size:
+            raise self.trace.error(f"unfold {dim!r}: a window spans {span} positions but dim '{d.label}' has {d.size}")
+        positions = self.trace.derived_dim(d, sympy.floor((d.size - span) / sympy.Integer(step)) + 1, "w")
+        k = self.trace.window_dim(new, size)
+        layout = tuple(positions if x == d else x for x in self.layout) + (k,)
+
+        def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
+            return self.ref({**idx, d: idx[positions] * step + idx[k] * dilation})
+
+        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self,), kind="window")
+
+    def pad(self, dim: str, left: int, right: int) -> Tensor:
+        """Zero-pad ``dim`` with ``left`` entries before and ``right`` after (``F.pad`` by name).
+
+        ``x.pad("t", 4, 0).unfold("t", 3, 1, "k", dilation=2)`` is a causal dilated window.
+        """
+        d = self.dim(dim)
+        for what, value in (("left", left), ("right", right)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise self.trace.error(f"pad {dim!r}: {what} must be a non-negative integer, got {value!r}")
+        self._require_float("pad")
+        padded = self.trace.derived_dim(d, d.size + left + right, "p")
+        layout = tuple(padded if x == d else x for x in self.layout)
+
+        def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
+            return self.ref({**idx, d: idx[padded] - left})  # out of range reads zero
+
+        return Tensor(self.trace, layout, build, source=_user_line(), operands=(self,), kind="pad")
+
     def _require_float(self, what: str) -> None:
         if self.is_int:
             raise self.trace.error(f"{what} of integer {self._label()}: only gathers may use integer tensors")
@@ -354,6 +429,12 @@ def _broadcast(tensors: list[Tensor]) -> Layout:
     names: list[Dim] = []
     for t in sorted(tensors, key=lambda t: -len(t.dims)):
         for d in t.dims:
+            clash = next((x for x in names if x.label == d.label and x != d), None)
+            if clash is not None:
+                raise t.trace.error(
+                    f"dim '{d.label}' has size {clash.size} on one side and {d.size} on the other"
+                    " (a window or padding changed it)"
+                )
             if d not in names:
                 names.append(d)
     for t in tensors:
@@ -505,8 +586,12 @@ def _check_identifier(op_name: str, what: str, name: str) -> None:
         raise OpDefinitionError(f"op '{op_name}': {what} '{name}' is not a valid Python identifier")
 
 
-def trace_op(the_op: Op) -> Program:
-    """Run the op on symbolic inputs and turn what it built into a :class:`Program`."""
+def trace_op(the_op: Op, fixed: dict[str, int] | None = None) -> Program:
+    """Run the op on symbolic inputs and turn what it built into a :class:`Program`.
+
+    An input dim that an ``unfold`` uses for its window offsets (a conv weight's ``k``) has the
+    window's length: the op is traced again with that dim's size ``fixed``.
+    """
     name = the_op.name
     _check_identifier(name, "op name", name)
     sig = inspect.signature(the_op.fn)
@@ -518,6 +603,9 @@ def trace_op(the_op: Op) -> Program:
         _check_identifier(name, "parameter", p.name)
         if p.name in the_op.specs:
             spec = InputSpec.parse(name, p.name, the_op.specs[p.name])
+            if fixed:
+                layout = tuple(Dim(d.name, fixed=fixed[d.name]) if d and d.name in fixed else d for d in spec.layout)
+                spec = InputSpec(spec.name, layout, spec.is_int, spec.const)
             t = Tensor(
                 trace,
                 spec.layout,
@@ -552,6 +640,8 @@ def trace_op(the_op: Op) -> Program:
             raise OpDefinitionError(f"op '{name}': returns its input '{r.name}' unchanged; nothing to differentiate")
     if len({id(r) for r in results}) != len(results):
         raise OpDefinitionError(f"op '{name}': returns the same tensor twice")
+    if trace.windows and not fixed:
+        return trace_op(the_op, trace.windows)
     return _build_program(the_op, trace, inputs, params, results, local_names)
 
 

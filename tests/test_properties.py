@@ -22,7 +22,8 @@ regression test); rejections are counted in the summary line.
    strict xfails (an XPASS fails, so the marker goes when the bug is fixed).
 
 Profiles: ``ci`` (the default: derandomized, 25 compositions per style and 50 examples per catalogue
-op, no deadline) and ``long`` (300 and 600, random), chosen with ``HYPOTHESIS_PROFILE=long``. The
+op, no deadline), ``long`` (300 and 600, random) and ``dev`` (ci's examples, no shrinking), chosen
+with ``HYPOTHESIS_PROFILE=long``. The
 number of compositions checked is printed at the end of the module (``-s`` not needed) and
 recorded as hypothesis events (``--hypothesis-show-statistics``). A failing composition prints the
 op's source: paste it into a file and run ``python -m derive FILE.py:comp`` to reproduce.
@@ -41,7 +42,7 @@ import numpy as np
 import pytest
 import sympy
 import torch
-from hypothesis import HealthCheck, assume, event, given, note, settings
+from hypothesis import HealthCheck, Phase, assume, event, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -63,8 +64,12 @@ _COMMON: dict[str, Any] = dict(
 # profile explores at random and keeps failures in .hypothesis/ (gitignored) for replay.
 settings.register_profile("ci", max_examples=25, derandomize=True, database=None, **_COMMON)
 settings.register_profile("long", max_examples=300, **_COMMON)
+# dev: ci's examples without shrinking, for a quick first look at a failure
+settings.register_profile(
+    "dev", max_examples=25, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate], **_COMMON
+)
 PROFILE_NAME = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-PROFILE = settings.get_profile(PROFILE_NAME if PROFILE_NAME in ("ci", "long") else "ci")
+PROFILE = settings.get_profile(PROFILE_NAME if PROFILE_NAME in ("ci", "long", "dev") else "ci")
 # Per-test example counts are multiples of the profile's: catalogue examples are cheap (torch
 # only, the derivation is cached), compositions cost a SymPy derivation each (~0.1-1 s).
 CATALOGUE_EXAMPLES = PROFILE.max_examples * 2
@@ -135,8 +140,9 @@ def _check_module(
         out, saved = getattr(module, f"{name}_forward")(*inputs, **params)
     several = d.program.several_outputs
     outs = list(out) if several else [out]
-    bound = max([forward_sizes.largest] + [o.numel() for o in outs] + [x.numel() for x in inputs])
     reference = _forward_function(d)(*inputs, **params)
+    named = [v.numel() for v in reference.values() if isinstance(v, torch.Tensor)]  # views too (a window)
+    bound = max([forward_sizes.largest] + [o.numel() for o in outs] + [x.numel() for x in inputs] + named)
     for o_name, o in zip(d.program.outputs, outs):
         _close(f"forward output {o_name} vs reference forward", o, reference[o_name])
     if several:
@@ -170,7 +176,7 @@ def _check_module(
             results, [torch.zeros_like(o) if s is None and several else s for o, s in zip(outs, given)]
         )
         for leaf, info in zip(leaves, d.program.inputs):
-            if not info.is_int:
+            if info.differentiable:
                 _close(f"d{info.name} by {name}(...).backward()", leaf.grad, want[info.name])
     return want
 
@@ -191,7 +197,7 @@ def test_catalogue_op_matches_autograd_at_random_sizes_and_values(name: str, dat
     program = d.program
     ranges = index_ranges(program)
     plain = [dim.name for dim in program.dims if not dim.parts]
-    sizes = {dim: data.draw(st.integers(1, 7), label=f"size {dim}") for dim in plain}
+    sizes = program.tie({dim: data.draw(st.integers(1, 7), label=f"size {dim}") for dim in plain})
     inputs = []
     for t in program.inputs:
         shape = _shape(t, sizes)
@@ -234,6 +240,7 @@ FLOAT_LAYOUTS = [
 FLAT = {"dk": ("d", "k"), "nd": ("n", "d")}  # x.flatten("d", "k") has dim "dk"; an input declares it "(d k)"
 RENAMES = {"r": "d", "s": "k"}  # x.rename(d="r"): a rename to r is always of d (so R is D)
 FLAT_LAYOUTS = [("dk",), ("n", "dk")]  # only next to an input that declares d and k (their sizes)
+WINDOW = "j"  # x.pad("d", l, r).unfold("d", J, 1, "j", dilation=g) with l + r = g*(J - 1): d keeps its size
 PARAM = ("alpha", 0.75)  # a scalar parameter: a symbol in the derivation, a keyword in the code
 FLOAT_NAMES = ("x", "y", "w")
 INT_NAMES = ("idx", "jdx")
@@ -395,6 +402,10 @@ def _expression(c: Composition, n: Node) -> str:
         return f'{args[0]}.flatten("{FLAT[n.dim][0]}", "{FLAT[n.dim][1]}")'
     if n.kind == "rename":
         return f'{args[0]}.rename({n.dim}="{n.fn}")'
+    if n.kind == "window":
+        left, right, size, dilation = n.fn
+        padded = f'{args[0]}.pad("{n.dim}", {left}, {right})' if left or right else args[0]
+        return f'{padded}.unfold("{n.dim}", {size}, 1, "{WINDOW}", dilation={dilation})'
     raise AssertionError(n.kind)
 
 
@@ -491,7 +502,12 @@ def evaluate(c: Composition, values: dict[str, torch.Tensor]) -> dict[int, torch
             i = n.args[0].layout.index(FLAT[n.dim][0])
             v = a[0].flatten(i, i + 1)
         elif n.kind == "rename":
-            v = a[0]
+            v = a[0].view_as(a[0])  # its own node, so a named rename gets its own gradient
+        elif n.kind == "window":
+            left, right, size, dilation = n.fn
+            axis = n.args[0].layout.index(n.dim)
+            padded = torch.nn.functional.pad(a[0].movedim(axis, -1), (left, right)).movedim(-1, axis)
+            v = padded.unfold(axis, dilation * (size - 1) + 1, 1)[..., ::dilation]
         elif n.kind == "matmul":
             v = torch.tensordot(a[0], a[1], dims=([a[0].dim() - 1], [0]))
         elif n.kind == "gather":
@@ -526,6 +542,7 @@ def compositions(
     sizes = {d: draw(st.integers(1, 7), label=f"size {d}") for d in DIMS}
     sizes.update({flat: sizes[a] * sizes[b] for flat, (a, b) in FLAT.items()})
     sizes.update({new: sizes[old] for new, old in RENAMES.items()})
+    sizes[WINDOW] = draw(st.integers(1, 3), label="window length")
     inputs: list[Node] = []
     if first:
         inputs = [Node("input", layout, name=FLOAT_NAMES[i]) for i, layout in enumerate(FIRST_INPUTS[first])]
@@ -540,7 +557,7 @@ def compositions(
     steps = draw(st.integers(0 if first else 1, max_steps), label="steps")
     for _ in range(steps):
         kinds = ["unary", "binary", "reduce", "reduce_keepdim", "matmul", "gather", "flatten", "layer", "contract"]
-        kinds += ["rename"]
+        kinds += ["rename", "window"]
         kind = draw(st.sampled_from(kinds))
         node = _make(draw, kind, pool, ints, sizes)
         if node is None:  # not applicable to this pool: an elementwise function always is
@@ -596,10 +613,19 @@ FIRST_INPUTS = {
     "layer": [("n", "d"), ("d", "k"), ("k",)],  # activation(x @ W + b)
     "contract": [("n", "d"), ("d", "k"), ("d",)],  # (x * y * w).sum("d"): three factors
     "middle_max": [("n", "d", "k")],  # x.max("d"): a max over a middle dim
+    "conv": [("n", "d"), (WINDOW, "m")],  # a padded window of x contracted with a weight over j
 }
 
 
 def _first(draw: st.DrawFn, first: str, pool: list[Node], ints: list[Node], sizes: dict[str, int]) -> Node:
+    if first == "conv":
+        x, w = pool
+        window = _make(draw, "window", [x], ints, sizes)
+        assert window is not None
+        product = Node(
+            "binary", broadcast_layout([window.layout, w.layout]), (window, w), fn="mul", template="{a} * {b}"
+        )
+        return Node("reduce", tuple(a for a in product.layout if a != WINDOW), (product,), fn="sum", dim=WINDOW)
     if first == "middle_max":
         x = pool[0]
         return Node("reduce", ("n", "k"), (x,), fn="max", dim="d")
@@ -703,6 +729,17 @@ def _make(draw: st.DrawFn, kind: str, pool: list[Node], ints: list[Node], sizes:
         a, new = draw(st.sampled_from(pairs))
         old = RENAMES[new]
         return Node("rename", tuple(new if x == old else x for x in a.layout), (a,), fn=new, dim=old)
+    if kind == "window":  # a padded, dilated window along a dim that keeps its size ("same" padding)
+        cands = [(p, d) for p in pool for d in p.named() if d in DIMS and WINDOW not in p.named()]
+        if not cands:
+            return None
+        a, d = draw(st.sampled_from(cands))
+        if len(a.named()) + 1 > MAX_DIMS and len(pool) > 1:
+            return None
+        dilation = draw(st.integers(1, 2), label="dilation")
+        span = dilation * (sizes[WINDOW] - 1)
+        left = draw(st.integers(0, span), label="left padding")
+        return Node("window", a.layout + (WINDOW,), (a,), fn=(left, span - left, sizes[WINDOW], dilation), dim=d)
     if kind == "flatten":
         cands = [
             (p, flat)
@@ -1043,6 +1080,15 @@ def test_backward_steps_has_every_input(body: str):
     steps = module.zero_steps_backward_steps(torch.ones_like(out), saved)
     assert set(steps) >= {"x", "w"}, sorted(steps)
     assert not steps["w"].any()
+
+
+def test_a_named_rename_of_an_input_gets_its_own_autograd_gradient():
+    """``v0 = x.rename(k="s")`` is ``v0 = x`` in the forward: the autograd reference must not alias them."""
+    source = '@op(x="d k", w="1 d")\ndef alias(x, w):\n    v0 = x.rename(k="s")\n    v3 = v0 + w\n    return v3, x.flatten("d", "k")\n'
+    d, module = _generated(source)
+    x = _x(2, 3)
+    want = _check_module(d, module, [x, _x(1, 2, seed=2)], lambda shape: _x(*shape, seed=1))
+    assert "v0" in want
 
 
 @pytest.mark.parametrize(

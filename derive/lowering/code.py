@@ -246,7 +246,7 @@ def _size_lines(program: Program) -> list[tuple[str, str]]:
             if d is None:
                 continue
             parts = d.parts or (d,)
-            if len(parts) == 1 and d.name not in seen:
+            if len(parts) == 1 and d.owns_size and d.name not in seen:
                 seen.add(d.name)
                 out.append((str(d.size), f"{t.name}.shape[{axis}]"))
     missing = [d.name for d in program.size_dims if d.name not in seen]

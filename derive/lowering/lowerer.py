@@ -37,7 +37,7 @@ from ..indexalg import (
     substitute_indices,
     tensor_names,
 )
-from ..program import Layout, TensorInfo
+from ..program import Layout, TensorInfo, is_window_index
 from . import inplace
 from . import plan as planner
 from .printer import PRINTER, TorchCodePrinter, atom, shape_tuple, size_code
@@ -378,8 +378,8 @@ class Lowerer:
             return self._argmax(e)
         if isinstance(e, sympy.KroneckerDelta):
             return self._cached(e, self._delta)
-        if e.is_Symbol and is_index(e):
-            raise OpDefinitionError(f"index {e} used as a value")
+        if e.is_Symbol and is_index(e):  # a position along its dim (a window's t*2 + k)
+            return Val(f"torch.arange({size_code(dim_of(e).size)}, device={self.ref}.device)", (e,), True)
         return self._elementwise(e)
 
     def _fresh_name(self, hint: str = "t") -> str:
@@ -414,6 +414,10 @@ class Lowerer:
         code = name
         if None in info.layout:
             code = f"{name}[{', '.join('0' if d is None else ':' for d in info.layout)}]"
+        if any(_resized(i, d) for i, d in zip(idx, info.dims)):  # read at a shifted or padded position
+            windowed = self._windowed(code, info.dims, idx)
+            if windowed is not None:
+                return windowed
         if all(is_index(i) for i in idx):
             if len(set(idx)) != len(idx):
                 raise OpDefinitionError(f"repeated index in {e} (a diagonal) is not supported")
@@ -424,6 +428,9 @@ class Lowerer:
 
     def _indexed(self, code: str, info: TensorInfo, idx: tuple[sympy.Basic, ...]) -> Val:
         """Entries at compound, flattened or gathered indices: reshape, then advanced indexing."""
+        windowed = self._windowed(code, info.dims, idx) if any(is_window_index(i) for i in idx) else None
+        if windowed is not None:
+            return windowed
         dims = info.dims
         # unflatten: an index Pack(t, e) on a flattened dim splits that axis
         shape: list[str] = []
@@ -455,6 +462,43 @@ class Lowerer:
         if all(is_index(i) for i in new_idx):
             return Val(code, tuple(new_idx), info.is_int)
         return self._gather(code, new_idx, info.is_int)
+
+    def _windowed(self, code: str, dims: tuple[Dim, ...], idx: tuple[sympy.Basic, ...]) -> Val | None:
+        """Entries at shifted or windowed positions as views: ``x[..., t - 4]`` is ``F.pad`` (zeros
+        past the ends), ``x[..., t + 4]`` a ``narrow``, ``x[..., 2*t + k]`` an ``unfold``."""
+        axes: list[sympy.Symbol] = []
+        pads: dict[int, tuple[sympy.Expr, sympy.Expr]] = {}
+        windows: list[tuple[int, _Window]] = []
+        for axis, (i, d) in enumerate(zip(idx, dims)):
+            if is_index(i) and not _resized(i, d):
+                axes.append(i)
+                continue
+            shift, rest = i.as_coeff_Add()
+            if is_index(rest) and shift.is_Integer:
+                pads[axis] = (-shift, sympy.simplify(dim_of(rest).size + shift - d.size))
+                axes.append(rest)
+                continue
+            window = _Window.of(i, d.size)
+            if window is None:
+                return None
+            windows.append((axis, window))
+            axes.append(window.positions)
+        axes += [w.offsets for _, w in windows]
+        if len(set(axes)) != len(axes):
+            return None
+        if pads:
+            if all(x.is_number and x <= 0 for p in pads.values() for x in p):
+                for axis, (left, _) in pads.items():
+                    code = f"{atom(code)}.narrow({axis}, {-left}, {size_code(dim_of(axes[axis]).size)})"
+            else:
+                first = min(pads)
+                amounts = [str(x) for axis in reversed(range(first, len(idx))) for x in pads.get(axis, (0, 0))]
+                code = f"torch.nn.functional.pad({code}, ({', '.join(amounts)}))"
+        for axis, w in windows:
+            code = f"{atom(code)}.unfold({axis}, {size_code(w.span)}, {w.step})"
+            if w.dilation != 1:
+                code = f"{code}[..., ::{w.dilation}]"
+        return Val(code, tuple(axes))
 
     def _gather(self, code: str, idx: list[sympy.Basic], is_int: bool) -> Val:
         """Advanced indexing: gathered axes take integer tensors, shared indices take aranges."""
@@ -505,7 +549,7 @@ class Lowerer:
         return val
 
     def _sum_body(self, body: sympy.Expr, indices: list[sympy.Symbol], preferred: Axes) -> Val:
-        scatter = self._index_put(body, indices) or self._scatter(body, indices)
+        scatter = self._index_put(body, indices) or self._scatter(body, indices) or self._fold(body, indices)
         if scatter is not None:
             return scatter
         summed = frozenset(indices)
@@ -608,6 +652,34 @@ class Lowerer:
                 batch = tuple(i for i in lead if i not in indices)
                 other = tuple(a for a in rest.axes if a not in lead)
                 return self._scatter_add(pick, v, rest, rest_expr, batch, summed, other)
+        return None
+
+    def _fold(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
+        """``Σ_{t,k} f[t, k, R] δ(v, 2*t + k)``: each window's values added back at the positions
+        they were read from (col2im), one ``index_add_`` along ``v``, no one-hot."""
+        summed = set(indices)
+        for f in sympy.Mul.make_args(body):
+            if not isinstance(f, sympy.KroneckerDelta):
+                continue
+            for pick, v in (f.args, f.args[::-1]):
+                if not (is_index(v) and v not in summed and is_window_index(pick) and free_indices(pick) <= summed):
+                    continue
+                lead = tuple(sorted(free_indices(pick), key=str))
+                rest_expr = body / f
+                for k in [i for i in indices if i not in lead]:
+                    rest_expr = ISum(rest_expr, k)
+                rest = self.lower(rest_expr)
+                if v in rest.axes or not set(lead) <= set(rest.axes):
+                    continue
+                pos = min(rest.axes.index(i) for i in lead)
+                others = [a for a in rest.axes if a not in lead]
+                order = tuple(others[:pos]) + lead + tuple(others[pos:])
+                sizes = [size_code(dim_of(a).size) for a in others]
+                src = f"{atom(self.align(rest, order, strip=False))}.reshape({', '.join(sizes[:pos] + ['-1'] + sizes[pos:])})"
+                where = f"{atom(self.align(self.lower(pick), lead, strip=False))}.reshape(-1)"
+                shape = shape_tuple(sizes[:pos] + [size_code(dim_of(v).size)] + sizes[pos:])
+                code = f"{self.ref}.new_zeros({shape}).index_add_({pos}, {where}, {src})"
+                return Val(code, tuple(others[:pos]) + (v,) + tuple(others[pos:]))
         return None
 
     def _index_put(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
@@ -825,6 +897,42 @@ class Lowerer:
         return _bottom_up_expr(e, rewrite)
 
 
+def _resized(i: sympy.Basic, d: Dim) -> bool:
+    """Whether a plain index reads a dim of another length (a padding's ``x[dp]``, its backward's ``dpad[d]``)."""
+    if not is_index(i) or d.parts or (d.derived is None and dim_of(i).derived is None):
+        return False  # only a window or padding changes a length (a rename's tie does not)
+    have, want = dim_of(i).size, d.size
+    return have != want and sympy.expand(have - want) != 0
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A window read ``step*positions + dilation*offsets`` along a dim: ``Tensor.unfold``'s pattern."""
+
+    positions: sympy.Symbol
+    offsets: sympy.Symbol
+    step: int
+    dilation: int
+
+    @property
+    def span(self) -> sympy.Expr:
+        return self.dilation * (dim_of(self.offsets).size - 1) + 1
+
+    @staticmethod
+    def of(i: sympy.Expr, size: sympy.Expr) -> _Window | None:
+        """The window an index reads along a dim of ``size``, when it reads one exactly as unfold does."""
+        terms = [t.as_coeff_Mul() for t in sympy.Add.make_args(i)]
+        if len(terms) != 2 or not all(c.is_Integer and c > 0 and is_index(x) for c, x in terms):
+            return None
+        pairs = sorted((terms, terms[::-1]), key=lambda pair: dim_of(pair[1][1]).fixed is None)  # offsets: a fixed dim
+        for (step, p), (dilation, k) in pairs:
+            w = _Window(p, k, int(step), int(dilation))
+            count = sympy.floor((size - w.span) / sympy.Integer(w.step)) + 1
+            if sympy.simplify(count - dim_of(p).size) == 0:
+                return w
+        return None
+
+
 def _outer_sums(e: sympy.Expr) -> list[sympy.Symbol]:
     """The indices summed at the top of ``e`` (of each term, of each factor), not inside a body."""
     if isinstance(e, ISum):
@@ -1013,7 +1121,7 @@ def _value_leaves(e: sympy.Expr, repeated: set[sympy.Expr] | None = None, top: b
     """
     if is_entry(e) or isinstance(e, (ISum, IMax, ArgMax, sympy.KroneckerDelta)):
         return [e]
-    if e.is_Symbol and e.name.startswith("__val_"):
+    if e.is_Symbol and (e.name.startswith("__val_") or is_index(e)):
         return [e]
     if repeated and not top and costly(e) and canonical_key(e)[0] in repeated:
         return [e]

@@ -199,7 +199,13 @@ def shape_tuple(sizes: list[str]) -> str:
 
 
 def size_code(size: sympy.Expr) -> str:
-    return PRINTER.doprint(size).replace(" ", "")
+    """A size expression as Python: ``floor((T - 3)/2) + 1`` prints as ``(T-3)//2+1``."""
+    floors = {f: sympy.Symbol(f"__floor{k}") for k, f in enumerate(sympy.sympify(size).atoms(sympy.floor))}
+    text = PRINTER.doprint(sympy.sympify(size).xreplace(floors)).replace(" ", "")
+    for f, stand_in in floors.items():
+        num, den = sympy.fraction(sympy.together(f.args[0]))
+        text = text.replace(stand_in.name, f"({atom(size_code(num))}//{atom(size_code(den))})")
+    return text
 
 
 def atom(code: str) -> str:

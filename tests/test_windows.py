@@ -1,0 +1,160 @@
+"""Windows and padding: ``unfold`` and ``pad`` by dim name make convolutions; their backward is a
+derived scatter-add (col2im), checked against ``torch.nn.functional.conv1d``."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from derive import derive, op
+from derive.emit import render
+from derive.errors import OpDefinitionError
+from derive.verify import TensorSizes, load_module, verify
+
+
+@op(x="n t c", W="k c o", b="o")
+def conv1d(x, W, b):
+    """A conv1d, kernel 3, stride 1: windows of x contracted with W over offset and channel."""
+    out = x.unfold("t", 3, 1, "k").matmul(W, over=("k", "c")) + b
+    return out
+
+
+@op(x="n t c", W="k c o", b="o")
+def conv1d_stride2(x, W, b):
+    out = x.unfold("t", 3, 2, "k").matmul(W, over=("k", "c")) + b
+    return out
+
+
+@op(x="n t c", W="k c o", b="o")
+def causal_dilated(x, W, b):
+    """WaveNet's causal dilated conv: pad the past, dilation 2; the output keeps dim t."""
+    out = x.pad("t", 4, 0).unfold("t", 3, 1, "k", dilation=2).matmul(W, over=("k", "c")) + b
+    return out
+
+
+def _torch_conv(x, W, b, stride=1, dilation=1, left=0):
+    """The same layer in PyTorch's layout: (N, C, T) input, (O, C, K) weight."""
+    y = F.conv1d(F.pad(x.transpose(1, 2), (left, 0)), W.permute(2, 1, 0), b, stride=stride, dilation=dilation)
+    return y.transpose(1, 2)
+
+
+CASES = [
+    (conv1d, {}),
+    (conv1d_stride2, {"stride": 2}),
+    (causal_dilated, {"dilation": 2, "left": 4}),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: c[0].name)
+def generated(request):
+    the_op, conv_args = request.param
+    d = derive(the_op)
+    return d, load_module(render(d, formatted=False), the_op.name), conv_args
+
+
+def test_windows_verify_against_autograd_gradcheck_and_exactly(generated):
+    d, module, _ = generated
+    v = verify(d, module)
+    assert v.ok, v
+    assert all(status == "exact" for _, status in v.exact)
+
+
+@pytest.mark.parametrize("n,t,c,o", [(2, 9, 3, 4), (3, 16, 5, 2)])
+def test_windows_match_torch_conv1d_forward_and_backward(generated, n, t, c, o):
+    d, module, conv_args = generated
+    g = torch.Generator().manual_seed(t)
+    x, W, b = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((n, t, c), (3, c, o), (o,)))
+    out, saved = getattr(module, f"{d.program.name}_forward")(x, W, b)
+    leaves = [a.clone().requires_grad_() for a in (x, W, b)]
+    want = _torch_conv(*leaves, **conv_args)
+    torch.testing.assert_close(out, want.detach())
+    dout = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    want_grads = torch.autograd.grad(want, leaves, dout)
+    got = getattr(module, f"{d.program.name}_backward")(dout, saved)
+    for name, w in zip("x W b".split(), want_grads):
+        torch.testing.assert_close(getattr(got, name), w, msg=name)
+
+
+def test_the_backward_of_a_window_is_one_scatter_add_no_loop_no_one_hot(generated):
+    d, module, _ = generated
+    source = render(d, formatted=False)
+    backward = source[source.index(f"def {d.program.name}_backward(") :]
+    backward = backward[: backward.index("\ndef ")]
+    assert "index_add_" in backward and "scatter_(" not in backward
+    assert not re.search(r"^\s*(for|while) ", backward, re.MULTILINE)
+    x, W, b = torch.randn(4, 40, 8), torch.randn(3, 8, 16), torch.randn(16)
+    with TensorSizes() as forward:
+        out, saved = getattr(module, f"{d.program.name}_forward")(x, W, b)
+    with TensorSizes() as sizes:
+        getattr(module, f"{d.program.name}_backward")(torch.randn_like(out), saved)
+    assert sizes.largest <= max(forward.largest, x.numel())
+
+
+def test_a_causal_conv_keeps_the_time_dim_so_a_residual_adds():
+    @op(x="n t c", W="k c c2")
+    def residual(x, W):
+        h = x.pad("t", 2, 0).unfold("t", 3, 1, "k").matmul(W, over=("k", "c"))
+        out = h.rename(c2="c") + x
+        return out
+
+    d = derive(residual)
+    assert [dim.name for dim in d.program.tensors["out"].dims] == ["n", "t", "c"]
+    assert verify(d, load_module(render(d, formatted=False), "residual")).ok
+
+
+def test_a_window_longer_than_its_dim_is_refused_at_run_time_in_one_line(generated):
+    d, module, conv_args = generated
+    forward = getattr(module, f"{d.program.name}_forward")
+    args = torch.randn(2, 1, 3), torch.randn(3, 3, 4), torch.randn(4)
+    if conv_args.get("left"):  # the padding makes even one position long enough
+        assert forward(*args)[0].shape == (2, 1, 4)
+        return
+    with pytest.raises(ValueError, match="too short for the window"):
+        forward(*args)
+
+
+def test_a_weight_whose_window_dim_has_another_length_is_refused(generated):
+    d, module, _ = generated
+    with pytest.raises(ValueError, match=r"W must be \[3, C, O\]"):
+        getattr(module, f"{d.program.name}_forward")(torch.randn(2, 9, 3), torch.randn(4, 3, 4), torch.randn(4))
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (lambda x: x.unfold("t", 0, 1, "k"), "size must be a positive integer"),
+        (lambda x: x.unfold("t", 2, 1, "c"), "already has a dim 'c'"),
+        (lambda x: x.unfold("c", 9, 1, "k"), None),  # a symbolic dim: checked at run time
+        (lambda x: x.pad("t", -1, 0), "left must be a non-negative integer"),
+        (lambda x: x.unfold("t", 2, 1, "k").sum("k") + x, "dim 't' has size"),
+    ],
+)
+def test_bad_windows_are_one_line_errors_naming_the_line(body, message):
+    @op(x="n t c")
+    def f(x):
+        out = body(x)
+        return out
+
+    if message is None:
+        f.program()
+        return
+    with pytest.raises(OpDefinitionError, match=message) as info:
+        f.program()
+    assert "\n" not in str(info.value) and "test_windows.py" in str(info.value)
+
+
+def test_padding_an_expression_pads_its_value_not_only_its_entries():
+    """Found by the property tests: ``(x.sum("t", keepdim=True) - x).pad(...)`` had padded x alone."""
+
+    @op(x="n t")
+    def padded_expression(x):
+        out = (x.sum("t", keepdim=True) - x).pad("t", 1, 2)
+        return out
+
+    d = derive(padded_expression)
+    module = load_module(render(d, formatted=False), "padded_expression")
+    x = torch.randn(3, 4, dtype=torch.float64)
+    out, _ = module.padded_expression_forward(x)
+    torch.testing.assert_close(out, F.pad(x.sum(1, keepdim=True) - x, (1, 2)))
+    assert verify(d, module).ok
