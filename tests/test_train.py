@@ -244,7 +244,7 @@ def test_ddp_on_two_processes_trains_like_one(data):
     assert abs(e1.train_loss - e2.train_loss) < 1e-4 and abs(e1.val_loss - e2.val_loss) < 1e-4
 
 
-@pytest.mark.parametrize("model", ["mlp", "wavenet"])
+@pytest.mark.parametrize("model", ["mlp", "wavenet", "gpt"])
 def test_compare_autograd_ends_with_the_largest_per_step_loss_difference(model, capsys):
     """derive train --model M --compare-autograd: generated and autograd from one seed, float32."""
     assert main(["--model", model, "--steps", "300", "--compare-autograd", "-q", "--samples", "0"]) == 0
@@ -269,9 +269,37 @@ def test_wavenet_fuses_pairs_and_learns():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _batch(data, config):
+def test_gpt_attends_causally_and_learns():
+    """The transformer: context 16, every gradient from the generated blocks; training lowers the val loss."""
+    from derive.training import gpt
+
+    config = TrainConfig(steps=400, model="gpt", n_embd=64, n_hidden=256, block_size=16, lr=1e-3)
+    assert gpt.parameter_count(27) == sum(p.numel() for p in gpt.init_params(27)[0])
+    wide = load_dataset(None, block_size=16)
+    before = evaluate(train(replace(config, steps=1), wide), wide, samples=0)
+    after = evaluate(train(config, wide), wide, samples=0)
+    assert after.val_loss < before.val_loss - 0.5, (before, after)
+    params, Xb, Yb = _batch(wide, config, gpt)
+    _, grads = gpt.layer_step(params, Xb, Yb)
+    _, want = gpt.autograd_step(params, Xb, Yb)
+    for name, a, b in zip(gpt.Params._fields, grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    x = torch.randn(4, 16, 64)
+    changed = x.clone()
+    changed[:, -1] += 1.0  # the last position: no earlier one may see it through the generated block
+    attn = gpt._block(params, 0)[0]
+    block = gpt._GENERATED.attention.attention_block_forward
+    out, _ = block(x, *attn, gpt.causal_mask(16))
+    shifted, _ = block(changed, *attn, gpt.causal_mask(16))
+    torch.testing.assert_close(out[:, :-1], shifted[:, :-1])
+    assert not torch.allclose(out[:, -1], shifted[:, -1])
+
+
+def _batch(data, config, model=None):
     from derive.training import wavenet
 
-    params, g = wavenet.init_params(data.vocab.size, config.n_embd, config.n_hidden, config.block_size, seed=1)
+    params, g = (model or wavenet).init_params(
+        data.vocab.size, config.n_embd, config.n_hidden, config.block_size, seed=1
+    )
     ix = torch.randint(0, data.train.X.shape[0], (32,), generator=g)
     return params, data.train.X[ix], data.train.Y[ix]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..tensor import Op
-from . import activations, embedding, lecture, linear, losses, normalisation
+from . import activations, embedding, lecture, linear, losses, normalisation, transformer
 
-_MODULES = (linear, activations, embedding, losses, normalisation, lecture)
+_MODULES = (linear, activations, embedding, losses, normalisation, lecture, transformer)
 
 
 def catalogue() -> dict[str, Op]:

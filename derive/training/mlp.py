@@ -188,7 +188,7 @@ def autograd_grads(loss_fn: Callable[..., torch.Tensor], params: Any, Xb: torch.
 
 
 STEPS: dict[str, Step] = {"layers": generated_step, "network": generated_network_step, "autograd": autograd_step}
-DEFAULTS = SimpleNamespace(n_embd=10, n_hidden=200, block_size=3)
+DEFAULTS = SimpleNamespace(n_embd=10, n_hidden=200, block_size=3, lr=0.1)
 """The lecture's sizes (exercise 4)."""
 """Training steps by name: the two generated ones and the autograd reference."""
 

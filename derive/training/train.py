@@ -26,14 +26,14 @@ from typing import Any, Callable, TextIO
 
 import torch
 
-from . import mlp, wavenet
+from . import gpt, mlp, wavenet
 from .data import Dataset, load_dataset
 from ..errors import DeriveError
 
 PROG = "derive train"
 
 
-MODELS = {"mlp": mlp, "wavenet": wavenet}
+MODELS = {"mlp": mlp, "wavenet": wavenet, "gpt": gpt}
 """The models ``--model`` names: modules with the same functions (init_params, STEPS, calibrate, ...)."""
 
 
@@ -55,7 +55,7 @@ class TrainConfig:
     backward: str = "layers"
     check_every: int = 0
     ddp: int = 0  # processes sharing each batch (0: one process)
-    model: str = "mlp"  # mlp (the lecture's) or wavenet (the hierarchical one that follows it)
+    model: str = "mlp"  # mlp (the lecture's), wavenet (the hierarchical one that follows it) or gpt
 
     def lr_at(self, step: int) -> float:
         """``lr`` for the first half of the steps, ``lr / 10`` after (0.1 then 0.01 in the lecture).
@@ -135,6 +135,13 @@ def train(
     if config.backward == "autograd":
         params = type(params)(*(p.requires_grad_() for p in params))
     check = GradCheck() if config.check_every and config.backward != "autograd" else None
+    if hasattr(model, "optimizer"):  # AdamW for the transformer
+        update = model.optimizer(params)
+    else:
+
+        def update(grads: Any, lr: float) -> None:
+            mlp.sgd_update(params, grads, lr)
+
     Xtr, Ytr = data.train.X, data.train.Y
     losses: list[float] = []
     threads = torch.get_num_threads()
@@ -150,7 +157,7 @@ def train(
                 loss, grads = step_fn(params, Xb, Yb)
                 if check is not None and step % config.check_every == 0:
                     check.add(step, *mlp.max_abs_difference(grads, model.autograd_step(params, Xb, Yb)[1]))
-                mlp.sgd_update(params, grads, config.lr_at(step))
+                update(grads, config.lr_at(step))
                 losses.append(loss.item())
                 if progress is not None:
                     progress(step, losses[-1], (step + 1) / (time.perf_counter() - start))
@@ -178,8 +185,10 @@ def evaluate(run: TrainRun, data: Dataset, samples: int = 20) -> Evaluation:
 # --------------------------------------------------------------------------------------------
 
 DESCRIPTION = """\
-Train the lecture's makemore MLP (LECTURE.md, exercise 4), or the hierarchical "WaveNet" model that
-follows it (--model wavenet), with generated backward code only.
+Train the lecture's makemore MLP (LECTURE.md, exercise 4), the hierarchical "WaveNet" model that
+follows it (--model wavenet), or a small character-level transformer (--model gpt: 2 pre-norm
+blocks of 4-head causal self-attention and a GELU MLP, 64 dims, context 16, AdamW), with
+generated backward code only.
 
 Every gradient comes from the modules in generated/: by default the forward of generated.embedding,
 linear, batchnorm, tanh, linear and cross_entropy, then each one's fused backward in reverse
@@ -203,6 +212,7 @@ examples:
   python -m derive train --data names.txt --compare-autograd --steps 5000
   python -m derive train --steps 20000 --plot loss.png        needs: pip install 'derive[plot]'
   python -m derive train --model wavenet --steps 5000 --compare-autograd
+  python -m derive train --model gpt --steps 5000 --compare-autograd
   python -m derive train --ddp 2 --batch-size 64 --steps 300  2 processes, each half of every batch
 
 exit status: 0 ok, 2 usage or data error, 130 interrupted."""
@@ -252,9 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         choices=sorted(MODELS),
         default="mlp",
-        help="mlp: the lecture's network; wavenet: the hierarchical one that follows it, context 8 (default: mlp)",
+        help="mlp: the lecture's network; wavenet: the hierarchical one that follows it, context 8; gpt: a "
+        "character-level transformer, context 16, AdamW (default: mlp)",
     )
-    p.add_argument("--hidden", type=_int_at_least(1), default=None, help="hidden units (default: mlp 200, wavenet 128)")
+    p.add_argument(
+        "--hidden", type=_int_at_least(1), default=None, help="hidden units (default: mlp 200, wavenet 128, gpt 256)"
+    )
     p.add_argument(
         "--batch-size",
         type=_int_at_least(2, " (batch norm's unbiased variance divides by n - 1)"),
@@ -264,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lr",
         type=_positive_float,
-        default=defaults.lr,
-        help="learning rate, divided by 10 after half the steps (default: %(default)s)",
+        default=None,
+        help="learning rate, divided by 10 after half the steps (default: mlp and wavenet 0.1, gpt 0.001)",
     )
     p.add_argument(
         "--seed",
@@ -328,7 +341,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         n_hidden=args.hidden or sizes.n_hidden,
         model=args.model,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=args.lr or sizes.lr,
         seed=args.seed,
         backward=args.backward,
         check_every=args.check_every,
@@ -392,6 +405,11 @@ def describe_setup(config: TrainConfig, data: Dataset) -> str:
         "layers": "generated embedding -> linear -> batchnorm -> tanh -> linear -> cross_entropy, each *_backward",
         "network": "generated makemore_mlp_backward (whole network fused)",
     }[config.backward]
+    if config.model == "gpt":
+        backward = (
+            "generated token_position_embedding -> 2 x (attention_block -> mlp_block) -> layernorm -> linear -> "
+            "cross_entropy, each *_backward"
+        )
     if config.model == "wavenet":
         backward = (
             "generated embedding -> 3 x (pairs -> linear -> batchnorm -> tanh) -> linear -> cross_entropy, "
@@ -402,7 +420,8 @@ def describe_setup(config: TrainConfig, data: Dataset) -> str:
         f"examples: train {len(data.train):,} / val {len(data.val):,} / test {len(data.test):,}\n"
         f"model:    {config.model}, {count:,} parameters (n_embd {config.n_embd}, n_hidden {config.n_hidden}, "
         f"block_size {config.block_size}), seed {config.seed}\n"
-        f"sgd:      {config.steps:,} steps, batch {config.batch_size}, lr {config.lr:g} then {config.lr / 10:g} "
+        f"{'adamw:' if config.model == 'gpt' else 'sgd:':<10}{config.steps:,} steps, batch {config.batch_size}, "
+        f"lr {config.lr:g} then {config.lr / 10:g} "
         f"from step {config.steps // 2:,}\n"
         f"backward: {backward}"
         + (

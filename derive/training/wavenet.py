@@ -166,4 +166,4 @@ def sample(
     return sample_from(lambda X: _network(params, X, stats)[0], block_size, count, seed)
 
 
-DEFAULTS = SimpleNamespace(n_embd=N_EMBD, n_hidden=N_HIDDEN, block_size=BLOCK_SIZE)
+DEFAULTS = SimpleNamespace(n_embd=N_EMBD, n_hidden=N_HIDDEN, block_size=BLOCK_SIZE, lr=0.1)
