@@ -10,8 +10,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from . import api
 from .errors import DeriveError
+
+if TYPE_CHECKING:
+    from .derivation import Derivation
 
 DESCRIPTION = """\
 Derive, simplify, generate and verify the backward pass of a tensor op.
@@ -70,28 +75,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--graph",
         type=Path,
         metavar="FILE.svg",
-        help="also draw the forward program as an SVG graph: tensors with shapes and gradient formulas",
+        help="also draw the forward program as a graph, tensors with shapes and gradient formulas: SVG (no "
+        "dependency), or PNG when the name ends .png (needs matplotlib: pip install 'derive[plot]')",
     )
     return parser
 
 
 def graph_target(path: Path) -> Path:
-    """``--graph``'s file, checked before any work: an .svg in a folder that can be written."""
+    """``--graph``'s file, checked before any work: an .svg (or, with matplotlib, .png) in a folder that can be written."""
+    import importlib.util
+
     from .emit import writable_folder
     from .errors import OutputPathError
 
-    if path.suffix.lower() != ".svg":
-        raise OutputPathError(f"--graph {path}: derive draws SVG (no extra dependency); name the file .svg")
+    suffix = path.suffix.lower()
+    if suffix not in (".svg", ".png"):
+        raise OutputPathError(f"--graph {path}: name the file .svg (no dependency) or .png (needs matplotlib)")
+    if suffix == ".png" and importlib.util.find_spec("matplotlib") is None:
+        raise OutputPathError(
+            f"--graph {path}: PNG is drawn by matplotlib, which is not installed "
+            "(pip install 'derive[plot]'); or name the file .svg"
+        )
     if path.is_dir():
-        raise OutputPathError(f"--graph {path}: is a folder; name an .svg file")
+        raise OutputPathError(f"--graph {path}: is a folder; name an .svg or .png file")
     writable_folder(path.parent, option=f"--graph {path}")
     return path
 
 
-def write_graph(path: Path, svg_text: str) -> None:
+def write_graph(path: Path, d: Derivation, wrong: frozenset[str] = frozenset()) -> None:
+    """The derivation's graph, as SVG or PNG by the file's suffix, written atomically."""
     from .emit import write_atomic
+    from .graph import graph_of, png, svg
 
-    write_atomic(path, svg_text)
+    g = graph_of(d)
+    write_atomic(path, png(g, wrong) if path.suffix.lower() == ".png" else svg(g, wrong))
 
 
 def _progress(message: str) -> None:
@@ -189,7 +206,7 @@ def check_main(argv: Sequence[str]) -> int:
     parser.add_argument("--against", required=True, type=Path, metavar="FILE.py", help="the file defining backward(t)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the example batch (default 0)")
     parser.add_argument(
-        "--graph", type=Path, metavar="FILE.svg", help="also draw the forward graph, wrong atoms in red"
+        "--graph", type=Path, metavar="FILE.svg", help="also draw the forward graph (.svg or .png), wrong atoms in red"
     )
     args = parser.parse_args(list(argv))
     from .tutor import check, render
@@ -205,10 +222,8 @@ def check_main(argv: Sequence[str]) -> int:
         return 130
     print(render(grading), end="")
     if args.graph is not None:
-        from .graph import graph_of, svg
-
         wrong = frozenset(r.name for r in grading.rows if not r.ok)
-        write_graph(args.graph, svg(graph_of(grading.derivation), wrong))
+        write_graph(args.graph, grading.derivation, wrong)
         print(f"Graph: {args.graph} (wrong gradients in red)")
     return 0 if grading.ok else 1
 
@@ -271,9 +286,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
     elif not args.quiet:
         print(api.report_text(result, fmt, small=args.small), end="")
     if args.graph is not None:
-        from .graph import graph_of, svg
-
-        write_graph(args.graph, svg(graph_of(result.derivation)))
+        write_graph(args.graph, result.derivation)
         if fmt == "text" and not args.quiet:
             print(f"Graph: {args.graph}")
     if fmt != "json":

@@ -1,8 +1,9 @@
 """The derivation as a picture: tensors as nodes (with shapes and gradient formulas), reads as edges.
 
-Two renderers, no dependency: a Mermaid block (GitHub and Jupyter draw it from Markdown) and a
-self-contained SVG laid out in layers, forward order top to bottom, whose labels stay text (so
-they are searchable and read by screen readers). ``derive check`` can mark wrong atoms red.
+Two renderers need no dependency: a Mermaid block (GitHub and Jupyter draw it from Markdown) and
+a self-contained SVG laid out in layers, forward order top to bottom, whose labels stay text (so
+they are searchable and read by screen readers). The same layout is drawn as PNG by matplotlib
+when it is installed (``pip install 'derive[plot]'``). ``derive check`` can mark wrong atoms red.
 """
 
 from __future__ import annotations
@@ -126,8 +127,18 @@ def _layers(g: Graph) -> list[list[Node]]:
     return layers
 
 
-def svg(g: Graph, wrong: frozenset[str] = frozenset()) -> str:
-    """A standalone SVG of the graph; nodes in ``wrong`` get a red border."""
+@dataclass(frozen=True)
+class Layout:
+    """Where each node's box is (``x, top, width, height``), and the drawing's size, in pixels."""
+
+    boxes: dict[str, tuple[float, float, float, float]]
+    labels: dict[str, list[str]]
+    width: float
+    height: float
+
+
+def layout(g: Graph) -> Layout:
+    """Boxes in layers, forward order top to bottom, each layer centred; one layout for every renderer."""
     boxes: dict[str, tuple[float, float, float, float]] = {}
     labels = {n.name: _label(n) for n in g.nodes}
     y = PAD + LINE_H * 2.0
@@ -145,7 +156,16 @@ def svg(g: Graph, wrong: frozenset[str] = frozenset()) -> str:
         for n, (w, h) in zip(layer, sizes):
             boxes[n.name] = (x, top, w, h)
             x += w + GAP_X
-    height = y - GAP_Y + PAD
+    return Layout(boxes, labels, width, y - GAP_Y + PAD)
+
+
+TITLE = "{name}: forward top to bottom; each tensor with the formula of its gradient"
+
+
+def svg(g: Graph, wrong: frozenset[str] = frozenset()) -> str:
+    """A standalone SVG of the graph; nodes in ``wrong`` get a red border."""
+    lay = layout(g)
+    boxes, labels, width, height = lay.boxes, lay.labels, lay.width, lay.height
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
         f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="DejaVu Sans Mono, Menlo, Consolas, monospace" font-size="12">',
@@ -153,8 +173,7 @@ def svg(g: Graph, wrong: frozenset[str] = frozenset()) -> str:
         '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
         'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#555"/></marker></defs>',
         '<rect width="100%" height="100%" fill="white"/>',
-        f'<text x="{PAD}" y="{PAD + LINE_H}" font-weight="bold">{html.escape(g.name)}: forward top to bottom; '
-        "each tensor with the formula of its gradient</text>",
+        f'<text x="{PAD}" y="{PAD + LINE_H}" font-weight="bold">{html.escape(TITLE.format(name=g.name))}</text>',
     ]
     for a, b in g.edges:
         ax, ay, aw, ah = boxes[a]
@@ -181,6 +200,53 @@ def svg(g: Graph, wrong: frozenset[str] = frozenset()) -> str:
     return "\n".join(out) + "\n"
 
 
+def png(g: Graph, wrong: frozenset[str] = frozenset()) -> bytes:
+    """The same drawing as :func:`svg`, as PNG bytes, by matplotlib (``pip install 'derive[plot]'``)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    lay = layout(g)
+    dpi = 100
+    fig = plt.figure(figsize=(lay.width / dpi, lay.height / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, lay.width)
+    ax.set_ylim(lay.height, 0)
+    ax.axis("off")
+    font = {"family": "DejaVu Sans Mono", "size": CHAR_W / 0.6 * 72 / dpi}  # a glyph 0.6 em wide: CHAR_W pixels
+    ax.text(PAD, PAD + LINE_H, TITLE.format(name=g.name), fontdict=font, weight="bold")
+    for a, b in g.edges:
+        ax_, ay, aw, ah = lay.boxes[a]
+        bx, by, bw, _ = lay.boxes[b]
+        ax.annotate(
+            "", xy=(bx + bw / 2, by), xytext=(ax_ + aw / 2, ay + ah), arrowprops={"arrowstyle": "->", "color": "#555"}
+        )
+    for n in g.nodes:
+        x, top, w, h = lay.boxes[n.name]
+        red = n.name in wrong
+        ax.add_patch(
+            FancyBboxPatch(
+                (x, top),
+                w,
+                h,
+                boxstyle=f"round,pad=0,rounding_size={12 if n.role == 'input' else 3}",
+                facecolor=FILL[n.role],
+                edgecolor="#c00" if red else "#333",
+                linewidth=3 if red else 1,
+            )
+        )
+        for k, line in enumerate(lay.labels[n.name]):
+            ax.text(x + PAD, top + PAD / 2 + LINE_H * (k + 0.8), line, fontdict=font, weight="bold" if k == 0 else None)
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=dpi, facecolor="white")
+    plt.close(fig)
+    return out.getvalue()
+
+
 class Picture:
     """Shows itself as SVG in Jupyter: ``picture(derive(op))`` as the last line of a cell."""
 
@@ -196,4 +262,4 @@ def picture(d: Derivation, wrong: frozenset[str] = frozenset()) -> Picture:
     return Picture(svg(graph_of(d), wrong))
 
 
-__all__ = ["Graph", "Node", "Picture", "graph_of", "mermaid", "picture", "svg"]
+__all__ = ["Graph", "Layout", "Node", "Picture", "graph_of", "layout", "mermaid", "picture", "png", "svg"]

@@ -1,12 +1,14 @@
-"""The derivation as a picture: --graph FILE.svg, a Mermaid block in Markdown, wrong atoms in red."""
+"""The derivation as a picture: --graph FILE.svg (or .png), a Mermaid block in Markdown, wrong atoms in red."""
 
 from __future__ import annotations
 
+import importlib.util
+import struct
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from derive.graph import graph_of, mermaid, picture
+from derive.graph import graph_of, layout, mermaid, picture
 
 from .conftest import derive_cli, derived
 
@@ -37,10 +39,26 @@ def test_batchnorm_graph_has_every_tensor_its_shape_and_its_gradient(tmp_path):
     assert f"Graph: {path}" in r.stdout
 
 
-def test_a_graph_that_cannot_be_drawn_is_a_usage_error_before_any_work(tmp_path):
-    r = _derive("batchnorm", "--graph", str(tmp_path / "bn.png"), "--out", str(tmp_path / "gen"))
+def test_a_graph_that_cannot_be_drawn_is_a_usage_error_before_any_work(tmp_path, monkeypatch):
+    r = _derive("batchnorm", "--graph", str(tmp_path / "bn.gif"), "--out", str(tmp_path / "gen"))
     assert r.returncode == 2 and "name the file .svg" in r.stderr and "Traceback" not in r.stderr
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    r = _derive("batchnorm", "--graph", str(tmp_path / "bn.png"), "--out", str(tmp_path / "gen"))
+    assert r.returncode == 2 and "pip install 'derive[plot]'" in r.stderr and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_png_is_the_same_layout_drawn_by_matplotlib(tmp_path):
+    path = tmp_path / "bn.png"
+    r = _derive("batchnorm", "--no-write", "--graph", str(path))
+    assert r.returncode == 0, r.stderr
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    d, _ = derived("batchnorm")
+    lay = layout(graph_of(d))
+    assert (width, height) == (round(lay.width), round(lay.height))
 
 
 def test_markdown_has_a_mermaid_block_with_every_edge():
