@@ -14,10 +14,17 @@ def test_chain_matches_autograd_for_every_named_tensor(op_name, dtype, atol):
     sizes = default_sizes(d.program)
     inputs = example_inputs(d.program, sizes, dtype, seed=3)
     out, saved = getattr(module, f"{op_name}_forward")(*inputs)
-    g = None if out.dim() == 0 else torch.randn(out.shape, dtype=dtype)
+    g = None if out.dim() == 0 else torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(3))
     want = autograd_grads(d, inputs, g)
     steps = getattr(module, f"{op_name}_backward_steps")(g, saved)
-    bad = [c for c in (compare(n, steps[n], want[n], atol=atol) for n in steps if n in want) if not c.approx]
+    # rounding grows with the gradient's size: atol is in units of its largest entry (at least 1)
+    bad = [
+        c
+        for c in (
+            compare(n, steps[n], want[n], atol=atol * max(1.0, float(want[n].abs().max()))) for n in steps if n in want
+        )
+        if not c.approx
+    ]
     assert not bad, bad
 
 

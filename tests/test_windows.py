@@ -158,3 +158,28 @@ def test_padding_an_expression_pads_its_value_not_only_its_entries():
     out, _ = module.padded_expression_forward(x)
     torch.testing.assert_close(out, F.pad(x.sum(1, keepdim=True) - x, (1, 2)))
     assert verify(d, module).ok
+
+
+def test_two_windows_make_a_conv2d():
+    """Nothing 2-D is special-cased: two unfolds and one contraction are F.conv2d, stride (1, 2)."""
+
+    @op(x="n h w c", K="kh kw c o", b="o")
+    def conv2d(x, K, b):
+        out = x.unfold("h", 3, 1, "kh").unfold("w", 3, 2, "kw").matmul(K, over=("kh", "kw", "c")) + b
+        return out
+
+    d = derive(conv2d)
+    module = load_module(render(d, formatted=False), "conv2d")
+    g = torch.Generator().manual_seed(0)
+    x, K, b = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((2, 7, 9, 3), (3, 3, 3, 4), (4,)))
+    out, saved = module.conv2d_forward(x, K, b)
+    leaves = [a.clone().requires_grad_() for a in (x, K, b)]
+    want = F.conv2d(leaves[0].permute(0, 3, 1, 2), leaves[1].permute(3, 2, 0, 1), leaves[2], stride=(1, 2))
+    want = want.permute(0, 2, 3, 1)
+    torch.testing.assert_close(out, want.detach())
+    dout = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for name, got, w in zip(
+        "x K b".split(), module.conv2d_backward(dout, saved), torch.autograd.grad(want, leaves, dout)
+    ):
+        torch.testing.assert_close(got, w, msg=name)
+    assert verify(d, module).ok
