@@ -492,7 +492,7 @@ class Lowerer:
                     code = f"{atom(code)}.narrow({axis}, {-left}, {size_code(dim_of(axes[axis]).size)})"
             else:
                 first = min(pads)
-                amounts = [str(x) for axis in reversed(range(first, len(idx))) for x in pads.get(axis, (0, 0))]
+                amounts = [size_code(x) for axis in reversed(range(first, len(idx))) for x in pads.get(axis, (0, 0))]
                 code = f"torch.nn.functional.pad({code}, ({', '.join(amounts)}))"
         for axis, w in windows:
             code = f"{atom(code)}.unfold({axis}, {size_code(w.span)}, {w.step})"
