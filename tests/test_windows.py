@@ -183,3 +183,31 @@ def test_two_windows_make_a_conv2d():
     ):
         torch.testing.assert_close(got, w, msg=name)
     assert verify(d, module).ok
+
+
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_pooling_written_as_a_window_matches_torch(pool):
+    """Written as a user would from the README, not tried while building windows: max pooling
+    (stride 2, the argmax's gradient scattered back) and padded average pooling."""
+
+    @op(x="n t c")
+    def pooled(x):
+        if pool == "max":
+            out = x.unfold("t", 2, 2, "k").max("k")
+        else:
+            out = x.pad("t", 1, 1).unfold("t", 3, 1, "k").mean("k")
+        return out
+
+    d = derive(pooled)
+    module = load_module(render(d, formatted=False), "pooled")
+    x = torch.randn(2, 8, 3, dtype=torch.float64, requires_grad=True)
+    if pool == "max":
+        want = F.max_pool1d(x.transpose(1, 2), 2).transpose(1, 2)
+    else:
+        want = F.avg_pool1d(x.transpose(1, 2), 3, 1, padding=1, count_include_pad=True).transpose(1, 2)
+    out, saved = module.pooled_forward(x.detach())
+    torch.testing.assert_close(out, want.detach())
+    dout = torch.randn(want.shape, dtype=torch.float64)
+    (dx,) = torch.autograd.grad(want, x, dout)
+    torch.testing.assert_close(module.pooled_backward(dout, saved).x, dx)
+    assert verify(d, module).ok
