@@ -20,8 +20,10 @@ from .indexalg import (
     entry_indices,
     entry_name,
     free_indices,
+    fresh_index,
     fresh_indices,
     is_entry,
+    may_read_past,
     rename_bound,
     tensor_names,
 )
@@ -74,7 +76,7 @@ class Differentiator:
         if is_entry(e):
             if entry_name(e) == self.wrt:
                 return sympy.Mul(*(sympy.KroneckerDelta(i, w) for i, w in zip(entry_indices(e), self.at)))
-            return self(self.defs[entry_name(e)].at(entry_indices(e)))
+            return self._through_definition(e)
         if isinstance(e, ISum):
             inner = self(e.body)
             return sympy.S.Zero if inner == 0 else ISum(inner, e.var)
@@ -82,6 +84,24 @@ class Differentiator:
             k = e.var
             return ISum(sympy.KroneckerDelta(k, ArgMax(e.body, k)) * self(e.body), k)
         return self._chain_rule(e)
+
+    def _through_definition(self, e: sympy.Expr) -> sympy.Expr:
+        """An intermediate's entry, differentiated through its definition. Read past its end (a
+        padding's ``v[np]``) it is 0 there: ``v[np] = Σ_n δ(n, np) v[n]``, so ``n`` stays in range."""
+        stmt = self.defs[entry_name(e)]
+        taken = free_indices(e) | bound_indices(stmt.expr) | set(stmt.target.indices) | set(self.at)
+        guards: list[tuple[sympy.Symbol, sympy.Basic]] = []
+        at: list[sympy.Basic] = []
+        for i, d in zip(entry_indices(e), stmt.target.dims):
+            if may_read_past(i, d):
+                k = fresh_index(d, taken | {g for g, _ in guards})
+                guards.append((k, i))
+                i = k
+            at.append(i)
+        result = self(stmt.at(tuple(at)))
+        for k, i in reversed(guards):
+            result = ISum(sympy.KroneckerDelta(k, i) * result, k) if result != 0 else result
+        return result
 
     def _chain_rule(self, e: sympy.Expr) -> sympy.Expr:
         """Differentiate the scalar shell with ``sympy.diff`` and chain into each index-level leaf."""

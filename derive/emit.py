@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -33,7 +34,9 @@ def _template_folder() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+@functools.lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
+    """One environment per process: it caches the compiled template (compiling costs ~50 ms)."""
     import jinja2  # here, not at import: a run whose module is cached never renders
 
     folder = _template_folder()

@@ -20,6 +20,7 @@ __all__ = [
     "IMax",
     "ISum",
     "Pack",
+    "always_within",
     "bound_indices",
     "dim_of",
     "entry",
@@ -30,6 +31,7 @@ __all__ = [
     "fresh_indices",
     "is_entry",
     "is_index",
+    "may_read_past",
     "tensor_names",
 ]
 
@@ -212,6 +214,29 @@ class Flat(sympy.Function):
 
 
 _ENTRY_CLASSES: dict[str, type] = {}
+
+
+def always_within(e: sympy.Expr, size: sympy.Expr) -> bool:
+    """Whether the affine index expression ``e`` lies in ``[0, size)`` for every value of its indices."""
+    lo = hi = sympy.S.Zero
+    for term in sympy.Add.make_args(sympy.expand(e)):
+        coeff, rest = term.as_coeff_Mul()
+        if rest == 1:
+            lo, hi = lo + coeff, hi + coeff
+        elif is_index(rest):
+            top = coeff * (dim_of(rest).size - 1)
+            lo, hi = (lo, hi + top) if coeff > 0 else (lo + top, hi)
+        else:
+            return False
+    return bool(sympy.simplify(lo).is_nonnegative) and bool(sympy.simplify(size - 1 - hi).is_nonnegative)
+
+
+def may_read_past(i: sympy.Basic, d: Dim) -> bool:
+    """Whether the plain index ``i`` may point past the end of dim ``d``: ``v[np]`` read at a
+    padding's position, where ``v`` has no entry (it reads 0 there)."""
+    if not is_index(i) or d.parts or (d.derived is None and dim_of(i).derived is None):
+        return False  # only a window or padding changes a length (a rename's tie does not)
+    return not always_within(i, d.size)
 
 
 def entry(name: str, indices: Iterable[sympy.Basic] = ()) -> sympy.Expr:

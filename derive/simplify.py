@@ -20,6 +20,7 @@ from .indexalg import (
     Flat,
     IMax,
     ISum,
+    always_within,
     Pack,
     dim_of,
     entry,
@@ -28,6 +29,7 @@ from .indexalg import (
     free_indices,
     is_entry,
     is_index,
+    may_read_past,
     substitute_indices,
     tensor_names,
 )
@@ -53,10 +55,10 @@ def _delta_partner(f: sympy.Basic, k: sympy.Symbol) -> sympy.Basic | None:
     if not isinstance(f, sympy.KroneckerDelta):
         return None
     a, b = f.args
-    if a == k and k not in free_indices(b) and not b.has(k):
-        return b
-    if b == k and k not in free_indices(a) and not a.has(k):
-        return a
+    for x, y in ((a, b), (b, a)):
+        if x == k and k not in free_indices(y) and not y.has(k):
+            # δ(n, np) with np of a longer dim (a padding's) is 0 past n's end: no single term
+            return None if may_read_past(y, dim_of(k)) else y
     return None
 
 
@@ -71,24 +73,9 @@ def _shift_partner(f: sympy.Basic, k: sympy.Symbol) -> sympy.Basic | None:
         if rest.has(k) or y.has(k) or not (rest.is_Integer or rest == 0):
             continue
         value = y - rest
-        if _always_within(value, dim_of(k).size):
+        if always_within(value, dim_of(k).size):
             return value
     return None
-
-
-def _always_within(e: sympy.Expr, size: sympy.Expr) -> bool:
-    """Whether the affine index expression ``e`` lies in ``[0, size)`` for every value of its indices."""
-    lo = hi = sympy.S.Zero
-    for term in sympy.Add.make_args(sympy.expand(e)):
-        coeff, rest = term.as_coeff_Mul()
-        if rest == 1:
-            lo, hi = lo + coeff, hi + coeff
-        elif is_index(rest):
-            top = coeff * (dim_of(rest).size - 1)
-            lo, hi = (lo, hi + top) if coeff > 0 else (lo + top, hi)
-        else:
-            return False
-    return bool(sympy.simplify(lo).is_nonnegative) and bool(sympy.simplify(size - 1 - hi).is_nonnegative)
 
 
 def _unpack_delta(f: sympy.Basic) -> list[sympy.Basic]:
@@ -119,6 +106,23 @@ def _compound_partner(factors: list[sympy.Basic], k: sympy.Symbol) -> tuple[symp
     return Pack(*(found[p] for p in range(len(parts)))), used
 
 
+def _interchange(factors: list[sympy.Basic], k: sympy.Symbol) -> sympy.Expr | None:
+    """``Σ_k R(k)·Σ_v δ(v, k) B(v) = Σ_v B(v)·R(v)``: a sum over a padded range (``k``) meets the
+    guard of a read inside the shorter range (``v``), which alone can absorb the delta."""
+    for f in factors:
+        if not isinstance(f, ISum):
+            continue
+        rest = sympy.Mul(*(g for g in factors if g is not f))
+        if f.var in free_indices(rest) or rest.has(f.var):
+            continue
+        inner = sympy.Mul.make_args(f.body)
+        for g in inner:
+            if _delta_partner(g, k) == f.var:
+                body = sympy.Mul(*(h for h in inner if h is not g))
+                return ISum(body * substitute_indices(rest, {k: f.var}), f.var)
+    return None
+
+
 def sum_term(term: sympy.Expr, k: sympy.Symbol) -> tuple[sympy.Expr, bool]:
     """``Σ_k`` of one product: eliminate a delta on ``k`` (True), or pull out what does not depend on ``k``."""
     factors = [g for f in sympy.Mul.make_args(term) for g in _unpack_delta(f)]
@@ -130,6 +134,9 @@ def sum_term(term: sympy.Expr, k: sympy.Symbol) -> tuple[sympy.Expr, bool]:
         if partner is not None:
             rest = sympy.Mul(*(g for g in factors if g is not f))
             return substitute_indices(rest, {k: partner}), True
+    swapped = _interchange(factors, k)
+    if swapped is not None:
+        return swapped, True
     compound = _compound_partner(factors, k)
     if compound is not None:
         value, used = compound

@@ -17,7 +17,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
+import linecache
 import keyword
 import sys
 from collections.abc import Callable
@@ -36,16 +38,24 @@ _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _NO_DERIVATIVE = (sympy.floor, sympy.ceiling, sympy.sign, sympy.frac)
 
 
+@functools.lru_cache(maxsize=None)
+def _in_package(filename: str) -> bool:
+    return str(Path(filename).resolve()).startswith(_PACKAGE_DIR)
+
+
 def _user_line() -> str:
-    """``file:line: code`` of the innermost caller outside the derive package."""
+    """``file:line: code`` of the innermost caller outside the derive package.
+
+    Read with ``linecache``: ``inspect.getframeinfo`` scans every loaded module for each call
+    (about 14 ms with torch and sympy loaded), which made tracing an op slower than deriving it.
+    """
     frame = sys._getframe(1)
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE_DIR):
+    while frame is not None and _in_package(frame.f_code.co_filename):
         frame = frame.f_back  # type: ignore[assignment]
     if frame is None:
         return ""
-    info = inspect.getframeinfo(frame, context=1)
-    code = (info.code_context or [""])[0].strip()
-    return f"{Path(info.filename).name}:{info.lineno}: {code}"
+    filename, lineno = frame.f_code.co_filename, frame.f_lineno
+    return f"{Path(filename).name}:{lineno}: {linecache.getline(filename, lineno).strip()}"
 
 
 class _Trace:
@@ -57,6 +67,16 @@ class _Trace:
         self.bound: set[sympy.Basic] = set()  # indices bound so far in the statement being built
         self.ties: dict[str, str] = {}  # input dim -> the dim whose size it must have (by a rename)
         self.windows: dict[str, int] = {}  # input dim -> the window length it holds (by an unfold)
+        self.code: Any = None  # the op function's code object, whose frame holds the names
+        self.frame: Any = None  # that function's running frame, found when it makes its first tensor
+
+    def record(self, node: Tensor) -> None:
+        """Add a node; the first one made inside the op's function finds that function's frame."""
+        self.nodes.append(node)
+        frame = sys._getframe(2) if self.frame is None and self.code is not None else None
+        while frame is not None and frame.f_code is not self.code:
+            frame = frame.f_back
+        self.frame = self.frame or frame
 
     def bind(self, d: Dim, idx: dict[Dim, sympy.Basic]) -> sympy.Symbol:
         """A new bound index for dim ``d``, unused anywhere in the statement (no shadowing)."""
@@ -133,7 +153,7 @@ class Tensor:
     dummies: tuple[sympy.Symbol, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        self.trace.nodes.append(self)
+        self.trace.record(self)
 
     # -- structure -------------------------------------------------------------------------
     @property
@@ -629,7 +649,7 @@ def trace_op(the_op: Op, fixed: dict[str, int] | None = None) -> Program:
     unknown = set(the_op.specs) - set(sig.parameters)
     if unknown:
         raise OpDefinitionError(f"op '{name}': @op declares {sorted(unknown)} but the function has no such parameter")
-    result, local_names = _run_capturing_locals(the_op.fn, args)
+    result, local_names = _run_capturing_locals(trace, the_op.fn, args)
     results = list(result) if isinstance(result, (tuple, list)) and result else [result]
     for r in results:
         if not isinstance(r, Tensor):
@@ -645,21 +665,16 @@ def trace_op(the_op: Op, fixed: dict[str, int] | None = None) -> Program:
     return _build_program(the_op, trace, inputs, params, results, local_names)
 
 
-def _run_capturing_locals(fn: Callable[..., Any], args: list[Any]) -> tuple[Any, dict[str, Any]]:
-    """Call ``fn`` and capture its local variables at return (they name the intermediates)."""
-    captured: dict[str, Any] = {}
-    code = getattr(fn, "__code__", None)
+def _run_capturing_locals(trace: _Trace, fn: Callable[..., Any], args: list[Any]) -> tuple[Any, dict[str, Any]]:
+    """Call ``fn`` and read its local variables at return (they name the intermediates).
 
-    def profiler(frame: Any, event: str, arg: Any) -> None:
-        if event == "return" and frame.f_code is code:
-            captured.update(frame.f_locals)
-
-    old = sys.getprofile()
-    sys.setprofile(profiler)
-    try:
-        result = fn(*args)
-    finally:
-        sys.setprofile(old)
+    The frame is found by the first tensor ``fn`` makes, not by a profile or trace hook, so a
+    profiler, debugger or coverage tool running derive keeps working.
+    """
+    trace.code = getattr(fn, "__code__", None)
+    result = fn(*args)
+    captured = dict(trace.frame.f_locals) if trace.frame is not None else {}
+    trace.frame = None  # a frame holds its locals alive
     return result, captured
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +55,35 @@ def derived(name: str):
 @pytest.fixture(params=OPS)
 def op_name(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+# -- running in parallel (pytest-xdist) ----------------------------------------------------------
+# Each worker is a process of its own: one torch thread each, so two workers on two cores do not
+# fight over them. Counters a test module records (how many random compositions were checked) are
+# sent back by each worker and printed once, at the end of the run.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
+
+COUNTS: Counter = Counter()
+_MERGED: Counter = Counter()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a worker: hand the counts to the controller
+        workeroutput["derive_counts"] = dict(COUNTS)
+
+
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    _MERGED.update(getattr(node, "workeroutput", {}).get("derive_counts", {}))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    counts = _MERGED + COUNTS
+    if counts:
+        terminalreporter.write_line(
+            f"[test_properties] profile {os.environ.get('HYPOTHESIS_PROFILE', 'ci')!r}: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+        )

@@ -34,7 +34,6 @@ from __future__ import annotations
 import itertools
 import linecache
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,10 +48,10 @@ from hypothesis.extra import numpy as hnp
 import derive as derive_pkg
 from derive import apply, derive, op
 from derive.emit import render
-from derive.indexalg import IMax, ISum, dim_of, is_entry
+from derive.indexalg import ISum, is_entry
 from derive.verify import TensorSizes, _forward_function, autograd_grads, index_ranges, load_module, verify
 
-from .conftest import OPS, derived
+from .conftest import COUNTS, OPS, derived
 
 # -- profiles ----------------------------------------------------------------------------------
 _COMMON: dict[str, Any] = dict(
@@ -75,23 +74,7 @@ PROFILE = settings.get_profile(PROFILE_NAME if PROFILE_NAME in ("ci", "long", "d
 CATALOGUE_EXAMPLES = PROFILE.max_examples * 2
 COMPOSITION_EXAMPLES = PROFILE.max_examples
 
-COUNTS: Counter = Counter()
-
 RTOL, ATOL = 1e-7, 1e-9  # float64; ATOL is scaled by the size of the expected gradient
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_counts(pytestconfig: pytest.Config):
-    yield
-    if not COUNTS:
-        return
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-    lines = [f"[test_properties] profile {PROFILE_NAME!r}: " + ", ".join(f"{k}={v}" for k, v in sorted(COUNTS.items()))]
-    if capture is not None:
-        with capture.global_and_fixture_disabled():
-            print("\n" + "\n".join(lines))
-    else:  # pragma: no cover
-        print("\n".join(lines))
 
 
 # -- shared helpers ----------------------------------------------------------------------------
@@ -804,18 +787,11 @@ def _constant(e: sympy.Expr) -> bool:
     return any(isinstance(a, ISum) and a.var not in a.body.free_symbols for a in sympy.preorder_traversal(e))
 
 
-def _max_over_a_flattened_dim_of_a_max(e: sympy.Expr) -> bool:
-    """A max over a flattened dim whose body holds a max over one of its parts' dims."""
-    return any(isinstance(m, IMax) and dim_of(m.var).parts and m.body.has(IMax) for m in sympy.preorder_traversal(e))
-
-
 def _known_bug(program: Any) -> str:
     """Why this op hits a bug already recorded below as an xfail test ("" if it hits none)."""
     for stmt in program.statements:
         if _constant(stmt.expr):  # test_a_constant_output_lowers_to_working_code
             return "known bug: a constant statement"
-        if _max_over_a_flattened_dim_of_a_max(stmt.expr):  # test_a_max_over_a_flattened_dim_of_a_max_lowers
-            return "known bug: a max over a flattened dim of a max"
     return ""
 
 
@@ -1167,11 +1143,9 @@ def named(x, w):
     assert verify(d, module, exact=False).ok, symptom
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the backward's δ((n, d), argmax over k) of a max over a flattened dim, whose body holds a max over "
-    "one of its parts, cannot be lowered (OpDefinitionError 'cannot lower KroneckerDelta')",
-)
+# Fixed: the forward's max over a flattened dim read one part of it alone (now broadcast over
+# the parts, then viewed as one axis), and the backward pinned a part with a summed index (a
+# one-hot over the flattened axis, reshaped). Kept as a regression.
 def test_a_max_over_a_flattened_dim_of_a_max_lowers():
     d, module = _generated(
         '@op(x="n d k")\ndef comp(x):\n'

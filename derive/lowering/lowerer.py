@@ -435,6 +435,7 @@ class Lowerer:
         # unflatten: an index Pack(t, e) on a flattened dim splits that axis
         shape: list[str] = []
         new_idx: list[sympy.Basic] = []
+        new_dims: list[Dim] = []
         reshaped = False
         k = 0
         while k < len(idx):
@@ -442,6 +443,7 @@ class Lowerer:
             if isinstance(i, Pack):
                 shape += [size_code(p.size) for p in d.parts]
                 new_idx += list(i.args)
+                new_dims += list(d.parts)
                 reshaped = True
                 k += 1
             elif isinstance(i, Flat) and int(i.args[1]) == 0:
@@ -451,14 +453,20 @@ class Lowerer:
                     n += 1
                 shape.append(size_code(sympy.Mul(*(p.size for p in dims[k : k + n]))))
                 new_idx.append(f)
+                new_dims.append(dim_of(f) if is_index(f) else dims[k])  # a gathered position: never resized
                 reshaped = True
                 k += n
             else:
                 shape.append(size_code(d.size))
                 new_idx.append(i)
+                new_dims.append(d)
                 k += 1
         if reshaped:
             code = f"{atom(code)}.reshape({', '.join(shape)})"
+        if any(_resized(i, d) for i, d in zip(new_idx, new_dims)):  # and a padding's part, read in range
+            windowed = self._windowed(code, tuple(new_dims), tuple(new_idx))
+            if windowed is not None:
+                return windowed
         if all(is_index(i) for i in new_idx):
             return Val(code, tuple(new_idx), info.is_int)
         return self._gather(code, new_idx, info.is_int)
@@ -640,10 +648,12 @@ class Lowerer:
                 if not (is_entry(pick) and is_index(v) and v not in indices and self.layouts[entry_name(pick)].is_int):
                     continue
                 lead = tuple(entry_indices(pick))
+                if not all(is_index(i) for i in lead):  # a gather of a gather, idx[jdx[m, d]]: its axes
+                    lead = self.lower(pick).axes
                 summed = tuple(i for i in lead if i in indices)
                 if not all(is_index(i) for i in lead) or not summed or len(set(lead)) != len(lead):
                     continue
-                rest_expr = body / f
+                rest_expr = substitute_indices(body / f, {v: pick})  # f(v)·δ(v, p) = f(p)·δ(v, p)
                 for k in [i for i in indices if i not in lead]:
                     rest_expr = ISum(rest_expr, k)
                 rest = self.lower(rest_expr)
@@ -710,7 +720,8 @@ class Lowerer:
         batch = tuple(dict.fromkeys(i for _, pick, _ in routes for i in sorted(free_indices(pick) - summed, key=str)))
         if set(batch) & set(targets) or not set(batch) <= free - set(targets):
             return None
-        rest_expr = body / sympy.Mul(*(f for f, _, _ in routes))
+        # f(v)·δ(v, p) = f(p)·δ(v, p): what the routed entry reads along a target, it reads at the position
+        rest_expr = substitute_indices(body / sympy.Mul(*(f for f, _, _ in routes)), {v: p for _, p, v in routes})
         lead = tuple(dict.fromkeys(i for _, pick, _ in routes for i in sorted(free_indices(pick), key=str)))
         for k in [i for i in indices if i not in lead]:
             rest_expr = ISum(rest_expr, k)
@@ -757,7 +768,8 @@ class Lowerer:
         index = self.lower(pick)
         if not batch:  # every index of idx summed: index_add_ over its flattened entries
             flat_src = f"{atom(src)}.reshape({', '.join(['-1'] + sizes(other))})"
-            return Val(f"{zeros}.index_add_(0, {atom(index.code)}.reshape(-1), {flat_src})", (v,) + other)
+            where = f"{atom(self.align(index, summed, strip=False))}.reshape(-1)"
+            return Val(f"{zeros}.index_add_(0, {where}, {flat_src})", (v,) + other)
         idx = f"{atom(self.align(index, batch + summed, strip=False))}.reshape({', '.join(sizes(batch) + ['-1'])})"
         if other:
             idx = f"{idx}[{', '.join([':'] * (len(batch) + 1) + ['None'] * len(other))}].expand({', '.join(sizes(batch) + ['-1'] + sizes(other))})"
@@ -781,6 +793,8 @@ class Lowerer:
             for d, p in zip(info.dims, entry_indices(leaf)):
                 if is_index(p) or e.var in free_indices(p) or not free_indices(p):
                     continue
+                if isinstance(p, Flat) and is_index(p.args[0]):
+                    continue  # a part of a flattened index (read as a run by a reshape), not a gather
                 k = fresh_index(d, free_indices(e) | bound_indices(e) | {e.var})
                 inner = self.lower(type(e)(e.body.xreplace({p: k}), e.var))
                 if k not in inner.axes:
@@ -802,24 +816,46 @@ class Lowerer:
         return self._cached(IMax(e.body, e.var), self._max_values_and_indices)
 
     def _max_values_and_indices(self, e: IMax) -> Val:
+        if dim_of(e.var).parts and _reads_by_part(e.body, e.var):
+            return self._max_over_parts(e)
         body = self.lower(e.body)
         axis = body.axes.index(e.var)
         return Val(f"{atom(body.code)}.max({axis})", tuple(a for a in body.axes if a != e.var))
+
+    def _max_over_parts(self, e: IMax) -> Val:
+        """A max over a flattened dim whose body reads its parts apart (``max_nd y[nd.0, k]·x[nd, k]``):
+        the body over the parts, broadcast to their sizes and viewed as one axis, then the max."""
+        parts = fresh_indices(dim_of(e.var).parts, free_indices(e.body) | bound_indices(e.body) | {e.var})
+        body = self.lower(substitute_indices(e.body, {e.var: Pack(*parts)}))
+        rest = tuple(a for a in body.axes if a not in parts)
+        order = rest + tuple(parts)
+        sizes = [size_code(dim_of(a).size) for a in order]
+        flat = f"{atom(self.align(body, order, strip=False))}.expand({', '.join(sizes)})"
+        code = f"{flat}.reshape({', '.join(sizes[: len(rest)] + ['-1'])}).max({len(rest)})"
+        return Val(code, rest)
 
     def _delta(self, e: sympy.KroneckerDelta) -> Val:
         a, b = e.args
         if is_index(a) and is_index(b):
             size = size_code(dim_of(a).size)
             return Val(f"torch.eye({size}, dtype={self.ref}.dtype, device={self.ref}.device)", (a, b))
-        pick, v = (a, b) if is_index(b) else (b, a)
-        if not is_index(v):
+        pick, v = (a, b) if is_index(b) or _plain_pack(b) else (b, a)
+        if not (is_index(v) or _plain_pack(v)):
             raise OpDefinitionError(f"cannot lower {e}")
         val = self.lower(pick)
-        # a one-hot row per index, built by scatter (no data-dependent size checks, compile-friendly)
-        shape = shape_tuple([size_code(dim_of(a).size) for a in val.axes] + [size_code(dim_of(v).size)])
+        parts = tuple(v.args) if isinstance(v, Pack) else (v,)
+        if set(parts) & set(val.axes):
+            raise OpDefinitionError(f"cannot lower {e}")
+        # a one-hot row per index, built by scatter (no data-dependent size checks, compile-friendly);
+        # a position in a flattened dim (a max over it, pinned by parts one of which is summed) is a
+        # one-hot over the flattened axis, then viewed with its parts as axes
+        lead = [size_code(dim_of(a).size) for a in val.axes]
+        flat = size_code(sympy.Mul(*(dim_of(i).size for i in parts)))
         axis = len(val.axes)
-        code = f"{self.ref}.new_zeros({shape}).scatter_({axis}, {atom(val.code)}.unsqueeze({axis}), 1.0)"
-        return Val(code, val.axes + (v,))
+        code = f"{self.ref}.new_zeros({shape_tuple(lead + [flat])}).scatter_({axis}, {atom(val.code)}.unsqueeze({axis}), 1.0)"
+        if len(parts) > 1:
+            code = f"{code}.reshape({', '.join(lead + [size_code(dim_of(i).size) for i in parts])})"
+        return Val(code, val.axes + parts)
 
     def _elementwise(self, e: sympy.Expr, known: dict[str, Val] | None = None, want: Axes = ()) -> Val:
         known = dict(known or {})
@@ -895,6 +931,11 @@ class Lowerer:
             return sympy.Mul(*big, stand_in)
 
         return _bottom_up_expr(e, rewrite)
+
+
+def _plain_pack(i: sympy.Basic) -> bool:
+    """Whether ``i`` is a position in a flattened dim given by distinct plain indices, ``(n, d)``."""
+    return isinstance(i, Pack) and all(is_index(x) for x in i.args) and len(set(i.args)) == len(i.args)
 
 
 def _resized(i: sympy.Basic, d: Dim) -> bool:
@@ -1050,7 +1091,10 @@ def _reflattened(e: sympy.Expr, target: TensorInfo) -> tuple[sympy.Expr, TensorI
             layout = target.layout[: positions[0]] + (merged,) + target.layout[positions[-1] + 1 :]
             flat = merged.index()
             mapping = {d.index(): Flat(flat, p) for p, d in enumerate(dims)}
-            return substitute_indices(e, mapping), TensorInfo(target.name, layout, target.is_int)
+            merged_e = substitute_indices(e, mapping)
+            if any(isinstance(x, Pack) and x.has(flat) for x in sympy.preorder_traversal(merged_e)):
+                return None  # a part also pinned with a summed index, δ((n, d3), p): one-hots instead
+            return merged_e, TensorInfo(target.name, layout, target.is_int)
     return None
 
 
