@@ -14,7 +14,7 @@ import sympy
 
 from .autodiff import Contribution, chain_steps, fused_adjoints, grad_name
 from .errors import OpDefinitionError
-from .indexalg import free_indices, substitute_indices
+from .indexalg import free_indices, substitute_indices, use_dims
 from .lowering import ChainTerm, Code, lower_program
 from .program import Program, TensorInfo
 from .simplify import Simplifier, Step, canonical_bound
@@ -87,6 +87,7 @@ def derive(the_op: Op, shard: str | None = None) -> Derivation:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     program = the_op.program()
+    use_dims(program.dims)  # index symbols are found by name: this op's dims, not another op's of the same name
     timings["trace"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -32,6 +32,7 @@ __all__ = [
     "is_entry",
     "is_index",
     "may_read_past",
+    "positions_in_range",
     "tensor_names",
 ]
 
@@ -237,6 +238,18 @@ def may_read_past(i: sympy.Basic, d: Dim) -> bool:
     if not is_index(i) or d.parts or (d.derived is None and dim_of(i).derived is None):
         return False  # only a window or padding changes a length (a rename's tie does not)
     return not always_within(i, d.size)
+
+
+def positions_in_range(match: dict[sympy.Wild, sympy.Basic], dims: dict[sympy.Wild, sympy.Symbol]) -> bool:
+    """Whether every index wildcard is bound to a position its dim has: SymPy's ``match`` may solve
+    ``2*j + n = n2`` with ``j = n2/2``, which is no entry of the statement."""
+    for w, s in dims.items():
+        v = match.get(w)
+        if v is None or is_index(v) or not all(is_index(a) for a in v.free_symbols) or tensor_names(v) or v.has(_Bound):
+            continue  # unbound, an index, or a gathered position (target[n], an argmax)
+        if not (v.is_integer and always_within(v, dim_of(s).size)):
+            return False
+    return True
 
 
 def entry(name: str, indices: Iterable[sympy.Basic] = ()) -> sympy.Expr:

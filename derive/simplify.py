@@ -30,6 +30,7 @@ from .indexalg import (
     is_entry,
     is_index,
     may_read_past,
+    positions_in_range,
     substitute_indices,
     tensor_names,
 )
@@ -207,7 +208,7 @@ def _reads(stmt: Statement) -> frozenset[str]:
 
 
 @lru_cache(maxsize=4096)
-def _pattern(stmt: Statement) -> tuple[sympy.Expr, list[sympy.Wild]]:
+def _pattern(stmt: Statement) -> tuple[sympy.Expr, list[sympy.Wild], dict[sympy.Wild, sympy.Symbol]]:
     """The statement's right-hand side with its indices (free and bound) turned into wildcards."""
     syms = sorted(
         free_indices(stmt.expr)
@@ -216,11 +217,16 @@ def _pattern(stmt: Statement) -> tuple[sympy.Expr, list[sympy.Wild]]:
         key=str,
     )
     wilds = {s: sympy.Wild(f"w_{s}") for s in syms}
-    return stmt.expr.xreplace(wilds), [wilds[s] for s in stmt.target.indices]
+    return stmt.expr.xreplace(wilds), [wilds[s] for s in stmt.target.indices], {w: s for s, w in wilds.items()}
 
 
-def _as_entry(stmt: Statement, match: dict[sympy.Wild, sympy.Basic], wild_idx: list[sympy.Wild]) -> sympy.Expr | None:
-    if any(w not in match for w in wild_idx):
+def _as_entry(
+    stmt: Statement,
+    match: dict[sympy.Wild, sympy.Basic],
+    wild_idx: list[sympy.Wild],
+    dims: dict[sympy.Wild, sympy.Symbol],
+) -> sympy.Expr | None:
+    if any(w not in match for w in wild_idx) or not positions_in_range(match, dims):
         return None
     return entry(stmt.name, [match[w] for w in wild_idx])
 
@@ -264,7 +270,7 @@ def recognize(e: sympy.Expr, statements: list[Statement], powers: bool = True) -
             continue
         if not _reads(stmt) <= tensor_names(e):
             continue  # a match needs every tensor the statement reads: skip the costly matcher
-        full, wild_idx = _pattern(stmt)
+        full, wild_idx, dims = _pattern(stmt)
         coeff, pat = _split_coefficient(full)
 
         def swap(
@@ -273,11 +279,12 @@ def recognize(e: sympy.Expr, statements: list[Statement], powers: bool = True) -
             coeff: sympy.Expr = coeff,
             stmt: Statement = stmt,
             wild_idx: list = wild_idx,
+            dims: dict = dims,
         ) -> sympy.Expr:
             if isinstance(node, sympy.Mul):
                 found = _match_product(node, pat)
                 if found is not None:
-                    new = _as_entry(stmt, found[0], wild_idx)
+                    new = _as_entry(stmt, found[0], wild_idx, dims)
                     if new is not None:
                         return new * found[1] / coeff
                 return node
@@ -285,7 +292,7 @@ def recognize(e: sympy.Expr, statements: list[Statement], powers: bool = True) -
                 return node
             m = node.match(pat)
             if m is not None:
-                new = _as_entry(stmt, m, wild_idx)
+                new = _as_entry(stmt, m, wild_idx, dims)
                 if new is not None:
                     return new / coeff
             return node
@@ -310,7 +317,7 @@ def _rewrite_powers(e: sympy.Expr, stmt: Statement) -> sympy.Expr:
     """With ``v = B**p`` computed forward, write ``B**q`` as ``v**(q/p)`` (e.g. ``(var+eps)**-1.5 = v**3``)."""
     if not isinstance(stmt.expr, sympy.Pow) or not stmt.expr.exp.is_number:
         return e
-    base_pat, wild_idx = _pattern(Statement(stmt.target, stmt.expr.base))
+    base_pat, wild_idx, dims = _pattern(Statement(stmt.target, stmt.expr.base))
     p = stmt.expr.exp
 
     def swap(node: sympy.Expr) -> sympy.Expr:
@@ -323,7 +330,7 @@ def _rewrite_powers(e: sympy.Expr, stmt: Statement) -> sympy.Expr:
         m = base.match(base_pat)
         if m is None:
             return node
-        new = _as_entry(stmt, m, wild_idx)
+        new = _as_entry(stmt, m, wild_idx, dims)
         ratio = sympy.nsimplify(q / p)
         # (B**p)**m == B**(p*m) only for integer m: never take roots of a forward value
         return node if new is None or not ratio.is_integer else new**ratio

@@ -148,6 +148,8 @@ class _Chain:
         factors = sympy.Mul.make_args(body)
         if not isinstance(body, sympy.Mul) or len(factors) != 2 or any(f.as_base_exp()[1] == -1 for f in factors):
             return None
+        if any(f.has(sympy.Piecewise, sympy.Heaviside) for f in factors):
+            return None  # a step prints as a bool mask: addcmul's own subtraction refuses bools
         x, y = (self.emit(f) for f in factors)
         return (x, y) if not x.fresh and not y.fresh and x.tensor and y.tensor else None
 
@@ -168,7 +170,7 @@ class _Chain:
         masks, rest = split_masks(e)
         if masks and rest.free_symbols & set(self.axes):
             r = self.emit(rest)
-            if r.fresh and len(masks) == 1:  # zero where the step is 0, in place
+            if r.fresh and len(masks) == 1 and r.axes == full:  # zero where the step is 0, in place
                 arg, tie = masks[0]
                 return Piece(
                     f"{atom(r.code)}.masked_fill_({comparison(PRINTER, arg, tie, negated=True)}, 0.0)", full, True

@@ -27,6 +27,7 @@ from ..indexalg import (
     Pack,
     bound_indices,
     dim_of,
+    entry,
     entry_indices,
     entry_name,
     free_indices,
@@ -178,10 +179,10 @@ class Lowerer:
                 f"internal: free indices {sorted(map(str, extra))} left in gradient of {target.name}"
             )
         aligned = self.align(val, want, strip=False) if val.axes else val.code
-        if not val.axes and want:
-            shape = shape_tuple([size_code(d.size) for d in target.dims])
-            aligned = f"{aligned} * torch.ones({shape}, dtype={self.ref}.dtype, device={self.ref}.device)"
-        elif set(val.axes) != set(want):
+        if not val.axes and target.layout:  # a scalar (or a constant) at the target's full shape
+            shape = shape_tuple(["1" if d is None else size_code(d.size) for d in target.layout])
+            return f"{atom(aligned)} * torch.ones({shape}, dtype={self.ref}.dtype, device={self.ref}.device)"
+        if set(val.axes) != set(want):
             # the gradient of a broadcast is materialised at the tensor's full shape
             shape = ", ".join("1" if d is None else size_code(d.size) for d in target.layout)
             aligned = f"{atom(aligned)}.expand({shape})"
@@ -547,6 +548,12 @@ class Lowerer:
             sharded = self.shard is not None and self.shard.reduces([e.var])
             return self.lower(e.body * (self.shard.total if self.shard and sharded else dim_of(e.var).size))
         indices, body = flatten_sums(e)
+        absent = [i for i in indices if i not in free_indices(body)]
+        if absent:  # Σ_n Σ_d f(n) with f free of d: D·Σ_n f(n)
+            inner = [i for i in indices if i not in absent]
+            for i in reversed(inner):
+                body = ISum(body, i)
+            return self.lower(body * sympy.Mul(*(dim_of(i).size for i in absent)))
         saved_preference, self.preferred = self.preferred, ()
         try:
             val = self._sum_body(body, indices, saved_preference)
@@ -654,6 +661,9 @@ class Lowerer:
                 if not all(is_index(i) for i in lead) or not summed or len(set(lead)) != len(lead):
                     continue
                 rest_expr = substitute_indices(body / f, {v: pick})  # f(v)·δ(v, p) = f(p)·δ(v, p)
+                split = self._scatter_first(rest_expr, f, indices, summed)
+                if split is not None:
+                    return self.lower(split)
                 for k in [i for i in indices if i not in lead]:
                     rest_expr = ISum(rest_expr, k)
                 rest = self.lower(rest_expr)
@@ -663,6 +673,30 @@ class Lowerer:
                 other = tuple(a for a in rest.axes if a not in lead)
                 return self._scatter_add(pick, v, rest, rest_expr, batch, summed, other)
         return None
+
+    def _scatter_first(
+        self, rest: sympy.Expr, delta: sympy.KroneckerDelta, indices: list[sympy.Symbol], summed: Axes
+    ) -> sympy.Expr | None:
+        """``Σ_{k,m} A[m]·B[k, m]·δ(v, idx[k])`` as ``Σ_m A[m]·(Σ_k B[k, m]·δ(v, idx[k]))`` when summing
+        ``m`` before the scatter would make a value no forward tensor is as large as (``A`` and ``B``
+        meeting over ``k``), and scattering first does not."""
+        inner = [g for g in sympy.Mul.make_args(rest) if free_indices(g) & set(summed)]
+        outer = [g for g in sympy.Mul.make_args(rest) if not free_indices(g) & set(summed)]
+        if not outer or not inner:
+            return None
+        before = free_indices(rest) - (set(indices) - set(summed))  # the source the scatter would read
+        scattered = ISum(sympy.Mul(*inner) * delta, summed[0])
+        for k in summed[1:]:
+            scattered = ISum(scattered, k)
+        if self._admissible(frozenset(before)) or not self._admissible(frozenset(free_indices(scattered))):
+            return None
+        val = self.lower(scattered)  # named, so the outer sum cannot merge it back (flatten_sums)
+        name = val.code if val.code.isidentifier() else self._temp(val.code, "s")
+        self.layouts[name] = TensorInfo(name, tuple(dim_of(a) for a in val.axes))
+        body: sympy.Expr = sympy.Mul(*outer) * entry(name, val.axes)
+        for k in [i for i in indices if i not in summed]:
+            body = ISum(body, k)
+        return body
 
     def _fold(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
         """``Σ_{t,k} f[t, k, R] δ(v, 2*t + k)``: each window's values added back at the positions
@@ -711,10 +745,14 @@ class Lowerer:
                     continue
                 if not free_indices(pick) & summed or v in free_indices(pick):
                     continue
-                if isinstance(pick, ArgMax) or (is_entry(pick) and self.layouts[entry_name(pick)].is_int):
+                if (
+                    isinstance(pick, ArgMax)
+                    or (is_entry(pick) and self.layouts[entry_name(pick)].is_int)
+                    or is_window_index(pick)  # a window's position, 2*t + k: routed like a gathered one
+                ):
                     routes.append((f, pick, v))
                     break
-        if len(routes) < 2:
+        if len(routes) < 2 or all(is_window_index(pick) for _, pick, _ in routes):
             return None
         targets = tuple(v for _, _, v in routes)
         batch = tuple(dict.fromkeys(i for _, pick, _ in routes for i in sorted(free_indices(pick) - summed, key=str)))
@@ -887,6 +925,14 @@ class Lowerer:
             return self._elementwise(regrouped, known, want)
         # a leaf's code becomes a symbol the printer writes verbatim: parenthesise compound code
         mapping = {leaf: sympy.Symbol(atom(self.align(v, tuple(axes), strip=not want))) for leaf, v in leaves}
+        reduced = e.xreplace(mapping)
+        if reduced.is_number:  # shared values that cancel (t1 - t1): a constant, no axes
+            return Val(self.printer.doprint(reduced), ())
+        alive = [leaf for leaf, _ in leaves if mapping[leaf] in reduced.free_symbols]
+        if len(alive) < len(leaves) and set(axes) - {a for leaf, v in leaves if leaf in alive for a in v.axes}:
+            # t1 - (x + t1) is -x: the axes only t1 had are gone, so lower what is left on its own
+            back = {mapping[leaf]: leaf for leaf in alive}
+            return self._elementwise(reduced.xreplace(back), known, want)
         if (
             self.fuse_arithmetic and _full_ops(e, set(axes)) > 1
         ):  # the fused backward: one fresh buffer, updated in place

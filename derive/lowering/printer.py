@@ -62,6 +62,16 @@ class TorchCodePrinter(TorchPrinter):
         )
         return f"torch.where({condition}, {self._print(rest)}, 0.0)"
 
+    def _print_Add(self, expr: sympy.Add, order: str | None = None) -> str:
+        # a step prints as a bool mask: 1 - H(x) as the complement mask (bool arithmetic refuses
+        # `1 - mask`, and `mask + mask` would be a logical or)
+        steps = [t for t in expr.args if isinstance(-t, sympy.Heaviside) and len((-t).args) > 1]
+        if len(expr.args) == 2 and len(steps) == 1 and expr - steps[0] == 1:
+            arg, tie = (-steps[0]).args
+            if tie in (0, 1):
+                return self._print(sympy.Heaviside(-arg, 1 - tie))
+        return super()._print_Add(expr, order)
+
     def _print_Heaviside(self, expr: sympy.Expr) -> str:
         # the tie value was chosen when differentiating (derive.kinks): relu 0, clamp 1, maximum 1/2
         arg, tie = expr.args[0], expr.args[1] if len(expr.args) > 1 else sympy.S.Half

@@ -32,6 +32,7 @@ from ..indexalg import (
     entry,
     free_indices,
     is_entry,
+    positions_in_range,
     substitute_indices,
     tensor_names,
 )
@@ -209,6 +210,7 @@ def _read_saved(e: sympy.Expr, value: Statement) -> sympy.Expr:
     wild = {i: sympy.Wild(f"w_{i}") for i in value.target.indices}
     bound = {i: sympy.Wild(f"w_{i}") for i in bound_indices(value.expr)}
     pattern = value.expr.xreplace({**wild, **bound})
+    binders = {w: i for i, w in {**wild, **bound}.items()}
     inverse = sympy.exp(-pattern.args[0]) if isinstance(pattern, sympy.exp) else None
 
     def swap(node: sympy.Expr) -> sympy.Expr:
@@ -216,7 +218,7 @@ def _read_saved(e: sympy.Expr, value: Statement) -> sympy.Expr:
             if pat is None or not isinstance(node, type(pat)):
                 continue
             m = node.match(pat)
-            if m is not None and all(w in m for w in wild.values()):
+            if m is not None and all(w in m for w in wild.values()) and positions_in_range(m, binders):
                 return entry(value.name, [m[wild[i]] for i in value.target.indices]) ** power
         return node
 
