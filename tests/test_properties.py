@@ -1222,6 +1222,17 @@ REPROS = {
         '@op(x="n d k", idx="int k")\ndef comp(x, idx):\n',
         lambda: [_x(3, 4, 5), _ints(3, 5)],
     ),
+    "a step plus one (an integer tensor multiplied in place by a float)": (
+        'return (x + apply(lambda u: sympy.Max(u, 0), x)).sum("m").sum("n"), x + apply(lambda u: sympy.Max(u, 0), x)',
+        '@op(x="n m")\ndef comp(x):\n',
+        lambda: [_x(3, 4)],
+    ),
+    "a step minus a value (torch refuses `mask - t`)": (
+        'h = apply(lambda u: sympy.Max(u, -0.5), 1.5 + x / exp(x.mean("n", keepdim=True)))\n'
+        '    return h.rename(d="r").sum("n").mean("r").sum("k")',
+        '@op(x="n d k")\ndef comp(x):\n',
+        lambda: [_x(3, 4, 2)],
+    ),
 }
 
 

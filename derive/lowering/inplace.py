@@ -53,6 +53,8 @@ class _Chain:
             return Piece(PRINTER.doprint(e), frozenset(), tensor=False)
         if e in self.axes:
             return Piece(e.name, self.axes[e])  # type: ignore[attr-defined]
+        if _steps_only(e):  # (x > 0) + 1 is a bool or integer tensor: no in-place float arithmetic on it
+            return Piece(PRINTER.doprint(e), self._axes_of(e), fresh=False)
         if isinstance(e, sympy.Add):
             return self._add(e)
         if isinstance(e, sympy.Mul):
@@ -89,7 +91,9 @@ class _Chain:
     # -- sums -------------------------------------------------------------------------------------
     def _add(self, e: sympy.Add) -> Piece:
         full = self._axes_of(e)
-        if self._one_operation(e):
+        if self._one_operation(e) or (
+            any(t.has(sympy.Heaviside) for t in e.args) and any(t.could_extract_minus_sign() for t in e.args)
+        ):  # one operation, or a mask next to a subtraction: the printer writes its 0/1 values
             return Piece(PRINTER.doprint(e), full, fresh=True)
         constant = sympy.Add(*(t for t in e.args if not (t.free_symbols & set(self.axes))))
         terms = [_Term(body, c, self._pair(body), self.emit(body)) for body, c in _terms(e, set(self.axes))]
@@ -259,6 +263,12 @@ class _Term:
 
 def _terms(e: sympy.Add, leaves: set[sympy.Symbol]) -> list[tuple[sympy.Expr, sympy.Expr]]:
     return [_split_coefficient(t) for t in e.args if t.free_symbols & leaves]
+
+
+def _steps_only(e: sympy.Expr) -> bool:
+    """Whether ``e`` reads values only through steps (``Heaviside(x) + 1``): its code is bool or integer."""
+    steps = e.atoms(sympy.Heaviside, sympy.Piecewise)
+    return bool(steps) and not e.xreplace({h: sympy.Integer(1) for h in steps}).free_symbols
 
 
 def _value(coefficient: sympy.Expr) -> str:

@@ -70,12 +70,21 @@ class TorchCodePrinter(TorchPrinter):
             arg, tie = (-steps[0]).args
             if tie in (0, 1):
                 return self._print(sympy.Heaviside(-arg, 1 - tie))
+        if any(t.has(sympy.Heaviside) for t in expr.args) and any(t.could_extract_minus_sign() for t in expr.args):
+            # a subtraction next to a mask: torch refuses `mask - t` and `t - mask`, so 0/1 values
+            saved, self._float_steps = getattr(self, "_float_steps", False), True
+            try:
+                return super()._print_Add(expr, order)
+            finally:
+                self._float_steps = saved
         return super()._print_Add(expr, order)
 
     def _print_Heaviside(self, expr: sympy.Expr) -> str:
         # the tie value was chosen when differentiating (derive.kinks): relu 0, clamp 1, maximum 1/2
         arg, tie = expr.args[0], expr.args[1] if len(expr.args) > 1 else sympy.S.Half
         code = self._print(arg)
+        if tie in (0, 1) and getattr(self, "_float_steps", False):
+            return f"torch.where({comparison(self, arg, tie)}, 1.0, 0.0)"
         if tie in (0, 1):
             return f"({comparison(self, arg, tie)})"
         if tie == sympy.S.Half:
