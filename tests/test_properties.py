@@ -1233,6 +1233,12 @@ REPROS = {
         '@op(x="n d k")\ndef comp(x):\n',
         lambda: [_x(3, 4, 2)],
     ),
+    "a max over a flattened dim and a max over one of its parts (cannot lower a delta of dk.0)": (
+        'return x.flatten("d", "k").max("dk", keepdim=True) - x.flatten("d", "k"), '
+        'apply(lambda u, v: sympy.sqrt(1 + u**2 + v**2), x.max("d"), x.max("d"))',
+        '@op(x="n d k")\ndef comp(x):\n',
+        lambda: [_x(2, 3, 4)],
+    ),
 }
 
 

@@ -1138,8 +1138,12 @@ def _reflattened(e: sympy.Expr, target: TensorInfo) -> tuple[sympy.Expr, TensorI
             flat = merged.index()
             mapping = {d.index(): Flat(flat, p) for p, d in enumerate(dims)}
             merged_e = substitute_indices(e, mapping)
-            if any(isinstance(x, Pack) and x.has(flat) for x in sympy.preorder_traversal(merged_e)):
-                return None  # a part also pinned with a summed index, δ((n, d3), p): one-hots instead
+            if any(
+                (isinstance(x, Pack) and x.has(flat))
+                or (isinstance(x, sympy.KroneckerDelta) and any(isinstance(a, Flat) and a.has(flat) for a in x.args))
+                for x in sympy.preorder_traversal(merged_e)
+            ):  # a part also pinned alone or with a summed index, δ(d, argmax[n, k]): one-hots instead
+                return None
             return merged_e, TensorInfo(target.name, layout, target.is_int)
     return None
 
