@@ -120,7 +120,7 @@ def _interchange(factors: list[sympy.Basic], k: sympy.Symbol) -> sympy.Expr | No
         for g in inner:
             if _delta_partner(g, k) == f.var:
                 body = sympy.Mul(*(h for h in inner if h is not g))
-                return ISum(body * substitute_indices(rest, {k: f.var}), f.var)
+                return ISum(substitute_indices(body * rest, {k: f.var}), f.var)  # δ(v, k): k is v throughout
     return None
 
 
