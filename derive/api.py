@@ -10,7 +10,6 @@ Example:
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import re
 import sys
 import time
@@ -26,6 +25,7 @@ from .errors import DeriveError, OpDefinitionError, UnknownOpError, Verification
 from .notation import text
 from .ops import catalogue
 from .tensor import Op
+from .userfile import import_file
 from .verify import Verification, default_sizes, load_module
 from .verify import verify as verify_module
 
@@ -105,13 +105,8 @@ def load_user_op(path: Path, func: str) -> Op:
         raise UnknownOpError(f"no such file: {path}")
     if not func.isidentifier():
         raise UnknownOpError(f"'{func}' is not a valid function name in {path}")
-    module_name = f"_derive_user_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise UnknownOpError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        module = import_file(path, "_derive_user_")
     except DeriveError:
         raise
     except Exception as exc:  # the user's file failed: one line naming it and the cause

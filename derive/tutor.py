@@ -10,7 +10,6 @@ only follows from a wrong gradient further up the chain.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import traceback
 import types
@@ -29,6 +28,7 @@ from .notation import text
 from .program import Program
 from .report import code_for
 from .tensor import Op
+from .userfile import import_file
 from .verify import _forward_function, autograd_grads, default_sizes, example_inputs, random_grad_outputs
 
 RTOL, ATOL = 1e-5, 1e-8  # torch.allclose's defaults, as the lecture's cmp uses them
@@ -78,12 +78,10 @@ def load_backward(path: Path) -> Callable[[Any], Any]:
     """The ``backward`` function of ``path``; a one-line error when there is none."""
     if not path.is_file():
         raise CheckUsageError(f"no such file: {path}")
-    spec = importlib.util.spec_from_file_location(f"_derive_check_{abs(hash(str(path.resolve())))}", path)
-    if spec is None or spec.loader is None or path.suffix != ".py":
+    if path.suffix != ".py":
         raise CheckUsageError(f"cannot import {path} (expected a .py file defining backward(t))")
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        module = import_file(path, "_derive_check_")
     except Exception as exc:
         raise CheckUsageError(f"{path} failed to import: {_one_line(exc, path)}") from None
     fn = getattr(module, "backward", None)

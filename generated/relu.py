@@ -56,7 +56,7 @@ def relu_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("relu: grad_output is required for a non-scalar output")
     dout = grad_output
-    dx = torch.where(x > 0, dout, 0.0)
+    dx = dout * torch.gt(x, 0, out=torch.empty_like(x))
     return relu_Grads(
         x=dx,
     )

@@ -80,7 +80,8 @@ def test_two_layer_mlp_in_one_expression_lowers_to_matmuls_with_transposes_and_o
     for line in ("dW1 = x.T @ dpre1", "dx = dpre1 @ W1.T", "dW2 = act1.T @ dpre2", "dact1 = dpre2 @ W2.T"):
         assert line in code, code
     assert code.count("@") == 4 and "einsum" not in code
-    assert "torch.where(pre1 > 0, dact1, 0.0)" in code  # one mask, relu'(0) = 0
+    # one mask, relu'(0) = 0, as 0/1 floats (a bool mask and torch.where are scalar loops on a CPU)
+    assert "dpre1 = dact1 * torch.gt(pre1, 0, out=torch.empty_like(pre1))" in code
     assert not re.search(r"\bx @ W1\b|^pre1 = ", code, re.M)  # the pre-activation is saved, not recomputed
 
 
@@ -191,6 +192,25 @@ def test_relu_of_an_unnamed_pre_activation_at_exact_zeros_follows_pytorch():
     ((F.relu(leaves[0] @ leaves[1] + leaves[2]) @ leaves[3] + leaves[4] - leaves[5]) ** 2).mean().backward()
     for got, leaf in zip(grads, leaves):
         assert torch.equal(got, leaf.grad)
+
+
+@op(x="n d")
+def sqrt_relu(x):
+    """Its derivative is 1/(2 sqrt(relu(x))): infinite where the step is 0."""
+    out = apply(lambda u: sympy.Max(u, 0), x) ** 0.5
+    return out
+
+
+def test_a_step_beside_a_value_that_may_be_infinite_selects_instead_of_multiplying():
+    d, module = generated(sqrt_relu)
+    code = "\n".join(d.code.backward)
+    assert "x <= 0, 0.0" in code and "torch.gt(" not in code, code  # a select: inf * 0 would be NaN
+    x = torch.tensor([[-1.0, 0.0, 0.25, 4.0]], dtype=torch.float64)
+    out, saved = module.sqrt_relu_forward(x)
+    leaf = x.clone().requires_grad_()
+    torch.relu(leaf).sqrt().backward(torch.ones_like(out))
+    got = module.sqrt_relu_backward(torch.ones_like(out), saved).x
+    assert torch.equal(got, leaf.grad), (got, leaf.grad)
 
 
 def test_no_generated_module_splits_a_relu_tie_in_half():

@@ -1,5 +1,7 @@
 """The op language: tracing records named statements in index form, by dim name."""
 
+import sys
+
 import pytest
 import sympy
 import torch
@@ -331,3 +333,20 @@ def test_an_lstm_cell_returns_two_outputs_and_its_backward_takes_one_gradient_pe
         a.grad = None
     module.lstm_cell(*args)[1].sum().backward()
     assert torch.equal(args[6].grad, torch.zeros_like(args[6]))
+
+
+def test_an_op_file_imports_as_python_runs_it_dataclasses_and_sibling_modules_included(tmp_path):
+    """benchmarks/compositions.py once failed to load: a dataclass needs its module in sys.modules."""
+    from derive.api import load_user_op
+
+    (tmp_path / "my_helpers.py").write_text(
+        "import sympy\n\ndef softplus(u):\n    return sympy.log(1 + sympy.exp(u))\n"
+    )
+    path = tmp_path / "my_ops.py"
+    path.write_text(
+        "from dataclasses import dataclass\n\nfrom derive import apply, op\nfrom my_helpers import softplus\n\n\n"
+        "@dataclass(frozen=True)\nclass Config:\n    width: int = 4\n\n\n"
+        '@op(x="n d")\ndef smooth(x):\n    out = apply(softplus, x)\n    return out\n'
+    )
+    assert load_user_op(path, "smooth").program().tensors["out"].dims[0].name == "n"
+    assert str(tmp_path) not in sys.path  # the file's folder was importable only while it ran

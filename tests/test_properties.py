@@ -1239,6 +1239,16 @@ REPROS = {
         '@op(x="n d k")\ndef comp(x):\n',
         lambda: [_x(2, 3, 4)],
     ),
+    "a sum of gathered values times a count of the same positions (a one-hot count matrix n x d)": (
+        'return x.take(idx, "d").sum("k", keepdim=True) * x.take(idx, "d")',
+        '@op(x="1 d", idx="int n k")\ndef comp(x, idx):\n',
+        lambda: [_x(1, 7), _ints(7, 3, 2)],
+    ),
+    "a sum of a difference that cancels, then broadcast (`0[None, None]` in the forward)": (
+        'return (x - x).sum("d", keepdim=True) + x',
+        '@op(x="1 d")\ndef comp(x):\n',
+        lambda: [_x(1, 3)],
+    ),
 }
 
 

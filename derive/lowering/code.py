@@ -21,7 +21,7 @@ from ..program import Program, TensorInfo
 from ..simplify import stable_forward
 from . import share
 from .lowerer import Lowerer, Sharding
-from .printer import FAITHFUL
+from .printer import FAITHFUL, MASKING, PRINTER, is_constant
 
 
 @dataclass
@@ -109,6 +109,7 @@ def lower_program(
         fuse_arithmetic=True,
         admissible=fits,
         shard=distributed,
+        printer=MASKING if all(stays_finite(e) for e in fused) else PRINTER,
     )
     bwd.repeated = share.repeated(fused)
     for (wrt, _), e in zip(gradients, fused):
@@ -152,6 +153,34 @@ def lower_program(
         described,
         None if distributed is None else (str(distributed.dim.size), str(distributed.total)),
     )
+
+
+# functions with a pole or a log singularity at a finite argument
+_POLES = (
+    sympy.log,
+    sympy.tan,
+    sympy.cot,
+    sympy.sec,
+    sympy.csc,
+    sympy.atanh,
+    sympy.acoth,
+    sympy.loggamma,
+    sympy.digamma,
+)
+
+
+def stays_finite(e: sympy.Expr) -> bool:
+    """Whether ``e`` is finite wherever the forward's values are: no division by a value, no log of one.
+
+    Such a backward may multiply by a 0/1 mask (``MASKING``); one that may divide by 0 where a
+    step is 0 (``sqrt(relu(x))``) keeps ``torch.where``, which gives 0 there as autograd does.
+    """
+    for node in sympy.preorder_traversal(e):
+        if isinstance(node, sympy.Pow) and node.exp.is_negative is not False and not is_constant(node.base):
+            return False
+        if isinstance(node, _POLES) and not is_constant(node):
+            return False
+    return True
 
 
 def sharding(program: Program, dim: Dim | None) -> Sharding | None:

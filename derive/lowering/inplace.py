@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from .printer import PRINTER, atom, comparison, split_masks
+from .printer import PRINTER, TorchCodePrinter, atom, comparison, split_masks
 
 # SymPy function -> (torch function, in-place method)
 _UNARY = {
@@ -39,22 +39,23 @@ class Piece:
     tensor: bool = True  # False: a Python number, size or parameter
 
 
-def chain(e: sympy.Expr, axes: dict[sympy.Symbol, frozenset[sympy.Symbol]]) -> str:
+def chain(e: sympy.Expr, axes: dict[sympy.Symbol, frozenset[sympy.Symbol]], printer: TorchCodePrinter = PRINTER) -> str:
     """Code evaluating ``e`` whose leaves are the symbols of ``axes`` (code text as their names)."""
-    return _Chain(axes).emit(e).code
+    return _Chain(axes, printer).emit(e).code
 
 
 class _Chain:
-    def __init__(self, axes: dict[sympy.Symbol, frozenset[sympy.Symbol]]) -> None:
+    def __init__(self, axes: dict[sympy.Symbol, frozenset[sympy.Symbol]], printer: TorchCodePrinter) -> None:
         self.axes = axes
+        self.printer = printer
 
     def emit(self, e: sympy.Expr) -> Piece:
         if not (e.free_symbols & set(self.axes)):
-            return Piece(PRINTER.doprint(e), frozenset(), tensor=False)
+            return Piece(self.printer.doprint(e), frozenset(), tensor=False)
         if e in self.axes:
             return Piece(e.name, self.axes[e])  # type: ignore[attr-defined]
         if _steps_only(e):  # (x > 0) + 1 is a bool or integer tensor: no in-place float arithmetic on it
-            return Piece(PRINTER.doprint(e), self._axes_of(e), fresh=False)
+            return Piece(self.printer.doprint(e), self._axes_of(e), fresh=False)
         if isinstance(e, sympy.Add):
             return self._add(e)
         if isinstance(e, sympy.Mul):
@@ -66,7 +67,7 @@ class _Chain:
         if isinstance(e, sympy.Max) and len(e.args) == 2 and 0 in e.args:
             (argument,) = (a for a in e.args if a != 0)  # Max(0, a): relu(a), however a is built
             return self._unary(argument, "torch.relu", "relu_")
-        return Piece(PRINTER.doprint(e), self._axes_of(e), fresh=False)  # compares, Max of values...
+        return Piece(self.printer.doprint(e), self._axes_of(e), fresh=False)  # compares, Max of values...
 
     def _one_operation(self, e: sympy.Expr) -> bool:
         """``a + b``, ``1 - a``, ``c*a``, ``a*b``, ``a/b`` of values: printed as written (one new buffer anyway)."""
@@ -94,7 +95,7 @@ class _Chain:
         if self._one_operation(e) or (
             any(t.has(sympy.Heaviside) for t in e.args) and any(t.could_extract_minus_sign() for t in e.args)
         ):  # one operation, or a mask next to a subtraction: the printer writes its 0/1 values
-            return Piece(PRINTER.doprint(e), full, fresh=True)
+            return Piece(self.printer.doprint(e), full, fresh=True)
         constant = sympy.Add(*(t for t in e.args if not (t.free_symbols & set(self.axes))))
         terms = [_Term(body, c, self._pair(body), self.emit(body)) for body, c in _terms(e, set(self.axes))]
         acc, axes, rest = self._start_sum(terms, full)
@@ -102,7 +103,7 @@ class _Chain:
             acc = self._accumulate(acc, axes, term)
             axes |= term.piece.axes
         if constant != 0:
-            acc = f"{atom(acc)}.add_({PRINTER.doprint(constant)})"
+            acc = f"{atom(acc)}.add_({self.printer.doprint(constant)})"
         return Piece(acc, full, fresh=True)
 
     def _start_sum(self, terms: list[_Term], full: frozenset[sympy.Symbol]) -> tuple[str, frozenset, list[_Term]]:
@@ -112,7 +113,7 @@ class _Chain:
                 scaled = (
                     t.piece.code
                     if t.coefficient == 1
-                    else f"{atom(t.piece.code)}.mul_({PRINTER.doprint(t.coefficient)})"
+                    else f"{atom(t.piece.code)}.mul_({self.printer.doprint(t.coefficient)})"
                 )
                 return scaled, full, [u for u in terms if u is not t]
         pairs = [t for t in terms if t.pair is not None]
@@ -126,7 +127,7 @@ class _Chain:
                     other = (
                         u.piece.code
                         if u.coefficient == 1
-                        else f"{atom(u.piece.code)} * {atom(PRINTER.doprint(u.coefficient))}"
+                        else f"{atom(u.piece.code)} * {atom(self.printer.doprint(u.coefficient))}"
                     )
                     code = f"torch.addcmul({other}, {x.code}, {y.code}{_value(t.coefficient)})"
                     return code, full, [v for v in terms if v is not t and v is not u]
@@ -134,7 +135,7 @@ class _Chain:
             x, y = t.pair  # type: ignore[misc]
             if x.axes | y.axes == full:
                 code = f"{atom(x.code)} * {atom(y.code)}"
-                code = code if t.coefficient == 1 else f"({code}).mul_({PRINTER.doprint(t.coefficient)})"
+                code = code if t.coefficient == 1 else f"({code}).mul_({self.printer.doprint(t.coefficient)})"
                 return code, full, [v for v in terms if v is not t]
         terms = sorted(terms, key=lambda t: t.piece.axes != full)
         first, rest = terms[0], terms[1:]
@@ -145,7 +146,7 @@ class _Chain:
             else:
                 code = f"torch.add({first.piece.code}, {second.piece.code}{_alpha(second.coefficient)})"
             return code, first.piece.axes | second.piece.axes, rest
-        return f"torch.mul({first.piece.code}, {PRINTER.doprint(first.coefficient)})", first.piece.axes, rest
+        return f"torch.mul({first.piece.code}, {self.printer.doprint(first.coefficient)})", first.piece.axes, rest
 
     def _pair(self, body: sympy.Expr) -> tuple[Piece, Piece] | None:
         """``x·y`` of two values the chain did not make (an ``addcmul`` operand pair), else None."""
@@ -170,16 +171,19 @@ class _Chain:
     def _mul(self, e: sympy.Mul) -> Piece:
         full = self._axes_of(e)
         if self._one_operation(e):
-            return Piece(PRINTER.doprint(e), full, fresh=True)
+            return Piece(self.printer.doprint(e), full, fresh=True)
         masks, rest = split_masks(e)
         if masks and rest.free_symbols & set(self.axes):
             r = self.emit(rest)
             if r.fresh and len(masks) == 1 and r.axes == full:  # zero where the step is 0, in place
                 arg, tie = masks[0]
+                mask = self.printer.float_mask(arg, tie)
+                if mask is not None:
+                    return Piece(f"{atom(r.code)}.mul_({mask})", full, True)
                 return Piece(
-                    f"{atom(r.code)}.masked_fill_({comparison(PRINTER, arg, tie, negated=True)}, 0.0)", full, True
+                    f"{atom(r.code)}.masked_fill_({comparison(self.printer, arg, tie, negated=True)}, 0.0)", full, True
                 )
-            return Piece(PRINTER.doprint(e), full, fresh=True)  # torch.where(step, rest, 0.0)
+            return Piece(self.printer.doprint(e), full, fresh=True)  # torch.where(step, rest, 0.0)
         constant = sympy.Mul(*(f for f in e.args if not (f.free_symbols & set(self.axes))))
         numerators, denominators = [], []
         for f in e.args:
@@ -198,7 +202,7 @@ class _Chain:
             axes, rest = numerators[0].axes | numerators[1].axes, numerators[2:]
         elif numerators:
             if constant != 1:
-                acc, constant = f"torch.mul({numerators[0].code}, {PRINTER.doprint(constant)})", sympy.S.One
+                acc, constant = f"torch.mul({numerators[0].code}, {self.printer.doprint(constant)})", sympy.S.One
             elif denominators:
                 d, denominators = denominators[0], denominators[1:]
                 acc = f"torch.div({numerators[0].code}, {d.code})"
@@ -211,7 +215,7 @@ class _Chain:
             d, denominators = denominators[0], denominators[1:]
             acc, axes, rest = f"torch.reciprocal({d.code})", d.axes, []
             if constant != 1:
-                acc, constant = f"{acc}.mul_({PRINTER.doprint(constant)})", sympy.S.One
+                acc, constant = f"{acc}.mul_({self.printer.doprint(constant)})", sympy.S.One
         return self._finish_mul(acc, axes, rest, denominators, constant, full)
 
     def _finish_mul(
@@ -230,20 +234,20 @@ class _Chain:
             acc = f"{atom(acc)}.div_({p.code})" if p.axes <= axes else f"{atom(acc)}.div({p.code})"
             axes |= p.axes
         if constant != 1:
-            acc = f"{atom(acc)}.mul_({PRINTER.doprint(constant)})"
+            acc = f"{atom(acc)}.mul_({self.printer.doprint(constant)})"
         return Piece(acc, full, fresh=True)
 
     # -- powers and functions ---------------------------------------------------------------------
     def _pow(self, e: sympy.Pow) -> Piece:
         base, exponent = e.args
         if exponent.free_symbols & set(self.axes) or not (base.free_symbols & set(self.axes)):
-            return Piece(PRINTER.doprint(e), self._axes_of(e))
+            return Piece(self.printer.doprint(e), self._axes_of(e))
         b = self.emit(base)
         methods = {2: "square", -1: "reciprocal", sympy.S.Half: "sqrt", -sympy.S.Half: "rsqrt"}
         if exponent in methods:
             name = methods[exponent]
             return Piece(f"{atom(b.code)}.{name}_()" if b.fresh else f"torch.{name}({b.code})", b.axes, fresh=True)
-        power = PRINTER.doprint(exponent)
+        power = self.printer.doprint(exponent)
         return Piece(f"{atom(b.code)}.pow_({power})" if b.fresh else f"torch.pow({b.code}, {power})", b.axes, True)
 
     def _unary(self, argument: sympy.Expr, function: str, method: str) -> Piece:

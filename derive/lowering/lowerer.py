@@ -55,6 +55,7 @@ class Val:
     axes: Axes
     is_int: bool = False
     raw: tuple[str, tuple[sympy.Symbol | None, ...]] | None = None
+    constant: bool = False  # a Python number (a value that cancelled): broadcasts, never indexed
 
 
 @dataclass(frozen=True)
@@ -342,7 +343,7 @@ class Lowerer:
     # -- alignment ---------------------------------------------------------------------------
     def align(self, val: Val, want: Axes, strip: bool = True) -> str:
         """View ``val`` so its axes line up with ``want`` for broadcasting."""
-        if not val.axes and strip:
+        if not val.axes and (strip or val.constant):
             return val.code  # a scalar broadcasts as it is
         have = [a for a in want if a in val.axes]
         if val.raw is not None and list(val.axes) == have:
@@ -403,6 +404,8 @@ class Lowerer:
             back = {p: s for s, p in placeholders.items()}
             return Val(code, tuple(back[a] for a in axes))
         val = fn(e)
+        if not val.axes and not tensor_names(e):  # Σ_d 0: a number, no temporary
+            return Val(val.code, (), val.is_int, constant=True)
         name = val.code if val.code.isidentifier() else self._temp(val.code)
         self.memo[key] = (name, tuple(placeholders[a] for a in val.axes))
         self.rank[name] = len(val.axes)
@@ -927,7 +930,7 @@ class Lowerer:
         mapping = {leaf: sympy.Symbol(atom(self.align(v, tuple(axes), strip=not want))) for leaf, v in leaves}
         reduced = e.xreplace(mapping)
         if reduced.is_number:  # shared values that cancel (t1 - t1): a constant, no axes
-            return Val(self.printer.doprint(reduced), ())
+            return Val(self.printer.doprint(reduced), (), constant=True)
         alive = [leaf for leaf, _ in leaves if mapping[leaf] in reduced.free_symbols]
         if len(alive) < len(leaves) and set(axes) - {a for leaf, v in leaves if leaf in alive for a in v.axes}:
             # t1 - (x + t1) is -x: the axes only t1 had are gone, so lower what is left on its own
@@ -936,7 +939,9 @@ class Lowerer:
         if (
             self.fuse_arithmetic and _full_ops(e, set(axes)) > 1
         ):  # the fused backward: one fresh buffer, updated in place
-            code = inplace.chain(e.xreplace(mapping), {mapping[leaf]: frozenset(v.axes) for leaf, v in leaves})
+            code = inplace.chain(
+                e.xreplace(mapping), {mapping[leaf]: frozenset(v.axes) for leaf, v in leaves}, self.printer
+            )
         else:
             code = self.printer.doprint(e.xreplace(mapping))
         if _only_steps(e):  # (x > 0) is bool, 2*(x > 0) an integer: a float for matmuls, scatters and sums

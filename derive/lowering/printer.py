@@ -7,6 +7,8 @@ and ``Heaviside(x, h0)`` with the tie value it carries.
 
 from __future__ import annotations
 
+import re
+
 import sympy
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
@@ -52,10 +54,33 @@ class TorchCodePrinter(TorchPrinter):
     def _print_Float(self, expr: sympy.Float) -> str:
         return repr(float(expr))
 
+    # a step times a value as a product with a 0/1 mask in the value's dtype (MaskingPrinter)
+    float_masks = False
+
+    def float_mask(self, arg: sympy.Expr, tie: sympy.Expr) -> str | None:
+        """``torch.gt(u, c, out=torch.empty_like(u))``: the step of ``u - c`` as 0/1 floats, when masks are floats.
+
+        On a CPU a comparison written to a float buffer is one vectorised pass; a bool mask, and
+        ``torch.where`` on one, run scalar loops (several times slower). Only for a step of one
+        named value (``u`` is printed twice); None otherwise, and when masks are bools.
+        """
+        if not self.float_masks:
+            return None
+        bound = -sympy.Add(*(t for t in sympy.Add.make_args(arg) if is_constant(t)))
+        value = arg + bound
+        u = self._print(value) if isinstance(value, sympy.Symbol) else ""
+        if not _NAMED_VIEW.fullmatch(u):
+            return None  # code that computes (it would run twice)
+        name = "gt" if tie == 0 else "ge"
+        return f"torch.{name}({u}, {self._print(bound)}, out=torch.empty_like({u}))"
+
     def _print_Mul(self, expr: sympy.Mul) -> str:
         masks, rest = split_masks(expr)
         if not masks or is_constant(rest):
             return super()._print_Mul(expr)
+        floats = [self.float_mask(arg, tie) for arg, tie in masks]
+        if all(m is not None for m in floats):
+            return " * ".join([self.parenthesize(rest, PRECEDENCE["Mul"]), *floats])  # type: ignore[list-item]
         # a product with a step selects (PyTorch's threshold_backward does the same): no float mask
         condition = " & ".join(
             f"({comparison(self, arg, tie)})" if len(masks) > 1 else comparison(self, arg, tie) for arg, tie in masks
@@ -207,7 +232,21 @@ class FaithfulPrinter(TorchCodePrinter):
         return f"({self._print(scale)}) * {body}"
 
 
+_NAMED_VIEW = re.compile(r"[A-Za-z_]\w*(\[[\w\s:,]*\])?")
+
+
+class MaskingPrinter(TorchCodePrinter):
+    """Prints a value times a step as a product with a float mask (fast on a CPU; see ``float_mask``).
+
+    ``where(u > 0, g, 0)`` is 0 where ``g`` is infinite and ``g * mask`` is NaN there, so this
+    printer is for backwards whose values stay finite (``code.stays_finite``).
+    """
+
+    float_masks = True
+
+
 PRINTER = TorchCodePrinter({"strict": False})
+MASKING = MaskingPrinter({"strict": False})
 FAITHFUL = FaithfulPrinter({"strict": False})
 _MATH = PythonCodePrinter({"standard": "python3", "strict": False})
 
@@ -240,4 +279,4 @@ def atom(code: str) -> str:
     return code
 
 
-__all__ = ["PRINTER", "TorchCodePrinter", "atom", "is_constant", "shape_tuple", "size_code", "split_masks"]
+__all__ = ["MASKING", "PRINTER", "TorchCodePrinter", "atom", "is_constant", "shape_tuple", "size_code", "split_masks"]

@@ -135,12 +135,14 @@ def flatten_sums(e: ISum) -> tuple[list[sympy.Symbol], sympy.Expr]:
     """``Σ_m a[m]·Σ_k b[m, k]`` as the single sum ``Σ_{m,k} a[m]·b[m, k]``: one tensor network to plan.
 
     Nested sums that stand as factors of the body join the outer sum when their index is free
-    nowhere else in the product, so the planner sees every factor and may pick any order.
+    nowhere else in the product, so the planner sees every factor and may pick any order. Sums
+    of a delta join first: ``Σ_n s[n]·Σ_k δ(d, idx[n, k])`` is a scatter of ``s`` only once its
+    ``k`` is outer (left nested, it is a count matrix the size of ``n × d``).
     """
     indices, body = [e.var], e.body
     while True:
         factors = list(sympy.Mul.make_args(body))
-        for k, f in enumerate(factors):
+        for k, f in sorted(enumerate(factors), key=lambda kf: not kf[1].has(sympy.KroneckerDelta)):
             others = factors[:k] + factors[k + 1 :]
             if isinstance(f, ISum) and f.var not in indices and not any(f.var in free_indices(g) for g in others):
                 indices.append(f.var)
