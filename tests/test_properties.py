@@ -1249,6 +1249,11 @@ REPROS = {
         '@op(x="1 d")\ndef comp(x):\n',
         lambda: [_x(1, 3)],
     ),
+    "a scalar sum of two equal maxima subtracted (the forward returned the int 0)": (
+        'return (x.max("d") - x.max("d")).sum("n").sum("k")',
+        '@op(x="n d k")\ndef comp(x):\n',
+        lambda: [_x(4, 4, 1)],
+    ),
 }
 
 

@@ -180,6 +180,8 @@ class Lowerer:
                 f"internal: free indices {sorted(map(str, extra))} left in gradient of {target.name}"
             )
         aligned = self.align(val, want, strip=False) if val.axes else val.code
+        if val.constant and not target.layout:  # a value that cancelled: still a tensor
+            return f"torch.full((), {aligned}, dtype={self.ref}.dtype, device={self.ref}.device)"
         if not val.axes and target.layout:  # a scalar (or a constant) at the target's full shape
             shape = shape_tuple(["1" if d is None else size_code(d.size) for d in target.layout])
             return f"{atom(aligned)} * torch.ones({shape}, dtype={self.ref}.dtype, device={self.ref}.device)"
@@ -404,7 +406,7 @@ class Lowerer:
             back = {p: s for s, p in placeholders.items()}
             return Val(code, tuple(back[a] for a in axes))
         val = fn(e)
-        if not val.axes and not tensor_names(e):  # Σ_d 0: a number, no temporary
+        if val.constant or (not val.axes and not tensor_names(e)):  # Σ_d 0, t1 - t1: a number, no temporary
             return Val(val.code, (), val.is_int, constant=True)
         name = val.code if val.code.isidentifier() else self._temp(val.code)
         self.memo[key] = (name, tuple(placeholders[a] for a in val.axes))
