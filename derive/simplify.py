@@ -121,6 +121,10 @@ def _interchange(factors: list[sympy.Basic], k: sympy.Symbol) -> sympy.Expr | No
             if _delta_partner(g, k) == f.var:
                 body = sympy.Mul(*(h for h in inner if h is not g))
                 return ISum(substitute_indices(body * rest, {k: f.var}), f.var)  # δ(v, k): k is v throughout
+        # the guard further in: Σ_k R(k)·Σ_n S(k, n)·Σ_v δ(v, k)·B = Σ_n Σ_v B·R(v)·S(v, n)
+        deeper = _interchange([*inner, rest], k)
+        if deeper is not None:
+            return ISum(deeper, f.var)
     return None
 
 

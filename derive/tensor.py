@@ -344,6 +344,11 @@ class Tensor:
         if pos != list(range(pos[0], pos[0] + len(pos))) or len(dims) < 2:
             raise self.trace.error(f"flatten needs two or more adjacent dims of {self._label()}, got {names}")
         merged = product_dim(*dims)
+        if merged in self.layout:
+            raise self.trace.error(
+                f"flatten{names}: {self._label()} already has a dim '{merged.name}' (an earlier flatten of the"
+                f" same dims); rename one of them first"
+            )
         layout = self.layout[: pos[0]] + (merged,) + self.layout[pos[-1] + 1 :]
 
         def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:

@@ -91,7 +91,12 @@ def index_ranges(program: Program) -> dict[str, str]:
         >>> index_ranges(catalogue()["cross_entropy"].program()), index_ranges(catalogue()["embedding"].program())
         ({'target': 'c'}, {'X': 'v'})
     """
-    out: dict[str, str] = {}
+    return {name: d.name for name, d in _index_dims(program).items()}
+
+
+def _index_dims(program: Program) -> dict[str, Any]:
+    """For each integer input, the Dim its values index (a flattened one included)."""
+    out: dict[str, Any] = {}
     tensors = program.tensors
     for stmt in program.statements:
         for e in sympy.preorder_traversal(stmt.expr):
@@ -99,8 +104,14 @@ def index_ranges(program: Program) -> dict[str, str]:
                 src = tensors.get(entry_name(e))
                 for pos, i in enumerate(entry_indices(e)):
                     if is_entry(i) and src is not None:
-                        out[entry_name(i)] = src.dims[pos].name
+                        out[entry_name(i)] = src.dims[pos]
     return out
+
+
+def _index_high(program: Program, name: str, sizes: dict[str, int]) -> int:
+    """One past the largest value integer input ``name`` may hold: the size of the dim it indexes (else 2)."""
+    dims = _index_dims(program)
+    return _dim_size(dims[name], sizes) if name in dims else 2
 
 
 def _shape(info: TensorInfo, sizes: dict[str, int]) -> tuple[int, ...]:
@@ -134,12 +145,11 @@ def example_inputs(
         ((5, 3), (2, 4), torch.int64, True)
     """
     g = torch.Generator().manual_seed(seed)
-    ranges = index_ranges(program)
     out = []
     for t in program.inputs:
         shape = _shape(t, sizes)
         if t.is_int:
-            high = sizes[ranges[t.name]] if t.name in ranges else 2
+            high = _index_high(program, t.name, sizes)
             out.append(torch.randint(0, high, shape, generator=g).to(device))
         else:
             out.append(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device))
@@ -382,6 +392,8 @@ class _Interpreter:
         self.sizes = sizes
         self.params = params
         self.values: dict[str, dict[tuple[int, ...], sympy.Expr]] = {}
+        # integer inputs -> the (flattened) dim their values index: the parts of a gathered position
+        self.index_dims: dict[str, Any] = {}
         # with a point, a max over a dim is the entry that is largest there: the same value and the
         # same derivative (away from ties), without a Max of many symbolic terms to differentiate
         self.point = point
@@ -394,7 +406,8 @@ class _Interpreter:
             return env[e]  # type: ignore[index]
         if isinstance(e, Flat):
             f, p = self.index(e.args[0], env), int(e.args[1])
-            parts = dim_of(e.args[0]).parts
+            of = e.args[0]
+            parts = (self.index_dims[entry_name(of)] if is_entry(of) else dim_of(of)).parts
             coords = []
             for part in reversed(parts):
                 coords.append(f % _dim_size(part, self.sizes))
@@ -527,12 +540,13 @@ class _Scalars:
         self.values: dict[sympy.Symbol, sympy.Expr] = {}
         self.definitions: list[tuple[sympy.Symbol, sympy.Expr]] = []
         self.interp = _Interpreter(sizes, params, self.values)
-        ranges = index_ranges(program)
+        self.interp.index_dims = _index_dims(program)
         for t in program.inputs:
             table: dict[tuple[int, ...], sympy.Expr] = {}
+            high = _index_high(program, t.name, sizes)
             for combo in _product([self.interp.size(i) for i in t.indices]):
                 if t.is_int:
-                    table[combo] = sympy.Integer(rng.randrange(sizes[ranges[t.name]] if t.name in ranges else 2))
+                    table[combo] = sympy.Integer(rng.randrange(high))
                 else:
                     table[combo] = self._symbol(t.name, combo, sympy.Rational(rng.randint(-30, 30), rng.randint(7, 13)))
             self.interp.values[t.name] = table
@@ -604,6 +618,7 @@ def exact_check(d: Derivation, size: int = 2, seed: int = 0) -> list[tuple[str, 
     direct = scalars.adjoints(seeds)
 
     numeric = _Interpreter(sizes, params)
+    numeric.index_dims = scalars.interp.index_dims
     for name, table in scalars.interp.values.items():
         numeric.values[name] = {k: v.xreplace(scalars.values) for k, v in table.items()}
     for o, seed_values in seeds.items():

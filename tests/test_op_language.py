@@ -350,3 +350,17 @@ def test_an_op_file_imports_as_python_runs_it_dataclasses_and_sibling_modules_in
     )
     assert load_user_op(path, "smooth").program().tensors["out"].dims[0].name == "n"
     assert str(tmp_path) not in sys.path  # the file's folder was importable only while it ran
+
+
+def test_a_flatten_into_a_dim_the_tensor_already_has_is_a_one_line_error(tmp_path):
+    """x / exp(x.flatten(n, d)) has dims n, d, nd: flattening n, d again once conflated the two nd."""
+    from derive.api import load_user_op
+
+    path = tmp_path / "bad_ops.py"
+    path.write_text(
+        'from derive import exp, op\n\n@op(x="n d")\ndef bad(x):\n'
+        '    out = (x / exp(x.flatten("n", "d"))).flatten("n", "d")\n    return out\n'
+    )
+    with pytest.raises(OpDefinitionError, match="already has a dim 'nd'") as caught:
+        load_user_op(path, "bad").program()
+    assert "\n" not in str(caught.value) and "bad_ops.py:5" in str(caught.value)

@@ -734,7 +734,7 @@ def _make(draw: st.DrawFn, kind: str, pool: list[Node], ints: list[Node], sizes:
             for p in pool
             for flat, pair in FLAT.items()
             for i in range(len(p.layout) - 1)
-            if p.layout[i : i + 2] == pair
+            if p.layout[i : i + 2] == pair and flat not in p.layout  # a second "nd" is refused
         ]
         if not cands:
             return None
@@ -1253,6 +1253,32 @@ REPROS = {
         'return (x.max("d") - x.max("d")).sum("n").sum("k")',
         '@op(x="n d k")\ndef comp(x):\n',
         lambda: [_x(4, 4, 1)],
+    ),
+    "a scalar mean of two equal contractions subtracted (the forward returned the float 0.0)": (
+        'return (((x * y) * w).sum("d") - ((x * y) * w).sum("d")).mean("n").sum("k")',
+        '@op(x="n d", y="d k", w="d")\ndef comp(x, y, w):\n',
+        lambda: [_x(3, 5), _x(5, 4, seed=1), _x(5, seed=2)],
+    ),
+    "a max of a value that cancelled (its argmax had no tensor to be named after)": (
+        'return apply(lambda u, v: u / (1 + v**2), x, (x - x).max("d", keepdim=True)).sum("n").sum("d").sum("k")',
+        '@op(x="n d k")\ndef comp(x):\n',
+        lambda: [_x(3, 4, 2)],
+    ),
+    "a padded gather read through a window (a square eye against the longer padded dim)": (
+        'v2 = apply(lambda u: sympy.Min(u, 0.5), -x).take(idx, "k")\n'
+        '    return v2.pad("d", 0, 4).unfold("d", 3, 1, "j", dilation=2).sum("d").mean("n").mean("j")',
+        '@op(x="k", idx="int d n")\ndef comp(x, idx):\n',
+        lambda: [_x(2), _ints(2, 7, 1)],
+    ),
+    "a max over a flattened dim beside a term reading its parts apart (`arange(D*K).1`)": (
+        'return y.flatten("d", "k").max("dk"), ((x * y) * w).sum("d")',
+        '@op(x="n d", y="d k", w="d")\ndef comp(x, y, w):\n',
+        lambda: [_x(6, 3), _x(3, 3, seed=1), _x(3, seed=2)],
+    ),
+    "a gather from a flattened input beside a term reading one part (a one-hot k x n x dk)": (
+        'out = x.flatten("d", "k")[idx].mean("k").sum("n")\n    return out, apply(sympy.sin, x.mean("d"))',
+        '@op(x="d k", idx="int k n")\ndef comp(x, idx):\n',
+        lambda: [_x(2, 4), _ints(8, 4, 3)],
     ),
 }
 

@@ -58,6 +58,14 @@ class Val:
     constant: bool = False  # a Python number (a value that cancelled): broadcasts, never indexed
 
 
+def _number(val: Val) -> sympy.Expr:
+    """A constant value (one that cancelled) as a SymPy number, so arithmetic on it folds; else a symbol."""
+    try:
+        return sympy.sympify(val.code)
+    except (sympy.SympifyError, SyntaxError, TypeError):
+        return sympy.Symbol(val.code)
+
+
 @dataclass(frozen=True)
 class Sharding:
     """A dim split across the processes of ``group``: its reductions all-reduce, its size is global."""
@@ -117,6 +125,13 @@ class Lowerer:
         second change would only undo the first).
         """
         e = _packed_deltas(e)
+        pinned = [t for t in sympy.Add.make_args(e) if _pins_flat(t)]
+        if not relaid and pinned and len(pinned) < len(sympy.Add.make_args(e)):
+            # δ((d, k), p)·h + w[d]·g[k]: the pinned terms scatter on the flattened axis, the rest
+            # (which reads d and k apart) is computed in the target's own layout and added
+            self.assign(name, sympy.Add(*pinned), target, accumulate, comment)
+            self.assign(name, e - sympy.Add(*pinned), target, accumulate=True)
+            return
         unflattened = None if relaid else (_unflattened(e, target) or _reflattened(e, target))
         if unflattened is not None:
             # e reads the parts of a flattened index on their own (y[nd.1]): compute with the parts
@@ -820,6 +835,8 @@ class Lowerer:
         return Val(f"{zeros}.scatter_add_({len(batch)}, {idx}, {flat_src})", batch + (v,) + other)
 
     def _max(self, e: IMax) -> Val:
+        if e.var not in free_indices(e.body):  # the max along a dim of a value constant along it
+            return self.lower(e.body)
         gathered = self._max_at_positions(e)
         if gathered is not None:
             return gathered
@@ -880,7 +897,8 @@ class Lowerer:
     def _delta(self, e: sympy.KroneckerDelta) -> Val:
         a, b = e.args
         if is_index(a) and is_index(b):
-            size = size_code(dim_of(a).size)
+            rows, cols = size_code(dim_of(a).size), size_code(dim_of(b).size)
+            size = rows if rows == cols else f"{rows}, {cols}"  # a padded dim is longer: eye(D, D + 4)
             return Val(f"torch.eye({size}, dtype={self.ref}.dtype, device={self.ref}.device)", (a, b))
         pick, v = (a, b) if is_index(b) or _plain_pack(b) else (b, a)
         if not (is_index(v) or _plain_pack(v)):
@@ -929,7 +947,10 @@ class Lowerer:
         if regrouped is not e:
             return self._elementwise(regrouped, known, want)
         # a leaf's code becomes a symbol the printer writes verbatim: parenthesise compound code
-        mapping = {leaf: sympy.Symbol(atom(self.align(v, tuple(axes), strip=not want))) for leaf, v in leaves}
+        mapping = {
+            leaf: _number(v) if v.constant else sympy.Symbol(atom(self.align(v, tuple(axes), strip=not want)))
+            for leaf, v in leaves
+        }
         reduced = e.xreplace(mapping)
         if reduced.is_number:  # shared values that cancel (t1 - t1): a constant, no axes
             return Val(self.printer.doprint(reduced), (), constant=True)
@@ -1122,6 +1143,15 @@ def _packed_deltas(e: sympy.Expr) -> sympy.Expr:
     return rewrite(e.func(*(_packed_deltas(a) for a in e.args)))
 
 
+def _pins_flat(term: sympy.Expr) -> bool:
+    """Whether ``term`` has a delta pinning several plain indices as one position, ``δ((d, k), p)``."""
+    return any(
+        isinstance(a, Pack) and all(is_index(i) for i in a.args)
+        for delta in term.atoms(sympy.KroneckerDelta)
+        for a in delta.args
+    )
+
+
 def _reflattened(e: sympy.Expr, target: TensorInfo) -> tuple[sympy.Expr, TensorInfo] | None:
     """``e`` and ``target`` with adjacent dims merged where ``e`` pins them as one, ``δ((t, e), p)``.
 
@@ -1148,9 +1178,11 @@ def _reflattened(e: sympy.Expr, target: TensorInfo) -> tuple[sympy.Expr, TensorI
             if any(
                 (isinstance(x, Pack) and x.has(flat))
                 or (isinstance(x, sympy.KroneckerDelta) and any(isinstance(a, Flat) and a.has(flat) for a in x.args))
+                or (is_entry(x) and any(isinstance(i, Flat) and i.has(flat) for i in entry_indices(x)))
                 for x in sympy.preorder_traversal(merged_e)
-            ):  # a part also pinned alone or with a summed index, δ(d, argmax[n, k]): one-hots instead
-                return None
+            ):  # a part also pinned alone or with a summed index, δ(d, argmax[n, k]), or read alone
+                return None  # by another term (w[d]·dout[n, k]): one-hots instead
+
             return merged_e, TensorInfo(target.name, layout, target.is_int)
     return None
 

@@ -232,7 +232,7 @@ class FaithfulPrinter(TorchCodePrinter):
         return f"({self._print(scale)}) * {body}"
 
 
-_NAMED_VIEW = re.compile(r"[A-Za-z_]\w*(\[[\w\s:,]*\])?")
+_NAMED_VIEW = re.compile(r"[A-Za-z_]\w*(\[(\s*(:|None|0)\s*,?)*\])?")  # pre1, var[:, None]; not x[idx]
 
 
 class MaskingPrinter(TorchCodePrinter):

@@ -172,6 +172,8 @@ def _costly_parts(e: sympy.Expr) -> list[sympy.Expr]:
     out: list[sympy.Expr] = []
     for node in sympy.preorder_traversal(e):
         if isinstance(node, IMax):
+            if not tensor_names(node.body):  # the max of a value that cancelled (x - x): no position
+                continue
             node = ArgMax(node.body, node.var)
         elif node is e or not costly(node):
             continue
