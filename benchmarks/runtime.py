@@ -307,6 +307,7 @@ def run_composition(name: str, cfg: Config, shapes: dict[str, tuple[int, ...]] |
         grads = list(eager())
     error = _max_rel_err(grads, list(autograd()))
     timed = time_interleaved({"eager": eager, "autograd": autograd}, cfg)
+    faults = {k: page_faults(fn) for k, fn in (("eager", eager), ("autograd", autograd))}
     med = {k: v["median"] for k, v in timed.items()}
     largest = max([forward_sizes.largest, out.numel()] + [a.numel() for a in args])
     return {
@@ -320,4 +321,5 @@ def run_composition(name: str, cfg: Config, shapes: dict[str, tuple[int, ...]] |
         "peak_op": backward_sizes.largest_op,
         "forward_largest": largest,
         "max_rel_err": error,
+        "page_faults_per_call": faults,
     }

@@ -65,6 +65,7 @@ COMPOSITION_COLUMNS = [
     "derive/autograd",
     "peak tensor (backward)",
     "largest tensor (forward)",
+    "page faults/call",
     "max rel err",
 ]
 
@@ -145,10 +146,7 @@ def memory_rows(results: list[dict[str, Any]]) -> list[list[str]]:
         b = r["bytes"]
         ratio = b["generated_saved"] / b["atoms_autograd_saved"] if b["atoms_autograd_saved"] else None
         errs = ", ".join(f"{k.split('_')[0]} {v:.1e}" for k, v in r["max_rel_err"].items())
-        pf = r.get("page_faults_per_call") or {}
-        faults = " / ".join(
-            "n/a" if pf.get(k) is None else f"{pf[k]:.0f}" for k in ("eager", "compiled", "atoms", "native")
-        )
+        faults = _faults(r.get("page_faults_per_call") or {}, ("eager", "compiled", "atoms", "native"))
         rows.append(
             [
                 r["op"],
@@ -195,10 +193,16 @@ def composition_rows(results: list[dict[str, Any]]) -> list[list[str]]:
             fmt_ratio(r["ratio"]),
             f"{r['peak']:,} ({r['peak_op']})",
             f"{r['forward_largest']:,}",
+            _faults(r.get("page_faults_per_call") or {}, ("eager", "autograd")),
             f"{r['max_rel_err']:.1e}",
         ]
         for r in results
     ]
+
+
+def _faults(per_call: dict[str, float | None], order: tuple[str, ...]) -> str:
+    """``12 / 0``: minor page faults per call of each timed function, in ``order`` (n/a if unmeasured)."""
+    return " / ".join("n/a" if per_call.get(k) is None else f"{per_call[k]:.0f}" for k in order)
 
 
 def derivation_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
@@ -291,7 +295,9 @@ def render(report: dict[str, Any]) -> str:
             "derived in-process; derive: its fused backward (eager); autograd: `torch.autograd.grad` through "
             "the same computation in PyTorch's own ops (F.relu, F.layer_norm, F.gelu, torch.softmax...). "
             "peak tensor: the most elements of any tensor the generated backward creates (and the aten op "
-            "that made it); it must not exceed the largest tensor of the forward.",
+            "that made it); it must not exceed the largest tensor of the forward. page faults/call: minor "
+            "page faults per backward call after timing, derive / autograd (fresh pages of large "
+            "temporaries, which the kernel maps and zeroes: they move timings between runs).",
             "",
             markdown(COMPOSITION_COLUMNS, composition_rows(comps)),
         ]

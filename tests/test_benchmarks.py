@@ -35,6 +35,7 @@ COMPOSITION_COLUMNS = [
     "derive/autograd",
     "peak tensor (backward)",
     "largest tensor (forward)",
+    "page faults/call",
     "max rel err",
 ]
 
