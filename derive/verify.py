@@ -21,7 +21,20 @@ import torch
 
 from .autodiff import grad_name
 from .derivation import Derivation
-from .indexalg import ArgMax, Flat, IMax, ISum, Pack, dim_of, entry_indices, entry_name, is_entry, is_index, use_dims
+from .indexalg import (
+    ArgMax,
+    Dim,
+    Flat,
+    IMax,
+    ISum,
+    Pack,
+    dim_of,
+    entry_indices,
+    entry_name,
+    is_entry,
+    is_index,
+    use_dims,
+)
 from .program import Program, TensorInfo, derived_size
 
 
@@ -97,6 +110,7 @@ def index_ranges(program: Program) -> dict[str, str]:
 def _index_dims(program: Program) -> dict[str, Any]:
     """For each integer input, the Dim its values index (a flattened one included)."""
     out: dict[str, Any] = {}
+    parts: dict[str, dict[int, Any]] = {}  # a position read part by part: x[idx.0, idx.1]
     tensors = program.tensors
     for stmt in program.statements:
         for e in sympy.preorder_traversal(stmt.expr):
@@ -105,6 +119,13 @@ def _index_dims(program: Program) -> dict[str, Any]:
                 for pos, i in enumerate(entry_indices(e)):
                     if is_entry(i) and src is not None:
                         out[entry_name(i)] = src.dims[pos]
+                    elif isinstance(i, Flat) and is_entry(i.args[0]) and src is not None:
+                        parts.setdefault(entry_name(i.args[0]), {})[int(i.args[1])] = src.dims[pos]
+    for name, by_part in parts.items():
+        if name not in out:
+            out[name] = Dim(
+                "".join(by_part[p].name for p in sorted(by_part)), parts=tuple(by_part[p] for p in sorted(by_part))
+            )
     return out
 
 

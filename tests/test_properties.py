@@ -1280,6 +1280,19 @@ REPROS = {
         '@op(x="d k", idx="int k n")\ndef comp(x, idx):\n',
         lambda: [_x(2, 4), _ints(8, 4, 3)],
     ),
+    "a gather from a flattened max, its sum beside a count of the same positions (a one-hot m x k x dk)": (
+        'return apply(sympy.Max, w, w.flatten("d", "k")).take(idx, "dk").sum("m").sum("k").sum("d") + x.sum("d")'
+        ' + y.sum("d"), apply(sympy.Max, w, w.flatten("d", "k"))',
+        '@op(x="1 d", y="d", w="d k", idx="int m k")\ndef comp(x, y, w, idx):\n',
+        lambda: [_x(1, 2), _x(2, seed=1), _x(2, 2, seed=2), _ints(4, 7, 2)],
+    ),
+    "window positions a value does not depend on (a one-hot d x j x d instead of a col2im)": (
+        'v0 = x.unfold("d", 1, 1, "j", dilation=1)\n'
+        '    v3 = apply(lambda u, v: u * v, x.max("d", keepdim=True), x).unfold("d", 1, 1, "j", dilation=2)\n'
+        '    return (v0 / exp(v3.mean("j", keepdim=True))).mean("d").mean("j"), v0',
+        '@op(x="d")\ndef comp(x):\n',
+        lambda: [_x(5)],
+    ),
 }
 
 

@@ -125,12 +125,14 @@ class Lowerer:
         second change would only undo the first).
         """
         e = _packed_deltas(e)
-        pinned = [t for t in sympy.Add.make_args(e) if _pins_flat(t)]
-        if not relaid and pinned and len(pinned) < len(sympy.Add.make_args(e)):
+        # a pinned term that is a product of a sum, dout·(a + δ((d, k), p)·h), is split open
+        terms = [u for t in sympy.Add.make_args(e) for u in sympy.Add.make_args(_open_pinned(t))]
+        pinned = [t for t in terms if _pins_flat(t)]
+        if not relaid and pinned and len(pinned) < len(terms):
             # δ((d, k), p)·h + w[d]·g[k]: the pinned terms scatter on the flattened axis, the rest
             # (which reads d and k apart) is computed in the target's own layout and added
             self.assign(name, sympy.Add(*pinned), target, accumulate, comment)
-            self.assign(name, e - sympy.Add(*pinned), target, accumulate=True)
+            self.assign(name, sympy.Add(*(t for t in terms if not _pins_flat(t))), target, accumulate=True)
             return
         unflattened = None if relaid else (_unflattened(e, target) or _reflattened(e, target))
         if unflattened is not None:
@@ -733,8 +735,13 @@ class Lowerer:
                 for k in [i for i in indices if i not in lead]:
                     rest_expr = ISum(rest_expr, k)
                 rest = self.lower(rest_expr)
-                if v in rest.axes or not set(lead) <= set(rest.axes):
+                if v in rest.axes:
                     continue
+                missing = tuple(i for i in lead if i not in rest.axes)
+                if missing:  # constant along some window indices: each window position gets it (a count)
+                    axes = rest.axes + missing
+                    full = ", ".join(size_code(dim_of(a).size) for a in axes)
+                    rest = Val(f"{atom(self.align(rest, axes, strip=False))}.expand({full})", axes)
                 pos = min(rest.axes.index(i) for i in lead)
                 others = [a for a in rest.axes if a not in lead]
                 order = tuple(others[:pos]) + lead + tuple(others[pos:])
@@ -1143,6 +1150,23 @@ def _packed_deltas(e: sympy.Expr) -> sympy.Expr:
     return rewrite(e.func(*(_packed_deltas(a) for a in e.args)))
 
 
+def _reads_part_alone(idx: tuple[sympy.Basic, ...], flat: sympy.Symbol, parts: int) -> bool:
+    """Whether ``idx`` reads a part of ``flat`` other than in a whole run ``flat.0, flat.1, ...`` (a reshape)."""
+    run = tuple(Flat(flat, p) for p in range(parts))
+    for k, i in enumerate(idx):
+        if isinstance(i, Flat) and i.has(flat) and tuple(idx[k - int(i.args[1]) : k - int(i.args[1]) + parts]) != run:
+            return True
+    return False
+
+
+def _open_pinned(term: sympy.Expr) -> sympy.Expr:
+    """``c·(a + δ((d, k), p)·h)`` as ``c·a + c·δ((d, k), p)·h`` when only part of the sum is pinned."""
+    if not _pins_flat(term) or not isinstance(term, sympy.Mul):
+        return term
+    opened = sympy.expand_mul(term, deep=False)
+    return opened if any(not _pins_flat(t) for t in sympy.Add.make_args(opened)) else term
+
+
 def _pins_flat(term: sympy.Expr) -> bool:
     """Whether ``term`` has a delta pinning several plain indices as one position, ``δ((d, k), p)``."""
     return any(
@@ -1178,7 +1202,7 @@ def _reflattened(e: sympy.Expr, target: TensorInfo) -> tuple[sympy.Expr, TensorI
             if any(
                 (isinstance(x, Pack) and x.has(flat))
                 or (isinstance(x, sympy.KroneckerDelta) and any(isinstance(a, Flat) and a.has(flat) for a in x.args))
-                or (is_entry(x) and any(isinstance(i, Flat) and i.has(flat) for i in entry_indices(x)))
+                or (is_entry(x) and _reads_part_alone(entry_indices(x), flat, len(dims)))
                 for x in sympy.preorder_traversal(merged_e)
             ):  # a part also pinned alone or with a summed index, δ(d, argmax[n, k]), or read alone
                 return None  # by another term (w[d]·dout[n, k]): one-hots instead
