@@ -126,13 +126,14 @@ class Lowerer:
         """
         e = _packed_deltas(e)
         # a pinned term that is a product of a sum, dout·(a + δ((d, k), p)·h), is split open
-        terms = [u for t in sympy.Add.make_args(e) for u in sympy.Add.make_args(_open_pinned(t))]
-        pinned = [t for t in terms if _pins_flat(t)]
+        own = set(target.indices)
+        terms = [u for t in sympy.Add.make_args(e) for u in sympy.Add.make_args(_open_pinned(t, own))]
+        pinned = [t for t in terms if _pins_flat(t, own)]
         if not relaid and pinned and len(pinned) < len(terms):
             # δ((d, k), p)·h + w[d]·g[k]: the pinned terms scatter on the flattened axis, the rest
             # (which reads d and k apart) is computed in the target's own layout and added
             self.assign(name, sympy.Add(*pinned), target, accumulate, comment)
-            self.assign(name, sympy.Add(*(t for t in terms if not _pins_flat(t))), target, accumulate=True)
+            self.assign(name, sympy.Add(*(t for t in terms if not _pins_flat(t, own))), target, accumulate=True)
             return
         unflattened = None if relaid else (_unflattened(e, target) or _reflattened(e, target))
         if unflattened is not None:
@@ -1154,23 +1155,24 @@ def _reads_part_alone(idx: tuple[sympy.Basic, ...], flat: sympy.Symbol, parts: i
     """Whether ``idx`` reads a part of ``flat`` other than in a whole run ``flat.0, flat.1, ...`` (a reshape)."""
     run = tuple(Flat(flat, p) for p in range(parts))
     for k, i in enumerate(idx):
-        if isinstance(i, Flat) and i.has(flat) and tuple(idx[k - int(i.args[1]) : k - int(i.args[1]) + parts]) != run:
+        start = k - int(i.args[1]) if isinstance(i, Flat) else 0
+        if isinstance(i, Flat) and i.has(flat) and (start < 0 or tuple(idx[start : start + parts]) != run):
             return True
     return False
 
 
-def _open_pinned(term: sympy.Expr) -> sympy.Expr:
+def _open_pinned(term: sympy.Expr, own: set[sympy.Symbol]) -> sympy.Expr:
     """``c·(a + δ((d, k), p)·h)`` as ``c·a + c·δ((d, k), p)·h`` when only part of the sum is pinned."""
-    if not _pins_flat(term) or not isinstance(term, sympy.Mul):
+    if not _pins_flat(term, own) or not isinstance(term, sympy.Mul):
         return term
     opened = sympy.expand_mul(term, deep=False)
-    return opened if any(not _pins_flat(t) for t in sympy.Add.make_args(opened)) else term
+    return opened if any(not _pins_flat(t, own) for t in sympy.Add.make_args(opened)) else term
 
 
-def _pins_flat(term: sympy.Expr) -> bool:
-    """Whether ``term`` has a delta pinning several plain indices as one position, ``δ((d, k), p)``."""
+def _pins_flat(term: sympy.Expr, own: set[sympy.Symbol]) -> bool:
+    """Whether ``term`` has a delta pinning several of the target's indices (``own``) as one position, ``δ((d, k), p)``."""
     return any(
-        isinstance(a, Pack) and all(is_index(i) for i in a.args)
+        isinstance(a, Pack) and len(a.args) > 1 and all(i in own for i in a.args)
         for delta in term.atoms(sympy.KroneckerDelta)
         for a in delta.args
     )
@@ -1206,7 +1208,6 @@ def _reflattened(e: sympy.Expr, target: TensorInfo) -> tuple[sympy.Expr, TensorI
                 for x in sympy.preorder_traversal(merged_e)
             ):  # a part also pinned alone or with a summed index, δ(d, argmax[n, k]), or read alone
                 return None  # by another term (w[d]·dout[n, k]): one-hots instead
-
             return merged_e, TensorInfo(target.name, layout, target.is_int)
     return None
 
