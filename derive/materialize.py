@@ -15,6 +15,8 @@ inputs would be derived once per input. So an unnamed node gets a name of its ow
   tensors (the pre-activation ``x @ W1 + b1`` of a ReLU, the residual ``pred - y`` of a squared
   loss): its adjoint is then computed once, not once per input;
 - it is **used twice** (a shared sub-expression held in a ``_``-prefixed local or a container);
+- it is a **max (min) read by a max (min)**: inlined, SymPy would flatten the two into one, whose
+  derivative at a double tie is not the nested one PyTorch gives;
 - it is a **padding** (``x.pad("t", 4, 0)``): its reads past the ends are zeros, which only its
   own statement may hold; or a **window** (``x.unfold("t", 3, 1, "k")``): the forward holds it (a
   view, or the im2col a contraction needs) and the backward adds its adjoint back (col2im).
@@ -61,6 +63,8 @@ def boundaries(results: list[Tensor]) -> dict[Tensor, str]:
             chosen[n] = "operand"  # a padding reads zeros past the ends of a tensor, not of an expression
         elif len(users) > 1:
             chosen[n] = "shared"
+        elif any(_merges_into(u, n) for u in users):
+            chosen[n] = "operand"  # max(relu(p), w): inlined, SymPy would flatten it to max(0, p, w)
     leaves = _Leaves(chosen, consumers)
     for n in free:
         if n in chosen or n.kind == "contraction":
@@ -141,6 +145,21 @@ def _nonlinear_in(consumer: Tensor, operand: Tensor) -> bool:
     """Whether an elementwise consumer's second derivative in ``operand`` is not zero."""
     shell = _shell(consumer, operand)
     return shell is not None and sympy.diff(shell[0], shell[1], 2) != 0
+
+
+def _merges_into(consumer: Tensor, operand: Tensor) -> bool:
+    """Whether ``operand`` is a max (min) read directly by a max (min) of ``consumer``.
+
+    SymPy flattens ``Max(Max(p, 0), w)`` into ``Max(0, p, w)``, whose derivative at a double tie
+    is not the nested one PyTorch gives (``torch.maximum(torch.relu(p), w)`` at ``p = w = 0``
+    sends nothing to ``p``). A statement of its own keeps the nesting.
+    """
+    body = operand.body if operand.kind == "elementwise" else None
+    shell = _shell(consumer, operand)
+    if body is None or shell is None or not isinstance(body, (sympy.Max, sympy.Min)):
+        return False
+    outer, u = shell
+    return any(isinstance(f, type(body)) and u in f.args for f in sympy.preorder_traversal(outer))
 
 
 def _affine_in(consumer: Tensor, operand: Tensor) -> bool:

@@ -314,3 +314,40 @@ def test_the_chain_adds_a_second_contribution_through_a_flattened_dim():
     leaf = x.clone().requires_grad_()
     torch.autograd.backward([leaf.flatten(1).max(1).values, leaf.flatten(1)], [g1, g2])
     torch.testing.assert_close(steps["x"], leaf.grad)
+
+
+@op(x="n d")
+def relu_minus(x):
+    out = apply(lambda u: sympy.Max(u, 0), x) - x
+    return out
+
+
+def test_a_step_beside_a_subtraction_keeps_the_inputs_dtype():
+    """relu(x) - x: its derivative H(x) - 1 once printed torch.where(x > 0, 1.0, 0.0), float32 always."""
+    _, module = generated(relu_minus)
+    x = torch.tensor([[-1.0, 0.0, 2.0]], dtype=torch.float16)
+    out, saved = module.relu_minus_forward(x)
+    dx = module.relu_minus_backward(torch.ones_like(out), saved).x
+    assert dx.dtype == torch.float16
+    assert torch.equal(dx, torch.tensor([[-1.0, -1.0, 0.0]], dtype=torch.float16))
+
+
+@op(x="n d", y="d k", w="k")
+def max_of_relu(x, y, w):
+    out = apply(sympy.Max, apply(lambda u: sympy.Max(u, 0), x @ y + w), w.rename(k="s"))
+    return out
+
+
+def test_a_max_of_a_relu_at_a_double_tie_follows_pytorchs_nesting():
+    """Found by a random hunt: inlined, SymPy flattened max(relu(p), w) to max(0, p, w), which at
+    p = w = 0 sent half the gradient to p where torch.maximum(torch.relu(p), w) sends none."""
+    d, module = generated(max_of_relu)
+    assert [s.name for s in d.program.statements] == ["pre1", "act1", "out"]
+    x, y, w = _randn(5, 3, seed=1).double(), _randn(3, 6, seed=2).double(), _randn(6, seed=3).double()
+    x[4], w[4] = 0.0, 0.0  # pre1[4, 4] = 0 ties relu's kink and w[s=4] = 0 at once
+    out, saved = module.max_of_relu_forward(x, y, w)
+    g = _randn(*out.shape, seed=4).double()
+    leaves = [t.clone().requires_grad_() for t in (x, y, w)]
+    torch.maximum(torch.relu(leaves[0] @ leaves[1] + leaves[2])[:, :, None], leaves[2]).backward(g)
+    for got, leaf in zip(module.max_of_relu_backward(g, saved), leaves):
+        assert torch.equal(got, leaf.grad), (got, leaf.grad)

@@ -109,7 +109,8 @@ class TorchCodePrinter(TorchPrinter):
         arg, tie = expr.args[0], expr.args[1] if len(expr.args) > 1 else sympy.S.Half
         code = self._print(arg)
         if tie in (0, 1) and getattr(self, "_float_steps", False):
-            return f"torch.where({comparison(self, arg, tie)}, 1.0, 0.0)"
+            mask = self.float_mask(arg, tie)  # in the value's dtype; where(..., 1.0, 0.0) is the default one
+            return mask if mask is not None else f"torch.where({comparison(self, arg, tie)}, 1.0, 0.0)"
         if tie in (0, 1):
             return f"({comparison(self, arg, tie)})"
         if tie == sympy.S.Half:
