@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.derive-ready
 
-.PHONY: setup demo test check regenerate train bench clean
+.PHONY: setup demo test gpu-test check regenerate train bench clean
 
 $(READY): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: $(READY)
 	$(BIN)/python -m ruff check derive tests benchmarks
 	$(BIN)/python -m black --check --quiet derive tests benchmarks
 	$(BIN)/python -m mypy derive
+
+# On a machine with a GPU, using its own python3 (whose torch has CUDA; the venv's is a CPU build):
+# the catalogue and the benchmarked compositions on CUDA, then the random property tests there.
+gpu-test:
+	$(PYTHON) -m pytest tests/test_cuda.py tests/test_integration.py -k cuda
+	DERIVE_TEST_DEVICE=cuda $(PYTHON) -m pytest tests/test_properties.py -k "random or catalogue_op"
 
 check: $(READY)
 	$(BIN)/python -m derive --check

@@ -87,6 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "processes sharing the CPUs (forces --threads 1)",
     )
     p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device the inputs live on and the backwards run on, e.g. cuda (default cpu; "
+        "on a GPU the clock is wall time read after torch.cuda.synchronize())",
+    )
+    p.add_argument(
         "--budget",
         type=float,
         default=None,
@@ -100,6 +106,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.compile = (not q) if args.compile is None else args.compile
     args.stack = args.stack if args.stack is not None else ([1, 2] if q else [1, 2, 4, 8, 16])
     args.budget = args.budget or (50.0 if q else 540.0)
+    if args.device != "cpu":
+        from derive.errors import DeriveError
+        from derive.verify import usable_device
+
+        try:
+            usable_device(args.device)
+        except DeriveError as exc:
+            p.error(str(exc))
+    if args.device != "cpu" and args.clock == "cpu":
+        p.error(f"--clock cpu times CPU work; kernels on --device {args.device} need the default wall clock")
     if args.clock == "cpu" and args.threads != 1:
         _progress("--clock cpu times one thread: using --threads 1")
         args.threads = 1
@@ -111,6 +127,15 @@ def _load() -> float | None:
         return os.getloadavg()[0]
     except OSError:
         return None
+
+
+def _device_name(device: str) -> str:
+    """``cpu``, or the device with its model: ``cuda (NVIDIA H200)``."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
 
 
 def _progress(msg: str) -> None:
@@ -136,6 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "min_run_time": args.min_run_time,
         "compile": args.compile,
         "clock": args.clock,
+        "device": _device_name(args.device),
         "load_before": _load(),
     }
     if env["load_before"] is not None and env["load_before"] > 0.5:
@@ -152,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             min_run_time=args.min_run_time,
             compile=args.compile,
             clock=args.clock,
+            device=args.device,
         )
         results = []
         for case in cases_mod.cases(args.ops, args.sizes):
@@ -161,7 +188,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["goals"] = tables.goals(results)
     names = list(compositions_mod.COMPOSITIONS) if args.compositions is None else args.compositions
     if names:
-        cfg = runtime.Config(threads=args.threads, rounds=args.rounds, min_run_time=args.min_run_time, clock=args.clock)
+        cfg = runtime.Config(
+            threads=args.threads,
+            rounds=args.rounds,
+            min_run_time=args.min_run_time,
+            clock=args.clock,
+            device=args.device,
+        )
         report["compositions"] = []
         for name in names:
             _progress(f"composition: {name}")

@@ -39,10 +39,19 @@ class Config:
     # "wall": time.perf_counter (latency, what a user sees); "cpu": time.thread_time, the CPU time of the
     # timing thread only, which time-slicing by other processes on the machine does not inflate (needs threads=1)
     clock: str = "wall"
+    device: str = "cpu"  # where inputs live and kernels run; "cuda" times with a synchronize before each reading
 
     @property
     def timer(self) -> Callable[[], float]:
+        if self.device != "cpu":
+            return _synchronized_clock
         return time.thread_time if self.clock == "cpu" else time.perf_counter
+
+
+def _synchronized_clock() -> float:
+    """Wall time once every queued GPU kernel has finished (GPU work is asynchronous)."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 # -- timing --------------------------------------------------------------------------------------
@@ -65,8 +74,13 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], cfg: Config) -> dict[str
     return out
 
 
-def page_faults(fn: Callable[[], Any], calls: int = 5) -> float | None:
-    """Minor page faults per call (fresh large buffers the OS must map and zero), where getrusage exists."""
+def page_faults(fn: Callable[[], Any], cfg: Config, calls: int = 5) -> float | None:
+    """Minor page faults per call (fresh large buffers the OS must map and zero), where getrusage exists.
+
+    None on a GPU: its buffers come from the caching allocator, not from fresh host pages.
+    """
+    if cfg.device != "cpu":
+        return None
     try:
         import resource
     except ImportError:
@@ -117,17 +131,17 @@ def autograd_saved(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, An
 
 
 # -- lower bound ---------------------------------------------------------------------------------
-def stream_fn(nbytes: int) -> Callable[[], Any]:
+def stream_fn(nbytes: int, device: str = "cpu") -> Callable[[], Any]:
     """``c = a + b`` over float32 tensors holding ``nbytes`` in all (read 2/3, write 1/3)."""
     numel = max(1, math.ceil(nbytes / 12))
-    a, b, c = torch.rand(numel), torch.rand(numel), torch.empty(numel)
+    a, b, c = (torch.rand(numel, device=device) for _ in range(3))
     return lambda: torch.add(a, b, out=c)
 
 
-def gemm_fn(gemms: list[tuple[int, int, int]]) -> Callable[[], Any] | None:
+def gemm_fn(gemms: list[tuple[int, int, int]], device: str = "cpu") -> Callable[[], Any] | None:
     if not gemms:
         return None
-    mats = [(torch.rand(m, k), torch.rand(k, n), torch.empty(m, n)) for m, k, n in gemms]
+    mats = [tuple(torch.rand(r, c, device=device) for r, c in ((m, k), (k, n), (m, n))) for m, k, n in gemms]
 
     def run() -> None:
         for a, b, c in mats:
@@ -161,13 +175,13 @@ def run_case(case: Case, cfg: Config) -> dict[str, Any]:
     backward = getattr(mod, f"{case.op}_backward")
     g = torch.Generator().manual_seed(cfg.seed)
     inp = case.make(g)
-    args, params = inp.args, inp.params
+    args, params = [a.to(cfg.device) for a in inp.args], inp.params
 
     # generated forward, without autograd: what `saved` holds
     with torch.no_grad():
         out, saved = forward(*args, **params)
     scalar = out.dim() == 0
-    grad_out = None if scalar else torch.randn(out.shape, generator=g)
+    grad_out = None if scalar else torch.randn(out.shape, generator=g).to(cfg.device)
     input_storages = _storages(args)
     saved_tensors = [v for v in saved.values() if isinstance(v, torch.Tensor)]
     used_keys = keys_read_by_backward(mod, case.op)
@@ -204,9 +218,9 @@ def run_case(case: Case, cfg: Config) -> dict[str, Any]:
         "eager": eager,
         "atoms": atoms,
         "native": native,
-        "stream": stream_fn(io_bytes),
+        "stream": stream_fn(io_bytes, cfg.device),
     }
-    gemm = gemm_fn(case.gemms)
+    gemm = gemm_fn(case.gemms, cfg.device)
     if gemm is not None:
         fns["gemm"] = gemm
 
@@ -227,7 +241,7 @@ def run_case(case: Case, cfg: Config) -> dict[str, Any]:
         compiled_error = "skipped"
 
     timed = time_interleaved(fns, cfg)
-    faults = {k: page_faults(fns[k]) for k in ("eager", "compiled", "atoms", "native") if k in fns}
+    faults = {k: page_faults(fns[k], cfg) for k in ("eager", "compiled", "atoms", "native") if k in fns}
     med = {k: v["median"] for k, v in timed.items()}
     med["bound"] = max(med["stream"], med.get("gemm", 0.0))
     if "compiled" not in med:
@@ -290,10 +304,10 @@ def run_composition(name: str, cfg: Config, shapes: dict[str, tuple[int, ...]] |
     _, module = generated(name)
     forward, backward = getattr(module, f"{name}_forward"), getattr(module, f"{name}_backward")
     g = torch.Generator().manual_seed(cfg.seed)
-    args, params = comp.inputs(g), dict(comp.params)
+    args, params = [a.to(cfg.device) for a in comp.inputs(g)], dict(comp.params)
     with torch.no_grad(), TensorSizes() as forward_sizes:
         out, saved = forward(*args, **params)
-    grad_out = None if out.dim() == 0 else torch.randn(out.shape, generator=g)
+    grad_out = None if out.dim() == 0 else torch.randn(out.shape, generator=g).to(cfg.device)
     leaves = [a.detach().clone().requires_grad_() for a in args]
     ref_out = comp.torch_fn(*leaves, **params)
 
@@ -307,7 +321,7 @@ def run_composition(name: str, cfg: Config, shapes: dict[str, tuple[int, ...]] |
         grads = list(eager())
     error = _max_rel_err(grads, list(autograd()))
     timed = time_interleaved({"eager": eager, "autograd": autograd}, cfg)
-    faults = {k: page_faults(fn) for k, fn in (("eager", eager), ("autograd", autograd))}
+    faults = {k: page_faults(fn, cfg) for k, fn in (("eager", eager), ("autograd", autograd))}
     med = {k: v["median"] for k, v in timed.items()}
     largest = max([forward_sizes.largest, out.numel()] + [a.numel() for a in args])
     return {

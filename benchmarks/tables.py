@@ -246,6 +246,7 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"Command: `{env['command']}`  ",
         f"torch {env['torch']}, Python {env['python']}, {env['cpus']} CPUs, torch threads {env['threads']}, "
+        f"device {env.get('device', 'cpu')}, "
         f"{env['mode']} mode ({env['rounds']} interleaved round(s) x "
         f"blocked_autorange(min_run_time={env['min_run_time']} s), clock: {clock}); "
         f"ran {env.get('elapsed_s', 0):.0f} s; 1-minute load average {_load(env.get('load_before'))} before, "

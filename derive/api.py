@@ -175,8 +175,9 @@ def run(
     spec: str | None = None,
     progress: Callable[[str], None] | None = None,
     shard: str | None = None,
+    device: str = "cpu",
 ) -> RunResult:
-    """Derive, render, verify (in memory), then write atomically only if all went well.
+    """Derive, render, verify (in memory, the autograd checks on ``device``), then write atomically only if all went well.
 
     Example:
         >>> import tempfile
@@ -200,10 +201,10 @@ def run(
     sizes = d.program.tie({**default_sizes(d.program), **the_op.sizes})
     verification = None
     if do_verify:
-        say(f"verifying {d.name} (autograd, gradcheck, exact check)")
+        say(f"verifying {d.name} (autograd{'' if device == 'cpu' else ' on ' + device}, gradcheck, exact check)")
         t0 = time.perf_counter()
         module = load_module(source, d.name)
-        verification = verify_module(d, module, sizes=sizes)
+        verification = verify_module(d, module, sizes=sizes, device=device)
         d.timings["verify"] = time.perf_counter() - t0
     if hit is None or (verification is not None and verification.ok and not hit.get("verified")):
         cache.store(key, {"source": source, "verified": verification is not None and verification.ok})
@@ -375,6 +376,7 @@ def to_json(result: RunResult, total: float) -> dict[str, Any]:
             if v is None
             else {
                 "ok": v.ok,
+                "device": v.device,
                 "fused": [c.__dict__ for c in v.fused],
                 "steps": [c.__dict__ for c in v.steps],
                 "gradcheck": v.gradcheck,

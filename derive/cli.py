@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the autograd and exact checks")
     parser.add_argument("--no-write", action="store_true", help="derive and verify without writing a file")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        metavar="DEV",
+        help="run the autograd checks and gradcheck on this torch device, e.g. cuda (default: cpu)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     parser.add_argument(
         "--shard",
@@ -265,6 +271,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
         print("derive: error: name an op (see --list) or PATH.py:FUNCTION", file=sys.stderr)
         return 2
     fmt = "latex" if args.latex else args.format
+    from .verify import usable_device
+
+    device = "cpu" if args.device == "cpu" or args.no_verify else usable_device(args.device)
     the_op = api.resolve(args.op)
     spec = args.op if ":" in args.op else None
     progress = _progress if sys.stderr.isatty() else None
@@ -276,6 +285,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
         spec=spec,
         progress=progress,
         shard=args.shard,
+        device=device,
     )
     if progress:
         print("\r\033[K", end="", file=sys.stderr, flush=True)

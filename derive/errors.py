@@ -25,6 +25,10 @@ class OutputPathError(DeriveError):
     """An output path would escape the output directory or is not writable."""
 
 
+class DeviceError(DeriveError):
+    """A torch device named for verification that this machine cannot use."""
+
+
 class VerificationError(DeriveError):
     """The generated code disagrees with autograd or with the exact check."""
 

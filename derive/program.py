@@ -6,7 +6,19 @@ from dataclasses import dataclass
 
 import sympy
 
-from .indexalg import ArgMax, Dim, Flat, IMax, ISum, entry, is_entry, is_index, substitute_indices
+from .indexalg import (
+    ArgMax,
+    Dim,
+    Flat,
+    IMax,
+    ISum,
+    entry,
+    entry_indices,
+    entry_name,
+    is_entry,
+    is_index,
+    substitute_indices,
+)
 
 Layout = tuple[Dim | None, ...]
 
@@ -167,6 +179,29 @@ class Program:
                     seen.setdefault(part.name, part)
                 seen.setdefault(d.name, d)
         return tuple(seen.values())
+
+    @property
+    def index_dims(self) -> dict[str, Dim]:
+        """For each integer input, the dim its values index (from the gathers that read it), a
+        flattened one included: ``x[idx.0, idx.1]`` reads ``idx`` as a position in ``(n d)``."""
+        out: dict[str, Dim] = {}
+        parts: dict[str, dict[int, Dim]] = {}
+        tensors = self.tensors
+        for stmt in self.statements:
+            for e in sympy.preorder_traversal(stmt.expr):
+                if not is_entry(e) or entry_name(e) not in tensors:
+                    continue
+                src = tensors[entry_name(e)]
+                for pos, i in enumerate(entry_indices(e)):
+                    if is_entry(i):
+                        out[entry_name(i)] = src.dims[pos]
+                    elif isinstance(i, Flat) and is_entry(i.args[0]):
+                        parts.setdefault(entry_name(i.args[0]), {})[int(i.args[1])] = src.dims[pos]
+        for name, by_part in parts.items():
+            if name not in out:
+                dims = tuple(by_part[p] for p in sorted(by_part))
+                out[name] = Dim("".join(d.name for d in dims), parts=dims)
+        return out
 
     @property
     def size_dims(self) -> tuple[Dim, ...]:

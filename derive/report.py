@@ -243,7 +243,8 @@ def verification_section(
     v: Verification, sizes: dict[str, int], style: Style, outputs: tuple[str, ...] = ()
 ) -> list[str]:
     size_text = ", ".join(f"{k}={n}" for k, n in sizes.items())
-    lines = [style.heading(f"5. Verification against PyTorch autograd (float32; {size_text})")]
+    where = "" if v.device == "cpu" else f" on {v.device}"
+    lines = [style.heading(f"5. Verification against PyTorch autograd (float32{where}; {size_text})")]
     lines.append("  fused backward (NAME_backward):")
     lines += table(v.fused)
     if v.steps:

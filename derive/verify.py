@@ -23,7 +23,6 @@ from .autodiff import grad_name
 from .derivation import Derivation
 from .indexalg import (
     ArgMax,
-    Dim,
     Flat,
     IMax,
     ISum,
@@ -58,6 +57,7 @@ class Verification:
     gradcheck: bool | None = None
     gradcheck_error: str = ""
     exact: list[tuple[str, str]] = field(default_factory=list)
+    device: str = "cpu"
 
     @property
     def ok(self) -> bool:
@@ -104,34 +104,12 @@ def index_ranges(program: Program) -> dict[str, str]:
         >>> index_ranges(catalogue()["cross_entropy"].program()), index_ranges(catalogue()["embedding"].program())
         ({'target': 'c'}, {'X': 'v'})
     """
-    return {name: d.name for name, d in _index_dims(program).items()}
-
-
-def _index_dims(program: Program) -> dict[str, Any]:
-    """For each integer input, the Dim its values index (a flattened one included)."""
-    out: dict[str, Any] = {}
-    parts: dict[str, dict[int, Any]] = {}  # a position read part by part: x[idx.0, idx.1]
-    tensors = program.tensors
-    for stmt in program.statements:
-        for e in sympy.preorder_traversal(stmt.expr):
-            if is_entry(e):
-                src = tensors.get(entry_name(e))
-                for pos, i in enumerate(entry_indices(e)):
-                    if is_entry(i) and src is not None:
-                        out[entry_name(i)] = src.dims[pos]
-                    elif isinstance(i, Flat) and is_entry(i.args[0]) and src is not None:
-                        parts.setdefault(entry_name(i.args[0]), {})[int(i.args[1])] = src.dims[pos]
-    for name, by_part in parts.items():
-        if name not in out:
-            out[name] = Dim(
-                "".join(by_part[p].name for p in sorted(by_part)), parts=tuple(by_part[p] for p in sorted(by_part))
-            )
-    return out
+    return {name: d.name for name, d in program.index_dims.items()}
 
 
 def _index_high(program: Program, name: str, sizes: dict[str, int]) -> int:
     """One past the largest value integer input ``name`` may hold: the size of the dim it indexes (else 2)."""
-    dims = _index_dims(program)
+    dims = program.index_dims
     return _dim_size(dims[name], sizes) if name in dims else 2
 
 
@@ -152,6 +130,27 @@ def _dim_size(d: Any, sizes: dict[str, int]) -> int:
             out *= _dim_size(p, sizes)
         return out
     return sizes[d.name]
+
+
+def usable_device(name: str) -> str:
+    """``name`` as torch spells it, if a tensor can be made there; else a DeviceError naming why.
+
+    Example:
+        >>> usable_device("cpu")
+        'cpu'
+    """
+    from .errors import DeviceError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"--device {name}: not a torch device name (cpu, cuda, cuda:1, mps, ...)") from None
+    try:
+        torch.ones(1, device=device).cpu()  # data must come back: the checks compare values
+    except (RuntimeError, AssertionError, NotImplementedError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DeviceError(f"--device {name}: torch cannot use it on this machine ({why})") from None
+    return str(device)
 
 
 def example_inputs(
@@ -286,11 +285,11 @@ def _seeds(program: Program, outs: list[torch.Tensor], grad_output: Any) -> list
 
 
 def random_grad_outputs(program: Program, outs: Any, seed: int) -> Any:
-    """Random output gradients (None for a single scalar output: the loss), shaped like ``outs``."""
+    """Random output gradients (None for a single scalar output: the loss), shaped like ``outs``, on their device."""
     gen = torch.Generator().manual_seed(seed + 1)
     if not program.several_outputs:
-        return None if outs.dim() == 0 else torch.randn(outs.shape, generator=gen)
-    return tuple(torch.randn(o.shape, generator=gen) for o in outs)
+        return None if outs.dim() == 0 else torch.randn(outs.shape, generator=gen).to(outs.device)
+    return tuple(torch.randn(o.shape, generator=gen).to(o.device) for o in outs)
 
 
 FLOAT32_ATOL = 1e-5
@@ -342,9 +341,14 @@ def autograd_function(module: types.ModuleType, program: Program, params: dict[s
 
 
 def verify(
-    d: Derivation, module: types.ModuleType, sizes: dict[str, int] | None = None, seed: int = 0, exact: bool = True
+    d: Derivation,
+    module: types.ModuleType,
+    sizes: dict[str, int] | None = None,
+    seed: int = 0,
+    exact: bool = True,
+    device: str = "cpu",
 ) -> Verification:
-    """Run all three checks on a generated module.
+    """Run all three checks on a generated module; the autograd checks run on ``device`` (``"cuda"``, ...).
 
     Example:
         >>> from derive import catalogue, derive
@@ -357,8 +361,8 @@ def verify(
     program = d.program
     use_dims(program.dims)
     sizes = program.tie(sizes or default_sizes(program))
-    result = Verification()
-    inputs = example_inputs(program, sizes, torch.float32, seed)
+    result = Verification(device=device)
+    inputs = example_inputs(program, sizes, torch.float32, seed, device)
     params = {p.name: p.default for p in program.params}
     out, saved = getattr(module, f"{program.name}_forward")(*inputs, **params)
     g = random_grad_outputs(program, out, seed)
@@ -375,7 +379,7 @@ def verify(
     for name in _ordered(program, steps):
         if name in want:
             result.steps.append(compare(name, steps[name], want[name], atol=FLOAT32_ATOL * _scale(want[name])))
-    result.gradcheck, result.gradcheck_error = _gradcheck(module, program, sizes, params, seed)
+    result.gradcheck, result.gradcheck_error = _gradcheck(module, program, sizes, params, seed, device)
     if exact:
         result.exact = exact_check(d)
     return result
@@ -387,11 +391,16 @@ def _ordered(program: Program, steps: dict[str, torch.Tensor]) -> list[str]:
 
 
 def _gradcheck(
-    module: types.ModuleType, program: Program, sizes: dict[str, int], params: dict[str, float], seed: int
+    module: types.ModuleType,
+    program: Program,
+    sizes: dict[str, int],
+    params: dict[str, float],
+    seed: int,
+    device: str = "cpu",
 ) -> tuple[bool, str]:
     fn = autograd_function(module, program, params)
     small = {k: min(v, 4) for k, v in sizes.items()}
-    inputs = example_inputs(program, small, torch.float64, seed)
+    inputs = example_inputs(program, small, torch.float64, seed, device)
     inputs = [x.requires_grad_(info.differentiable) for x, info in zip(inputs, program.inputs)]
     try:
         ok = torch.autograd.gradcheck(lambda *xs: fn.apply(*xs), tuple(inputs), eps=1e-6, atol=1e-5, rtol=1e-4)
@@ -561,7 +570,7 @@ class _Scalars:
         self.values: dict[sympy.Symbol, sympy.Expr] = {}
         self.definitions: list[tuple[sympy.Symbol, sympy.Expr]] = []
         self.interp = _Interpreter(sizes, params, self.values)
-        self.interp.index_dims = _index_dims(program)
+        self.interp.index_dims = program.index_dims
         for t in program.inputs:
             table: dict[tuple[int, ...], sympy.Expr] = {}
             high = _index_high(program, t.name, sizes)

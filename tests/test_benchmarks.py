@@ -91,3 +91,12 @@ def test_startup_report_states_both_medians_their_ratio_and_the_machine():
     text = report({"bare": [3.0, 2.0, 4.0], "derive": [3.3, 3.6, 3.0]})
     assert "| 3.00 |" in text and "| 3.30 |" in text and "3 interleaved runs" in text
     assert text.endswith("derive batchnorm / bare import: 1.10x") and "CPUs" in text
+
+
+@pytest.mark.parametrize("argv", [["--device", "bogus"], ["--device", "meta"]])
+def test_a_device_torch_cannot_use_is_a_usage_error(argv, capsys):
+    from benchmarks.cli import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2 and f"--device {argv[1]}:" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import derive_cli
 
@@ -93,3 +94,15 @@ def test_an_out_that_cannot_be_written_is_a_one_line_usage_error_before_any_work
     assert proc.stderr.startswith("derive: error: --out ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert blocker.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize(
+    "device, says",
+    [("bogus", "not a torch device name"), ("meta", "torch cannot use it")]
+    + ([] if torch.cuda.is_available() else [("cuda", "torch cannot use it")]),
+)
+def test_a_device_that_cannot_run_the_checks_is_a_usage_error(device: str, says: str, tmp_path):
+    r = derive_cli("tanh", "--device", device, "--out", str(tmp_path))
+    assert r.returncode == 2 and f"--device {device}: {says}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

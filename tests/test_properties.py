@@ -69,6 +69,9 @@ settings.register_profile(
 )
 PROFILE_NAME = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 PROFILE = settings.get_profile(PROFILE_NAME if PROFILE_NAME in ("ci", "long", "dev") else "ci")
+# DERIVE_TEST_DEVICE=cuda runs the random catalogue and composition checks (sections 1 and 2) on that
+# device: the generated code, autograd and this file's own torch evaluation all run there
+DEVICE = os.environ.get("DERIVE_TEST_DEVICE", "cpu")
 # Per-test example counts are multiples of the profile's: catalogue examples are cheap (torch
 # only, the derivation is cached), compositions cost a SymPy derivation each (~0.1-0.3 s); seven
 # composition tests at 6x the profile's examples are 1,050 compositions a CI run.
@@ -196,7 +199,7 @@ def test_catalogue_op_matches_autograd_at_random_sizes_and_values(name: str, dat
             arr = data.draw(hnp.arrays(np.int64, shape, elements=st.integers(0, high - 1)), label=t.name)
         else:
             arr = data.draw(hnp.arrays(np.float64, shape, elements=_floats(-4, 4)), label=t.name)
-        inputs.append(torch.from_numpy(np.array(arr)))
+        inputs.append(torch.from_numpy(np.array(arr)).to(DEVICE))
     forward = getattr(module, f"{name}_forward")
     if name in BESSEL and sizes["n"] == 1:
         with pytest.raises(ValueError, match="N - 1|N-1"):
@@ -205,9 +208,8 @@ def test_catalogue_op_matches_autograd_at_random_sizes_and_values(name: str, dat
         return
 
     def draw_grad(shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.from_numpy(
-            np.array(data.draw(hnp.arrays(np.float64, shape, elements=_floats()), label="grad_output"))
-        )
+        arr = data.draw(hnp.arrays(np.float64, shape, elements=_floats()), label="grad_output")
+        return torch.from_numpy(np.array(arr)).to(DEVICE)
 
     _check_module(d, module, inputs, draw_grad)
     COUNTS["catalogue examples"] += 1
@@ -513,7 +515,7 @@ def evaluate(c: Composition, values: dict[str, torch.Tensor]) -> dict[int, torch
                 else:
                     shape = [1] * rank
                     shape[n.layout.index(name)] = c.sizes[name]
-                    index.append(torch.arange(c.sizes[name]).reshape(shape))
+                    index.append(torch.arange(c.sizes[name], device=src.device).reshape(shape))
             v = src[tuple(index)]
         else:
             raise AssertionError(n.kind)
@@ -781,7 +783,7 @@ def _values(draw: st.DrawFn, c: Composition) -> dict[str, torch.Tensor]:
                 spots = draw(st.lists(st.integers(0, flat.size - 1), min_size=1, max_size=3), label="tie spots")
                 flat[spots] = draw(st.sampled_from([0.0, -0.5, 0.5, float(flat.max())]), label="tie value")
                 event("exact ties in the inputs")
-        out[i.name] = torch.from_numpy(np.array(arr))
+        out[i.name] = torch.from_numpy(np.array(arr)).to(DEVICE)
     return out
 
 
@@ -795,14 +797,18 @@ def check_composition(c: Composition, values: dict[str, torch.Tensor], grad_seed
         if memo[node_id].requires_grad and node_id != id(c.root):
             memo[node_id].retain_grad()
     gen = torch.Generator().manual_seed(grad_seed)
-    g: Any = None if expected.dim() == 0 else torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+
+    def randn(shape: Any) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(expected.device)
+
+    g: Any = None if expected.dim() == 0 else randn(expected.shape)
     if c.second is None:
         expected.backward(g)
     else:  # two outputs: each gets a gradient, or the second none (unused: None, i.e. zero)
         second = memo[id(c.second)]
-        g = (torch.randn(expected.shape, generator=gen, dtype=torch.float64), None)
+        g = (randn(expected.shape), None)
         if grad_seed % 3:
-            g = (g[0], torch.randn(second.shape, generator=gen, dtype=torch.float64))
+            g = (g[0], randn(second.shape))
         torch.autograd.backward([expected, second], [g[0], torch.zeros_like(second) if g[1] is None else g[1]])
 
     the_op = build_op(c.source)
@@ -996,6 +1002,17 @@ def test_an_argmax_at_gathered_positions_scatters_its_values_with_no_one_hot():
     idx = torch.randint(0, 6, (3, 6), generator=torch.Generator().manual_seed(0))
     _check_module(d, module, [_x(3, 6, 5), idx], lambda shape: _x(*shape, seed=1))
     assert "index_put_" in "\n".join(d.code.backward)
+
+
+def test_one_coordinate_of_a_gathered_flat_position_scatters_its_values_with_no_one_hot():
+    """Σ_n dout[n]·δ(d, idx[n].1): idx's coordinate along d is idx % D, and dout is added there (no N x D one-hot)."""
+    d, module = _generated(
+        '@op(x="n d", idx="int n")\ndef comp(x, idx):\n'
+        '    out = (x.sum("n", keepdim=True) * x).flatten("n", "d").take(idx, "nd")\n    return out\n'
+    )
+    _check_module(d, module, [_x(3, 4), _ints(12, 3)], lambda shape: _x(*shape, seed=1))
+    backward = "\n".join(d.code.backward)
+    assert "% D" in backward and "scatter_(" not in backward, backward
 
 
 @pytest.mark.parametrize("body", ["out = tanh(x) + 0 * w", "out = x + (3 - w) + w"], ids=["unused", "cancelled"])
@@ -1292,6 +1309,11 @@ REPROS = {
         '    return (v0 / exp(v3.mean("j", keepdim=True))).mean("d").mean("j"), v0',
         '@op(x="d")\ndef comp(x):\n',
         lambda: [_x(5)],
+    ),
+    "one coordinate of a gathered position in a flattened dim (idx.1 printed as is: invalid Python)": (
+        'return (x.sum("n", keepdim=True) - x).flatten("n", "d").take(idx, "nd")',
+        '@op(x="n d", idx="int n")\ndef comp(x, idx):\n',
+        lambda: [_x(3, 4), _ints(12, 3)],
     ),
 }
 

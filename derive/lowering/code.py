@@ -72,17 +72,25 @@ def lower_program(
     for s in saved_values:
         layouts[s.name] = s.statement.target
     fits = _admissible(program)
+    positions = program.index_dims
     names = set(layouts)
 
     sizes = _size_lines(program)
     ref = program.differentiable_inputs[0].name
     distributed = sharding(program, shard)
     fwd = Lowerer(
-        layouts, ref=ref, names=names, single_assignment=True, admissible=fits, printer=FAITHFUL, shard=distributed
+        layouts,
+        ref=ref,
+        names=names,
+        single_assignment=True,
+        admissible=fits,
+        positions=positions,
+        printer=FAITHFUL,
+        shard=distributed,
     )
     # the reference forward for autograd: every statement its own tensor (no shared temporaries,
     # or retain_grad on one name would collect the gradients of its look-alikes)
-    plain = Lowerer(layouts, ref=ref, names=names, share=False, admissible=fits, printer=FAITHFUL)
+    plain = Lowerer(layouts, ref=ref, names=names, share=False, admissible=fits, positions=positions, printer=FAITHFUL)
     statements = list(program.statements)
     # the statements as written; a stabler form only when the op asks for it (@op(stable_forward=True))
     written = [stable_forward(s, statements) if program.stable_forward else s.expr for s in statements]
@@ -108,6 +116,7 @@ def lower_program(
         single_assignment=True,
         fuse_arithmetic=True,
         admissible=fits,
+        positions=positions,
         shard=distributed,
         printer=MASKING if all(stays_finite(e) for e in fused) else PRINTER,
     )
@@ -118,7 +127,9 @@ def lower_program(
     large = {n for n, r in bwd.rank.items() if r >= 2} | {grad_name(w.name) for w, _ in gradients if len(w.dims) >= 2}
     backward = release_dead(bwd.lines, large - returned)
 
-    steps = Lowerer(layouts, ref=seed, names=names, admissible=fits, printer=FAITHFUL, shard=distributed)
+    steps = Lowerer(
+        layouts, ref=seed, names=names, admissible=fits, positions=positions, printer=FAITHFUL, shard=distributed
+    )
     steps.repeated = share.repeated(steps_exprs)
     assigned: set[str] = set()
     outputs = list(program.outputs)
@@ -228,7 +239,14 @@ def lower_terms(program: Program, terms: list[tuple[str, sympy.Expr, TensorInfo]
     """
     layouts = _layouts(program)
     ref = program.seed_name(program.outputs[0])
-    lowerer = Lowerer(layouts, ref=ref, names=set(layouts), admissible=_admissible(program), printer=FAITHFUL)
+    lowerer = Lowerer(
+        layouts,
+        ref=ref,
+        names=set(layouts),
+        admissible=_admissible(program),
+        positions=program.index_dims,
+        printer=FAITHFUL,
+    )
     for name, e, target in terms:
         lowerer.assign(name, e, target)
     return lowerer.lines

@@ -108,6 +108,8 @@ class Lowerer:
     rank: dict[str, int] = field(default_factory=dict)
     # a dim split across processes: reductions over it are all-reduced (None: one process)
     shard: Sharding | None = None
+    # the dim each integer input's values index (Program.index_dims): where a flattened one's parts are
+    positions: dict[str, Dim] = field(default_factory=dict)
 
     # -- public ------------------------------------------------------------------------------
     def assign(
@@ -400,9 +402,30 @@ class Lowerer:
             return self._argmax(e)
         if isinstance(e, sympy.KroneckerDelta):
             return self._cached(e, self._delta)
+        if isinstance(e, Flat):
+            return self._flat_part(e)
         if e.is_Symbol and is_index(e):  # a position along its dim (a window's t*2 + k)
             return Val(f"torch.arange({size_code(dim_of(e).size)}, device={self.ref}.device)", (e,), True)
         return self._elementwise(e)
+
+    def _flat_part(self, e: Flat) -> Val:
+        """Coordinate ``p`` of positions in a flattened dim (``idx.1`` of ``idx`` into ``(n d)``): ``idx % D``."""
+        of, p = e.args
+        if is_index(of):
+            dim = dim_of(of)
+        elif isinstance(of, ArgMax):
+            dim = dim_of(of.var)
+        elif is_entry(of) and entry_name(of) in self.positions:
+            dim = self.positions[entry_name(of)]
+        else:
+            raise OpDefinitionError(f"cannot lower {e}: the flattened dim of {of} is not known")
+        parts = dim.parts
+        val = self.lower(of)
+        stride = sympy.Mul(*(d.size for d in parts[int(p) + 1 :]))
+        code = val.code if stride == 1 else f"{atom(val.code)} // {atom(size_code(stride))}"
+        if int(p) > 0:
+            code = f"{atom(code)} % {atom(size_code(parts[int(p)].size))}"
+        return Val(code, val.axes, True)
 
     def _fresh_name(self, hint: str = "t") -> str:
         self.counter += 1
@@ -675,9 +698,9 @@ class Lowerer:
             if not isinstance(f, sympy.KroneckerDelta):
                 continue
             for pick, v in (f.args, f.args[::-1]):
-                if not (is_entry(pick) and is_index(v) and v not in indices and self.layouts[entry_name(pick)].is_int):
+                if not (is_index(v) and v not in indices and self._gathered_position(pick)):
                     continue
-                lead = tuple(entry_indices(pick))
+                lead = tuple(entry_indices(pick.args[0] if isinstance(pick, Flat) else pick))
                 if not all(is_index(i) for i in lead):  # a gather of a gather, idx[jdx[m, d]]: its axes
                     lead = self.lower(pick).axes
                 summed = tuple(i for i in lead if i in indices)
@@ -696,6 +719,12 @@ class Lowerer:
                 other = tuple(a for a in rest.axes if a not in lead)
                 return self._scatter_add(pick, v, rest, rest_expr, batch, summed, other)
         return None
+
+    def _gathered_position(self, e: sympy.Expr) -> bool:
+        """An integer input's entry, or one coordinate of it in a flattened dim (``idx[n].1``)."""
+        if isinstance(e, Flat):
+            e = e.args[0]
+        return is_entry(e) and self.layouts[entry_name(e)].is_int
 
     def _scatter_first(
         self, rest: sympy.Expr, delta: sympy.KroneckerDelta, indices: list[sympy.Symbol], summed: Axes
