@@ -1004,6 +1004,17 @@ def test_an_argmax_at_gathered_positions_scatters_its_values_with_no_one_hot():
     assert "index_put_" in "\n".join(d.code.backward)
 
 
+def test_an_argmax_the_forward_saved_is_read_where_the_backward_uses_it_as_a_position():
+    """x[argmax[d, n], :] in the backward reads the saved argmax; the forward's matmul and max are not redone."""
+    d, module = _generated(
+        '@op(x="n d", y="d k", w="d", idx="int d n")\ndef comp(x, y, w, idx):\n'
+        '    out = (((x * y) * w).sum("d").max("n")).take(idx, "k")\n    return out\n'
+    )
+    _check_module(d, module, [_x(3, 4), _x(4, 2, seed=1), _x(4, seed=2), _ints(2, 4, 3)], lambda s: _x(*s, seed=3))
+    backward = "\n".join(d.code.backward)
+    assert "argmax_" in backward and ".max(" not in backward, backward
+
+
 def test_one_coordinate_of_a_gathered_flat_position_scatters_its_values_with_no_one_hot():
     """Σ_n dout[n]·δ(d, idx[n].1): idx's coordinate along d is idx % D, and dout is added there (no N x D one-hot)."""
     d, module = _generated(
@@ -1314,6 +1325,26 @@ REPROS = {
         'return (x.sum("n", keepdim=True) - x).flatten("n", "d").take(idx, "nd")',
         '@op(x="n d", idx="int n")\ndef comp(x, idx):\n',
         lambda: [_x(3, 4), _ints(12, 3)],
+    ),
+    "a saved outer product read on its diagonal where a rename met its source (refused as a diagonal)": (
+        'v1 = x * x.rename(d="r")\n    v2 = v1 * x\n    return v2.sum("n")',
+        '@op(x="n d")\ndef comp(x):\n',
+        lambda: [_x(3, 4)],
+    ),
+    "a contraction's argmax read at gathered positions (a D x N x D gather, the forward's matmul redone)": (
+        'return (((x * y) * w).sum("d").max("n")).take(idx, "k")',
+        '@op(x="n d", y="d k", w="d", idx="int d n")\ndef comp(x, y, w, idx):\n',
+        lambda: [_x(3, 4), _x(4, 2, seed=1), _x(4, seed=2), _ints(2, 4, 3)],
+    ),
+    "rows gathered by more positions than there are rows (y[idx] of M x D with M > K)": (
+        'return apply(sympy.Abs, (y @ (x.sum("d", keepdim=True) - w)) + y.max("d"))[idx]',
+        '@op(x="d", y="k d", w="d", idx="int m")\ndef comp(x, y, w, idx):\n',
+        lambda: [_x(2), _x(3, 2, seed=1), _x(2, seed=2), _ints(3, 7)],
+    ),
+    "an argmax at gathered positions routing a second gather (a one-hot D x N)": (
+        'g = y.take(idx, "n")\n    return apply(lambda u, v: u / (1 + v**2), g.max("m", keepdim=True) - g, x.sum("n"))',
+        '@op(x="m n", y="m n", idx="int m d")\ndef comp(x, y, idx):\n',
+        lambda: [_x(2, 6), _x(2, 6, seed=1), _ints(6, 2, 3)],
     ),
 }
 

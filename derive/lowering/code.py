@@ -15,7 +15,19 @@ import sympy
 
 from ..autodiff import grad_name
 from ..errors import OpDefinitionError
-from ..indexalg import ArgMax, Dim, IMax, dim_of, entry, entry_indices, entry_name, is_entry, is_index, tensor_names
+from ..indexalg import (
+    ArgMax,
+    Dim,
+    IMax,
+    dim_of,
+    entry,
+    entry_indices,
+    entry_name,
+    free_indices,
+    is_entry,
+    is_index,
+    tensor_names,
+)
 from ..notation import text
 from ..program import Program, TensorInfo
 from ..simplify import stable_forward
@@ -277,11 +289,36 @@ def release_dead(lines: list[str], names: set[str]) -> list[str]:
 
 
 def _admissible(program: Program) -> list[Counter[str]]:
-    """The dims of every forward tensor as multisets of plain dims: what an intermediate may span."""
-    out = []
-    for t in program.tensors.values():
-        out.append(Counter(p.name for d in t.dims for p in (d.parts or (d,))))
+    """The dims of every forward tensor as multisets of plain dims: what an intermediate may span.
+
+    Besides the named tensors, the body of every max: the forward holds it whole to take its max
+    (at every position of a dim it reads at gathered positions: the max of ``y[d, idx[n]]`` over
+    ``d`` is the max over ``d`` of all of ``y``, then gathered).
+    """
+
+    def plain(dims: list[Dim]) -> Counter[str]:
+        return Counter(p.name for d in dims for p in (d.parts or (d,)))
+
+    out = [plain(list(t.dims)) for t in program.tensors.values()]
+    tensors = program.tensors
+    for s in program.statements:
+        for node in sympy.preorder_traversal(s.expr):
+            if isinstance(node, (IMax, ArgMax)):
+                axes: list[Dim] = [dim_of(i) for i in free_indices(node.body) if not _only_in_positions(i, node.body)]
+                for e in sympy.preorder_traversal(node.body):
+                    if is_entry(e) and entry_name(e) in tensors:
+                        dims = tensors[entry_name(e)].dims
+                        axes += [d for i, d in zip(entry_indices(e), dims) if not is_index(i) and free_indices(i)]
+                out.append(plain(axes))
     return out
+
+
+def _only_in_positions(i: sympy.Symbol, body: sympy.Expr) -> bool:
+    """Whether index ``i`` occurs in ``body`` only inside gathered positions (``idx[n]`` in ``y[d, idx[n]]``)."""
+    for e in sympy.preorder_traversal(body):
+        if is_entry(e) and i in entry_indices(e):
+            return False
+    return True
 
 
 def _size_lines(program: Program) -> list[tuple[str, str]]:

@@ -467,11 +467,25 @@ class Lowerer:
                 return windowed
         if all(is_index(i) for i in idx):
             if len(set(idx)) != len(idx):
-                raise OpDefinitionError(f"repeated index in {e} (a diagonal) is not supported")
+                return self._diagonal(e, code, [d for d in info.dims], list(idx), info.is_int)
             it = iter(idx)
             raw = (name, tuple(None if d is None else next(it) for d in info.layout))
             return Val(code, tuple(idx), info.is_int, raw if None in info.layout else None)
         return self._indexed(code, info, idx)
+
+    def _diagonal(self, e: sympy.Expr, code: str, dims: list[Dim], idx: list[sympy.Basic], is_int: bool) -> Val:
+        """An entry read with an index repeated (``v1[n, d, d]``, a saved outer product read where
+        a rename met its source): ``Tensor.diagonal``, a view, once per repeat."""
+        while len(set(idx)) != len(idx):
+            a = next(k for k, i in enumerate(idx) if idx.index(i) != k)
+            first = idx.index(idx[a])
+            size = dim_of(idx[a]).size
+            if not (dims[first].size == dims[a].size == size):
+                raise OpDefinitionError(f"repeated index in {e} along dims of different sizes is not supported")
+            code = f"{atom(code)}.diagonal(0, {first}, {a})"
+            keep = [k for k in range(len(idx)) if k not in (first, a)]
+            idx, dims = [idx[k] for k in keep] + [idx[first]], [dims[k] for k in keep] + [dims[first]]
+        return Val(code, tuple(idx), is_int)
 
     def _indexed(self, code: str, info: TensorInfo, idx: tuple[sympy.Basic, ...]) -> Val:
         """Entries at compound, flattened or gathered indices: reshape, then advanced indexing."""
@@ -610,6 +624,9 @@ class Lowerer:
         return val
 
     def _sum_body(self, body: sympy.Expr, indices: list[sympy.Symbol], preferred: Axes) -> Val:
+        ungathered = self._ungather(body, indices)
+        if ungathered is not None:
+            return ungathered
         scatter = self._index_put(body, indices) or self._scatter(body, indices) or self._fold(body, indices)
         if scatter is not None:
             return scatter
@@ -633,6 +650,98 @@ class Lowerer:
         if scalars:
             return self._elementwise(sympy.Mul(*scalars) * sympy.Symbol(f"__val_{id(val)}"), {f"__val_{id(val)}": val})
         return val
+
+    def _ungather(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
+        """A factor read at gathered positions, ``y[p, R]``, whose gathered copy would outgrow every
+        forward tensor: read ``y`` itself and move the gather onto something smaller.
+
+        Positions that depend on summed indices ``S``: ``Σ_S A[S]·y[p(S), R]`` is
+        ``Σ_k y[k, R]·(Σ_S A[S]·δ(k, p(S)))``, the values of ``A`` scattered first (``index_add_``);
+        positions that do not: ``Σ_S A[S]·y[p(B), S]`` is ``(Σ_S A[S]·y[k, S])`` read at ``k = p(B)``.
+        """
+        summed = set(indices)
+        factors = list(sympy.Mul.make_args(body))
+        wide = [
+            f
+            for f in factors
+            if is_entry(f)
+            and any(self._position(i) for i in entry_indices(f))
+            and not self._admissible(frozenset(free_indices(f)))
+        ]
+        if not wide:
+            return None
+        taken = set(free_indices(body)) | set(bound_indices(body)) | summed
+        plain, picks = [], {}
+        for f in wide:
+            idx = list(entry_indices(f))
+            for j, i in enumerate(idx):
+                if self._position(i):
+                    k = fresh_index(self.layouts[entry_name(f)].dims[j], taken)
+                    taken.add(k)
+                    idx[j], picks[k] = k, i
+            plain.append(entry(entry_name(f), idx))
+        others = [g for g in factors if not any(g is f for f in wide)]
+        by_sum = set().union(*(free_indices(p) & summed for p in picks.values()))
+        if by_sum:
+            return self._scatter_positions(plain, others, picks, by_sum, indices)
+        return self._gather_last(plain, others, picks, indices)
+
+    def _position(self, i: sympy.Basic) -> bool:
+        """An index that is a gathered position: an integer input's entry, or an argmax."""
+        return isinstance(i, ArgMax) or (is_entry(i) and self.layouts[entry_name(i)].is_int)
+
+    def _named(self, e: sympy.Expr, hint: str) -> sympy.Expr | None:
+        """``e`` lowered into a temporary, as an entry of it (so an outer sum cannot merge it back); None
+        if its value would outgrow every forward tensor."""
+        if not self._admissible(frozenset(free_indices(e))):
+            return None
+        val = self.lower(e)
+        name = val.code if val.code.isidentifier() else self._temp(val.code, hint)
+        self.layouts[name] = TensorInfo(name, tuple(dim_of(a) for a in val.axes))
+        return entry(name, val.axes)
+
+    def _scatter_positions(
+        self,
+        plain: list[sympy.Expr],
+        others: list[sympy.Expr],
+        picks: dict[sympy.Symbol, sympy.Expr],
+        by_sum: set[sympy.Symbol],
+        indices: list[sympy.Symbol],
+    ) -> Val | None:
+        if any(free_indices(f) & by_sum for f in plain):
+            return None
+        inner = [g for g in others if free_indices(g) & by_sum]
+        outer = [g for g in others if not free_indices(g) & by_sum]
+        scattered: sympy.Expr = sympy.Mul(*inner) * sympy.Mul(*(sympy.KroneckerDelta(k, p) for k, p in picks.items()))
+        for s in [i for i in indices if i in by_sum]:
+            scattered = ISum(scattered, s)
+        named = self._named(scattered, "s")
+        if named is None:
+            return None
+        rest: sympy.Expr = sympy.Mul(*outer, *plain) * named
+        for s in [i for i in indices if i not in by_sum] + list(picks):
+            rest = ISum(rest, s)
+        return self.lower(rest)
+
+    def _gather_last(
+        self, plain: list[sympy.Expr], others: list[sympy.Expr], picks: dict[sympy.Symbol, sympy.Expr], indices: list
+    ) -> Val | None:
+        batch = set().union(*(free_indices(p) for p in picks.values()))
+        inner = [g for g in others if not free_indices(g) & batch and free_indices(g) & set(indices)]
+        outer = [g for g in others if g not in inner]
+        inside = [s for s in indices if not any(s in free_indices(g) for g in outer)]
+        if not inside:
+            return None
+        reduced: sympy.Expr = sympy.Mul(*plain, *inner)
+        for s in inside:
+            reduced = ISum(reduced, s)
+        named = self._named(reduced, "r")
+        if named is None:
+            return None
+        rest: sympy.Expr = sympy.Mul(*outer) * substitute_indices(named, picks)
+        for s in [i for i in indices if i not in inside]:
+            rest = ISum(rest, s)
+        return self.lower(rest)
 
     # -- contraction steps ------------------------------------------------------------------------
     def _weight(self, axes: frozenset[sympy.Symbol]) -> int:
@@ -812,6 +921,9 @@ class Lowerer:
         if len(routes) < 2 or all(is_window_index(pick) for _, pick, _ in routes):
             return None
         targets = tuple(v for _, _, v in routes)
+        # a position read at another target (δ(m, argmax[d])·δ(n, idx[m, d])): that target's position
+        known = {v: pick for _, pick, v in routes if not free_indices(pick) & set(targets)}
+        routes = [(f, substitute_indices(pick, known) if v not in known else pick, v) for f, pick, v in routes]
         batch = tuple(dict.fromkeys(i for _, pick, _ in routes for i in sorted(free_indices(pick) - summed, key=str)))
         if set(batch) & set(targets) or not set(batch) <= free - set(targets):
             return None

@@ -230,9 +230,12 @@ def _read_saved(e: sympy.Expr, value: Statement) -> sympy.Expr:
 
 
 def _bottom_up(e: sympy.Expr, fn) -> sympy.Expr:  # noqa: ANN001
-    if isinstance(e, sympy.Basic) and e.args and not is_entry(e):
-        e = e.func(*(_bottom_up(a, fn) for a in e.args))
-    return fn(e) if isinstance(e, sympy.Expr) else e
+    """``fn`` applied to every node, innermost first; an entry's indices too (an argmax read as a position)."""
+    if isinstance(e, sympy.Basic) and e.args:
+        args = tuple(_bottom_up(a, fn) for a in e.args)
+        if args != e.args:
+            e = e.func(*args)
+    return fn(e) if isinstance(e, sympy.Expr) and not is_entry(e) else e
 
 
 def _rename_bound_canonically(e: sympy.Expr, depth: int = 0) -> sympy.Expr:
