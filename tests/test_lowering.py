@@ -201,6 +201,26 @@ def sqrt_relu(x):
     return out
 
 
+@op(x="n i", W="i c", y="n c")
+def hinge(x, W, y, lam=0.01):
+    """A multi-output hinge loss with weight decay: the relu's mask is read by dW (through dmm1) and by dy."""
+    out = apply(lambda u: sympy.Max(u, 0), 1 - y * (x @ W)).sum("c").mean("n") + lam * (W**2).sum("i").sum("c")
+    return out
+
+
+def test_a_mask_two_gradients_read_is_computed_once():
+    d, module = generated(hinge)
+    code = "\n".join(d.code.backward)
+    assert code.count("torch.gt(") == 1, code
+    g = torch.Generator().manual_seed(0)
+    x, W, y = torch.randn(6, 4, generator=g), torch.randn(4, 3, generator=g), torch.randn(6, 3, generator=g)
+    _, saved = module.hinge_forward(x, W, y)
+    leaves = [t.clone().requires_grad_() for t in (x, W, y)]
+    (torch.relu(1 - leaves[2] * (leaves[0] @ leaves[1])).sum(1).mean() + 0.01 * (leaves[1] ** 2).sum()).backward()
+    for got, leaf in zip(module.hinge_backward(None, saved), leaves):
+        torch.testing.assert_close(got, leaf.grad)
+
+
 def test_a_step_beside_a_value_that_may_be_infinite_selects_instead_of_multiplying():
     d, module = generated(sqrt_relu)
     code = "\n".join(d.code.backward)

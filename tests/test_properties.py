@@ -1347,6 +1347,16 @@ REPROS = {
         '@op(x="m n", y="m n", idx="int m d")\ndef comp(x, y, idx):\n',
         lambda: [_x(2, 6), _x(2, 6, seed=1), _ints(6, 2, 3)],
     ),
+    "windows of a gather whose gradient is a count of window positions (1.expand(...): invalid Python)": (
+        'v1 = x[idx].unfold("k", 1, 1, "j", dilation=2)\n    return v1.sum("d").sum("k").sum("j")',
+        '@op(x="n k", idx="int d")\ndef comp(x, idx):\n',
+        lambda: [_x(3, 4), _ints(3, 5)],
+    ),
+    "rows gathered in bags and summed, both ways (a K x D x D gather, a copied-out scatter source)": (
+        'return (((x * y) * w).sum("d")).take(idx, "n").sum("k").sum("d")',
+        '@op(x="n d", y="d k", w="d", idx="int k d")\ndef comp(x, y, w, idx):\n',
+        lambda: [_x(2, 7), _x(7, 1, seed=1), _x(7, seed=2), _ints(2, 1, 7)],
+    ),
 }
 
 

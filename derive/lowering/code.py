@@ -132,7 +132,7 @@ def lower_program(
         shard=distributed,
         printer=MASKING if all(stays_finite(e) for e in fused) else PRINTER,
     )
-    bwd.repeated = share.repeated(fused)
+    bwd.repeated = share.repeated(fused, steps=bwd.printer is MASKING)
     for (wrt, _), e in zip(gradients, fused):
         bwd.assign(grad_name(wrt.name), e, wrt)
     returned = {grad_name(t.name) for t in program.differentiable_inputs}

@@ -42,7 +42,7 @@ from ..program import Layout, TensorInfo, is_window_index
 from . import inplace
 from . import plan as planner
 from .printer import PRINTER, TorchCodePrinter, atom, shape_tuple, size_code
-from .share import canonical_key, costly, factor_groups, flatten_sums
+from .share import canonical_key, costly, factor_groups, flatten_sums, is_step
 
 Axes = tuple[sympy.Symbol, ...]
 
@@ -683,7 +683,9 @@ class Lowerer:
         others = [g for g in factors if not any(g is f for f in wide)]
         by_sum = set().union(*(free_indices(p) & summed for p in picks.values()))
         if by_sum:
-            return self._scatter_positions(plain, others, picks, by_sum, indices)
+            return self._scatter_positions(plain, others, picks, by_sum, indices) or self._bag(
+                plain, others, picks, by_sum, indices
+            )
         return self._gather_last(plain, others, picks, indices)
 
     def _position(self, i: sympy.Basic) -> bool:
@@ -720,6 +722,57 @@ class Lowerer:
             return None
         rest: sympy.Expr = sympy.Mul(*outer, *plain) * named
         for s in [i for i in indices if i not in by_sum] + list(picks):
+            rest = ISum(rest, s)
+        return self.lower(rest)
+
+    def _bag(
+        self,
+        plain: list[sympy.Expr],
+        others: list[sympy.Expr],
+        picks: dict[sympy.Symbol, sympy.Expr],
+        by_sum: set[sympy.Symbol],
+        indices: list[sympy.Symbol],
+    ) -> Val | None:
+        """``Σ_S w[B, S]·T[p[B, S], R]``, rows of ``T`` gathered in bags and summed (``x[idx].sum(1)``):
+        ``F.embedding_bag``, which never holds the gathered rows (``B x S x R``) at once."""
+        if len(plain) != 1 or len(picks) != 1:
+            return None
+        (k, p), table = next(iter(picks.items())), plain[0]
+        bag = tuple(i for i in indices if i in by_sum)
+        batch = tuple(sorted(free_indices(p) - by_sum, key=str))
+        rows = tuple(i for i in entry_indices(table) if i != k)
+        weights = [g for g in others if free_indices(g) & by_sum]
+        outer = [g for g in others if not free_indices(g) & by_sum]
+        if not all(is_index(i) for i in rows) or set(rows) & (set(batch) | by_sum):
+            return None
+        if any(not free_indices(g) <= set(batch) | by_sum for g in weights):
+            return None
+        if not self._admissible(frozenset(batch + rows)):
+            return None
+
+        def sizes(axes: tuple[sympy.Symbol, ...]) -> list[str]:
+            return [size_code(dim_of(a).size) for a in axes]
+
+        def flat2d(val: Val, lead: tuple[sympy.Symbol, ...], tail: tuple[sympy.Symbol, ...]) -> str:
+            code = self.align(val, lead + tail, strip=False)
+            if set(val.axes) != set(lead + tail):
+                code = f"{atom(code)}.expand({', '.join(sizes(lead + tail))})"
+            rows_code = size_code(sympy.Mul(*(dim_of(a).size for a in lead)))
+            return f"{atom(code)}.reshape({rows_code}, -1)"
+
+        positions = flat2d(self.lower(p), batch, bag)
+        weight_code = ""
+        if weights:
+            weight_code = f", per_sample_weights={flat2d(self.lower(sympy.Mul(*weights)), batch, bag)}"
+        gathered = self.lower(table)
+        summed_rows = (
+            f'torch.nn.functional.embedding_bag({positions}, {flat2d(gathered, (k,), rows)}, mode="sum"{weight_code})'
+        )
+        code = f"{summed_rows}.reshape({', '.join(sizes(batch + rows)) or '()'})"
+        name = self._temp(code, "bag")
+        self.layouts[name] = TensorInfo(name, tuple(dim_of(a) for a in batch + rows))
+        rest: sympy.Expr = sympy.Mul(*outer) * entry(name, batch + rows)
+        for s in [i for i in indices if i not in by_sum]:
             rest = ISum(rest, s)
         return self.lower(rest)
 
@@ -880,7 +933,11 @@ class Lowerer:
                 if missing:  # constant along some window indices: each window position gets it (a count)
                     axes = rest.axes + missing
                     full = ", ".join(size_code(dim_of(a).size) for a in axes)
-                    rest = Val(f"{atom(self.align(rest, axes, strip=False))}.expand({full})", axes)
+                    if not rest.axes and not tensor_names(rest_expr):  # a number: no tensor to expand
+                        code = f"torch.full(({full},), {rest.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
+                    else:
+                        code = f"{atom(self.align(rest, axes, strip=False))}.expand({full})"
+                    rest = Val(code, axes)
                 pos = min(rest.axes.index(i) for i in lead)
                 others = [a for a in rest.axes if a not in lead]
                 order = tuple(others[:pos]) + lead + tuple(others[pos:])
@@ -965,6 +1022,11 @@ class Lowerer:
             return [size_code(dim_of(a).size) for a in axes]
 
         order = batch + summed + other
+        index = self.lower(pick)
+        if not set(batch + summed) <= set(rest.axes) and not self._admissible(frozenset(order)):
+            # the source would be copied out to every position it is added at, larger than any forward
+            # tensor: index_put_ broadcasts the positions and the values instead
+            return self._put_broadcast(index, v, rest, not tensor_names(rest_expr), batch, summed, other)
         if not rest.axes and not tensor_names(rest_expr):
             src = f"torch.full({shape_tuple(sizes(order))}, {rest.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
         else:
@@ -972,7 +1034,6 @@ class Lowerer:
             if not set(batch + summed) <= set(rest.axes):
                 src = f"{atom(src)}.expand{shape_tuple(sizes(order))}"
         zeros = f"{self.ref}.new_zeros({shape_tuple(sizes(batch) + [size_code(dim_of(v).size)] + sizes(other))})"
-        index = self.lower(pick)
         if not batch:  # every index of idx summed: index_add_ over its flattened entries
             flat_src = f"{atom(src)}.reshape({', '.join(['-1'] + sizes(other))})"
             where = f"{atom(self.align(index, summed, strip=False))}.reshape(-1)"
@@ -982,6 +1043,28 @@ class Lowerer:
             idx = f"{idx}[{', '.join([':'] * (len(batch) + 1) + ['None'] * len(other))}].expand({', '.join(sizes(batch) + ['-1'] + sizes(other))})"
         flat_src = f"{atom(src)}.reshape({', '.join(sizes(batch) + ['-1'] + sizes(other))})"
         return Val(f"{zeros}.scatter_add_({len(batch)}, {idx}, {flat_src})", batch + (v,) + other)
+
+    def _put_broadcast(
+        self, index: Val, v: sympy.Symbol, rest: Val, constant: bool, batch: Axes, summed: Axes, other: Axes
+    ) -> Val:
+        """``out[B, index[B, S], R] += rest[B, S, R]`` by one ``index_put_`` whose positions and values
+        broadcast over ``(B, S, R)``: nothing the size of that space is made."""
+        space = batch + summed + other
+
+        def arange(a: sympy.Symbol) -> str:
+            rng = f"torch.arange({size_code(dim_of(a).size)}, device={self.ref}.device)"
+            return self.align(Val(rng, (a,)), space, strip=False)
+
+        positions = [arange(b) for b in batch] + [self.align(index, space, strip=False)] + [arange(o) for o in other]
+        if rest.axes:
+            values = self.align(rest, space, strip=False)
+        elif constant:
+            values = f"torch.full((), {rest.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
+        else:
+            values = rest.code
+        shape = shape_tuple([size_code(dim_of(a).size) for a in batch + (v,) + other])
+        code = f"{self.ref}.new_zeros({shape}).index_put_(({', '.join(positions)},), {values}, accumulate=True)"
+        return Val(code, batch + (v,) + other)
 
     def _max(self, e: IMax) -> Val:
         if e.var not in free_indices(e.body):  # the max along a dim of a value constant along it
@@ -1075,7 +1158,7 @@ class Lowerer:
         for leaf in self._leaves(e):
             if leaf.is_Symbol and leaf.name in known:
                 leaves.append((leaf, known[leaf.name]))
-            elif costly(leaf):  # computed more than once in this function: once, into a temporary
+            elif costly(leaf) or is_step(leaf):  # computed more than once in this function: once, into a temporary
                 stand_in = sympy.Symbol(f"__val_c{self.counter}")
                 self.counter += 1
                 known[stand_in.name] = self._cached(leaf, self._elementwise)
@@ -1116,7 +1199,13 @@ class Lowerer:
             )
         else:
             code = self.printer.doprint(e.xreplace(mapping))
-        if _only_steps(e):  # (x > 0) is bool, 2*(x > 0) an integer: a float for matmuls, scatters and sums
+        lone = e.xreplace(mapping)
+        mask = (
+            self.printer.float_mask(*lone.args) if isinstance(lone, sympy.Heaviside) and len(lone.args) == 2 else None
+        )
+        if mask is not None:  # a mask of its own (shared by two gradients): floats in one pass
+            code = mask
+        elif _only_steps(e):  # (x > 0) is bool, 2*(x > 0) an integer: a float for matmuls, scatters and sums
             code = f"{atom(code)}.to({self.ref}.dtype)"
         return Val(code, tuple(axes))
 
@@ -1422,7 +1511,7 @@ def _value_leaves(e: sympy.Expr, repeated: set[sympy.Expr] | None = None, top: b
         return [e]
     if e.is_Symbol and (e.name.startswith("__val_") or is_index(e)):
         return [e]
-    if repeated and not top and costly(e) and canonical_key(e)[0] in repeated:
+    if repeated and not top and (costly(e) or is_step(e)) and canonical_key(e)[0] in repeated:
         return [e]
     out: list[sympy.Expr] = []
     for a in e.args:

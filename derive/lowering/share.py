@@ -100,14 +100,24 @@ def host_expression(host: str, expr: sympy.Expr, saved: list[SavedValue]) -> sym
     return expr.xreplace(mapping)
 
 
-def repeated(expressions: Iterable[sympy.Expr]) -> set[sympy.Expr]:
+def is_step(e: sympy.Basic) -> bool:
+    """A step of a tensor value (``Heaviside(x)``): a comparison, one pass, into a 0/1 mask."""
+    return isinstance(e, sympy.Heaviside) and bool(tensor_names(e))
+
+
+def repeated(expressions: Iterable[sympy.Expr], steps: bool = False) -> set[sympy.Expr]:
     """Keys (:func:`canonical_key`) of values computed twice or more: costly sub-expressions, and the
-    products of one layout that several sums multiply out (``dout*xhat`` for both dgamma and dx)."""
+    products of one layout that several sums multiply out (``dout*xhat`` for both dgamma and dx).
+
+    With ``steps``, a step used twice too (a relu's mask read by two gradients): where the code
+    multiplies by masks, one mask serves both; where it selects (a value that may be infinite), each
+    select keeps its own comparison.
+    """
     counts: Counter[sympy.Expr] = Counter()
     sums: set[sympy.Expr] = set()
     for e in expressions:
         for node in sympy.preorder_traversal(e):
-            if costly(node):
+            if costly(node) or (steps and is_step(node)):
                 counts[canonical_key(node)[0]] += 1
             elif isinstance(node, ISum) and canonical_key(node)[0] not in sums:  # an equal sum is computed once
                 sums.add(canonical_key(node)[0])
