@@ -59,7 +59,7 @@ def test_the_benchmarked_compositions_agree_with_autograd_on_cuda():
         assert v.ok, (name, _failures(v))
 
 
-def test_the_cli_verifies_on_cuda(tmp_path):
+def test_the_cli_verifies_on_cuda():
     r = derive_cli("batchnorm", "--device", "cuda", "--no-write")
     assert r.returncode == 0, r.stderr
     assert "float32 on cuda" in r.stdout

@@ -1357,6 +1357,11 @@ REPROS = {
         '@op(x="n d", y="d k", w="d", idx="int k d")\ndef comp(x, y, w, idx):\n',
         lambda: [_x(2, 7), _x(7, 1, seed=1), _x(7, seed=2), _ints(2, 1, 7)],
     ),
+    "a factor read at the position a delta routes to (x[n, idx[j + m]] gathered, an M x J x N copy)": (
+        'v0 = x * x\n    return v0.sum("n")[idx].unfold("m", 1, 1, "j", dilation=1).sum("m").mean("j")',
+        '@op(x="n d", idx="int m")\ndef comp(x, idx):\n',
+        lambda: [_x(4, 4), _ints(4, 5)],
+    ),
 }
 
 

@@ -670,6 +670,13 @@ class Lowerer:
         ]
         if not wide:
             return None
+        read_at_target = self._read_at_targets(body, wide, summed)
+        if read_at_target is not None:  # what no longer reads a summed index leaves the sum
+            factors = sympy.Mul.make_args(read_at_target)
+            inside: sympy.Expr = sympy.Mul(*(f for f in factors if free_indices(f) & summed))
+            for i in indices:
+                inside = ISum(inside, i)
+            return self.lower(sympy.Mul(*(f for f in factors if not free_indices(f) & summed)) * inside)
         taken = set(free_indices(body)) | set(bound_indices(body)) | summed
         plain, picks = [], {}
         for f in wide:
@@ -687,6 +694,25 @@ class Lowerer:
                 plain, others, picks, by_sum, indices
             )
         return self._gather_last(plain, others, picks, indices)
+
+    def _read_at_targets(self, body: sympy.Expr, wide: list[sympy.Expr], summed: set) -> sympy.Expr | None:
+        """``x[n, p]·δ(d, p)`` is ``x[n, d]·δ(d, p)``: a factor read at a position a delta routes to
+        a result index reads that index instead (no gather), or None if no factor does."""
+        targets: dict[sympy.Expr, sympy.Symbol] = {}
+        for f in sympy.Mul.make_args(body):
+            if isinstance(f, sympy.KroneckerDelta):
+                for v, p in (f.args, f.args[::-1]):
+                    if is_index(v) and v not in summed and self._position(p):
+                        targets.setdefault(p, v)
+        mapping: dict[sympy.Expr, sympy.Expr] = {}
+        for f in wide:
+            dims = self.layouts[entry_name(f)].dims
+            idx = [
+                targets[i] if i in targets and dim_of(targets[i]) == d else i for i, d in zip(entry_indices(f), dims)
+            ]
+            if idx != list(entry_indices(f)):
+                mapping[f] = entry(entry_name(f), idx)
+        return body.xreplace(mapping) if mapping else None
 
     def _position(self, i: sympy.Basic) -> bool:
         """An index that is a gathered position: an integer input's entry, or an argmax."""
