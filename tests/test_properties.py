@@ -1362,6 +1362,14 @@ REPROS = {
         '@op(x="n d", idx="int m")\ndef comp(x, idx):\n',
         lambda: [_x(4, 4), _ints(4, 5)],
     ),
+    "a kept [1, K] mean updating a [K] buffer in place (a broadcast shape error)": (
+        'v0 = y.mean("n", keepdim=True)\n    v2 = (y / exp(v0)).max("n", keepdim=True)\n'
+        "    v6 = apply(lambda u, v: u * sympy.tanh(v), y / exp(v0), apply(lambda u, v: u + v, y, v2))"
+        '.mean("n").sum("k")\n'
+        '    return v6 + x.sum("n").sum("d").sum("k")',
+        '@op(x="n d k", y="n k")\ndef comp(x, y):\n',
+        lambda: [_x(4, 2, 6), _x(4, 6, seed=1)],
+    ),
 }
 
 

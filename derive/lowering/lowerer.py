@@ -363,12 +363,16 @@ class Lowerer:
         return True
 
     # -- alignment ---------------------------------------------------------------------------
-    def align(self, val: Val, want: Axes, strip: bool = True) -> str:
-        """View ``val`` so its axes line up with ``want`` for broadcasting."""
+    def align(self, val: Val, want: Axes, strip: bool = True, raw: bool = True) -> str:
+        """View ``val`` so its axes line up with ``want`` for broadcasting.
+
+        ``raw=False``: a tensor stored with leading size-1 axes (``mean`` of ``[1, D]``) is viewed
+        without them, as every other value of its axes is (a chain may update a ``[D]`` buffer with it).
+        """
         if not val.axes and (strip or val.constant):
             return val.code  # a scalar broadcasts as it is
         have = [a for a in want if a in val.axes]
-        if val.raw is not None and list(val.axes) == have:
+        if val.raw is not None and list(val.axes) == have and (raw or val.raw[1][0] is not None):
             desired = [a if a in val.axes else None for a in want]
             raw_layout = list(val.raw[1])
             while strip and desired and desired[0] is None and len(desired) > len(raw_layout):
@@ -1205,8 +1209,13 @@ class Lowerer:
         if regrouped is not e:
             return self._elementwise(regrouped, known, want)
         # a leaf's code becomes a symbol the printer writes verbatim: parenthesise compound code
+        chained = self.fuse_arithmetic and _full_ops(e, set(axes)) > 1
         mapping = {
-            leaf: _number(v) if v.constant else sympy.Symbol(atom(self.align(v, tuple(axes), strip=not want)))
+            leaf: (
+                _number(v)
+                if v.constant
+                else sympy.Symbol(atom(self.align(v, tuple(axes), strip=not want, raw=not chained)))
+            )
             for leaf, v in leaves
         }
         reduced = e.xreplace(mapping)
@@ -1217,9 +1226,7 @@ class Lowerer:
             # t1 - (x + t1) is -x: the axes only t1 had are gone, so lower what is left on its own
             back = {mapping[leaf]: leaf for leaf in alive}
             return self._elementwise(reduced.xreplace(back), known, want)
-        if (
-            self.fuse_arithmetic and _full_ops(e, set(axes)) > 1
-        ):  # the fused backward: one fresh buffer, updated in place
+        if chained:  # the fused backward: one fresh buffer, updated in place
             code = inplace.chain(
                 e.xreplace(mapping), {mapping[leaf]: frozenset(v.axes) for leaf, v in leaves}, self.printer
             )
