@@ -305,11 +305,16 @@ def _admissible(program: Program) -> list[Counter[str]]:
         for node in sympy.preorder_traversal(s.expr):
             if isinstance(node, (IMax, ArgMax)):
                 axes: list[Dim] = [dim_of(i) for i in free_indices(node.body) if not _only_in_positions(i, node.body)]
+                gathered: list[Dim] = []  # each dim read at gathered positions counts once
                 for e in sympy.preorder_traversal(node.body):
                     if is_entry(e) and entry_name(e) in tensors:
                         dims = tensors[entry_name(e)].dims
-                        axes += [d for i, d in zip(entry_indices(e), dims) if not is_index(i) and free_indices(i)]
-                out.append(plain(axes))
+                        gathered += [
+                            d
+                            for i, d in zip(entry_indices(e), dims)
+                            if not is_index(i) and free_indices(i) and d not in gathered
+                        ]
+                out.append(plain(axes + gathered))
     return out
 
 
