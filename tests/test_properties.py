@@ -1370,6 +1370,11 @@ REPROS = {
         '@op(x="n d k", y="n k")\ndef comp(x, y):\n',
         lambda: [_x(4, 2, 6), _x(4, 6, seed=1)],
     ),
+    "a power of a factor read at the position a delta routes to (x[d, idx[m]] ** 2, an M x D copy)": (
+        'v1 = (x * x) * x\n    v2 = v1.sum("d")\n    v3 = v2[idx]\n    return v3 @ v3',
+        '@op(x="d k", idx="int m")\ndef comp(x, idx):\n',
+        lambda: [_x(6, 4), _ints(4, 7)],
+    ),
 }
 
 

@@ -665,22 +665,19 @@ class Lowerer:
         """
         summed = set(indices)
         factors = list(sympy.Mul.make_args(body))
-        wide = [
-            f
-            for f in factors
-            if is_entry(f)
-            and any(self._position(i) for i in entry_indices(f))
-            and not self._admissible(frozenset(free_indices(f)))
-        ]
+        wide = [f for f in factors if self._gathers(f) and not self._admissible(frozenset(free_indices(f)))]
         if not wide:
             return None
-        read_at_target = self._read_at_targets(body, wide, summed)
+        read_at_target = self._read_at_targets(body, summed)
         if read_at_target is not None:  # what no longer reads a summed index leaves the sum
             factors = sympy.Mul.make_args(read_at_target)
             inside: sympy.Expr = sympy.Mul(*(f for f in factors if free_indices(f) & summed))
             for i in indices:
                 inside = ISum(inside, i)
             return self.lower(sympy.Mul(*(f for f in factors if not free_indices(f) & summed)) * inside)
+        wide = [f for f in wide if is_entry(f)]  # the moves below read a gathered tensor itself
+        if not wide:
+            return None
         taken = set(free_indices(body)) | set(bound_indices(body)) | summed
         plain, picks = [], {}
         for f in wide:
@@ -699,24 +696,35 @@ class Lowerer:
             )
         return self._gather_last(plain, others, picks, indices)
 
-    def _read_at_targets(self, body: sympy.Expr, wide: list[sympy.Expr], summed: set) -> sympy.Expr | None:
-        """``x[n, p]·δ(d, p)`` is ``x[n, d]·δ(d, p)``: a factor read at a position a delta routes to
-        a result index reads that index instead (no gather), or None if no factor does."""
+    def _gathers(self, f: sympy.Expr) -> bool:
+        """Whether ``f`` reads some tensor at gathered positions (``x[d, idx[m]]``, ``x[argmax, d] ** 2``)."""
+        return any(
+            is_entry(e) and any(self._position(i) for i in entry_indices(e)) for e in sympy.preorder_traversal(f)
+        )
+
+    def _read_at_targets(self, body: sympy.Expr, summed: set) -> sympy.Expr | None:
+        """``f(x[n, p])·δ(d, p)`` is ``f(x[n, d])·δ(d, p)``: what is read at a position a delta routes
+        to a result index reads that index instead (no gather); None if nothing is."""
         targets: dict[sympy.Expr, sympy.Symbol] = {}
-        for f in sympy.Mul.make_args(body):
-            if isinstance(f, sympy.KroneckerDelta):
-                for v, p in (f.args, f.args[::-1]):
-                    if is_index(v) and v not in summed and self._position(p):
-                        targets.setdefault(p, v)
+        deltas = [f for f in sympy.Mul.make_args(body) if isinstance(f, sympy.KroneckerDelta)]
+        for f in deltas:
+            for v, p in (f.args, f.args[::-1]):
+                if is_index(v) and v not in summed and self._position(p):
+                    targets.setdefault(p, v)
+        rest = [f for f in sympy.Mul.make_args(body) if not isinstance(f, sympy.KroneckerDelta)]
         mapping: dict[sympy.Expr, sympy.Expr] = {}
-        for f in wide:
-            dims = self.layouts[entry_name(f)].dims
+        for e in sympy.preorder_traversal(sympy.Mul(*rest)):
+            if not is_entry(e) or e in mapping or entry_name(e) not in self.layouts:
+                continue
+            dims = self.layouts[entry_name(e)].dims
             idx = [
-                targets[i] if i in targets and dim_of(targets[i]) == d else i for i, d in zip(entry_indices(f), dims)
+                targets[i] if i in targets and dim_of(targets[i]) == d else i for i, d in zip(entry_indices(e), dims)
             ]
-            if idx != list(entry_indices(f)):
-                mapping[f] = entry(entry_name(f), idx)
-        return body.xreplace(mapping) if mapping else None
+            if idx != list(entry_indices(e)):
+                mapping[e] = entry(entry_name(e), idx)
+        if not mapping:
+            return None
+        return sympy.Mul(*(f.xreplace(mapping) for f in rest), *deltas)
 
     def _position(self, i: sympy.Basic) -> bool:
         """An index that is a gathered position: an integer input's entry, or an argmax."""
