@@ -1375,6 +1375,12 @@ REPROS = {
         '@op(x="d k", idx="int m")\ndef comp(x, idx):\n',
         lambda: [_x(6, 4), _ints(4, 7)],
     ),
+    "a forward value matched inside a window of length 1 at an offset out of range (a wrong dx)": (
+        'return apply(lambda u, v: u / (1 + v**2), apply(lambda u, v: u * v, (y * y).sum("k")'
+        '.unfold("d", 1, 1, "j", dilation=1), (alpha * (y * y).sum("k")).mean("d", keepdim=True)), x.sum("k"))',
+        '@op(x="k d", y="k d")\ndef comp(x, y, alpha=0.75):\n',
+        lambda: [_x(4, 5), _x(4, 5, seed=1)],
+    ),
 }
 
 
