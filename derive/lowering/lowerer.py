@@ -671,9 +671,7 @@ class Lowerer:
         read_at_target = self._read_at_targets(body, summed)
         if read_at_target is not None:  # what no longer reads a summed index leaves the sum
             factors = sympy.Mul.make_args(read_at_target)
-            inside: sympy.Expr = sympy.Mul(*(f for f in factors if free_indices(f) & summed))
-            for i in indices:
-                inside = ISum(inside, i)
+            inside = _summed(sympy.Mul(*(f for f in factors if free_indices(f) & summed)), indices)
             return self.lower(sympy.Mul(*(f for f in factors if not free_indices(f) & summed)) * inside)
         wide = [f for f in wide if is_entry(f)]  # the moves below read a gathered tensor itself
         if not wide:
@@ -690,11 +688,10 @@ class Lowerer:
             plain.append(entry(entry_name(f), idx))
         others = [g for g in factors if not any(g is f for f in wide)]
         by_sum = set().union(*(free_indices(p) & summed for p in picks.values()))
+        move = _Ungather(plain, others, picks, by_sum, indices)
         if by_sum:
-            return self._scatter_positions(plain, others, picks, by_sum, indices) or self._bag(
-                plain, others, picks, by_sum, indices
-            )
-        return self._gather_last(plain, others, picks, indices)
+            return self._scatter_positions(move) or self._bag(move)
+        return self._gather_last(move)
 
     def _gathers(self, f: sympy.Expr) -> bool:
         """Whether ``f`` reads some tensor at gathered positions (``x[d, idx[m]]``, ``x[argmax, d] ** 2``)."""
@@ -740,39 +737,24 @@ class Lowerer:
         self.layouts[name] = TensorInfo(name, tuple(dim_of(a) for a in val.axes))
         return entry(name, val.axes)
 
-    def _scatter_positions(
-        self,
-        plain: list[sympy.Expr],
-        others: list[sympy.Expr],
-        picks: dict[sympy.Symbol, sympy.Expr],
-        by_sum: set[sympy.Symbol],
-        indices: list[sympy.Symbol],
-    ) -> Val | None:
+    def _scatter_positions(self, move: _Ungather) -> Val | None:
+        """``Σ_S A[S]·y[p(S), R]`` as ``Σ_k y[k, R]·(Σ_S A[S]·δ(k, p(S)))``: A scattered first."""
+        plain, others, picks, by_sum, indices = move.plain, move.others, move.picks, move.by_sum, move.indices
         if any(free_indices(f) & by_sum for f in plain):
             return None
         inner = [g for g in others if free_indices(g) & by_sum]
         outer = [g for g in others if not free_indices(g) & by_sum]
-        scattered: sympy.Expr = sympy.Mul(*inner) * sympy.Mul(*(sympy.KroneckerDelta(k, p) for k, p in picks.items()))
-        for s in [i for i in indices if i in by_sum]:
-            scattered = ISum(scattered, s)
-        named = self._named(scattered, "s")
+        deltas = sympy.Mul(*(sympy.KroneckerDelta(k, p) for k, p in picks.items()))
+        named = self._named(_summed(sympy.Mul(*inner) * deltas, [i for i in indices if i in by_sum]), "s")
         if named is None:
             return None
-        rest: sympy.Expr = sympy.Mul(*outer, *plain) * named
-        for s in [i for i in indices if i not in by_sum] + list(picks):
-            rest = ISum(rest, s)
-        return self.lower(rest)
+        rest = sympy.Mul(*outer, *plain) * named
+        return self.lower(_summed(rest, [i for i in indices if i not in by_sum] + list(picks)))
 
-    def _bag(
-        self,
-        plain: list[sympy.Expr],
-        others: list[sympy.Expr],
-        picks: dict[sympy.Symbol, sympy.Expr],
-        by_sum: set[sympy.Symbol],
-        indices: list[sympy.Symbol],
-    ) -> Val | None:
+    def _bag(self, move: _Ungather) -> Val | None:
         """``Σ_S w[B, S]·T[p[B, S], R]``, rows of ``T`` gathered in bags and summed (``x[idx].sum(1)``):
         ``F.embedding_bag``, which never holds the gathered rows (``B x S x R``) at once."""
+        plain, others, picks, by_sum, indices = move.plain, move.others, move.picks, move.by_sum, move.indices
         if len(plain) != 1 or len(picks) != 1:
             return None
         (k, p), table = next(iter(picks.items())), plain[0]
@@ -809,30 +791,23 @@ class Lowerer:
         code = f"{summed_rows}.reshape({', '.join(sizes(batch + rows)) or '()'})"
         name = self._temp(code, "bag")
         self.layouts[name] = TensorInfo(name, tuple(dim_of(a) for a in batch + rows))
-        rest: sympy.Expr = sympy.Mul(*outer) * entry(name, batch + rows)
-        for s in [i for i in indices if i not in by_sum]:
-            rest = ISum(rest, s)
-        return self.lower(rest)
+        rest = sympy.Mul(*outer) * entry(name, batch + rows)
+        return self.lower(_summed(rest, [i for i in indices if i not in by_sum]))
 
-    def _gather_last(
-        self, plain: list[sympy.Expr], others: list[sympy.Expr], picks: dict[sympy.Symbol, sympy.Expr], indices: list
-    ) -> Val | None:
+    def _gather_last(self, move: _Ungather) -> Val | None:
+        """``Σ_S A[S]·y[p(B), S]`` as ``(Σ_S A[S]·y[k, S])`` read at ``k = p(B)``: summed before gathered."""
+        plain, others, picks, indices = move.plain, move.others, move.picks, move.indices
         batch = set().union(*(free_indices(p) for p in picks.values()))
         inner = [g for g in others if not free_indices(g) & batch and free_indices(g) & set(indices)]
         outer = [g for g in others if g not in inner]
         inside = [s for s in indices if not any(s in free_indices(g) for g in outer)]
         if not inside:
             return None
-        reduced: sympy.Expr = sympy.Mul(*plain, *inner)
-        for s in inside:
-            reduced = ISum(reduced, s)
-        named = self._named(reduced, "r")
+        named = self._named(_summed(sympy.Mul(*plain, *inner), inside), "r")
         if named is None:
             return None
-        rest: sympy.Expr = sympy.Mul(*outer) * substitute_indices(named, picks)
-        for s in [i for i in indices if i not in inside]:
-            rest = ISum(rest, s)
-        return self.lower(rest)
+        rest = sympy.Mul(*outer) * substitute_indices(named, picks)
+        return self.lower(_summed(rest, [i for i in indices if i not in inside]))
 
     # -- contraction steps ------------------------------------------------------------------------
     def _weight(self, axes: frozenset[sympy.Symbol]) -> int:
@@ -1284,6 +1259,26 @@ class Lowerer:
             return sympy.Mul(*big, stand_in)
 
         return _bottom_up_expr(e, rewrite)
+
+
+@dataclass(frozen=True)
+class _Ungather:
+    """A sum's factors read at gathered positions, read whole instead: ``y[k, R]`` for ``y[p, R]``
+    (``plain``), the positions by their fresh index ``k`` (``picks``), the other factors, the summed
+    indices, and those of them the positions depend on (``by_sum``)."""
+
+    plain: list[sympy.Expr]
+    others: list[sympy.Expr]
+    picks: dict[sympy.Symbol, sympy.Expr]
+    by_sum: set[sympy.Symbol]
+    indices: list[sympy.Symbol]
+
+
+def _summed(e: sympy.Expr, indices: list[sympy.Symbol]) -> sympy.Expr:
+    """``Σ_{i1} Σ_{i2} … e``: nested sums, the first index innermost."""
+    for i in indices:
+        e = ISum(e, i)
+    return e
 
 
 def _plain_pack(i: sympy.Basic) -> bool:
