@@ -9,6 +9,7 @@ the forward program's own statements, never from a list of ops.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -48,7 +49,17 @@ class Step:
 
 # -- sums and deltas --------------------------------------------------------------------------
 def _distribute(e: sympy.Expr) -> sympy.Expr:
-    return sympy.expand(e, deep=False, power_base=False, power_exp=False, log=False, multinomial=False, basic=False)
+    """``(a + b)·c/(p·q) = a·c/(p·q) + b·c/(p·q)``: one level, numerator sums only.
+
+    A denominator stays a product of its factors (``sympy.expand`` would multiply them out, and a
+    product of factors over different indices would become one sum over all of them)."""
+    if not isinstance(e, sympy.Mul):
+        return e
+    sums = [f for f in e.args if isinstance(f, sympy.Add)]
+    if not sums:
+        return e
+    rest = sympy.Mul(*(f for f in e.args if not isinstance(f, sympy.Add)))
+    return sympy.Add(*(rest * sympy.Mul(*terms) for terms in itertools.product(*(s.args for s in sums))))
 
 
 def _delta_partner(f: sympy.Basic, k: sympy.Symbol) -> sympy.Basic | None:

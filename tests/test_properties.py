@@ -1381,6 +1381,11 @@ REPROS = {
         '@op(x="k d", y="k d")\ndef comp(x, y, alpha=0.75):\n',
         lambda: [_x(4, 5), _x(4, 5, seed=1)],
     ),
+    "a sum of a quotient by factors on two indices (the denominator multiplied out: N x D x D)": (
+        'return log(1 + exp(x)).sum("d", keepdim=True) / (2 + tanh(y))',
+        '@op(x="n d", y="n d")\ndef comp(x, y):\n',
+        lambda: [_x(3, 5), _x(3, 5, seed=1)],
+    ),
 }
 
 
