@@ -35,7 +35,7 @@ Fused gradients (derived by SymPy, simplified by derive):
     dgamma[c] = Σ_n(Σ_t(diff[n, t, c]*dln[n, t, c]/sqrt(eps + var[n, t])))
     dx[n, t, c] = dout[n, t, c] + dln[n, t, c]*gamma[c]/sqrt(eps + var[n, t]) - Σ_c2(dln[n, t, c2]*gamma[c2])/(C*sqrt(eps + var[n, t])) - diff[n, t, c]*Σ_c2(diff[n, t, c2]*dln[n, t, c2]*gamma[c2])/(C*(eps + var[n, t])**(3/2))
 
-Kept by the forward for the fused backward: gamma, Wq, Wk, Wv, Wo, diff, var, ln, q, k, v, att, y, pow_var.
+Kept by the forward for the fused backward: gamma, Wq, Wk, Wv, Wo, diff, ln, q, k, v, att, y, pow_var.
     pow_var[n, t] = 1/sqrt(eps + var[n, t]): part of ln, kept so the backward does not evaluate it again
 The backward recomputes anything else it needs from these.
 """
@@ -47,6 +47,7 @@ import torch
 _STEPS_ONLY_KEYS = (
     "p",
     "argmax_scores",
+    "sum_p",
 )
 
 
@@ -188,8 +189,8 @@ def attention_block_forward(
     t8 = scores.max(3)
     argmax_scores = t8.indices
     p = torch.exp(scores - t8.values[:, :, :, None])
-    t9 = p.sum(3)
-    att = p / t9[:, :, :, None]
+    sum_p = p.sum(3)
+    att = p / sum_p[:, :, :, None]
     y = torch.einsum("abcd,adce->abce", att, v)
     t11 = torch.einsum("abc,deab->dec", Wo, y)
     out = bo + t11 + x
@@ -204,7 +205,6 @@ def attention_block_forward(
         "bo": bo,
         "mask": mask,
         "diff": diff,
-        "var": var,
         "ln": ln,
         "q": q,
         "k": k,
@@ -225,7 +225,9 @@ def attention_block_forward(
             {
                 "p": p,
                 "argmax_scores": argmax_scores,
+                "sum_p": sum_p,
                 "mean": mean,
+                "var": var,
                 "mm1": mm1,
                 "mm2": mm2,
                 "scores": scores,
@@ -243,7 +245,6 @@ def attention_block_backward(grad_output, saved):
     Wv = saved["Wv"]
     Wo = saved["Wo"]
     diff = saved["diff"]
-    var = saved["var"]
     ln = saved["ln"]
     q = saved["q"]
     k = saved["k"]
@@ -253,7 +254,6 @@ def attention_block_backward(grad_output, saved):
     pow_var = saved["pow_var"]
     C = saved["C"]
     D = saved["D"]
-    eps = saved["eps"]
     if grad_output is None:
         raise ValueError("attention_block: grad_output is required for a non-scalar output")
     dout = grad_output
@@ -298,10 +298,8 @@ def attention_block_backward(grad_output, saved):
     t19 = torch.einsum("abc,c->ab", t16, gamma)
     del t16
     dx = (
-        torch.addcmul(
-            dout, (eps + var[:, :, 0]).pow_(-3 / 2).mul_(t19).mul_(-1 / C)[:, :, None], diff
-        )
-        .addcmul_((gamma * pow_var[:, :, None]), dln)
+        torch.addcmul(dout, (gamma * pow_var[:, :, None]), dln)
+        .addcmul_(diff, torch.pow(pow_var, 3).mul_(t19).mul_(-1 / C)[:, :, None])
         .add_(torch.mul(pow_var[:, :, None], t18[:, :, None]).mul_(1 / C), alpha=-1)
     )
     return attention_block_Grads(
@@ -339,7 +337,6 @@ def attention_block_backward_steps(grad_output, saved):
     Wv = saved["Wv"]
     Wo = saved["Wo"]
     diff = saved["diff"]
-    var = saved["var"]
     ln = saved["ln"]
     q = saved["q"]
     k = saved["k"]
@@ -349,12 +346,12 @@ def attention_block_backward_steps(grad_output, saved):
     y = saved["y"]
     pow_var = saved["pow_var"]
     argmax_scores = saved["argmax_scores"]
+    sum_p = saved["sum_p"]
     N = saved["N"]
     T = saved["T"]
     C = saved["C"]
     H = saved["H"]
     D = saved["D"]
-    eps = saved["eps"]
     if grad_output is None:
         raise ValueError("attention_block: grad_output is required for a non-scalar output")
     dout = grad_output
@@ -375,61 +372,60 @@ def attention_block_backward_steps(grad_output, saved):
     t5 = torch.einsum("abcd,aecd->abce", dy, v)
     # att <- y
     datt = t5
-    t6 = p.sum(3)
-    t7 = (att * datt).sum(3)
+    t6 = (att * datt).sum(3)
     # p <- att
-    dp = (datt - t7[:, :, :, None]) / t6[:, :, :, None]
-    t8 = (dp * p).sum(3)
+    dp = (datt - t6[:, :, :, None]) / sum_p[:, :, :, None]
+    t7 = (dp * p).sum(3)
     # scores <- p
     dscores = dp * p
-    dscores.scatter_add_(3, argmax_scores[:, :, :, None], (-t8)[:, :, :, None].expand(N, T, H, 1))
-    t9 = torch.einsum("abcd,adce->abce", dscores, k)
+    dscores.scatter_add_(3, argmax_scores[:, :, :, None], (-t7)[:, :, :, None].expand(N, T, H, 1))
+    t8 = torch.einsum("abcd,adce->abce", dscores, k)
     # q <- scores
-    dq = (D ** (-0.5)) * t9
-    t10 = torch.einsum("abcd,abce->adce", dscores, q)
+    dq = (D ** (-0.5)) * t8
+    t9 = torch.einsum("abcd,abce->adce", dscores, q)
     # k <- scores
-    dk = (D ** (-0.5)) * t10
+    dk = (D ** (-0.5)) * t9
     # mm2 <- v
     dmm2 = dv
-    t11 = torch.einsum("abcd,abe->ecd", dmm2, ln)
+    t10 = torch.einsum("abcd,abe->ecd", dmm2, ln)
     # Wv <- mm2
-    dWv = t11
-    t12 = torch.einsum("abc,debc->dea", Wv, dmm2)
+    dWv = t10
+    t11 = torch.einsum("abc,debc->dea", Wv, dmm2)
     # ln <- mm2
-    dln = t12
+    dln = t11
     # mm1 <- k
     dmm1 = dk
-    t13 = torch.einsum("abcd,abe->ecd", dmm1, ln)
+    t12 = torch.einsum("abcd,abe->ecd", dmm1, ln)
     # Wk <- mm1
-    dWk = t13
-    t14 = torch.einsum("abc,debc->dea", Wk, dmm1)
+    dWk = t12
+    t13 = torch.einsum("abc,debc->dea", Wk, dmm1)
     # ln <- mm1
-    dln = dln + t14
-    t15 = torch.einsum("abcd,abe->ecd", dq, ln)
+    dln = dln + t13
+    t14 = torch.einsum("abcd,abe->ecd", dq, ln)
     # Wq <- q
-    dWq = t15
-    t16 = torch.einsum("abc,debc->dea", Wq, dq)
+    dWq = t14
+    t15 = torch.einsum("abc,debc->dea", Wq, dq)
     # ln <- q
-    dln = dln + t16
-    t17 = diff * dln
-    t18 = torch.einsum("abc,ab->c", t17, pow_var)
+    dln = dln + t15
+    t16 = diff * dln
+    t17 = torch.einsum("abc,ab->c", t16, pow_var)
     # gamma <- ln
-    dgamma = t18
-    t19 = dln.sum((0, 1))
+    dgamma = t17
+    t18 = dln.sum((0, 1))
     # beta <- ln
-    dbeta = t19
+    dbeta = t18
     # diff <- ln
     ddiff = (gamma * pow_var[:, :, None]) * dln
-    t21 = torch.einsum("abc,c->ab", t17, gamma)
+    t20 = torch.einsum("abc,c->ab", t16, gamma)
     # var <- ln
-    dvar = (-1 / 2) * t21[:, :, None] * (eps + var) ** (-1.5)
+    dvar = -1 / 2 * pow_var[:, :, None] ** 3 * t20[:, :, None]
     # diff <- var
     ddiff = ddiff + ((2 / C) * dvar[:, :, 0])[:, :, None] * diff
     # x <- diff
     dx = dx + ddiff
-    t23 = ddiff.sum(2)
+    t22 = ddiff.sum(2)
     # mean <- diff
-    dmean = -t23[:, :, None]
+    dmean = -t22[:, :, None]
     # x <- mean
     dx = dx + ((1 / C) * dmean[:, :, 0])[:, :, None].expand(N, T, C)
     return {
@@ -465,7 +461,6 @@ _BACKWARD_KEYS = (
     "Wv",
     "Wo",
     "diff",
-    "var",
     "ln",
     "q",
     "k",
@@ -475,7 +470,6 @@ _BACKWARD_KEYS = (
     "pow_var",
     "C",
     "D",
-    "eps",
 )
 
 

@@ -21,7 +21,7 @@ Fused gradients (derived by SymPy, simplified by derive):
     dgamma[c] = Σ_n(Σ_t(diff[n, t, c]*dln[n, t, c]/sqrt(eps + var[n, t])))
     dx[n, t, c] = dout[n, t, c] + dln[n, t, c]*gamma[c]/sqrt(eps + var[n, t]) - Σ_c2(dln[n, t, c2]*gamma[c2])/(C*sqrt(eps + var[n, t])) - diff[n, t, c]*Σ_c2(diff[n, t, c2]*dln[n, t, c2]*gamma[c2])/(C*(eps + var[n, t])**(3/2))
 
-Kept by the forward for the fused backward: gamma, W1, W2, diff, var, ln, pre1, hidden, pow_var, erf_pre1.
+Kept by the forward for the fused backward: gamma, W1, W2, diff, ln, pre1, hidden, pow_var, erf_pre1.
     pow_var[n, t] = 1/sqrt(eps + var[n, t]): part of ln, kept so the backward does not evaluate it again
     erf_pre1[n, t, f] = erf(sqrt(2)*pre1[n, t, f]/2): part of hidden, kept so the backward does not evaluate it again
 The backward recomputes anything else it needs from these.
@@ -126,7 +126,6 @@ def mlp_block_forward(x, gamma, beta, W1, b1, W2, b2, *, eps=1e-05, _keep_all=Fa
         "W2": W2,
         "b2": b2,
         "diff": diff,
-        "var": var,
         "ln": ln,
         "pre1": pre1,
         "hidden": hidden,
@@ -142,6 +141,7 @@ def mlp_block_forward(x, gamma, beta, W1, b1, W2, b2, *, eps=1e-05, _keep_all=Fa
         saved.update(
             {
                 "mean": mean,
+                "var": var,
                 "out": out,
             }
         )
@@ -154,14 +154,12 @@ def mlp_block_backward(grad_output, saved):
     W1 = saved["W1"]
     W2 = saved["W2"]
     diff = saved["diff"]
-    var = saved["var"]
     ln = saved["ln"]
     pre1 = saved["pre1"]
     hidden = saved["hidden"]
     pow_var = saved["pow_var"]
     erf_pre1 = saved["erf_pre1"]
     C = saved["C"]
-    eps = saved["eps"]
     if grad_output is None:
         raise ValueError("mlp_block: grad_output is required for a non-scalar output")
     dout = grad_output
@@ -191,10 +189,8 @@ def mlp_block_backward(grad_output, saved):
     t11 = torch.einsum("abc,c->ab", t8, gamma)
     del t8
     dx = (
-        torch.addcmul(
-            dout, (eps + var[:, :, 0]).pow_(-3 / 2).mul_(t11).mul_(-1 / C)[:, :, None], diff
-        )
-        .addcmul_((gamma * pow_var[:, :, None]), dln)
+        torch.addcmul(dout, (gamma * pow_var[:, :, None]), dln)
+        .addcmul_(diff, torch.pow(pow_var, 3).mul_(t11).mul_(-1 / C)[:, :, None])
         .add_(torch.mul(pow_var[:, :, None], t10[:, :, None]).mul_(1 / C), alpha=-1)
     )
     return mlp_block_Grads(
@@ -214,7 +210,6 @@ def mlp_block_backward_steps(grad_output, saved):
     W1 = saved["W1"]
     W2 = saved["W2"]
     diff = saved["diff"]
-    var = saved["var"]
     ln = saved["ln"]
     pre1 = saved["pre1"]
     hidden = saved["hidden"]
@@ -223,7 +218,6 @@ def mlp_block_backward_steps(grad_output, saved):
     N = saved["N"]
     T = saved["T"]
     C = saved["C"]
-    eps = saved["eps"]
     if grad_output is None:
         raise ValueError("mlp_block: grad_output is required for a non-scalar output")
     dout = grad_output
@@ -264,7 +258,7 @@ def mlp_block_backward_steps(grad_output, saved):
     ddiff = (gamma * pow_var[:, :, None]) * dln
     t11 = torch.einsum("abc,c->ab", t7, gamma)
     # var <- ln
-    dvar = (-1 / 2) * t11[:, :, None] * (eps + var) ** (-1.5)
+    dvar = -1 / 2 * pow_var[:, :, None] ** 3 * t11[:, :, None]
     # diff <- var
     ddiff = ddiff + ((2 / C) * dvar[:, :, 0])[:, :, None] * diff
     # x <- diff
@@ -297,14 +291,12 @@ _BACKWARD_KEYS = (
     "W1",
     "W2",
     "diff",
-    "var",
     "ln",
     "pre1",
     "hidden",
     "pow_var",
     "erf_pre1",
     "C",
-    "eps",
 )
 
 

@@ -113,10 +113,9 @@ def lower_program(
         )
     fwd.repeated = share.repeated(forward)
     for stmt, expr in zip(statements, forward):
-        for s in saved_values:
-            if s.host == stmt.name:
-                value = s.statement.expr if distributed is None else distributed.global_sizes(s.statement.expr)
-                fwd.assign(s.name, value, s.statement.target)
+        for s, value in share.saved_in_order(saved_values, stmt.name):
+            value = value if distributed is None else distributed.global_sizes(value)
+            fwd.assign(s.name, value, s.statement.target)
         fwd.assign(stmt.name, expr, stmt.target)
         plain.assign(stmt.name, stmt.expr, stmt.target)
 

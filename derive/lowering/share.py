@@ -82,7 +82,7 @@ def forward_values(
     saved: list[SavedValue] = []
     names = set(taken)
     for stmt in program.statements:
-        for sub in _costly_parts(stmt.expr):
+        for sub in _costly_parts(stmt.expr, frozenset(stmt.target.indices)):
             value = _as_statement(sub, stmt, names)
             if value is None:
                 continue
@@ -98,6 +98,23 @@ def host_expression(host: str, expr: sympy.Expr, saved: list[SavedValue]) -> sym
     """Forward statement ``host``'s right-hand side reading the values saved out of it."""
     mapping = {s.original: s.read for s in saved if s.host == host}
     return expr.xreplace(mapping)
+
+
+def saved_in_order(saved: list[SavedValue], host: str) -> list[tuple[SavedValue, sympy.Expr]]:
+    """The values saved out of forward statement ``host``, innermost first, each with its right-hand
+    side reading the ones before it (``log(1 + exp_p)``, not a second ``exp(p)``)."""
+    mine = sorted((s for s in saved if s.host == host), key=lambda s: _size(s.original))
+    out: list[tuple[SavedValue, sympy.Expr]] = []
+    for k, s in enumerate(mine):
+        expr = s.statement.expr
+        for inner in reversed(mine[:k]):  # the larger first: log(1 + exp(p)) before its exp(p)
+            expr = _read_saved(expr, inner.statement)
+        out.append((s, expr))
+    return out
+
+
+def _size(e: sympy.Expr) -> int:
+    return sum(1 for _ in sympy.preorder_traversal(e))
 
 
 def is_step(e: sympy.Basic) -> bool:
@@ -173,11 +190,13 @@ def canonical_key(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Symbol, sympy.S
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _costly_parts(e: sympy.Expr) -> list[sympy.Expr]:
+def _costly_parts(e: sympy.Expr, own: frozenset[sympy.Symbol]) -> list[sympy.Expr]:
     """Costly proper sub-expressions, outermost first (a statement that is one is its own value).
 
     A max over a dim also yields its argmax (``max(dim)`` returns both): the position a max's
-    gradient is scattered to, which the backward would otherwise find again.
+    gradient is scattered to, which the backward would otherwise find again. A reduction over
+    the statement's own indices (the ``Σ_d x[n, d]`` of a mean written inline) is a pass over its
+    operands, and no larger than the statement: worth keeping too.
     """
     out: list[sympy.Expr] = []
     for node in sympy.preorder_traversal(e):
@@ -185,11 +204,16 @@ def _costly_parts(e: sympy.Expr) -> list[sympy.Expr]:
             if not tensor_names(node.body):  # the max of a value that cancelled (x - x): no position
                 continue
             node = ArgMax(node.body, node.var)
-        elif node is e or not costly(node):
+        elif node is e or not (costly(node) or _reduction(node, own)):
             continue
         if node not in out:
             out.append(node)
     return out
+
+
+def _reduction(node: sympy.Basic, own: frozenset[sympy.Symbol]) -> bool:
+    """A sum of tensor values whose free indices are all the statement's own (none bound outside it)."""
+    return isinstance(node, ISum) and bool(tensor_names(node)) and free_indices(node) <= own
 
 
 def _ordered_free(sub: sympy.Expr, stmt: Statement) -> tuple[sympy.Symbol, ...]:
@@ -211,7 +235,7 @@ def _as_statement(sub: sympy.Expr, stmt: Statement, names: set[str]) -> Statemen
 
 def _name_for(sub: sympy.Expr, names: set[str]) -> str:
     """``exp_x``, ``tanh_h``...: the function and the first tensor it reads, made unique."""
-    head = "pow" if isinstance(sub, sympy.Pow) else type(sub).__name__.lower()
+    head = "pow" if isinstance(sub, sympy.Pow) else "sum" if isinstance(sub, ISum) else type(sub).__name__.lower()
     base = f"{head}_{sorted(tensor_names(sub))[0]}"
     name, k = base, 2
     while name in names or f"d{name}" in names:
@@ -226,14 +250,25 @@ def _read_saved(e: sympy.Expr, value: Statement) -> sympy.Expr:
     pattern = value.expr.xreplace({**wild, **bound})
     binders = {w: i for i, w in {**wild, **bound}.items()}
     inverse = sympy.exp(-pattern.args[0]) if isinstance(pattern, sympy.exp) else None
+    # v = B**p saved: another power B**q is v**(q/p) when that ratio is an integer (no roots taken)
+    base = pattern.base if isinstance(pattern, sympy.Pow) and pattern.exp.is_number else None
+
+    def read(m: dict | None, power: sympy.Expr) -> sympy.Expr | None:
+        if m is None or not all(w in m for w in wild.values()) or not positions_in_range(m, binders):
+            return None
+        return entry(value.name, [m[wild[i]] for i in value.target.indices]) ** power
 
     def swap(node: sympy.Expr) -> sympy.Expr:
         for pat, power in ((pattern, 1), (inverse, -1)):
-            if pat is None or not isinstance(node, type(pat)):
-                continue
-            m = node.match(pat)
-            if m is not None and all(w in m for w in wild.values()) and positions_in_range(m, binders):
-                return entry(value.name, [m[wild[i]] for i in value.target.indices]) ** power
+            if pat is not None and isinstance(node, type(pat)):
+                found = read(node.match(pat), power)
+                if found is not None:
+                    return found
+        if base is not None and isinstance(node, sympy.Pow) and node.exp.is_number and node.exp != pattern.exp:
+            ratio = sympy.nsimplify(node.exp / pattern.exp)
+            found = read(node.base.match(base), ratio) if ratio.is_integer else None
+            if found is not None:
+                return found
         return node
 
     return _bottom_up(e, swap)
@@ -277,4 +312,5 @@ __all__ = [
     "forward_values",
     "host_expression",
     "repeated",
+    "saved_in_order",
 ]
