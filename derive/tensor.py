@@ -700,28 +700,35 @@ def _build_program(
         if r.name is None:
             r.name = "out" if len(results) == 1 else next(f"out{j}" for j in range(k, k + 99) if f"out{j}" not in taken)
             taken.add(r.name)
-    for node, role in boundaries(results).items():
-        node.name = synthetic_name(role, taken)
-        taken.add(node.name)
-    _check_size_names(the_op.name, trace, inputs, params)
+    roles = boundaries(results)
     used = set(input_names)
     statements: list[Statement] = []
+    computed: dict[tuple[Any, sympy.Expr], str] = {}  # (layout, right-hand side) -> the statement's name
     for node in trace.nodes:
-        if node.name is None or node.materialized:
+        if node.materialized or (node.name is None and node not in roles):
             continue
-        if node.name in used:
-            raise trace.error(f"two tensors are both called '{node.name}'", node.source)
-        _check_identifier(the_op.name, "tensor name", node.name)
-        used.add(node.name)
-        if not any(_reaches(r, node) for r in results):
-            continue
+        if node.name is not None:
+            if node.name in used:
+                raise trace.error(f"two tensors are both called '{node.name}'", node.source)
+            _check_identifier(the_op.name, "tensor name", node.name)
+            used.add(node.name)
+            if not any(_reaches(r, node) for r in results):
+                continue
         if node.is_int:
             raise trace.error(f"integer intermediate '{node.name}' is not supported", node.source)
-        info = TensorInfo(node.name, node.layout)
-        trace.bound = set(info.indices)
+        trace.bound = {d.index() for d in node.dims}
         expr = node.build({d: d.index() for d in node.dims})
-        statements.append(Statement(info, expr, node.source))
+        if node.name is None:  # a statement derive makes: one computed already (written twice) is reused
+            node.name = computed.get((node.layout, expr)) or synthetic_name(roles[node], taken)
+            taken.add(node.name)
+            if node.name in used:
+                node.materialized = True
+                continue
+            used.add(node.name)
+        computed.setdefault((node.layout, expr), node.name)
+        statements.append(Statement(TensorInfo(node.name, node.layout), expr, node.source))
         node.materialized = True
+    _check_size_names(the_op.name, trace, inputs, params)
     program = Program(
         the_op.name,
         tuple(inputs),

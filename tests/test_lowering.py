@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from derive import apply, derive, op
+from derive import apply, derive, op, sqrt
 from derive.emit import render
 from derive.lowering import plan as planner
 from derive.verify import TensorSizes, load_module
@@ -245,6 +245,73 @@ def test_gelu_backward_evaluates_tanh_once():
     with AtenOps() as ops:
         module.gelu_backward(torch.ones_like(out), saved)
     assert ops.counts["tanh"] + ops.counts["tanh_"] <= 1, ops.counts
+
+
+@op(x="n d", gamma="d", beta="d")
+def layernorm_inline(x, gamma, beta, eps=1e-5):
+    return (x - x.mean("d", keepdim=True)) / sqrt(
+        ((x - x.mean("d", keepdim=True)) ** 2).mean("d", keepdim=True) + eps
+    ) * gamma + beta
+
+
+def test_an_inline_layer_norm_backward_reads_the_forwards_row_sums_and_rsqrt():
+    """Σ_d x and the rsqrt the forward computed inline are kept: no row sum of x, no variance again."""
+    d, module = generated(layernorm_inline)
+    x, gamma, beta = _randn(16, 8, seed=1), _randn(8, seed=2), _randn(8, seed=3)
+    out, saved = module.layernorm_inline_forward(x, gamma, beta)
+    assert {"sum_x", "pow_x"} <= set(saved), sorted(saved)
+    code = "\n".join(d.code.backward)
+    assert "x.sum(1)" not in code and "eps" not in code, code  # (eps + var)**-1 read as pow_x**2
+    leaves = [t.clone().requires_grad_() for t in (x, gamma, beta)]
+    F.layer_norm(leaves[0], (8,), leaves[1], leaves[2]).backward(torch.ones_like(out))
+    for got, leaf in zip(module.layernorm_inline_backward(torch.ones_like(out), saved), leaves):
+        torch.testing.assert_close(got, leaf.grad, atol=1e-5, rtol=1e-5)
+
+
+@op(x="n d", y="j m")
+def conv_inline(x, y):
+    return (
+        apply(
+            lambda u: sympy.log(1 + sympy.exp(u)), ((x.pad("d", 0, 4).unfold("d", 3, 1, "j", dilation=2)) * y).sum("j")
+        )
+        * ((x.pad("d", 0, 4).unfold("d", 3, 1, "j", dilation=2)) * y).sum("j")
+    ).sum("m")
+
+
+def test_a_value_written_twice_inline_is_computed_once():
+    """Two equal paddings, windows and contractions are one statement each; the forward reads it again."""
+    d, module = generated(conv_inline)
+    assert [s.name for s in d.program.statements] == ["pad1", "win1", "pre1", "out"]
+    x, y = _randn(3, 5, seed=1), _randn(3, 4, seed=2)
+    with AtenOps() as ops:
+        module.conv_inline_forward(x, y)
+    assert ops.counts["exp"] == 1 and ops.counts["log"] == 1 and ops.counts["constant_pad_nd"] == 1, ops.counts
+    assert ops.counts["bmm"] + ops.counts["mm"] == 1, ops.counts  # the contraction once, read twice
+
+
+@op(a="n c", b="n c")
+def kl_of_softmaxes(a, b):
+    la = a - a.max("c", keepdim=True)
+    la = la - apply(sympy.log, apply(sympy.exp, la).sum("c", keepdim=True))
+    lb = b - b.max("c", keepdim=True)
+    lb = lb - apply(sympy.log, apply(sympy.exp, lb).sum("c", keepdim=True))
+    return (apply(sympy.exp, la) * (la - lb)).sum("c").mean("n")
+
+
+def test_terms_sharing_a_full_size_factor_update_the_buffer_once():
+    """``X·a + X·b + X·c`` with row factors a, b, c is one ``addcmul_`` of X, not three passes."""
+    d, module = generated(kl_of_softmaxes)
+    a, b = _randn(16, 8, seed=1), _randn(16, 8, seed=2)
+    _, saved = module.kl_of_softmaxes_forward(a, b)
+    with AtenOps() as ops:
+        grads = module.kl_of_softmaxes_backward(None, saved)
+    assert ops.counts["addcmul_"] + ops.counts["addcmul"] <= 2, (ops.counts, "\n".join(d.code.backward))
+    leaves = [t.clone().requires_grad_() for t in (a, b)]
+    F.kl_div(
+        F.log_softmax(leaves[1], 1), F.log_softmax(leaves[0], 1), reduction="batchmean", log_target=True
+    ).backward()
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, atol=1e-6, rtol=1e-5)
 
 
 # -- the planner --------------------------------------------------------------------------------

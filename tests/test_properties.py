@@ -1386,6 +1386,11 @@ REPROS = {
         '@op(x="n d", y="n d")\ndef comp(x, y):\n',
         lambda: [_x(3, 5), _x(3, 5, seed=1)],
     ),
+    "a value written twice, once flattened (the second output read the flattened name)": (
+        'return ((x.unfold("n", 1, 1, "j") * y).sum("j")).flatten("n", "d"), (x.unfold("n", 1, 1, "j") * y).sum("j")',
+        '@op(x="n d", y="j m")\ndef comp(x, y):\n',
+        lambda: [_x(3, 2), _x(1, 4, seed=1)],
+    ),
 }
 
 

@@ -30,7 +30,7 @@ from ..indexalg import (
 )
 from ..notation import text
 from ..program import Program, TensorInfo
-from ..simplify import stable_forward
+from ..simplify import recognize, stable_forward
 from . import share
 from .lowerer import Lowerer, Sharding
 from .printer import FAITHFUL, MASKING, PRINTER, is_constant
@@ -106,6 +106,10 @@ def lower_program(
     statements = list(program.statements)
     # the statements as written; a stabler form only when the op asks for it (@op(stable_forward=True))
     written = [stable_forward(s, statements) if program.stable_forward else s.expr for s in statements]
+    # a value an earlier statement holds, written again inside another ((x @ W) twice), is read, not
+    # recomputed; a statement that is that value whole stays a tensor of its own (an output, say)
+    read_again = [recognize(e, statements[:k], powers=False) for k, e in enumerate(written)]
+    written = [e if is_entry(r) else r for e, r in zip(written, read_again)]
     forward = [share.host_expression(s.name, e, saved_values) for s, e in zip(statements, written)]
     if distributed is not None:
         forward, fused, steps_exprs = (

@@ -97,6 +97,10 @@ class _Chain:
         ):  # one operation, or a mask next to a subtraction: the printer writes its 0/1 values
             return Piece(self.printer.doprint(e), full, fresh=True)
         constant = sympy.Add(*(t for t in e.args if not (t.free_symbols & set(self.axes))))
+        collected = self._by_full_factor(e, full)
+        if not isinstance(collected, sympy.Add):
+            return self.emit(collected)  # one term left: X·(a + b)
+        e = collected
         terms = [_Term(body, c, self._pair(body), self.emit(body)) for body, c in _terms(e, set(self.axes))]
         acc, axes, rest = self._start_sum(terms, full)
         for term in rest:
@@ -105,6 +109,22 @@ class _Chain:
         if constant != 0:
             acc = f"{atom(acc)}.add_({self.printer.doprint(constant)})"
         return Piece(acc, full, fresh=True)
+
+    def _by_full_factor(self, e: sympy.Add, full: frozenset[sympy.Symbol]) -> sympy.Expr:
+        """``X·a + X·b + X·c`` as ``X·(a + b + c)`` for a full-size value ``X`` and smaller ``a, b, c``:
+        one pass over ``X`` (an ``addcmul_``), not one per term."""
+        groups: dict[sympy.Expr, list[sympy.Expr]] = {}
+        others: list[sympy.Expr] = []
+        for t in e.args:
+            big = [f for f in sympy.Mul.make_args(t) if f in self.axes and self.axes[f] == full]
+            if len(big) == 1 and self._axes_of(t / big[0]) < full:
+                groups.setdefault(big[0], []).append(t / big[0])
+            else:
+                others.append(t)
+        if all(len(small) < 2 for small in groups.values()):
+            return e
+        collected = [x * sympy.Add(*small) for x, small in groups.items()]
+        return sympy.Add(*others, *collected, evaluate=False) if others else sympy.Add(*collected, evaluate=False)
 
     def _start_sum(self, terms: list[_Term], full: frozenset[sympy.Symbol]) -> tuple[str, frozenset, list[_Term]]:
         """The first operation of a sum, the one that allocates: ideally it makes the full buffer at once."""
@@ -156,7 +176,9 @@ class _Chain:
         if any(f.has(sympy.Piecewise, sympy.Heaviside) for f in factors):
             return None  # a step prints as a bool mask: addcmul's own subtraction refuses bools
         x, y = (self.emit(f) for f in factors)
-        return (x, y) if not x.fresh and not y.fresh and x.tensor and y.tensor else None
+        # a buffer the chain made is updated in place instead, unless it is the smaller operand
+        usable = (not x.fresh or x.axes < y.axes) and (not y.fresh or y.axes < x.axes)
+        return (x, y) if usable and x.tensor and y.tensor else None
 
     def _accumulate(self, acc: str, axes: frozenset[sympy.Symbol], term: _Term) -> str:
         """``acc + c·term``: in place when it fits (``addcmul_`` for a product of two values)."""

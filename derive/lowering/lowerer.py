@@ -145,6 +145,7 @@ class Lowerer:
             self.assign(temp, *unflattened, comment=comment, relaid=True)
             shape = ", ".join("1" if d is None else size_code(d.size) for d in target.layout)
             self.lines.append(f"{temp} = {temp}.reshape({shape})")
+            self.memo = {k: v for k, v in self.memo.items() if v[0] != temp}  # that name now holds the flat view
             if accumulate:
                 self.lines.append(f"{name} = {name} + {temp}")
             return

@@ -97,7 +97,10 @@ def forward_values(
 def host_expression(host: str, expr: sympy.Expr, saved: list[SavedValue]) -> sympy.Expr:
     """Forward statement ``host``'s right-hand side reading the values saved out of it."""
     mapping = {s.original: s.read for s in saved if s.host == host}
-    return expr.xreplace(mapping)
+    expr = expr.xreplace(mapping)
+    for s, _ in reversed(saved_in_order(saved, host)):  # the same value read at other indices (a bound one)
+        expr = _read_saved(expr, s.statement)
+    return expr
 
 
 def saved_in_order(saved: list[SavedValue], host: str) -> list[tuple[SavedValue, sympy.Expr]]:
