@@ -105,8 +105,8 @@ def layernorm_backward(grad_output, saved):
     t5 = t2 @ gamma
     del t2
     dx = (
-        torch.addcmul((t4[:, None] / D) * (-1), (-t5 / D)[:, None], xhat)
-        .addcmul_(dout, gamma)
+        torch.addcmul((t4[:, None] / D) * (-1), dout, gamma)
+        .addcmul_((-t5 / D)[:, None], xhat)
         .mul_(var_inv)
     )
     return layernorm_Grads(

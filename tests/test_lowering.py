@@ -22,7 +22,7 @@ from derive.emit import render
 from derive.lowering import plan as planner
 from derive.verify import TensorSizes, load_module
 
-from .conftest import REPO, derived
+from .conftest import OPS, REPO, derived
 
 
 class AtenOps(TorchDispatchMode):
@@ -35,6 +35,29 @@ class AtenOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
+
+
+class InnerBroadcasts(TorchDispatchMode):
+    """Elementwise kernels that read two or more tensors broadcast along their output's last dim.
+
+    PyTorch's CPU loops vectorise along the last dim when at most one operand is broadcast there
+    (stride 0); with two, the loop runs element by element.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-1] > 1 and torch.Tag.pointwise in func.tags:
+            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor) and a.dim()]
+            broadcast = [
+                a for a in args if isinstance(a, torch.Tensor) and a.dim() and 0 in (a.shape[-1] - 1, a.stride(-1))
+            ]
+            if len(broadcast) >= 2:
+                self.found.append(f"{func.__name__}{shapes}")
+        return out
 
 
 relu = lambda u: sympy.Max(u, 0)  # noqa: E731
@@ -236,6 +259,21 @@ def test_a_step_beside_a_value_that_may_be_infinite_selects_instead_of_multiplyi
 def test_no_generated_module_splits_a_relu_tie_in_half():
     for path in (REPO / "generated").glob("*.py"):
         assert "heaviside" not in path.read_text(encoding="utf-8"), path.name
+
+
+# -- kernels PyTorch vectorises ----------------------------------------------------------------
+@pytest.mark.parametrize("name", OPS)
+def test_no_fused_backward_kernel_broadcasts_two_operands_along_the_last_dim(name: str):
+    """``torch.addcmul(a[:, None], b[:, None], x)`` runs element by element: ``torch.addcmul(a[:, None], y, z)``
+    then ``.addcmul_(b[:, None], x)`` is two vectorised passes."""
+    from derive.verify import default_sizes, example_inputs, random_grad_outputs
+
+    d, module = derived(name)
+    inputs = example_inputs(d.program, default_sizes(d.program), torch.float32)
+    outs, saved = getattr(module, f"{name}_forward")(*inputs)
+    with InnerBroadcasts() as kernels:
+        getattr(module, f"{name}_backward")(random_grad_outputs(d.program, outs, 0), saved)
+    assert not kernels.found, (kernels.found, "\n".join(d.code.backward))
 
 
 # -- each costly value once ---------------------------------------------------------------------

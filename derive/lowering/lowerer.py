@@ -1212,7 +1212,10 @@ class Lowerer:
             return self._elementwise(reduced.xreplace(back), known, want)
         if chained:  # the fused backward: one fresh buffer, updated in place
             code = inplace.chain(
-                e.xreplace(mapping), {mapping[leaf]: frozenset(v.axes) for leaf, v in leaves}, self.printer
+                e.xreplace(mapping),
+                {mapping[leaf]: frozenset(v.axes) for leaf, v in leaves},
+                self.printer,
+                inner=axes[-1] if axes else None,
             )
         else:
             code = self.printer.doprint(e.xreplace(mapping))
