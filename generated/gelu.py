@@ -56,21 +56,16 @@ def gelu_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("gelu: grad_output is required for a non-scalar output")
     dout = grad_output
-    t2 = torch.square(x).mul_(8943 / 200000).add_(1).mul_(x).mul_(0.7978845608028654).tanh_()
+    t2 = torch.square(x).mul_(0.035677408136300125).add_(0.7978845608028654).mul_(x).tanh_()
     dx = (
-        (1.772453850905516 * t2)
-        .mul_(200000)
-        .add_(
-            torch.square(t2)
-            .mul_(-1)
-            .add_(1)
-            .mul_(torch.square(x).mul_(26829).add_(200000))
-            .mul_(x)
-            .mul_(1.4142135623730951)
-        )
-        .add_(354490.7701811032)
+        torch.square(x)
+        .mul_(26829)
+        .add_(200000)
+        .mul_(torch.square(t2).mul_(-1.9947114020071636e-06).add_(1.9947114020071636e-06))
+        .mul_(x)
+        .add_(t2, alpha=1 / 2)
+        .add_(1 / 2)
         .mul_(dout)
-        .mul_(1.4104739588693907e-06)
     )
     return gelu_Grads(
         x=dx,

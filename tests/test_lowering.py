@@ -285,6 +285,56 @@ def test_gelu_backward_evaluates_tanh_once():
     assert ops.counts["tanh"] + ops.counts["tanh_"] <= 1, ops.counts
 
 
+class FullPasses(TorchDispatchMode):
+    """The aten ops that make or update a tensor of ``numel`` elements: one pass over memory each."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel = numel
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.numel() == self.numel:
+            self.ops.append(func.__name__)
+        return out
+
+
+@op(x="n d")
+def erf_gelu(x):
+    out = apply(lambda u: u / 2 * (1 + sympy.erf(u / sympy.sqrt(2))), x)
+    return out
+
+
+def test_a_number_factor_of_a_sum_rides_on_the_sums_own_passes():
+    """``(c·x·e + erf + 1)·dout/2``: the ``1/2`` goes onto ``c``, the ``alpha`` of ``erf`` and the constant
+    term, not onto a last ``.mul_(1/2)`` pass over the whole buffer."""
+    d, module = generated(erf_gelu)
+    x, dout = _randn(64, 32, seed=1), _randn(64, 32, seed=2)
+    _, saved = module.erf_gelu_forward(x)
+    with FullPasses(x.numel()) as passes:
+        (dx,) = module.erf_gelu_backward(dout, saved)
+    # square, mul_, exp_, mul_(x), mul_(c/2), add_(erf, alpha), add_(1/2), mul_(dout): 9 with a last mul_(1/2)
+    assert len(passes.ops) <= 8, (passes.ops, "\n".join(d.code.backward))
+    leaf = x.clone().requires_grad_()
+    F.gelu(leaf).backward(dout)
+    torch.testing.assert_close(dx, leaf.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_the_tanh_gelu_backward_folds_its_constants():
+    """sqrt(pi), 200000 and the overall factor of the simplified derivative are numbers on one pass each
+    at most: no ``(c * t).mul_(k)`` or trailing ``.mul_(k)`` of the whole buffer."""
+    d, module = derived("gelu")
+    x, dout = _randn(64, 32, seed=1), _randn(64, 32, seed=2)
+    _, saved = module.gelu_forward(x)
+    with FullPasses(x.numel()) as passes:
+        (dx,) = module.gelu_backward(dout, saved)
+    assert len(passes.ops) <= 16, (passes.ops, "\n".join(d.code.backward))  # 21 before
+    leaf = x.clone().requires_grad_()
+    F.gelu(leaf, approximate="tanh").backward(dout)
+    torch.testing.assert_close(dx, leaf.grad, atol=1e-6, rtol=1e-5)
+
+
 @op(x="n d", gamma="d", beta="d")
 def layernorm_inline(x, gamma, beta, eps=1e-5):
     return (x - x.mean("d", keepdim=True)) / sqrt(

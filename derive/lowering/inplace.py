@@ -152,11 +152,13 @@ class _Chain:
         """The first operation of a sum, the one that allocates: ideally it makes the full buffer at once."""
         for t in terms:  # a buffer this chain made already
             if t.piece.fresh and t.piece.axes == full and t.pair is None:
-                scaled = (
-                    t.piece.code
-                    if t.coefficient == 1
-                    else f"{atom(t.piece.code)}.mul_({self.printer.doprint(t.coefficient)})"
-                )
+                rescaled = self._scale_a_sum(sympy.Mul(t.coefficient, t.body), t.coefficient)
+                if t.coefficient == 1:
+                    scaled = t.piece.code
+                elif rescaled is not None:  # the coefficient rides on the passes of a sum inside the term
+                    scaled = self.emit(rescaled).code
+                else:
+                    scaled = f"{atom(t.piece.code)}.mul_({self.printer.doprint(t.coefficient)})"
                 return scaled, full, [u for u in terms if u is not t]
         pairs = [t for t in terms if t.pair is not None]
         starts = [  # other + c·x·y: one addcmul, broadcasting the other (small, or a value) to full size
@@ -237,6 +239,9 @@ class _Chain:
                 )
             return Piece(self.printer.doprint(e), full, fresh=True)  # torch.where(step, rest, 0.0)
         constant = sympy.Mul(*(f for f in e.args if not (f.free_symbols & set(self.axes))))
+        scaled = self._scale_a_sum(e, constant)
+        if scaled is not None:
+            return self.emit(scaled)
         numerators, denominators = [], []
         for f in e.args:
             if not (f.free_symbols & set(self.axes)):
@@ -269,6 +274,27 @@ class _Chain:
             if constant != 1:
                 acc, constant = f"{acc}.mul_({self.printer.doprint(constant)})", sympy.S.One
         return self._finish_mul(acc, axes, rest, denominators, constant, full)
+
+    def _scale_a_sum(self, e: sympy.Expr, constant: sympy.Expr) -> sympy.Expr | None:
+        """``c·(a + 2·b + 1)·x`` as ``(c·a + 2c·b + c)·x`` when the sum's own passes can carry ``c``.
+
+        The constant rides on an ``alpha``, a ``value`` or the constant term of the sum's chain,
+        which saves the pass a final ``.mul_(c)`` would take. Only a number factor moves, so the
+        value is the same.
+        """
+        if constant == 1 or not constant.is_number or not isinstance(e, sympy.Mul):
+            return None
+        leaves = set(self.axes)
+        sums = [
+            f for f in e.args if isinstance(f, sympy.Add) and f.free_symbols & leaves and not self._one_operation(f)
+        ]
+        if not sums:
+            return None
+        absorbs = [t for t in sums[0].args if not (t.free_symbols & leaves) or _split_coefficient(t)[1] != 1]
+        if not absorbs:
+            return None
+        others = [f for f in e.args if f is not sums[0] and f.free_symbols & leaves]
+        return sympy.Mul(sympy.Add(*(constant * t for t in sums[0].args)), *others)
 
     def _finish_mul(
         self,
@@ -332,9 +358,9 @@ def _value(coefficient: sympy.Expr) -> str:
 
 
 def _split_coefficient(term: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
-    """``-2*x*y`` -> ``(x*y, -2)``: the numeric coefficient of a term and the rest."""
-    coefficient, rest = term.as_coeff_Mul()
-    return rest, coefficient
+    """``-2*sqrt(pi)*x*y`` -> ``(x*y, -2*sqrt(pi))``: the numeric coefficient of a term and the rest."""
+    factors = sympy.Mul.make_args(term)
+    return sympy.Mul(*(f for f in factors if not f.is_number)), sympy.Mul(*(f for f in factors if f.is_number))
 
 
 def _alpha(coefficient: sympy.Expr) -> str:
