@@ -152,7 +152,7 @@ class _Chain:
         """The first operation of a sum, the one that allocates: ideally it makes the full buffer at once."""
         for t in terms:  # a buffer this chain made already
             if t.piece.fresh and t.piece.axes == full and t.pair is None:
-                rescaled = self._scale_a_sum(sympy.Mul(t.coefficient, t.body), t.coefficient)
+                rescaled = None if t.coefficient == 1 else self._scale_a_sum(t.coefficient * t.body, t.coefficient)
                 if t.coefficient == 1:
                     scaled = t.piece.code
                 elif rescaled is not None:  # the coefficient rides on the passes of a sum inside the term
@@ -161,18 +161,16 @@ class _Chain:
                     scaled = f"{atom(t.piece.code)}.mul_({self.printer.doprint(t.coefficient)})"
                 return scaled, full, [u for u in terms if u is not t]
         pairs = [t for t in terms if t.pair is not None]
-        starts = [  # other + c·x·y: one addcmul, broadcasting the other (small, or a value) to full size
-            (t, u)
-            for t in pairs
-            for u in terms
-            if u is not t
-            and u.piece.tensor
-            and (u.piece.axes != full or (u.coefficient == 1 and not u.piece.fresh))
-            and t.pair[0].axes | t.pair[1].axes | u.piece.axes == full  # type: ignore[index]
-            and self._across_inner((u.piece, *t.pair), full) < 2  # type: ignore[misc]
-        ]
+        # other + c·x·y: one addcmul, broadcasting the other (small, or a value) to full size
+        starts = {
+            (k, j): cost
+            for k, t in enumerate(terms)
+            for j, u in enumerate(terms)
+            if (cost := self._addcmul_start(t, u, full)) is not None
+        }
         if starts:
-            t, u = min(starts, key=lambda tu: self._across_inner((tu[1].piece, *tu[0].pair), full))  # type: ignore[misc]
+            k, j = min(starts, key=starts.__getitem__)
+            t, u = terms[k], terms[j]
             x, y = t.pair  # type: ignore[misc]
             other = (
                 u.piece.code
@@ -197,6 +195,19 @@ class _Chain:
                 code = f"torch.add({first.piece.code}, {second.piece.code}{_alpha(second.coefficient)})"
             return code, first.piece.axes | second.piece.axes, rest
         return f"torch.mul({first.piece.code}, {self.printer.doprint(first.coefficient)})", first.piece.axes, rest
+
+    def _addcmul_start(self, t: _Term, u: _Term, full: frozenset[sympy.Symbol]) -> int | None:
+        """``torch.addcmul(u, *t.pair)`` as the sum's first operation: None if it cannot be, else how
+        many operands it broadcasts along the inner axis (at most one: two make a scalar loop)."""
+        if t.pair is None or u is t or not u.piece.tensor:
+            return None
+        if u.piece.axes == full and (u.coefficient != 1 or u.piece.fresh):
+            return None  # a full-size other is used as it is, never scaled or taken from the chain
+        x, y = t.pair
+        if x.axes | y.axes | u.piece.axes != full:
+            return None
+        inner = self._across_inner((u.piece, x, y), full)
+        return inner if inner < 2 else None
 
     def _pair(self, body: sympy.Expr) -> tuple[Piece, Piece] | None:
         """``x·y`` of two values the chain did not make (an ``addcmul`` operand pair), else None."""
