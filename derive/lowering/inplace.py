@@ -152,7 +152,7 @@ class _Chain:
         """The first operation of a sum, the one that allocates: ideally it makes the full buffer at once."""
         for t in terms:  # a buffer this chain made already
             if t.piece.fresh and t.piece.axes == full and t.pair is None:
-                rescaled = None if t.coefficient == 1 else self._scale_a_sum(t.coefficient * t.body, t.coefficient)
+                rescaled = None if t.coefficient == 1 else self._scale_a_sum(t.coefficient * t.body)
                 if t.coefficient == 1:
                     scaled = t.piece.code
                 elif rescaled is not None:  # the coefficient rides on the passes of a sum inside the term
@@ -250,7 +250,7 @@ class _Chain:
                 )
             return Piece(self.printer.doprint(e), full, fresh=True)  # torch.where(step, rest, 0.0)
         constant = sympy.Mul(*(f for f in e.args if not (f.free_symbols & set(self.axes))))
-        scaled = self._scale_a_sum(e, constant)
+        scaled = self._scale_a_sum(e)
         if scaled is not None:
             return self.emit(scaled)
         numerators, denominators = [], []
@@ -286,16 +286,20 @@ class _Chain:
                 acc, constant = f"{acc}.mul_({self.printer.doprint(constant)})", sympy.S.One
         return self._finish_mul(acc, axes, rest, denominators, constant, full)
 
-    def _scale_a_sum(self, e: sympy.Expr, constant: sympy.Expr) -> sympy.Expr | None:
-        """``c·(a + 2·b + 1)·x`` as ``(c·a + 2c·b + c)·x`` when the sum's own passes can carry ``c``.
+    def _scale_a_sum(self, e: sympy.Expr) -> sympy.Expr | None:
+        """``c·(a + 2·b + 1)·x`` as ``(c·a + 2c·b + c)·x`` for a number ``c``, when the sum's own passes
+        can carry it.
 
-        The constant rides on an ``alpha``, a ``value`` or the constant term of the sum's chain,
-        which saves the pass a final ``.mul_(c)`` would take. Only a number factor moves, so the
-        value is the same.
+        The number rides on an ``alpha``, a ``value`` or the constant term of the sum's chain, which
+        saves the pass a final ``.mul_(c)`` would take. Only a number factor moves, so the value is
+        the same.
         """
-        if constant == 1 or not constant.is_number or not isinstance(e, sympy.Mul):
+        if not isinstance(e, sympy.Mul):
             return None
         leaves = set(self.axes)
+        constant = sympy.Mul(*(f for f in e.args if not (f.free_symbols & leaves)))
+        if constant == 1 or not constant.is_number:
+            return None
         sums = [
             f for f in e.args if isinstance(f, sympy.Add) and f.free_symbols & leaves and not self._one_operation(f)
         ]
