@@ -353,6 +353,32 @@ def _rewrite_powers(e: sympy.Expr, stmt: Statement) -> sympy.Expr:
     return _bottom_up(e, swap)
 
 
+def combine_powers(e: sympy.Expr) -> sympy.Expr:
+    """``x**p / x = x**(p - 1)``: powers of one base combine where an exponent is symbolic.
+
+    SymPy differentiates ``x**p`` to ``p*x**p/x``, which is 0/0 at ``x = 0`` where the derivative
+    ``p*x**(p - 1)`` is a number (0 for ``p = 2``): the focal loss's ``(1 - pt)**gamma`` at a
+    confident row. Numeric exponents are left to SymPy, which combines them already.
+    """
+
+    def combine(node: sympy.Expr) -> sympy.Expr:
+        if not isinstance(node, sympy.Mul):
+            return node
+        exponents: dict[sympy.Expr, list[sympy.Expr]] = {}
+        others = []
+        for f in node.args:
+            if f.is_number or isinstance(f, sympy.exp):
+                others.append(f)
+            else:
+                base, exponent = f.as_base_exp()
+                exponents.setdefault(base, []).append(exponent)
+        if not any(len(x) > 1 and not all(k.is_number for k in x) for x in exponents.values()):
+            return node
+        return sympy.Mul(*others, *(base ** sympy.Add(*x) for base, x in exponents.items()))
+
+    return _bottom_up(e, combine)
+
+
 def _bottom_up(e: sympy.Expr, fn: Callable[[sympy.Expr], sympy.Expr]) -> sympy.Expr:
     if isinstance(e, sympy.Basic) and e.args and not is_entry(e):
         e = e.func(*(_bottom_up(a, fn) for a in e.args))
@@ -527,7 +553,7 @@ def simplify_plain(e: sympy.Expr, program: Program) -> sympy.Expr:
     """Sums, deltas and forward values to a fixed point (no sum identities)."""
     statements = list(program.statements)
     for _ in range(12):
-        new = canonical_bound(recognize(split_sums(e), statements))
+        new = canonical_bound(recognize(combine_powers(split_sums(e)), statements))
         new = sympy.expand(new, deep=False, power_base=False, power_exp=False, log=False, multinomial=False)
         if new == e:
             break
@@ -544,6 +570,7 @@ class Simplifier:
         statements = list(program.statements)
         self.rules: list[tuple[str, str, Callable[[sympy.Expr], sympy.Expr]]] = [
             ("split sums", "Σ_k δ(k,a)·f(k) = f(a);  Σ_k (a+b) = Σ_k a + Σ_k b;  Σ_k c·f(k) = c·Σ_k f(k)", split_sums),
+            ("combine powers", "x^p / x = x^(p-1): no division by a base that may be 0", combine_powers),
             (
                 "bounded exponentials",
                 "e/(1+e) = 1 - 1/(1+e): ratios of exponentials written with the bounded 1/(1+e), which never overflows",
@@ -579,10 +606,54 @@ class Simplifier:
                     e = new
             if e == before:
                 break
+        cancelled = cancel_deltas(e)
+        if cancelled != e:
+            e = cancelled
+            steps.append(Step("cancel δ terms", "a·(b - δ) + a·δ = a·b: products over δ terms distributed", e))
         collected = _collect(e)
         if collected != e:
             steps.append(Step("collect", "factor common factors out of sums of terms", collected))
         return collected, steps
+
+
+def _surface_deltas(e: sympy.Expr) -> sympy.Expr:
+    """Products distributed over the sums that hold a δ, so every δ term stands at the top level."""
+    if isinstance(e, sympy.Add):
+        return sympy.Add(*(_surface_deltas(t) for t in e.args))
+    if not isinstance(e, sympy.Mul):
+        return e
+    factors = [_surface_deltas(f) for f in e.args]
+    for k, f in enumerate(factors):
+        if isinstance(f, sympy.Add) and _deltas(f):
+            rest = sympy.Mul(*factors[:k], *factors[k + 1 :])
+            return sympy.Add(*(_surface_deltas(rest * t) for t in f.args))
+    return sympy.Mul(*factors)
+
+
+def _deltas(e: sympy.Expr) -> list[sympy.KroneckerDelta]:
+    """The δ factors of ``e`` outside any sum or function: one entry per occurrence."""
+    if isinstance(e, sympy.KroneckerDelta):
+        return [e]
+    if isinstance(e, (sympy.Add, sympy.Mul)):
+        return [d for a in e.args for d in _deltas(a)]
+    return []
+
+
+def cancel_deltas(e: sympy.Expr, most_terms: int = 64) -> sympy.Expr:
+    """``-C·(p - δ) - C·δ = -C·p``: δ terms that cancel once the products over them are distributed.
+
+    The max subtracted for a stable softmax leaves ``δ(c, argmax)`` terms that cancel only when
+    expanded; left in, each is a one-hot of the input's size. ``e`` is returned unchanged unless
+    distributing removes a δ (and stays within ``most_terms`` terms).
+    """
+    before = _deltas(e)
+    if not before:
+        return e
+    flat = _surface_deltas(e)
+    if len(sympy.Add.make_args(flat)) > most_terms:
+        return e
+    after = _deltas(flat)
+    return flat if len(set(after)) < len(set(before)) or len(after) < len(before) else e
 
 
 def _collect(e: sympy.Expr) -> sympy.Expr:

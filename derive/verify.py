@@ -10,6 +10,7 @@ Three independent checks:
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import types
@@ -236,7 +237,7 @@ def _forward_function(d: Derivation) -> Any:
     lines = [re.sub(r"^(\w+) = ([A-Za-z_]\w*)$", r"\1 = \2.view_as(\2)", line) for line in d.code.reference_forward]
     body = [f"    {var} = {code}" for var, code in d.code.sizes] + [f"    {line}" for line in lines]
     source = f"def _forward({args}):\n" + "\n".join(body) + "\n    return dict(locals())\n"
-    namespace: dict[str, Any] = {"torch": torch}
+    namespace: dict[str, Any] = {"torch": torch, "math": math}
     exec(compile(source, f"<forward {program.name}>", "exec"), namespace)
     return namespace["_forward"]
 

@@ -295,6 +295,8 @@ UNARY = [
     Fn("rsub", ("3 - {a}",), lambda t: 3 - t),
     Fn("param_scale", ("{a} * alpha", "alpha * {a}"), lambda t: t * PARAM[1]),
     Fn("param_tanh", ("apply(lambda u: sympy.tanh(alpha * u), {a})",), lambda t: torch.tanh(PARAM[1] * t)),
+    # a power with a symbolic exponent: SymPy's derivative divides by the base, 0/0 at an exact 0
+    Fn("param_pow", ("apply(lambda u: sympy.Abs(u) ** (alpha + 1), {a})",), lambda t: t.abs() ** (PARAM[1] + 1)),
     Fn("relu", ("apply(lambda u: sympy.Max(u, 0), {a})",), torch.relu, kink=lambda t: t.abs()),
     Fn("abs", ("apply(sympy.Abs, {a})",), torch.abs, kink=lambda t: t.abs()),
     Fn(

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from derive import derive, op
+from derive import apply, derive, exp, log, op
 from derive.emit import render
 from derive.indexalg import IMax, ISum
 from derive.notation import text
@@ -198,3 +198,96 @@ def test_bce_with_logits_gradient_is_sigmoid_minus_target_over_count():
     expected = (1 / (1 + sympy.exp(-z)) - y) * dloss / (N * D)
     assert not expr.has(ISum)
     assert sympy.simplify(expr.xreplace(entries) - expected) == 0
+
+
+# -- powers with a symbolic exponent --------------------------------------------------------------
+@op(x="n d")
+def power_of_a_parameter(x, p=2.0):
+    out = x**p
+    return out
+
+
+@op(logits="n c", target="int n")
+def focal(logits, target, gamma=2.0):
+    z = logits - logits.max("c", keepdim=True)
+    logp = z - log(exp(z).sum("c", keepdim=True))
+    lpt = logp.take(target, "c")
+    loss = -(((1 - exp(lpt)) ** gamma) * lpt).mean("n")
+    return loss
+
+
+def test_a_power_with_a_parameter_exponent_is_not_divided_by_its_base():
+    """SymPy's d(x**p)/dx is p*x**p/x: 0/0 at x = 0, where PyTorch gives p*x**(p - 1) = 0 for p = 2."""
+    d = derive(power_of_a_parameter)
+    assert text(d.gradient("x").result) == "p*dout[n, d]*x[n, d]**(p - 1)"
+    module = load_module(render(d), "power_of_a_parameter")
+    x = torch.tensor([[0.0, 1.5, -2.0]], dtype=torch.float64)
+    out, saved = module.power_of_a_parameter_forward(x)
+    (dx,) = module.power_of_a_parameter_backward(torch.ones_like(out), saved)
+    steps = module.power_of_a_parameter_backward_steps(torch.ones_like(out), saved)
+    leaf = x.clone().requires_grad_()
+    (leaf**2.0).sum().backward()
+    torch.testing.assert_close(dx, leaf.grad)
+    torch.testing.assert_close(steps["x"], leaf.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_focal_loss_gradient_is_finite_at_a_confident_row(dtype: torch.dtype):
+    """(1 - pt)**gamma at pt == 1 (a logit margin of 20 rounds pt to 1 in float32): 0, not 0/0."""
+    module = load_module(render(derive(focal)), "focal")
+    logits = torch.tensor([[20.0, 0.0, 0.0], [0.5, 0.1, -0.3]], dtype=dtype)
+    target = torch.tensor([0, 2])
+    leaf = logits.clone().requires_grad_()
+    module.focal(leaf, target).backward()
+    ref = logits.clone().requires_grad_()
+    lpt = torch.log_softmax(ref, 1).gather(1, target[:, None])[:, 0]
+    (-((1 - lpt.exp()) ** 2.0 * lpt).mean()).backward()
+    assert torch.isfinite(leaf.grad).all(), leaf.grad
+    torch.testing.assert_close(leaf.grad, ref.grad)
+
+
+@op(x="n d")
+def shifted_by_a_function_of_a_parameter(x, alpha=0.75):
+    out = apply(lambda u: sympy.tanh(u + sympy.exp(alpha - 2)) ** 2, x)
+    return out
+
+
+def test_a_function_of_a_parameter_alone_is_a_python_number_in_every_forward():
+    """``exp(alpha - 2)`` prints as ``math.exp``: the reference forward that verification runs has ``math`` too."""
+    d = derive(shifted_by_a_function_of_a_parameter)
+    module = load_module(render(d), "shifted_by_a_function_of_a_parameter")
+    assert "math.exp(alpha - 2)" in "\n".join(d.code.reference_forward)
+    v = verify(d, module)
+    assert v.ok, v
+
+
+# -- δ terms that cancel ---------------------------------------------------------------------------
+@op(logits="n c", target="int n")
+def label_smoothed_cross_entropy(logits, target, eps=0.1):
+    z = logits - logits.max("c", keepdim=True)
+    logp = z - log(exp(z).sum("c", keepdim=True))
+    loss = ((1 - eps) * -logp.take(target, "c") + eps * -logp.mean("c")).mean("n")
+    return loss
+
+
+@pytest.mark.parametrize("the_op", [label_smoothed_cross_entropy, focal], ids=lambda o: o.name)
+def test_the_max_subtracted_for_stability_leaves_no_argmax_in_the_gradient(the_op):
+    """``-C·(p - δ(c, argmax)) - C·δ(c, argmax)`` is ``-C·p``: no one-hot of the argmax, which the forward
+    then need not keep; the target's δ is a scatter, not a one-hot either."""
+    d = derive(the_op)
+    result = d.gradient("logits").result
+    assert "argmax" not in str(result), text(result)
+    code = "\n".join(d.code.backward)
+    assert "argmax" not in code and "new_zeros" not in code, code
+    module = load_module(render(d), the_op.name)
+    logits = torch.tensor([[2.0, 2.0, -1.0, 0.5], [0.3, -0.2, 0.1, 0.1], [5.0, 1.0, 1.0, -3.0]], dtype=torch.float64)
+    target = torch.tensor([1, 3, 0])
+    leaf = logits.clone().requires_grad_()
+    getattr(module, the_op.name)(leaf, target).backward()
+    ref = logits.clone().requires_grad_()
+    if the_op is focal:
+        lpt = torch.log_softmax(ref, 1).gather(1, target[:, None])[:, 0]
+        (-((1 - lpt.exp()) ** 2.0 * lpt).mean()).backward()
+    else:
+        F.cross_entropy(ref, target, label_smoothing=0.1).backward()
+    torch.testing.assert_close(leaf.grad, ref.grad)
