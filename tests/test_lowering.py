@@ -23,6 +23,7 @@ from derive.lowering import plan as planner
 from derive.verify import TensorSizes, load_module
 
 from .conftest import OPS, REPO, derived
+from .test_simplify import focal
 
 
 class AtenOps(TorchDispatchMode):
@@ -274,6 +275,38 @@ def test_no_fused_backward_kernel_broadcasts_two_operands_along_the_last_dim(nam
     with InnerBroadcasts() as kernels:
         getattr(module, f"{name}_backward")(random_grad_outputs(d.program, outs, 0), saved)
     assert not kernels.found, (kernels.found, "\n".join(d.code.backward))
+
+
+@op(x="n", y="m n", w="n d")
+def rows_over_a_row_norm(x, y, w):
+    v0 = w.mean("d", keepdim=True)
+    return apply(lambda u, v: u + v, w / (v0**2 + 1), x) * y.sum("m")
+
+
+def test_a_sum_of_row_values_and_a_full_term_broadcasts_one_operand_per_kernel():
+    """``a[:, None] + dv·b[:, None]`` is ``(dv * b[:, None]).add_(a[:, None])``, not ``torch.addcmul(a, dv, b)``."""
+    d, module = generated(rows_over_a_row_norm)
+    x, y, w = _randn(5, seed=1), _randn(3, 5, seed=2), _randn(5, 4, seed=3)
+    out, saved = module.rows_over_a_row_norm_forward(x, y, w)
+    with InnerBroadcasts() as kernels:
+        grads = module.rows_over_a_row_norm_backward(_randn(5, 4, seed=4), saved)
+    assert not kernels.found, (kernels.found, "\n".join(d.code.backward))
+    leaves = [t.clone().requires_grad_() for t in (x, y, w)]
+    (
+        (leaves[2] / (leaves[2].mean(1, keepdim=True) ** 2 + 1) + leaves[0][:, None]) * leaves[1].sum(0)[:, None]
+    ).backward(_randn(5, 4, seed=4))
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad)
+
+
+def test_a_scatter_writes_into_the_buffer_its_chain_made_without_copying_it():
+    """The focal loss's dense part ends in ``.mul_(s1)`` on a buffer it allocated: no ``.clone()``."""
+    d, module = generated(focal)
+    logits, target = _randn(6, 4, seed=1), torch.tensor([0, 3, 1, 2, 2, 0])
+    _, saved = module.focal_forward(logits, target)
+    with AtenOps() as ops:
+        module.focal_backward(None, saved)
+    assert ops.counts["clone"] == 0, "\n".join(d.code.backward)
 
 
 # -- each costly value once ---------------------------------------------------------------------

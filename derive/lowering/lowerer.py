@@ -41,7 +41,7 @@ from ..indexalg import (
 from ..program import Layout, TensorInfo, is_window_index
 from . import inplace
 from . import plan as planner
-from .printer import PRINTER, TorchCodePrinter, atom, shape_tuple, size_code
+from .printer import PRINTER, TorchCodePrinter, atom, ends_in_place, shape_tuple, size_code
 from .share import canonical_key, costly, factor_groups, flatten_sums, is_step
 
 Axes = tuple[sympy.Symbol, ...]
@@ -254,7 +254,7 @@ class Lowerer:
             dense = f"{self.ref}.new_zeros({shape_tuple(sizes)})"
         else:
             dense = self.to_layout(self._elementwise(g, known), flat)
-            if atom(dense) == dense:
+            if atom(dense) == dense and not ends_in_place(dense):
                 dense = f"{dense}.clone()"  # never scatter into a saved value, a view or an expand
         lines.append(f"{out} = {dense}")
         for v, p, h in parts:
@@ -327,7 +327,13 @@ class Lowerer:
             shared, stand_in = self._share(common, lines, known)
             full_terms = [(F, (S / shared) * stand_in) for F, S in full_terms]
             small = sympy.expand(small / shared) * stand_in if small != 0 else small
-        acc = self.align(self._elementwise(small, known), target.indices) if small != 0 else None
+        small_code = self.align(self._elementwise(small, known), target.indices) if small != 0 else None
+        inner = target.indices[-1] if target.indices else None
+        first = full_terms[0][1]
+        # torch.addcmul(small, F, S) with small and S both broadcast along the inner axis runs a scalar
+        # loop: then F·S makes the buffer and small is added last
+        last = small_code is not None and inner not in free_indices(small) | free_indices(first) and first != 1
+        acc = None if last else small_code
         fresh = False
         for F, S in full_terms:
             f_code = self.align(self.lower(F), target.indices)
@@ -350,6 +356,8 @@ class Lowerer:
                     else f"torch.add({acc}, {f_code}, alpha={s_code})"
                 )
             fresh = True
+        if last:
+            acc = f"{atom(acc)}.add_({small_code})"  # type: ignore[arg-type]
         lines.append(f"{name} = {acc}")
         return lines
 

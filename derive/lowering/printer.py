@@ -280,4 +280,35 @@ def atom(code: str) -> str:
     return code
 
 
-__all__ = ["MASKING", "PRINTER", "TorchCodePrinter", "atom", "is_constant", "shape_tuple", "size_code", "split_masks"]
+def ends_in_place(code: str) -> bool:
+    """Whether an atom's last operation is an in-place method (``torch.mul(a, b).mul_(c)``).
+
+    Generated code updates in place only a buffer it allocated itself, so such a value is a fresh
+    tensor: no copy is needed before writing into it.
+
+    Example:
+        >>> ends_in_place("torch.mul(a, b).mul_(c)"), ends_in_place("x.mul_(c)[:, None]"), ends_in_place("x")
+        (True, False, False)
+    """
+    if atom(code) != code or not code.endswith(")"):
+        return False
+    depth = 0
+    for k in range(len(code) - 1, -1, -1):
+        depth += {")": 1, "]": 1, "(": -1, "[": -1}.get(code[k], 0)
+        if depth == 0:
+            name = code[:k].rsplit(".", 1)
+            return len(name) == 2 and name[1].isidentifier() and name[1].endswith("_")
+    return False
+
+
+__all__ = [
+    "MASKING",
+    "PRINTER",
+    "TorchCodePrinter",
+    "atom",
+    "ends_in_place",
+    "is_constant",
+    "shape_tuple",
+    "size_code",
+    "split_masks",
+]
