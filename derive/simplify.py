@@ -623,8 +623,8 @@ def _surface_deltas(e: sympy.Expr) -> sympy.Expr:
     if not isinstance(e, sympy.Mul):
         return e
     factors = [_surface_deltas(f) for f in e.args]
-    for k, f in enumerate(factors):
-        if isinstance(f, sympy.Add) and _deltas(f):
+    for k, (f, was) in enumerate(zip(factors, e.args)):
+        if isinstance(f, sympy.Add) and _deltas(was):  # a sum that held a δ, cancelled or not
             rest = sympy.Mul(*factors[:k], *factors[k + 1 :])
             return sympy.Add(*(_surface_deltas(rest * t) for t in f.args))
     return sympy.Mul(*factors)
@@ -658,7 +658,23 @@ def cancel_deltas(e: sympy.Expr, most_terms: int = 64) -> sympy.Expr:
 
 def _collect(e: sympy.Expr) -> sympy.Expr:
     """Combine like terms and factor common factors out of a sum (keeps sums unexpanded)."""
-    return _tidy_signs(sympy.factor_terms(e))
+    return _tidy_signs(sympy.factor_terms(_combine_scalar_multiples(e)))
+
+
+def _combine_scalar_multiples(e: sympy.Expr) -> sympy.Expr:
+    """``(1 - eps)·p + eps·p = p``: terms whose tensor parts agree add their scalar coefficients.
+
+    SymPy combines ``2·p + 3·p`` itself, but not terms whose coefficients are parameters or sizes.
+    """
+    if not isinstance(e, sympy.Add):
+        return e
+    groups: dict[sympy.Expr, list[sympy.Expr]] = {}
+    for t in e.args:
+        scalar = sympy.Mul(*(f for f in sympy.Mul.make_args(t) if not tensor_names(f) and not free_indices(f)))
+        groups.setdefault(t / scalar, []).append(scalar)
+    if all(len(scalars) == 1 for scalars in groups.values()):
+        return e
+    return sympy.Add(*(sympy.factor_terms(sympy.Add(*scalars)) * rest for rest, scalars in groups.items()))
 
 
 def _tidy_signs(e: sympy.Expr) -> sympy.Expr:

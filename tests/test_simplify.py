@@ -291,3 +291,14 @@ def test_the_max_subtracted_for_stability_leaves_no_argmax_in_the_gradient(the_o
     else:
         F.cross_entropy(ref, target, label_smoothing=0.1).backward()
     torch.testing.assert_close(leaf.grad, ref.grad)
+
+
+def test_label_smoothing_gradient_is_softmax_minus_the_smoothed_target():
+    """(1 - eps)·p + eps·p collects to p: the textbook ``p - eps/C - (1 - eps)·onehot``, over N."""
+    d = derive(label_smoothed_cross_entropy)
+    rest = " + exp(z[n, c])/Σ_c2(exp(z[n, c2])) - eps/C)*dloss/N"
+    # SymPy writes the target's coefficient as -(1 - eps) or (eps - 1) depending on its term order
+    assert text(d.gradient("logits").result) in {
+        f"(-(1 - eps)*δ(c, target[n]){rest}",
+        f"((eps - 1)*δ(c, target[n]){rest}",
+    }
