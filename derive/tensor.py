@@ -169,7 +169,13 @@ class Tensor:
             if d.alias == name:
                 return d
         have = ", ".join(d.name for d in self.dims) or "none"
-        raise self.trace.error(f"{self._label()} has no dim '{name}' (its dims: {have})")
+        kept = (
+            "; a keepdim=True reduction leaves a size-1 axis with no name, which broadcasts but is not"
+            " reduced again: reduce without keepdim"
+            if None in self.layout
+            else ""
+        )
+        raise self.trace.error(f"{self._label()} has no dim '{name}' (its dims: {have}){kept}")
 
     def size(self, name: str) -> sympy.Expr:
         """The symbolic size of dim ``name``, e.g. ``N``; usable in arithmetic."""
@@ -718,14 +724,15 @@ def _build_program(
             raise trace.error(f"integer intermediate '{node.name}' is not supported", node.source)
         trace.bound = {d.index() for d in node.dims}
         expr = node.build({d: d.index() for d in node.dims})
-        if node.name is None:  # a statement derive makes: one computed already (written twice) is reused
+        if node.name is None:  # a statement derive makes: one it made already (written twice) is reused
             node.name = computed.get((node.layout, expr)) or synthetic_name(roles[node], taken)
             taken.add(node.name)
             if node.name in used:
                 node.materialized = True
                 continue
             used.add(node.name)
-        computed.setdefault((node.layout, expr), node.name)
+            # only unnamed values merge: a named tensor's gradient is through its own uses alone
+            computed.setdefault((node.layout, expr), node.name)
         statements.append(Statement(TensorInfo(node.name, node.layout), expr, node.source))
         node.materialized = True
     _check_size_names(the_op.name, trace, inputs, params)

@@ -29,6 +29,10 @@ HEADER = "import sympy\nfrom derive import op, apply, exp, log\n\n"
 
 BAD_OPS = {
     "unknown_dim": ('@op(x="n d")\ndef f(x):\n    out = x.sum("q")\n    return out\n', ["'q'", "x", "f.py:"]),
+    "kept_dim_reduced_again": (
+        '@op(x="n t d")\ndef f(x):\n    out = x.sum("t", keepdim=True).sum("t")\n    return out\n',
+        ["'t'", "keepdim=True", "without keepdim"],
+    ),
     "matmul_mismatch": (
         '@op(x="n d", w="k h")\ndef f(x, w):\n    out = x @ w\n    return out\n',
         ["'d'", "'k'", "matmul"],

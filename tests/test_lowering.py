@@ -410,6 +410,32 @@ def test_a_value_written_twice_inline_is_computed_once():
     assert ops.counts["bmm"] + ops.counts["mm"] == 1, ops.counts  # the contraction once, read twice
 
 
+@op(x="m n", y="n d", w="k d")
+def named_then_retyped(x, y, w):
+    v0 = x @ y
+    v2 = v0 + w.sum("k")
+    return v2, (x @ y) ** 2
+
+
+def test_a_named_value_typed_again_inline_keeps_its_own_gradient():
+    """The inline ``x @ y`` equals ``v0`` but is not ``v0``: dv0 is ``dv2`` alone, as autograd has it.
+    (Two unnamed equal values do merge: test_a_value_written_twice_inline_is_computed_once.)"""
+    d, module = generated(named_then_retyped)
+    x, y, w = _randn(5, 4, seed=1), _randn(4, 3, seed=2), _randn(2, 3, seed=3)
+    g = (_randn(5, 3, seed=4), _randn(5, 3, seed=5))
+    _, saved = module.named_then_retyped_forward(x, y, w)
+    steps = module.named_then_retyped_backward_steps(g, saved)
+    with AtenOps() as ops:
+        module.named_then_retyped_forward(x, y, w)
+    assert ops.counts["mm"] == 1, ops.counts  # the forward still computes x @ y once
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    v0 = xr @ yr
+    v0.retain_grad()
+    torch.autograd.backward([v0 + w.sum(0), (xr @ yr) ** 2], list(g))
+    torch.testing.assert_close(steps["v0"], v0.grad)
+    torch.testing.assert_close(steps["x"], xr.grad)
+
+
 @op(a="n c", b="n c")
 def kl_of_softmaxes(a, b):
     la = a - a.max("c", keepdim=True)
