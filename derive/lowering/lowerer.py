@@ -332,12 +332,14 @@ class Lowerer:
         first = full_terms[0][1]
         # torch.addcmul(small, F, S) with small and S both broadcast along the inner axis runs a scalar
         # loop: then F·S makes the buffer and small is added last
-        last = small_code is not None and inner not in free_indices(small) | free_indices(first) and first != 1
+        last = (
+            small_code is not None and _tensor_factor(first) and inner not in free_indices(small) | free_indices(first)
+        )
         acc = None if last else small_code
         fresh = False
         for F, S in full_terms:
             f_code = self.align(self.lower(F), target.indices)
-            tensor_factor = bool(tensor_names(S)) or any(str(a).startswith("__val_") for a in S.free_symbols)
+            tensor_factor = _tensor_factor(S)
             s_code = "" if S == 1 else self.align(self._elementwise(S, known), target.indices)
             if acc is None:
                 acc = f"{atom(f_code)}.clone()" if S == 1 else f"{atom(f_code)} * {atom(s_code)}"
@@ -1585,6 +1587,11 @@ def _bottom_up_expr(e: sympy.Expr, fn) -> sympy.Expr:  # noqa: ANN001
     rebuilt = e.func(*(_bottom_up_expr(a, fn) for a in e.args))
     out = fn(rebuilt)
     return e if out == e else out
+
+
+def _tensor_factor(S: sympy.Expr) -> bool:
+    """Whether the small factor ``S`` of a fused term reads a tensor (else it is a number or parameter)."""
+    return bool(tensor_names(S)) or any(str(a).startswith("__val_") for a in S.free_symbols)
 
 
 def _full_ops(e: sympy.Expr, full: set[sympy.Symbol]) -> int:
