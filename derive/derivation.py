@@ -152,7 +152,8 @@ def stability_notes(program: Program) -> list[str]:
         if stable != s.expr:
             done = "computes" if program.stable_forward else "can compute"
             notes.append(
-                f"{s.name} = {text(s.expr)} underflows to log(0) for very negative logits; "
+                f"{s.name} = {text(s.expr)} is not finite for inputs of large magnitude (log(0) or an exp "
+                "that overflows); "
                 f"the forward {done} it as {text(stable)}"
                 + ("" if program.stable_forward else " with @op(stable_forward=True)")
             )

@@ -474,11 +474,12 @@ def combine_fractions(e: sympy.Expr) -> sympy.Expr:
 
 
 def stable_forward(stmt: Statement, statements: list[Statement]) -> sympy.Expr:
-    """A forward statement rewritten so ``log`` never sees an underflowing product.
+    """A forward statement rewritten so ``log`` never sees an underflowing product or an overflowing exp.
 
     ``log(counts·counts_sum_inv)`` with ``counts = exp(norm_logits)`` becomes
     ``norm_logits - log(counts_sum)``: the same value, finite for logits of ±1e4. The rewrite is
-    kept only when it removes an ``exp`` from under a ``log``.
+    kept only when it removes an ``exp`` from under a ``log``, or bounds it: ``log(1 + exp(v))``
+    becomes ``max(v, 0) + log(1 + exp(-|v|))``.
     """
     logs = [a for a in sympy.preorder_traversal(stmt.expr) if isinstance(a, sympy.log)]
     if not logs:
@@ -508,9 +509,23 @@ def stable_forward(stmt: Statement, statements: list[Statement]) -> sympy.Expr:
             continue
         expanded = sympy.expand_log(sympy.log(inlined), force=True)
         if any(isinstance(a, sympy.log) and a.args[0].has(sympy.exp) for a in sympy.preorder_traversal(expanded)):
-            continue
+            expanded = _softplus(inlined)
+            if expanded is None:
+                continue
         expr = expr.xreplace({lg: expanded})
     return expr
+
+
+def _softplus(argument: sympy.Expr) -> sympy.Expr | None:
+    """``log(1 + exp(v))`` as ``max(v, 0) + log(1 + exp(-|v|))``: the same value, finite for any ``v``
+    (``exp(800)`` is inf in float32 and float64 alike); None for another argument."""
+    if not isinstance(argument, sympy.Add) or len(argument.args) != 2 or 1 not in argument.args:
+        return None
+    (power,) = (a for a in argument.args if a != 1)
+    if not isinstance(power, sympy.exp):
+        return None
+    v = power.args[0]
+    return sympy.Max(v, 0) + sympy.log(1 + sympy.exp(-sympy.Abs(v)))
 
 
 # -- identities of sums over forward values ----------------------------------------------------

@@ -302,3 +302,38 @@ def test_label_smoothing_gradient_is_softmax_minus_the_smoothed_target():
         f"(-(1 - eps)*δ(c, target[n]){rest}",
         f"((eps - 1)*δ(c, target[n]){rest}",
     }
+
+
+# -- a stabler forward, when the op asks for it ----------------------------------------------------
+@op(x="n d", a="d")
+def softplus_mix(x, a):
+    out = a * apply(lambda u: sympy.log(1 + sympy.exp(u)), x) + (1 - a) * apply(sympy.Abs, x)
+    return out
+
+
+@op(stable_forward=True, x="n d", a="d")
+def softplus_mix_stable(x, a):
+    out = a * apply(lambda u: sympy.log(1 + sympy.exp(u)), x) + (1 - a) * apply(sympy.Abs, x)
+    return out
+
+
+def test_a_softplus_written_as_log_one_plus_exp_is_finite_with_a_stable_forward():
+    """log(1 + exp(800)) is inf as written; stable_forward computes max(v, 0) + log(1 + exp(-|v|))."""
+    x = torch.tensor([[800.0, -800.0, 0.5], [3.0, -2.0, 0.0]])
+    a = torch.tensor([0.3, 0.6, 0.9])
+    plain = derive(softplus_mix)
+    assert any("exp that overflows" in n and "stable_forward=True" in n for n in plain.notes), plain.notes
+    module = load_module(render(plain), "softplus_mix")
+    assert torch.isinf(module.softplus_mix_forward(x, a)[0]).any()  # as written
+    d = derive(softplus_mix_stable)
+    module = load_module(render(d), "softplus_mix_stable")
+    xs, as_ = x.clone().requires_grad_(), a.clone().requires_grad_()
+    out = module.softplus_mix_stable(xs, as_)
+    xr, ar = x.clone().requires_grad_(), a.clone().requires_grad_()
+    ref = ar * F.softplus(xr) + (1 - ar) * xr.abs()
+    torch.testing.assert_close(out, ref)
+    g = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(xs.grad, xr.grad)
+    torch.testing.assert_close(as_.grad, ar.grad)

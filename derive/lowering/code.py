@@ -105,7 +105,8 @@ def lower_program(
     plain = Lowerer(layouts, ref=ref, names=names, share=False, admissible=fits, positions=positions, printer=FAITHFUL)
     statements = list(program.statements)
     # the statements as written; a stabler form only when the op asks for it (@op(stable_forward=True))
-    written = [stable_forward(s, statements) if program.stable_forward else s.expr for s in statements]
+    stabler = (lambda s: stable_forward(s, statements)) if program.stable_forward else None
+    written = [s.expr if stabler is None else stabler(s) for s in statements]
     # a value an earlier statement holds, written again inside another ((x @ W) twice), is read, not
     # recomputed; a statement that is that value whole stays a tensor of its own (an output, say)
     read_again = [recognize(e, statements[:k], powers=False) for k, e in enumerate(written)]
@@ -117,7 +118,7 @@ def lower_program(
         )
     fwd.repeated = share.repeated(forward)
     for stmt, expr in zip(statements, forward):
-        for s, value in share.saved_in_order(saved_values, stmt.name):
+        for s, value in share.saved_in_order(saved_values, stmt.name, stabler):
             value = value if distributed is None else distributed.global_sizes(value)
             fwd.assign(s.name, value, s.statement.target)
         fwd.assign(stmt.name, expr, stmt.target)

@@ -16,7 +16,7 @@ Sub-expressions are compared up to the names of their indices (:func:`canonical_
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import sympy
@@ -103,13 +103,18 @@ def host_expression(host: str, expr: sympy.Expr, saved: list[SavedValue]) -> sym
     return expr
 
 
-def saved_in_order(saved: list[SavedValue], host: str) -> list[tuple[SavedValue, sympy.Expr]]:
+def saved_in_order(
+    saved: list[SavedValue], host: str, written: Callable[[Statement], sympy.Expr] | None = None
+) -> list[tuple[SavedValue, sympy.Expr]]:
     """The values saved out of forward statement ``host``, innermost first, each with its right-hand
-    side reading the ones before it (``log(1 + exp_p)``, not a second ``exp(p)``)."""
+    side reading the ones before it (``log(1 + exp_p)``, not a second ``exp(p)``).
+
+    ``written``: the form the forward computes a value in (the stabler one, when the op asks for it).
+    """
     mine = sorted((s for s in saved if s.host == host), key=lambda s: _size(s.original))
     out: list[tuple[SavedValue, sympy.Expr]] = []
     for k, s in enumerate(mine):
-        expr = s.statement.expr
+        expr = s.statement.expr if written is None else written(s.statement)
         for inner in reversed(mine[:k]):  # the larger first: log(1 + exp(p)) before its exp(p)
             expr = _read_saved(expr, inner.statement)
         out.append((s, expr))
