@@ -111,7 +111,7 @@ def lower_program(
     # recomputed; a statement that is that value whole stays a tensor of its own (an output, say)
     read_again = [recognize(e, statements[:k], powers=False) for k, e in enumerate(written)]
     written = [e if is_entry(r) else r for e, r in zip(written, read_again)]
-    forward = [share.host_expression(s.name, e, saved_values) for s, e in zip(statements, written)]
+    forward = [share.host_expression(s.name, e, saved_values, stabler) for s, e in zip(statements, written)]
     if distributed is not None:
         forward, fused, steps_exprs = (
             [distributed.global_sizes(e) for e in es] for es in (forward, fused, steps_exprs)

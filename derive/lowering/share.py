@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 
@@ -94,9 +94,16 @@ def forward_values(
     return saved, expressions
 
 
-def host_expression(host: str, expr: sympy.Expr, saved: list[SavedValue]) -> sympy.Expr:
-    """Forward statement ``host``'s right-hand side reading the values saved out of it."""
+def host_expression(
+    host: str, expr: sympy.Expr, saved: list[SavedValue], written: Callable[[Statement], sympy.Expr] | None = None
+) -> sympy.Expr:
+    """Forward statement ``host``'s right-hand side reading the values saved out of it.
+
+    ``written``: the form the forward computes values in (the stabler one), as in :func:`saved_in_order`.
+    """
     mapping = {s.original: s.read for s in saved if s.host == host}
+    if written is not None:  # the saved value in the form the host's expression now has it
+        mapping |= {written(replace(s.statement, expr=s.original)): s.read for s in saved if s.host == host}
     expr = expr.xreplace(mapping)
     for s, _ in reversed(saved_in_order(saved, host)):  # the same value read at other indices (a bound one)
         expr = _read_saved(expr, s.statement)
