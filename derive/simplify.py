@@ -246,8 +246,9 @@ def _as_entry(
     return entry(stmt.name, [match[w] for w in wild_idx])
 
 
-def _match_product(node: sympy.Expr, pattern: sympy.Expr) -> tuple[dict, sympy.Expr] | None:
-    """Find the factors of ``pattern`` among the factors of product ``node`` (powers count).
+def _match_product(node: sympy.Expr, pattern: sympy.Expr, powers: bool = True) -> tuple[dict, sympy.Expr] | None:
+    """Find the factors of ``pattern`` among the factors of product ``node`` (powers count; see
+    :func:`_covers` for ``powers``).
 
     Returns the wildcard bindings and the product of the factors left over, or None.
     """
@@ -261,9 +262,7 @@ def _match_product(node: sympy.Expr, pattern: sympy.Expr) -> tuple[dict, sympy.E
         for slot in have:
             base, e = slot
             m = base.match(pbase.xreplace(binding))
-            if m is None or not (e - pexp).is_nonnegative or not (e - pexp).is_number:
-                continue
-            if (e.is_number and e > 0) != (pexp.is_number and pexp > 0):
+            if m is None or not _covers(e, pexp, powers):
                 continue
             binding.update(m)
             slot[1] = e - pexp
@@ -272,6 +271,26 @@ def _match_product(node: sympy.Expr, pattern: sympy.Expr) -> tuple[dict, sympy.E
             return None
     rest = sympy.Mul(*(b**e for b, e in have))
     return binding, rest
+
+
+def _covers(have: sympy.Expr, need: sympy.Expr, powers: bool = True) -> bool:
+    """Whether a power ``B**have`` holds a factor ``B**need``, leaving a power of the same sign.
+
+    ``B**-1.5`` holds ``B**-0.5`` (leaving ``B**-1``) as ``B**3`` holds ``B``; ``B**-1`` does not hold ``B``.
+    Without ``powers`` (the atom-by-atom chain, which keeps ``B**-2`` as autograd does) a negative
+    power is taken only as the whole of ``B**have`` or more.
+
+        >>> _covers(sympy.Rational(-3, 2), sympy.Rational(-1, 2)), _covers(sympy.S(3), sympy.S(1))
+        (True, True)
+        >>> _covers(sympy.S(-1), sympy.S(1)), _covers(sympy.Rational(1, 2), sympy.S(1))
+        (False, False)
+    """
+    rest = have - need
+    if not rest.is_number:
+        return False
+    if powers and need.is_number and need < 0:
+        return bool(have.is_number and rest <= 0)
+    return bool(rest >= 0) and (have.is_number and have > 0) == (need.is_number and need > 0)
 
 
 def recognize(e: sympy.Expr, statements: list[Statement], powers: bool = True) -> sympy.Expr:
@@ -297,7 +316,7 @@ def recognize(e: sympy.Expr, statements: list[Statement], powers: bool = True) -
             dims: dict = dims,
         ) -> sympy.Expr:
             if isinstance(node, sympy.Mul):
-                found = _match_product(node, pat)
+                found = _match_product(node, pat, powers)
                 if found is not None:
                     new = _as_entry(stmt, found[0], wild_idx, dims)
                     if new is not None:
@@ -393,8 +412,10 @@ def absorb_into_sums(e: sympy.Expr, statements: list[Statement]) -> sympy.Expr:
     """``c · Σ_k f(k)`` -> ``Σ_k (c · f(k))`` when that forms a forward value inside the sum.
 
     ``v · Σ_n diff·g`` becomes ``Σ_n xhat·g`` because the forward pass computed ``xhat = diff·v``;
-    the factor ``c`` must not depend on ``k``.
+    the factor ``c`` must not depend on ``k``. A power moves in whole units, or in the fractional
+    powers the forward's statements take (``(var+eps)**-1.5`` moves ``(var+eps)**-0.5`` in).
     """
+    powers = {p.exp for stmt in statements for p in sympy.preorder_traversal(stmt.expr) if isinstance(p, sympy.Pow)}
 
     def rewrite(node: sympy.Expr) -> sympy.Expr:
         if not isinstance(node, sympy.Mul):
@@ -409,15 +430,16 @@ def absorb_into_sums(e: sympy.Expr, statements: list[Statement]) -> sympy.Expr:
                     if f_pos == s_pos or not tensor_names(f):
                         continue
                     base, exp = f.as_base_exp()
-                    if not exp.is_integer or s.var in free_indices(base):
+                    if not exp.is_number or s.var in free_indices(base):
                         continue
-                    unit = base if exp > 0 else 1 / base
-                    candidate = recognize(s.body * unit, statements)
-                    if _cost(candidate) < _cost(s.body * unit):
-                        rest = [g for i, g in enumerate(factors) if i not in (s_pos, f_pos)]
-                        remaining = base ** (exp - (1 if exp > 0 else -1))
-                        node = sympy.Mul(*rest, remaining, ISum(candidate, s.var))
-                        changed = True
+                    for unit in _units(exp, powers):
+                        candidate = recognize(s.body * base**unit, statements)
+                        if _cost(candidate) < _cost(s.body * base**unit):
+                            rest = [g for i, g in enumerate(factors) if i not in (s_pos, f_pos)]
+                            node = sympy.Mul(*rest, base ** (exp - unit), ISum(candidate, s.var))
+                            changed = True
+                            break
+                    if changed:
                         break
                 if changed:
                     break
@@ -574,6 +596,18 @@ def simplify_plain(e: sympy.Expr, program: Program) -> sympy.Expr:
             break
         e = new
     return e
+
+
+def _units(exp: sympy.Expr, powers: set[sympy.Expr]) -> list[sympy.Expr]:
+    """The parts of a power ``B**exp`` that may move into a sum: one whole unit of its sign, then
+    each fractional power of the forward's statements that ``exp`` covers.
+
+        >>> _units(sympy.S(-2), set()), _units(sympy.Rational(-3, 2), {sympy.Rational(-1, 2), sympy.S(2)})
+        ([-1], [-1, -1/2])
+    """
+    whole = [sympy.sign(exp)] if abs(exp) >= 1 else []
+    parts = [p for p in powers if p.is_number and not p.is_integer and _covers(exp, p)]
+    return whole + sorted(parts, key=lambda p: -abs(p))
 
 
 class Simplifier:

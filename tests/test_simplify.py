@@ -200,6 +200,32 @@ def test_bce_with_logits_gradient_is_sigmoid_minus_target_over_count():
     assert sympy.simplify(expr.xreplace(entries) - expected) == 0
 
 
+# -- fractional powers written inline -------------------------------------------------------------
+@op(x="n d", gamma="d", beta="d")
+def layernorm_inline_power(x, gamma, beta, eps=1e-5):
+    """Layer norm as the benchmarks' composition writes it: the inverse root is no named value."""
+    diff = x - x.mean("d", keepdim=True)
+    var = (diff**2).mean("d", keepdim=True)
+    xhat = diff * (var + eps) ** -0.5
+    out = gamma * xhat + beta
+    return out
+
+
+def test_a_fractional_power_is_shared_between_the_values_it_forms():
+    """dx's ``(eps + var)**-1.5`` holds two factors ``(eps + var)**-0.5``: one forms ``xhat`` beside
+    ``diff``, the other ``xhat`` inside the row sum. So dx reads ``xhat`` alone, as the catalogue's
+    layer norm does, one product serves dgamma and dx, and the forward need not keep ``diff``."""
+    d = derive(layernorm_inline_power)
+    dx = text(d.gradient("x").result)
+    assert "diff" not in dx and dx.count("xhat[") == 2, dx
+    module = load_module(render(d), "layernorm_inline_power")
+    x, gamma, beta = torch.randn(6, 5, dtype=torch.float64), torch.randn(5, dtype=torch.float64), torch.randn(5)
+    _, saved = module.layernorm_inline_power_forward(x, gamma, beta.double())
+    assert "diff" not in saved
+    v = verify(d, module)
+    assert v.ok, v
+
+
 # -- powers with a symbolic exponent --------------------------------------------------------------
 @op(x="n d")
 def power_of_a_parameter(x, p=2.0):
