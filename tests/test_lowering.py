@@ -300,13 +300,28 @@ def test_a_sum_of_row_values_and_a_full_term_broadcasts_one_operand_per_kernel()
 
 
 def test_a_scatter_writes_into_the_buffer_its_chain_made_without_copying_it():
-    """The focal loss's dense part ends in ``.mul_(s1)`` on a buffer it allocated: no ``.clone()``."""
+    """The focal loss's dense part is a ``torch.mul`` the chain allocated: no ``.clone()``."""
     d, module = generated(focal)
     logits, target = _randn(6, 4, seed=1), torch.tensor([0, 3, 1, 2, 2, 0])
     _, saved = module.focal_forward(logits, target)
     with AtenOps() as ops:
         module.focal_backward(None, saved)
     assert ops.counts["clone"] == 0, "\n".join(d.code.backward)
+
+
+def test_a_scalar_times_a_sum_with_one_full_factor_is_one_pass():
+    """The focal loss's dense part is ``s1·(a·exp_z + b·exp_z)`` with rows ``a, b``: ``s1`` meets the
+    rows before the one multiply by ``exp_z``, not in a ``.mul_(s1)`` pass of its own."""
+    d, module = generated(focal)
+    logits, target = _randn(6, 4, seed=1), torch.tensor([0, 3, 1, 2, 2, 0])
+    _, saved = module.focal_forward(logits, target)
+    with FullPasses(logits.numel()) as passes:
+        (dlogits,) = module.focal_backward(None, saved)
+    assert passes.ops == ["mul.Tensor", "scatter_add_.default"], (passes.ops, "\n".join(d.code.backward))
+    leaf = logits.clone().requires_grad_()
+    logp = F.log_softmax(leaf, 1).gather(1, target[:, None])[:, 0]
+    (-((1 - logp.exp()) ** 2 * logp).mean()).backward()
+    torch.testing.assert_close(dlogits, leaf.grad)
 
 
 # -- each costly value once ---------------------------------------------------------------------

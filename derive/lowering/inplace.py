@@ -249,12 +249,17 @@ class _Chain:
                     f"{atom(r.code)}.masked_fill_({comparison(self.printer, arg, tie, negated=True)}, 0.0)", full, True
                 )
             return Piece(self.printer.doprint(e), full, fresh=True)  # torch.where(step, rest, 0.0)
+        e = self._factor_sums(e, full)
         constant = sympy.Mul(*(f for f in e.args if not (f.free_symbols & set(self.axes))))
         scaled = self._scale_a_sum(e)
         if scaled is not None:
             return self.emit(scaled)
-        numerators, denominators = [], []
-        for f in e.args:
+        numerators, denominators, factors = [], [], list(e.args)
+        small = self._smaller_first(e, full)
+        if small:
+            numerators.append(self.emit(sympy.Mul(*small)))
+            factors, constant = [f for f in factors if f not in small], sympy.S.One
+        for f in factors:
             if not (f.free_symbols & set(self.axes)):
                 continue
             base, exponent = f.as_base_exp()
@@ -285,6 +290,28 @@ class _Chain:
             if constant != 1:
                 acc, constant = f"{acc}.mul_({self.printer.doprint(constant)})", sympy.S.One
         return self._finish_mul(acc, axes, rest, denominators, constant, full)
+
+    def _factor_sums(self, e: sympy.Mul, full: frozenset[sympy.Symbol]) -> sympy.Expr:
+        """``s·(X·a + X·b)`` as ``s·X·(a + b)`` for a full-size ``X``, so that ``s`` meets the small sum
+        before the one pass over ``X`` (see :meth:`_by_full_factor`)."""
+        factors: list[sympy.Expr] = []
+        for f in e.args:
+            collected = self._by_full_factor(f, full) if isinstance(f, sympy.Add) else f
+            factors += sympy.Mul.make_args(collected) if isinstance(collected, sympy.Mul) else [collected]
+        return sympy.Mul(*factors) if len(factors) > len(e.args) else e
+
+    def _smaller_first(self, e: sympy.Mul, full: frozenset[sympy.Symbol]) -> list[sympy.Expr]:
+        """The factors of ``e`` to multiply first, at their own size: those smaller than the result,
+        numbers included, when two or more are and together they stay smaller.
+
+        ``c·a[n]·x[n, d] / s[n]`` is ``(c·a/s)[n]·x``: one pass over the full size, where multiplying
+        ``x`` first would make one pass per factor.
+        """
+        small = [f for f in e.args if self._axes_of(f) < full]
+        tensors = [f for f in small if f.free_symbols & set(self.axes)]
+        if len(small) < 2 or len(small) == len(e.args) or not tensors or not self._axes_of(sympy.Mul(*small)) < full:
+            return []
+        return small
 
     def _scale_a_sum(self, e: sympy.Expr) -> sympy.Expr | None:
         """``c·(a + 2·b + 1)·x`` as ``(c·a + 2c·b + c)·x`` for a number ``c``, when the sum's own passes

@@ -41,7 +41,7 @@ from ..indexalg import (
 from ..program import Layout, TensorInfo, is_window_index
 from . import inplace
 from . import plan as planner
-from .printer import PRINTER, TorchCodePrinter, atom, ends_in_place, shape_tuple, size_code
+from .printer import PRINTER, TorchCodePrinter, atom, is_fresh, shape_tuple, size_code
 from .share import canonical_key, costly, factor_groups, flatten_sums, is_step
 
 Axes = tuple[sympy.Symbol, ...]
@@ -254,7 +254,7 @@ class Lowerer:
             dense = f"{self.ref}.new_zeros({shape_tuple(sizes)})"
         else:
             dense = self.to_layout(self._elementwise(g, known), flat)
-            if atom(dense) == dense and not ends_in_place(dense):
+            if atom(dense) == dense and not is_fresh(dense):
                 dense = f"{dense}.clone()"  # never scatter into a saved value, a view or an expand
         lines.append(f"{out} = {dense}")
         for v, p, h in parts:

@@ -280,15 +280,25 @@ def atom(code: str) -> str:
     return code
 
 
-def ends_in_place(code: str) -> bool:
-    """Whether an atom's last operation is an in-place method (``torch.mul(a, b).mul_(c)``).
+# torch functions that always return a new tensor (never a view or an input): what a chain starts with
+_ALLOCATING = frozenset(
+    "add sub mul div addcmul addcdiv exp log erf tanh sigmoid square sqrt rsqrt reciprocal pow abs sign "
+    "relu neg where maximum minimum clamp".split()
+)
 
-    Generated code updates in place only a buffer it allocated itself, so such a value is a fresh
-    tensor: no copy is needed before writing into it.
+
+def is_fresh(code: str) -> bool:
+    """Whether an atom's value is a tensor it allocated: its last operation is an in-place method
+    (``torch.mul(a, b).mul_(c)``) or a torch function that always allocates (``torch.mul(a, b)``).
+
+    Generated code updates in place only a buffer it allocated itself, so such a value needs no
+    copy before anything writes into it.
 
     Example:
-        >>> ends_in_place("torch.mul(a, b).mul_(c)"), ends_in_place("x.mul_(c)[:, None]"), ends_in_place("x")
-        (True, False, False)
+        >>> is_fresh("torch.mul(a, b).mul_(c)"), is_fresh("torch.mul(a[:, None], b)"), is_fresh("x.mul_(c)[:, None]")
+        (True, True, False)
+        >>> is_fresh("x"), is_fresh("x.expand(3, 4)"), is_fresh("torch.mul(a, b)[:, None]")
+        (False, False, False)
     """
     if atom(code) != code or not code.endswith(")"):
         return False
@@ -297,7 +307,9 @@ def ends_in_place(code: str) -> bool:
         depth += {")": 1, "]": 1, "(": -1, "[": -1}.get(code[k], 0)
         if depth == 0:
             name = code[:k].rsplit(".", 1)
-            return len(name) == 2 and name[1].isidentifier() and name[1].endswith("_")
+            if len(name) != 2 or not name[1].isidentifier():
+                return False
+            return name[1].endswith("_") or (name[0] == "torch" and name[1] in _ALLOCATING)
     return False
 
 
@@ -306,7 +318,7 @@ __all__ = [
     "PRINTER",
     "TorchCodePrinter",
     "atom",
-    "ends_in_place",
+    "is_fresh",
     "is_constant",
     "shape_tuple",
     "size_code",
