@@ -6,8 +6,8 @@ Forward, in index notation:
 Fused gradients (derived by SymPy, simplified by derive):
     dx[n, d] = (-out[n, d] + x[n, d] + 1)*dout[n, d]/(1 + exp(-x[n, d]))
 
-Kept by the forward for the fused backward: x, out, exp_x.
-    exp_x[n, d] = exp(-x[n, d]): part of out, kept so the backward does not evaluate it again
+Kept by the forward for the fused backward: x, out, inv_x.
+    inv_x[n, d] = 1/(1 + exp(-x[n, d])): part of out, kept so the backward does not evaluate it again
 The backward recomputes anything else it needs from these.
 """
 
@@ -36,12 +36,12 @@ def silu_forward(x, *, _keep_all=False):
         raise TypeError(f"silu: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
-    exp_x = torch.exp(-x)
-    out = x / (exp_x + 1)
+    inv_x = (1 + torch.exp(-x)) ** (-1)
+    out = inv_x * x
     saved = {
         "x": x,
         "out": out,
-        "exp_x": exp_x,
+        "inv_x": inv_x,
         "N": N,
         "D": D,
     }
@@ -52,11 +52,11 @@ def silu_backward(grad_output, saved):
     """Fused, simplified backward of `silu` (see the module docstring for the formulas)."""
     x = saved["x"]
     out = saved["out"]
-    exp_x = saved["exp_x"]
+    inv_x = saved["inv_x"]
     if grad_output is None:
         raise ValueError("silu: grad_output is required for a non-scalar output")
     dout = grad_output
-    dx = (x - out).add_(1).mul_(dout).div_(exp_x + 1)
+    dx = (x - out).add_(1).mul_(dout).mul_(inv_x)
     return silu_Grads(
         x=dx,
     )
@@ -66,12 +66,12 @@ def silu_backward_steps(grad_output, saved):
     """Atom-by-atom chain rule of `silu`: the gradient of every named tensor, by name."""
     x = saved["x"]
     out = saved["out"]
-    exp_x = saved["exp_x"]
+    inv_x = saved["inv_x"]
     if grad_output is None:
         raise ValueError("silu: grad_output is required for a non-scalar output")
     dout = grad_output
     # x <- out
-    dx = dout * (-out + x + 1) / (exp_x + 1)
+    dx = dout * inv_x * (-out + x + 1)
     return {
         "x": dx,
         "out": dout,
@@ -81,7 +81,7 @@ def silu_backward_steps(grad_output, saved):
 _BACKWARD_KEYS = (
     "x",
     "out",
-    "exp_x",
+    "inv_x",
 )
 
 

@@ -59,11 +59,14 @@ class SavedValue:
 
 
 def costly(e: sympy.Basic) -> bool:
-    """A transcendental function or a non-integer power: worth computing once."""
+    """A transcendental function, a non-integer power, or the reciprocal of a sum that holds one
+    (a sigmoid's ``1/(1 + exp(-x))``): worth computing once."""
     if is_entry(e) or isinstance(e, _INDEX_LEVEL) or not tensor_names(e):
         return False
     if isinstance(e, sympy.Pow):
-        return not e.exp.is_integer
+        if not e.exp.is_integer:
+            return True
+        return bool(e.exp < 0) and isinstance(e.base, sympy.Add) and any(costly(a) for a in e.base.args)
     return isinstance(e, sympy.Function) and not isinstance(e, _CHEAP)
 
 
@@ -77,7 +80,7 @@ def forward_values(
         >>> d = derive(catalogue()["silu"])  # out = x/(1 + exp(-x))
         >>> saved, (dx,) = forward_values(d.program, [d.gradient("x").result], set(d.program.tensors))
         >>> [(s.name, s.host, str(s.statement.expr)) for s in saved], str(dx)
-        ([('exp_x', 'out', 'exp(-x(n, d))')], '(-out(n, d) + x(n, d) + 1)*dout(n, d)/(exp_x(n, d) + 1)')
+        ([('inv_x', 'out', '1/(1 + exp(-x(n, d)))')], '(-out(n, d) + x(n, d) + 1)*dout(n, d)*inv_x(n, d)')
     """
     saved: list[SavedValue] = []
     names = set(taken)
@@ -249,8 +252,11 @@ def _as_statement(sub: sympy.Expr, stmt: Statement, names: set[str]) -> Statemen
 
 
 def _name_for(sub: sympy.Expr, names: set[str]) -> str:
-    """``exp_x``, ``tanh_h``...: the function and the first tensor it reads, made unique."""
-    head = "pow" if isinstance(sub, sympy.Pow) else "sum" if isinstance(sub, ISum) else type(sub).__name__.lower()
+    """``exp_x``, ``tanh_h``, ``inv_x`` (a reciprocal)...: the function and the first tensor it reads, made unique."""
+    if isinstance(sub, sympy.Pow):
+        head = "inv" if sub.exp == -1 else "pow"
+    else:
+        head = "sum" if isinstance(sub, ISum) else type(sub).__name__.lower()
     base = f"{head}_{sorted(tensor_names(sub))[0]}"
     name, k = base, 2
     while name in names or f"d{name}" in names:
