@@ -398,6 +398,42 @@ def combine_powers(e: sympy.Expr) -> sympy.Expr:
     return _bottom_up(e, combine)
 
 
+def drop_implied_steps(e: sympy.Expr) -> sympy.Expr:
+    """``Max(a, 0)**k · Heaviside(a) = Max(a, 0)**k`` for a number ``k > 0``: where the step is 0
+    (``a < 0``), and at ``a = 0`` whatever its tie value, the max is 0 already. The squared hinge's
+    ``2·relu(a)·step(a)`` needs no mask beside its relu.
+    """
+
+    def drop(node: sympy.Expr) -> sympy.Expr:
+        if not isinstance(node, sympy.Mul):
+            return node
+        zero_below = set()
+        for f in node.args:
+            base, k = f.as_base_exp()
+            if isinstance(base, sympy.Max) and len(base.args) == 2 and 0 in base.args and k.is_number and k > 0:
+                zero_below |= {a for a in base.args if a != 0}
+        kept = [f for f in node.args if not (isinstance(f, sympy.Heaviside) and f.args[0] in zero_below)]
+        return sympy.Mul(*kept) if len(kept) < len(node.args) else node
+
+    return _bottom_up(e, drop)
+
+
+def hyperbolic_ratios(e: sympy.Expr) -> sympy.Expr:
+    """``sinh(a)**k / cosh(a)**k = tanh(a)**k``: log(cosh(r))'s derivative is one bounded function,
+    not a ratio of two that overflow (inf/inf at |r| > 89 in float32)."""
+
+    def ratio(node: sympy.Expr) -> sympy.Expr:
+        if not isinstance(node, sympy.Mul):
+            return node
+        powers = dict(f.as_base_exp() for f in node.args)
+        for base, k in powers.items():
+            if isinstance(base, sympy.sinh) and powers.get(sympy.cosh(*base.args)) == -k:
+                return node / (base**k * sympy.cosh(*base.args) ** -k) * sympy.tanh(*base.args) ** k
+        return node
+
+    return _bottom_up(e, ratio)
+
+
 def _bottom_up(e: sympy.Expr, fn: Callable[[sympy.Expr], sympy.Expr]) -> sympy.Expr:
     if isinstance(e, sympy.Basic) and e.args and not is_entry(e):
         e = e.func(*(_bottom_up(a, fn) for a in e.args))
@@ -620,6 +656,12 @@ class Simplifier:
         self.rules: list[tuple[str, str, Callable[[sympy.Expr], sympy.Expr]]] = [
             ("split sums", "Σ_k δ(k,a)·f(k) = f(a);  Σ_k (a+b) = Σ_k a + Σ_k b;  Σ_k c·f(k) = c·Σ_k f(k)", split_sums),
             ("combine powers", "x^p / x = x^(p-1): no division by a base that may be 0", combine_powers),
+            ("hyperbolic ratios", "sinh(a)/cosh(a) = tanh(a): bounded, where the ratio overflows", hyperbolic_ratios),
+            (
+                "drop implied steps",
+                "max(a, 0)^k · step(a) = max(a, 0)^k: the max is 0 where the step is",
+                drop_implied_steps,
+            ),
             (
                 "bounded exponentials",
                 "e/(1+e) = 1 - 1/(1+e): ratios of exponentials written with the bounded 1/(1+e), which never overflows",

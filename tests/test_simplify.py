@@ -226,6 +226,49 @@ def test_a_fractional_power_is_shared_between_the_values_it_forms():
     assert v.ok, v
 
 
+@op(s="n c", y="const n c")
+def squared_hinge(s, y):
+    loss = (apply(lambda u: sympy.Max(u, 0), 1 - y * s) ** 2).mean("c").mean("n")
+    return loss
+
+
+def test_a_relu_beside_its_own_step_needs_no_mask():
+    """d/da relu(a)**2 is 2·relu(a)·step(a), and relu(a) is 0 wherever the step is: one relu, no mask."""
+    d = derive(squared_hinge)
+    assert "Heaviside" not in str(d.gradient("s").result), text(d.gradient("s").result)
+    module = load_module(render(d), "squared_hinge")
+    s = torch.tensor([[0.5, 1.0, 2.0], [-1.0, 1.0, 0.0]], dtype=torch.float64)  # 1 - y*s = 0 at two
+    y = torch.tensor([[1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]], dtype=torch.float64)
+    _, saved = module.squared_hinge_forward(s, y)
+    (ds,) = module.squared_hinge_backward(None, saved)
+    code = "\n".join(d.code.backward)
+    assert not any(m in code for m in ("masked_fill", "where", "torch.gt", "torch.ge")), code
+    leaf = s.clone().requires_grad_()
+    (F.relu(1 - y * leaf) ** 2).mean().backward()
+    torch.testing.assert_close(ds, leaf.grad)
+
+
+@op(pred="n d", y="n d")
+def logcosh_loss(pred, y):
+    r = pred - y
+    loss = apply(lambda u: sympy.log(sympy.cosh(u)), r).mean("d").mean("n")
+    return loss
+
+
+def test_a_ratio_of_sinh_to_cosh_is_one_tanh():
+    """d log(cosh r)/dr is tanh(r): one bounded function, where sinh(r)/cosh(r) is inf/inf = NaN at
+    |r| > 89 in float32, and the forward keeps no cosh for the backward."""
+    d = derive(logcosh_loss)
+    assert text(d.gradient("pred").result) == "dloss*tanh(r[n, d])/(D*N)", text(d.gradient("pred").result)
+    module = load_module(render(d), "logcosh_loss")
+    pred = torch.tensor([[100.0, 0.5], [-3.0, 0.0]])
+    _, saved = module.logcosh_loss_forward(pred, torch.zeros_like(pred))
+    assert not any(k.startswith("cosh") for k in saved), sorted(saved)
+    grads = module.logcosh_loss_backward(None, saved)
+    torch.testing.assert_close(grads.pred, torch.tanh(pred) / 4)
+    torch.testing.assert_close(grads.y, -torch.tanh(pred) / 4)
+
+
 # -- powers with a symbolic exponent --------------------------------------------------------------
 @op(x="n d")
 def power_of_a_parameter(x, p=2.0):
