@@ -191,8 +191,21 @@ def cut_tensors(program: Program) -> list[str]:
         elif len(reads & inputs) >= 2 and reads - inputs - {t.name for t in program.inputs}:
             cuts.add(stmt.name)  # a layer: parameters meet activations (gamma * xhat + beta)
     order = [t.name for t in program.inputs] + [s.name for s in program.statements]
-    fixed = {t.name for t in program.inputs if not t.differentiable}
-    return [n for n in reversed(order) if n in cuts and not program.tensors[n].is_int and n not in fixed]
+    varying = _reads_an_input(program) | set(program.outputs)
+    return [n for n in reversed(order) if n in cuts and n in varying and not program.tensors[n].is_int]
+
+
+def _reads_an_input(program: Program) -> set[str]:
+    """The differentiable inputs and the statements that read one, directly or through others.
+
+    Any other value (``(1 - alpha)*y + alpha/C`` of a constant ``y``) is a constant of the op: its
+    gradient is never needed, and the forward need not keep what only that gradient would read.
+    """
+    out = {t.name for t in program.differentiable_inputs}
+    for stmt in program.statements:
+        if tensor_names(stmt.expr) & out:
+            out.add(stmt.name)
+    return out
 
 
 @dataclass(frozen=True)

@@ -209,6 +209,31 @@ def test_a_const_input_gets_no_gradient_and_an_additive_minus_inf_mask_works():
         torch.testing.assert_close(got.grad, want.grad)
 
 
+def test_a_value_of_constants_gets_no_gradient_and_the_forward_keeps_nothing_for_one():
+    """``t`` reads only the constant ``y``: the loss's sum of ``t * lp`` would otherwise give ``t`` an
+    adjoint (a pass over N x C), and the forward would keep ``lp`` for that adjoint alone."""
+    from derive import exp, log
+
+    @op(logits="n c", y="const n c")
+    def soft_target_ce(logits, y, alpha=0.1):
+        z = logits - logits.max("c", keepdim=True)
+        lp = z - log(exp(z).sum("c", keepdim=True))
+        t = (1 - alpha) * y + alpha / logits.size("c")
+        loss = -(t * lp).sum("c").mean("n")
+        return loss
+
+    d, module = _generated(soft_target_ce)
+    code = "\n".join(d.code.backward)
+    assert "dt =" not in code and "lp" not in module._BACKWARD_KEYS, (code, module._BACKWARD_KEYS)
+    logits = torch.randn(6, 5, dtype=torch.float64)
+    y = torch.softmax(torch.randn(6, 5, dtype=torch.float64), 1)
+    _, saved = module.soft_target_ce_forward(logits, y)
+    (dlogits,) = module.soft_target_ce_backward(None, saved)
+    leaf = logits.clone().requires_grad_()
+    (-((0.9 * y + 0.1 / 5) * F.log_softmax(leaf, 1)).sum(1).mean()).backward()
+    torch.testing.assert_close(dlogits, leaf.grad)
+
+
 # -- renaming (issue 11) ----------------------------------------------------------------------
 
 
