@@ -155,6 +155,17 @@ class Tensor:
     def __post_init__(self) -> None:
         self.trace.record(self)
 
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        """A torch function cannot read a symbolic tensor: say what to write instead."""
+        found = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, Tensor)]
+        name = getattr(func, "__name__", str(func))
+        message = (
+            f"torch.{name} cannot take a derive tensor: inside an op, write the function with derive's "
+            "exp, log, tanh, sqrt or erf, or apply(f, x) with a SymPy function f"
+        )
+        raise found[0].trace.error(message) if found else OpDefinitionError(message)
+
     # -- structure -------------------------------------------------------------------------
     @property
     def dims(self) -> tuple[Dim, ...]:
@@ -505,12 +516,17 @@ def apply(fn: Callable[..., Any], *tensors: Tensor) -> Tensor:
     return Tensor(trace, layout, build, source=_user_line(), operands=tuple(tensors), body=body, dummies=tuple(dummies))
 
 
-def _elementwise(fn: Callable[..., sympy.Expr]) -> Callable[[Tensor], Tensor]:
-    def wrapped(x: Tensor) -> Tensor:
-        return apply(fn, x)
+def _elementwise(fn: Callable[..., sympy.Expr]) -> Callable[[Any], Any]:
+    def wrapped(x: Any) -> Any:
+        """A tensor's entries mapped by ``fn``; a number, size or parameter mapped alone
+        (``sqrt(q.size("d"))`` is the scalar ``sqrt(D)``)."""
+        return apply(fn, x) if isinstance(x, Tensor) else fn(sympy.sympify(x))
 
     wrapped.__name__ = getattr(fn, "__name__", "fn")
-    wrapped.__doc__ = f"Elementwise ``{wrapped.__name__}`` (SymPy's), e.g. ``{wrapped.__name__}(x)``."
+    wrapped.__doc__ = (
+        f"Elementwise ``{wrapped.__name__}`` (SymPy's), e.g. ``{wrapped.__name__}(x)``; "
+        f"of a number or size, that number's."
+    )
     return wrapped
 
 

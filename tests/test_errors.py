@@ -53,6 +53,10 @@ BAD_OPS = {
     "bad_dim_name": ('@op(x="n 2d")\ndef f(x):\n    return x * 2\n', ["'2d'", "not a dim name"]),
     "undeclared_input": ('@op(x="n d")\ndef f(x, w):\n    return x * w\n', ["'w'", "no dims declared"]),
     "size_name_clash": ('@op(x="n d", N="d")\ndef f(x, N):\n    out = x * N\n    return out\n', ["'N'", "dim 'n'"]),
+    "torch_function": (
+        'import torch\n\n\n@op(x="n d")\ndef f(x):\n    out = torch.sigmoid(x)\n    return out\n',
+        ["torch.sigmoid", "derive tensor", "apply(f, x)", "f.py:"],
+    ),
     "user_code_error": (
         '@op(x="n d")\ndef f(x):\n    out = x * undefined_name\n    return out\n',
         ["NameError", "undefined_name", "f.py:"],

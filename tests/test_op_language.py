@@ -234,6 +234,24 @@ def test_a_value_of_constants_gets_no_gradient_and_the_forward_keeps_nothing_for
     torch.testing.assert_close(dlogits, leaf.grad)
 
 
+def test_sqrt_of_a_size_is_a_number():
+    """``sqrt(q.size("d"))`` scales by a number, as ``q.size("d") ** 0.5`` does."""
+    from derive import exp, sqrt
+
+    @op(q="n d", k="m d")
+    def scores(q, k):
+        s = (q * k).sum("d") / sqrt(q.size("d"))
+        p = exp(s - s.max("m", keepdim=True))
+        out = p / p.sum("m", keepdim=True)
+        return out
+
+    d, module = _generated(scores)
+    assert verify(d, module).ok
+    q, k = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    out, _ = module.scores_forward(q, k)
+    torch.testing.assert_close(out, torch.softmax(q @ k.T / 2.0, 1))
+
+
 # -- renaming (issue 11) ----------------------------------------------------------------------
 
 
