@@ -265,17 +265,34 @@ class Tensor:
         kind = "max" if node is IMax else "sum"
         return Tensor(self.trace, layout, build, source=_user_line(), operands=(self,), kind=kind)
 
-    def sum(self, dim: str, keepdim: bool = False) -> Tensor:
-        """Sum over dim ``dim`` (``keepdim`` leaves a size-1 axis in its place)."""
-        return self._reduce(dim, ISum, keepdim)
+    def sum(self, dim: str | tuple[str, ...], keepdim: bool = False) -> Tensor:
+        """Sum over dim ``dim``, or over each of several (``x.sum(("t", "d"))``); ``keepdim`` leaves
+        a size-1 axis in the place of each."""
+        out = self
+        for name in self._reduced(dim, "sum"):
+            out = out._reduce(name, ISum, keepdim)
+        return out
 
     def max(self, dim: str, keepdim: bool = False) -> Tensor:
         """Maximum over dim ``dim``; its gradient goes to the argmax."""
+        if isinstance(dim, (tuple, list)):
+            first = dim[0] if dim else "t"
+            raise self.trace.error(
+                f'max takes one dim; a max over several is a max of maxes: x.max("{first}").max(...)'
+            )
         return self._reduce(dim, IMax, keepdim)
 
-    def mean(self, dim: str, keepdim: bool = False) -> Tensor:
-        """Mean over dim ``dim``: the sum divided by the dim's size."""
-        return self.sum(dim, keepdim) * (1 / self.size(dim))
+    def mean(self, dim: str | tuple[str, ...], keepdim: bool = False) -> Tensor:
+        """Mean over dim ``dim``, or over several: the sum divided by the dims' sizes."""
+        count = sympy.Mul(*(self.size(name) for name in self._reduced(dim, "mean")))
+        return self.sum(dim, keepdim) * (1 / count)
+
+    def _reduced(self, dim: str | tuple[str, ...], what: str) -> tuple[str, ...]:
+        """The dims a reduction names: one, or a non-empty tuple of them."""
+        names = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+        if not names:
+            raise self.trace.error(f'{what} needs at least one dim name, e.g. x.{what}("n")')
+        return names
 
     # -- contraction, gather, reshape -------------------------------------------------------
     def __matmul__(self, other: Tensor) -> Tensor:

@@ -53,6 +53,10 @@ BAD_OPS = {
     "bad_dim_name": ('@op(x="n 2d")\ndef f(x):\n    return x * 2\n', ["'2d'", "not a dim name"]),
     "undeclared_input": ('@op(x="n d")\ndef f(x, w):\n    return x * w\n', ["'w'", "no dims declared"]),
     "size_name_clash": ('@op(x="n d", N="d")\ndef f(x, N):\n    out = x * N\n    return out\n', ["'N'", "dim 'n'"]),
+    "max_over_a_tuple": (
+        '@op(x="b t d")\ndef f(x):\n    out = x.max(("t", "d"))\n    return out\n',
+        ["max takes one dim", 'x.max("t").max(...)'],
+    ),
     "torch_function": (
         'import torch\n\n\n@op(x="n d")\ndef f(x):\n    out = torch.sigmoid(x)\n    return out\n',
         ["torch.sigmoid", "derive tensor", "apply(f, x)", "f.py:"],

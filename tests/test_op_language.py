@@ -252,6 +252,27 @@ def test_sqrt_of_a_size_is_a_number():
     torch.testing.assert_close(out, torch.softmax(q @ k.T / 2.0, 1))
 
 
+def test_a_sum_or_mean_over_several_dims_reduces_each():
+    @op(x="b t d", y="b t d")
+    def centred_mse(x, y):
+        r = x - y
+        r = r - r.mean(("t", "d"), keepdim=True)
+        loss = (r**2).mean(("t", "d")).sum("b")
+        return loss
+
+    d, module = _generated(centred_mse)
+    assert verify(d, module).ok
+    x, y = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, y)]
+    r = leaves[0] - leaves[1]
+    want = ((r - r.mean((1, 2), keepdim=True)) ** 2).mean((1, 2)).sum()
+    got, saved = module.centred_mse_forward(x, y)
+    torch.testing.assert_close(got, want.detach())
+    want.backward()
+    for g, leaf in zip(module.centred_mse_backward(None, saved), leaves):
+        torch.testing.assert_close(g, leaf.grad)
+
+
 # -- renaming (issue 11) ----------------------------------------------------------------------
 
 
