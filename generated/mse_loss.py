@@ -73,7 +73,7 @@ def mse_loss_backward(grad_output, saved):
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
     dy = (-2 * dloss / (D * N)) * diff
-    dx = (2 * dloss / (D * N)) * diff
+    dx = -dy
     return mse_loss_Grads(
         x=dx,
         y=dy,

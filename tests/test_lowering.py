@@ -327,6 +327,30 @@ def test_a_scalar_times_a_sum_with_one_full_factor_is_one_pass():
 
 
 # -- each costly value once ---------------------------------------------------------------------
+@op(pred="n d", y="n d")
+def huber_of_a_difference(pred, y, delta=1.0):
+    a = apply(sympy.Abs, pred - y)
+    q = a - apply(lambda u: sympy.Max(u - delta, 0), a)
+    loss = (q**2 / 2 + delta * (a - q)).mean("d").mean("n")
+    return loss
+
+
+def test_a_gradient_that_is_the_negative_of_another_is_one_pass_from_it():
+    """For ``r = pred - y``, dy = -dpred: one negation, not a second chain of six passes."""
+    d, module = generated(huber_of_a_difference)
+    code = "\n".join(d.code.backward)
+    assert re.search(r"^(dpred = -dy|dy = -dpred)$", code, re.M), code
+    pred, y = _randn(4, 6, seed=1) * 2, _randn(4, 6, seed=2)
+    _, saved = module.huber_of_a_difference_forward(pred, y)
+    with FullPasses(pred.numel()) as passes:
+        grads = module.huber_of_a_difference_backward(None, saved)
+    assert len(passes.ops) <= 11, passes.ops  # 17 with a second chain
+    leaves = [t.clone().requires_grad_() for t in (pred, y)]
+    F.huber_loss(leaves[0], leaves[1]).backward()
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad)
+
+
 def test_gelu_backward_evaluates_tanh_once():
     _, module = derived("gelu")
     out, saved = module.gelu_forward(_randn(8, 4))

@@ -26,6 +26,7 @@ from ..indexalg import (
     free_indices,
     is_entry,
     is_index,
+    substitute_indices,
     tensor_names,
 )
 from ..notation import text
@@ -137,8 +138,9 @@ def lower_program(
         printer=MASKING if all(stays_finite(e) for e in fused) else PRINTER,
     )
     bwd.repeated = share.repeated(fused, steps=bwd.printer is MASKING)
-    for (wrt, _), e in zip(gradients, fused):
-        bwd.assign(grad_name(wrt.name), e, wrt)
+    for k, ((wrt, _), e) in enumerate(zip(gradients, fused)):
+        negated = _negation_of(e, wrt, [(w, f) for (w, _), f in zip(gradients[:k], fused)])
+        bwd.assign(grad_name(wrt.name), e if negated is None else -negated, wrt)
     returned = {grad_name(t.name) for t in program.differentiable_inputs}
     large = {n for n, r in bwd.rank.items() if r >= 2} | {grad_name(w.name) for w, _ in gradients if len(w.dims) >= 2}
     backward = release_dead(bwd.lines, large - returned)
@@ -266,6 +268,28 @@ def lower_terms(program: Program, terms: list[tuple[str, sympy.Expr, TensorInfo]
     for name, e, target in terms:
         lowerer.assign(name, e, target)
     return lowerer.lines
+
+
+def _negation_of(e: sympy.Expr, wrt: TensorInfo, earlier: list[tuple[TensorInfo, sympy.Expr]]) -> sympy.Expr | None:
+    """An earlier gradient of the same layout that ``e`` is the negative of, as its entry at ``wrt``'s
+    indices: ``dy = -dpred`` for ``r = pred - y`` is one pass, not a second chain.
+
+    Example:
+        >>> n = Dim("n", sympy.Symbol("N", positive=True, integer=True))
+        >>> a, b = TensorInfo("a", (n,)), TensorInfo("b", (n,))
+        >>> (i,) = a.indices
+        >>> str(_negation_of(-(2 + entry("x", [i])) * entry("g", [i]), b, [(a, (entry("x", [i]) + 2) * entry("g", [i]))]))
+        'da(n)'
+    """
+    if sympy.count_ops(e) > 200:
+        return None  # a large formula: not worth expanding to compare
+    for w, f in earlier:
+        if w.dims != wrt.dims or w.is_int:
+            continue
+        f = substitute_indices(f, dict(zip(w.indices, wrt.indices)))
+        if sympy.expand(e + f) == 0:
+            return entry(grad_name(w.name), list(wrt.indices))
+    return None
 
 
 def release_dead(lines: list[str], names: set[str]) -> list[str]:
