@@ -587,11 +587,20 @@ def _softplus(argument: sympy.Expr) -> sympy.Expr | None:
 
 
 # -- identities of sums over forward values ----------------------------------------------------
+def _function_of_an_entry(e: sympy.Expr) -> sympy.Expr | None:
+    """The entry ``v[..]`` when ``e`` is ``f(v[..])`` for a function ``f`` of one argument."""
+    if isinstance(e, sympy.Function) and len(e.args) == 1 and is_entry(e.args[0]):
+        return e.args[0]
+    return None
+
+
 @dataclass
 class SumIdentities:
-    """``Σ_k v[.., k, ..]`` for a forward value ``v``: found by expanding ``v`` one level.
+    """``Σ_k v[.., k, ..]`` or ``Σ_k f(v[.., k, ..])`` for a forward value ``v``: found by expanding
+    ``v`` one level.
 
-    A value centred by its own mean sums to zero; a row divided by its own sum sums to one.
+    A value centred by its own mean sums to zero; a row divided by its own sum sums to one; so does
+    the exp of a log-softmax, ``Σ_c exp(z[c] - log Σ_c' exp(z[c']))``.
     """
 
     program: Program
@@ -601,13 +610,17 @@ class SumIdentities:
         return _bottom_up(e, self._rewrite)
 
     def _rewrite(self, node: sympy.Expr) -> sympy.Expr:
-        if not isinstance(node, ISum) or not is_entry(node.body):
+        if not isinstance(node, ISum):
             return node
-        name = entry_name(node.body)
+        value_of = node.body if is_entry(node.body) else _function_of_an_entry(node.body)
+        if value_of is None:
+            return node
+        name = entry_name(value_of)
         stmt = self.program.definitions.get(name)
         if stmt is None:
             return node
-        expanded = ISum(stmt.at(entry_indices(node.body)), node.var)
+        body = node.body.xreplace({value_of: stmt.at(entry_indices(value_of))})
+        expanded = ISum(body if is_entry(node.body) else sympy.expand(body), node.var)  # exp(a - b) = exp(a)/exp(b)
         value = simplify_plain(expanded, self.program)
         if value.is_number:
             from .notation import text

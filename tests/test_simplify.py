@@ -269,6 +269,35 @@ def test_a_ratio_of_sinh_to_cosh_is_one_tanh():
     torch.testing.assert_close(grads.y, -torch.tanh(pred) / 4)
 
 
+@op(a="n c", b="n c")
+def kl_of_softmaxes(a, b):
+    za, zb = a - a.max("c", keepdim=True), b - b.max("c", keepdim=True)
+    la = za - log(exp(za).sum("c", keepdim=True))
+    lb = zb - log(exp(zb).sum("c", keepdim=True))
+    loss = (exp(la) * (la - lb)).sum("c").mean("n")
+    return loss
+
+
+def test_the_exp_of_a_log_softmax_sums_to_one():
+    """Σ_c exp(la[n, c]) = 1 for la a log-softmax: db is softmax(b) - softmax(a), with no row sum."""
+    d = derive(kl_of_softmaxes)
+    db = d.gradient("b")
+    assert not any(
+        isinstance(n, ISum) and n.body.has(sympy.exp) and "la" in str(n) for n in sympy.preorder_traversal(db.result)
+    ), text(db.result)
+    assert any(s.rule == "sum identities" and "= 1" in s.identity for s in db.steps), [s.rule for s in db.steps]
+    module = load_module(render(d), "kl_of_softmaxes")
+    a, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    _, saved = module.kl_of_softmaxes_forward(a, b)
+    grads = module.kl_of_softmaxes_backward(None, saved)
+    leaves = [t.clone().requires_grad_() for t in (a, b)]
+    F.kl_div(
+        F.log_softmax(leaves[1], 1), F.log_softmax(leaves[0], 1), reduction="batchmean", log_target=True
+    ).backward()
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad)
+
+
 # -- powers with a symbolic exponent --------------------------------------------------------------
 @op(x="n d")
 def power_of_a_parameter(x, p=2.0):
