@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import sympy
@@ -252,13 +252,10 @@ def _match_product(node: sympy.Expr, pattern: sympy.Expr, powers: bool = True) -
 
     Returns the wildcard bindings and the product of the factors left over, or None.
     """
-    have: list[list] = []
-    for f in sympy.Mul.make_args(node):
-        base, e = f.as_base_exp()
-        have.append([base, e])
+    have: list[list] = [list(_base_exp(f)) for f in sympy.Mul.make_args(node)]
     binding: dict = {}
     for pf in sympy.Mul.make_args(pattern):
-        pbase, pexp = pf.as_base_exp()
+        pbase, pexp = _base_exp(pf)
         for slot in have:
             base, e = slot
             m = base.match(pbase.xreplace(binding))
@@ -271,6 +268,13 @@ def _match_product(node: sympy.Expr, pattern: sympy.Expr, powers: bool = True) -
             return None
     rest = sympy.Mul(*(b**e for b, e in have))
     return binding, rest
+
+
+def _base_exp(f: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
+    """``f`` as base and exponent, an ``exp`` whole: SymPy writes ``exp(x)`` as ``E**x``, whose
+    exponent would have to match as a number."""
+    base, e = f.as_base_exp()
+    return (f, sympy.S.One) if base is sympy.E else (base, e)
 
 
 def _covers(have: sympy.Expr, need: sympy.Expr, powers: bool = True) -> bool:
@@ -333,6 +337,36 @@ def recognize(e: sympy.Expr, statements: list[Statement], powers: bool = True) -
 
         e = _bottom_up(e, swap)
         e = _rewrite_powers(e, stmt) if powers else e
+    return e
+
+
+def exps_of_forward_values(e: sympy.Expr, statements: list[Statement]) -> sympy.Expr:
+    """``exp(z)/S`` read as ``exp(v)`` for a forward value ``v = z - log(S)`` (a log-softmax): the
+    exp of a difference of logs is a ratio, which the forward computed as one value.
+
+    The softmax beside a log-softmax then cancels against ``exp(v)``, as a person would write it.
+    Only where the forward computes ``exp(v)`` itself: otherwise the backward would evaluate a new
+    ``exp`` where it can divide the forward's ``exp(z)`` by ``S``.
+    """
+    exps = {
+        entry_name(n.args[0])
+        for stmt in statements
+        for n in sympy.preorder_traversal(stmt.expr)
+        if isinstance(n, sympy.exp) and is_entry(n.args[0])
+    }
+    for stmt in statements:
+        if stmt.name not in exps or not (isinstance(stmt.expr, sympy.Add) and stmt.expr.has(sympy.log)):
+            continue
+        ratio = sympy.expand(sympy.exp(stmt.expr))  # exp(z - log S) = exp(z)/S
+        if ratio.has(sympy.log) or not isinstance(ratio, sympy.Mul):
+            continue
+        stand_in = Statement(replace(stmt.target, name=f"_exp_of_{stmt.name}"), ratio, stmt.source)
+        found = recognize(e, [stand_in])
+        if found != e:
+            e = found.replace(
+                lambda n, name=stand_in.name: is_entry(n) and entry_name(n) == name,
+                lambda n, stmt=stmt: sympy.exp(entry(stmt.name, list(entry_indices(n)))),
+            )
     return e
 
 
@@ -684,6 +718,11 @@ class Simplifier:
                 "reuse forward values",
                 "a sub-expression the forward pass computed is replaced by its name",
                 lambda x: recognize(x, statements, powers=identities),
+            ),
+            (
+                "exps of forward values",
+                "exp(z)/S = exp(v) for a forward value v = z - log(S): a softmax read through its log-softmax",
+                lambda x: exps_of_forward_values(x, statements),
             ),
             (
                 "absorb into sums",

@@ -298,6 +298,18 @@ def test_the_exp_of_a_log_softmax_sums_to_one():
         torch.testing.assert_close(got, leaf.grad)
 
 
+def test_a_softmax_is_read_through_the_log_softmax_the_forward_computed():
+    """exp(za)/Σexp(za) is exp(la) for la = za - log Σexp(za), an exp the forward computes: da is the
+    textbook ``p·(la - lb - Σ p·(la - lb))``, and the forward keeps no exp(za) or row sum for it.
+    exp(lb) the forward does not compute, so db divides the forward's exp(zb) by its sum."""
+    d = derive(kl_of_softmaxes)
+    da, db = text(d.gradient("a").result), text(d.gradient("b").result)
+    assert "za" not in da and da.count("exp(la[") == 3, da
+    assert "exp(lb" not in db and "exp(zb[n, c])/Σ" in db, db
+    module = load_module(render(d), "kl_of_softmaxes")
+    assert not any(k.startswith(("exp_za", "sum_za")) for k in module._BACKWARD_KEYS), module._BACKWARD_KEYS
+
+
 # -- powers with a symbolic exponent --------------------------------------------------------------
 @op(x="n d")
 def power_of_a_parameter(x, p=2.0):
