@@ -348,19 +348,7 @@ def exps_of_forward_values(e: sympy.Expr, statements: list[Statement]) -> sympy.
     Only where the forward computes ``exp(v)`` itself: otherwise the backward would evaluate a new
     ``exp`` where it can divide the forward's ``exp(z)`` by ``S``.
     """
-    exps = {
-        entry_name(n.args[0])
-        for stmt in statements
-        for n in sympy.preorder_traversal(stmt.expr)
-        if isinstance(n, sympy.exp) and is_entry(n.args[0])
-    }
-    for stmt in statements:
-        if stmt.name not in exps or not (isinstance(stmt.expr, sympy.Add) and stmt.expr.has(sympy.log)):
-            continue
-        ratio = sympy.expand(sympy.exp(stmt.expr))  # exp(z - log S) = exp(z)/S
-        if ratio.has(sympy.log) or not isinstance(ratio, sympy.Mul):
-            continue
-        stand_in = Statement(replace(stmt.target, name=f"_exp_of_{stmt.name}"), ratio, stmt.source)
+    for stand_in, stmt in _exp_ratios(tuple(statements)):
         found = recognize(e, [stand_in])
         if found != e:
             e = found.replace(
@@ -368,6 +356,27 @@ def exps_of_forward_values(e: sympy.Expr, statements: list[Statement]) -> sympy.
                 lambda n, stmt=stmt: sympy.exp(entry(stmt.name, list(entry_indices(n)))),
             )
     return e
+
+
+@lru_cache(maxsize=64)
+def _exp_ratios(statements: tuple[Statement, ...]) -> list[tuple[Statement, Statement]]:
+    """For each forward value ``v = z - log(S)`` whose exp the forward computes: a stand-in
+    statement ``exp(z)/S`` (computed once per program, not once per rule application)."""
+    exps = {
+        entry_name(n.args[0])
+        for stmt in statements
+        for n in sympy.preorder_traversal(stmt.expr)
+        if isinstance(n, sympy.exp) and is_entry(n.args[0])
+    }
+    out = []
+    for stmt in statements:
+        if stmt.name not in exps or not (isinstance(stmt.expr, sympy.Add) and stmt.expr.has(sympy.log)):
+            continue
+        ratio = sympy.expand(sympy.exp(stmt.expr))  # exp(z - log S) = exp(z)/S
+        if ratio.has(sympy.log) or not isinstance(ratio, sympy.Mul):
+            continue
+        out.append((Statement(replace(stmt.target, name=f"_exp_of_{stmt.name}"), ratio, stmt.source), stmt))
+    return out
 
 
 def _split_coefficient(pat: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
@@ -485,7 +494,7 @@ def absorb_into_sums(e: sympy.Expr, statements: list[Statement]) -> sympy.Expr:
     the factor ``c`` must not depend on ``k``. A power moves in whole units, or in the fractional
     powers the forward's statements take (``(var+eps)**-1.5`` moves ``(var+eps)**-0.5`` in).
     """
-    powers = {p.exp for stmt in statements for p in sympy.preorder_traversal(stmt.expr) if isinstance(p, sympy.Pow)}
+    powers = _exponents(tuple(statements))
 
     def rewrite(node: sympy.Expr) -> sympy.Expr:
         if not isinstance(node, sympy.Mul):
@@ -681,11 +690,19 @@ def simplify_plain(e: sympy.Expr, program: Program) -> sympy.Expr:
     return e
 
 
-def _units(exp: sympy.Expr, powers: set[sympy.Expr]) -> list[sympy.Expr]:
+@lru_cache(maxsize=64)
+def _exponents(statements: tuple[Statement, ...]) -> frozenset[sympy.Expr]:
+    """The exponents of the powers the forward's statements take (once per program)."""
+    return frozenset(
+        p.exp for stmt in statements for p in sympy.preorder_traversal(stmt.expr) if isinstance(p, sympy.Pow)
+    )
+
+
+def _units(exp: sympy.Expr, powers: frozenset[sympy.Expr]) -> list[sympy.Expr]:
     """The parts of a power ``B**exp`` that may move into a sum: one whole unit of its sign, then
     each fractional power of the forward's statements that ``exp`` covers.
 
-        >>> _units(sympy.S(-2), set()), _units(sympy.Rational(-3, 2), {sympy.Rational(-1, 2), sympy.S(2)})
+        >>> _units(sympy.S(-2), frozenset()), _units(sympy.Rational(-3, 2), frozenset({sympy.Rational(-1, 2), sympy.S(2)}))
         ([-1], [-1, -1/2])
     """
     whole = [sympy.sign(exp)] if abs(exp) >= 1 else []
