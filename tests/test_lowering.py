@@ -141,6 +141,29 @@ def test_gated_unit_keeps_both_matmuls_and_evaluates_no_exp_in_the_backward():
     assert "inv_mm1[n, h] = 1/(1 + exp(-mm1[n, h]))" in module.__doc__
 
 
+@op(x="n i", Wq="i h", Wk="i h", Wv="i h")
+def three_projections(x, Wq, Wk, Wv):
+    out = (x @ Wq) * (x @ Wk) + apply(relu, x @ Wv)
+    return out
+
+
+def test_the_matmuls_a_gradient_sums_accumulate_into_one_buffer():
+    d, module = generated(three_projections)
+    code = "\n".join(d.code.backward)
+    assert re.search(r"^dx = \w+\.addmm_\(\w+, W\w\.T\)\.addmm_\(\w+, W\w\.T\)$", code, re.M), code
+    args = [_randn(32, 8, seed=1), _randn(8, 16, seed=2), _randn(8, 16, seed=3), _randn(8, 16, seed=4)]
+    out, saved = module.three_projections_forward(*args)
+    dout = _randn(32, 16, seed=5)
+    with AtenOps() as ops:
+        grads = module.three_projections_backward(dout, saved)
+    assert ops.counts["addmm_"] == 2 and ops.counts["add"] + ops.counts["add_"] == 0, ops.counts
+    leaves = [a.clone().requires_grad_() for a in args]
+    x, Wq, Wk, Wv = leaves
+    ((x @ Wq) * (x @ Wk) + F.relu(x @ Wv)).backward(dout)
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("scale", [1.0, 100.0])
 def test_gated_unit_backward_stays_finite_where_exp_overflows(scale: float):
     _, module = generated(gated)

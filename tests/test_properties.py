@@ -609,6 +609,7 @@ FIRST_INPUTS = {
     "contract": [("n", "d"), ("d", "k"), ("d",)],  # (x * y * w).sum("d"): three factors
     "middle_max": [("n", "d", "k")],  # x.max("d"): a max over a middle dim
     "conv": [("n", "d"), (WINDOW, "m")],  # a padded window of x contracted with a weight over j
+    "shared": [("n", "d"), ("d", "k"), ("d", "k")],  # f(x @ W) op (x @ V): x's gradient sums two matmuls
 }
 
 
@@ -621,6 +622,13 @@ def _first(draw: st.DrawFn, first: str, pool: list[Node], ints: list[Node], size
             "binary", broadcast_layout([window.layout, w.layout]), (window, w), fn="mul", template="{a} * {b}"
         )
         return Node("reduce", tuple(a for a in product.layout if a != WINDOW), (product,), fn="sum", dim=WINDOW)
+    if first == "shared":
+        x, w, v = pool
+        fn = FNS[draw(st.sampled_from(ACTIVATIONS))]
+        act = Node("unary", ("n", "k"), (Node("matmul", ("n", "k"), (x, w)),), fn=fn.name, template=fn.templates[0])
+        how = FNS[draw(st.sampled_from(["add", "sub", "mul"]))]
+        pair = (act, Node("matmul", ("n", "k"), (x, v)))
+        return Node("binary", ("n", "k"), pair, fn=how.name, template=draw(st.sampled_from(how.templates)))
     if first == "middle_max":
         x = pool[0]
         return Node("reduce", ("n", "k"), (x,), fn="max", dim="d")
@@ -870,8 +878,9 @@ def test_random_composition_matches_autograd(style: str, data: st.DataObject):
 @settings(PROFILE, max_examples=COMPOSITION_EXAMPLES)
 @given(data=st.data())
 def test_random_composition_built_on_a_given_construct_matches_autograd(first: str, data: st.DataObject):
-    """Compositions that start with a layer on an unnamed ``x @ W + b``, a 3-factor contraction or
-    a max over a middle dim, all inline (derive decides what to name), then random steps."""
+    """Compositions that start with a layer on an unnamed ``x @ W + b``, a 3-factor contraction, a
+    max over a middle dim or an input read by two matmuls, all inline (derive decides what to
+    name), then random steps."""
     _run_composition(data, "inline", first)
 
 

@@ -143,7 +143,8 @@ def lower_program(
         bwd.assign(grad_name(wrt.name), e if negated is None else -negated, wrt)
     returned = {grad_name(t.name) for t in program.differentiable_inputs}
     large = {n for n, r in bwd.rank.items() if r >= 2} | {grad_name(w.name) for w, _ in gradients if len(w.dims) >= 2}
-    backward = release_dead(bwd.lines, large - returned)
+    ranks = {**{n: len(t.layout) for n, t in layouts.items()}, **bwd.rank}
+    backward = release_dead(accumulate_products(bwd.lines, bwd.products, ranks), large - returned)
 
     steps = Lowerer(
         layouts, ref=seed, names=names, admissible=fits, positions=positions, printer=FAITHFUL, shard=distributed
@@ -290,6 +291,87 @@ def _negation_of(e: sympy.Expr, wrt: TensorInfo, earlier: list[tuple[TensorInfo,
         if sympy.expand(e + f) == 0:
             return entry(grad_name(w.name), list(wrt.indices))
     return None
+
+
+_ASSIGNMENT = re.compile(r"(\w+) = (.+)")
+
+
+def _summed_names(code: str) -> list[str] | None:
+    """The names ``code`` adds up, written ``a + b + c`` or as a chain ``(a + b).add_(c)``; else None.
+
+    Example:
+        >>> _summed_names("(t7 + t8).add_(t9)"), _summed_names("t3 + t4"), _summed_names("t3 * t4")
+        (['t7', 't8', 't9'], ['t3', 't4'], None)
+    """
+    if re.fullmatch(r"\w+(?: \+ \w+)+", code):
+        return code.split(" + ")
+    chain = re.fullmatch(r"\((\w+(?: \+ \w+)+)\)((?:\.add_\(\w+\))+)", code)
+    if chain is None:
+        return None
+    return chain.group(1).split(" + ") + re.findall(r"\.add_\((\w+)\)", chain.group(2))
+
+
+def accumulate_products(lines: list[str], products: dict[str, tuple[str, str]], ranks: dict[str, int]) -> list[str]:
+    """A sum of matrix products accumulates into one buffer: ``dx = t3 + t4`` after ``t4 = g @ W.T``
+    becomes ``dx = t3.addmm_(g, W.T)``, one pass over the result fewer and no buffer for ``t4``.
+
+    A product qualifies when this sum is its only reader and its operands are not rebound or changed
+    in place between the two lines. The first term is updated in place only when it is itself a
+    product (a buffer of its own); otherwise ``torch.addmm`` starts a fresh one from it (a tensor
+    of at most two dims, by ``ranks``: not a size, and broadcast to the product's shape as ``+`` would).
+
+    Example:
+        >>> accumulate_products(["t3 = a @ V.T", "t4 = b @ W.T", "dx = t3 + t4"], {"t3": ("a", "V.T"), "t4": ("b", "W.T")}, {"t3": 2, "t4": 2})
+        ['t3 = a @ V.T', 'dx = t3.addmm_(b, W.T)']
+        >>> accumulate_products(["t4 = b @ W.T", "dx = dout + t4"], {"t4": ("b", "W.T")}, {"t4": 2, "dout": 2})
+        ['dx = torch.addmm(dout, b, W.T)']
+    """
+    out = list(lines)
+    for k, line in enumerate(lines):
+        match = _ASSIGNMENT.fullmatch(line)
+        terms = None if match is None else _summed_names(match.group(2))
+        if match is None or terms is None:
+            continue
+        folded = [t for t in terms if t in products and _foldable(out, t, k, products[t])]
+        if not folded or len(set(terms)) < len(terms):
+            continue
+        rest = [t for t in terms if t not in folded]
+        if rest:
+            base, in_place = rest[0], False
+            if ranks.get(base, 3) > 2:
+                continue
+        else:
+            base, in_place = folded.pop(0), True
+        if len(rest) > 1 or not folded:
+            continue
+        code = base
+        for t in folded:
+            left, right = products[t]
+            code = f"{code}.addmm_({left}, {right})" if in_place else f"torch.addmm({code}, {left}, {right})"
+            in_place = True
+            out[_definition(out, t)] = ""
+        out[k] = f"{match.group(1)} = {code}"
+    return [line for line in out if line]
+
+
+def _definition(lines: list[str], name: str) -> int:
+    return next(k for k, line in enumerate(lines) if line.startswith(f"{name} = "))
+
+
+def _foldable(lines: list[str], name: str, at: int, operands: tuple[str, str]) -> bool:
+    """Whether ``name``'s product can move to line ``at``: read only there, operands unchanged since."""
+    readers = [
+        k for k, line in enumerate(lines) if re.search(rf"\b{name}\b", line) and not line.startswith(f"{name} = ")
+    ]
+    if readers != [at]:
+        return False
+    start = _definition(lines, name)
+    idents = set(re.findall(r"[A-Za-z_]\w*", " ".join(operands))) - {"T"}
+    for line in lines[start + 1 : at]:
+        for ident in idents:
+            if line.startswith(f"{ident} = ") or re.search(rf"\b{ident}\b(\.\w+_\(|\[[^\]]*\]\s*=)", line):
+                return False
+    return True
 
 
 def release_dead(lines: list[str], names: set[str]) -> list[str]:

@@ -56,6 +56,7 @@ class Val:
     is_int: bool = False
     raw: tuple[str, tuple[sympy.Symbol | None, ...]] | None = None
     constant: bool = False  # a Python number (a value that cancelled): broadcasts, never indexed
+    product: tuple[str, str] | None = None  # a matrix product ``left @ right`` of two 2-D operands
 
 
 def _number(val: Val) -> sympy.Expr:
@@ -106,6 +107,8 @@ class Lowerer:
     repeated: set[sympy.Expr] = field(default_factory=set)
     # the rank of each temporary this lowerer made
     rank: dict[str, int] = field(default_factory=dict)
+    # temporaries that hold a matrix product of two 2-D operands: name -> (left, right)
+    products: dict[str, tuple[str, str]] = field(default_factory=dict)
     # a dim split across processes: reductions over it are all-reduced (None: one process)
     shard: Sharding | None = None
     # the dim each integer input's values index (Program.index_dims): where a flattened one's parts are
@@ -467,6 +470,8 @@ class Lowerer:
         name = val.code if val.code.isidentifier() else self._temp(val.code)
         self.memo[key] = (name, tuple(placeholders[a] for a in val.axes))
         self.rank[name] = len(val.axes)
+        if val.product is not None and name != val.code:
+            self.products[name] = val.product
         return Val(name, val.axes, val.is_int)
 
     def _entry(self, e: sympy.Expr) -> Val:
@@ -859,7 +864,8 @@ class Lowerer:
                 a, b, free_a, free_b = b, a, free_b, free_a
         left = a.code if len(a.axes) == 1 or a.axes[-1] == k else f"{atom(a.code)}.T"
         right = b.code if len(b.axes) == 1 or b.axes[0] == k else f"{atom(b.code)}.T"
-        return Val(f"{atom(left)} @ {atom(right)}", tuple(free_a + free_b))
+        product = (atom(left), atom(right)) if len(a.axes) == len(b.axes) == 2 else None
+        return Val(f"{atom(left)} @ {atom(right)}", tuple(free_a + free_b), product=product)
 
     def _einsum(self, a: Val, b: Val, summed: frozenset[sympy.Symbol], preferred: Axes) -> Val:
         out = [x for x in dict.fromkeys(a.axes + b.axes) if x not in summed]
