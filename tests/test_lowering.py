@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from derive import apply, derive, op, sqrt
+from derive import apply, derive, exp, op, sqrt
 from derive.emit import render
 from derive.lowering import plan as planner
 from derive.verify import TensorSizes, load_module
@@ -161,6 +161,33 @@ def test_the_matmuls_a_gradient_sums_accumulate_into_one_buffer():
     x, Wq, Wk, Wv = leaves
     ((x @ Wq) * (x @ Wk) + F.relu(x @ Wv)).backward(dout)
     for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, atol=1e-5, rtol=1e-5)
+
+
+@op(q="n d", k="m d", v="m e")
+def scaled_attention(q, k, v):
+    s = q.matmul(k, over="d") / sqrt(q.size("d"))
+    p = exp(s - s.max("m", keepdim=True))
+    p = p / p.sum("m", keepdim=True)
+    out = p @ v
+    return out
+
+
+def test_a_matmul_times_a_number_is_scaled_in_its_own_buffer():
+    d, module = generated(scaled_attention)
+    code = "\n".join(d.code.backward)
+    assert re.search(r"^dq = \(ds @ k\)\.div_\(", code, re.M) and re.search(
+        r"^dk = \(ds\.T @ q\)\.div_\(", code, re.M
+    ), code
+    args = [_randn(32, 8, seed=1), _randn(24, 8, seed=2), _randn(24, 4, seed=3)]
+    out, saved = module.scaled_attention_forward(*args)
+    dout = _randn(32, 4, seed=4)
+    with AtenOps() as ops:
+        grads = module.scaled_attention_backward(dout, saved)
+    assert ops.counts["div_"] == 2 and ops.counts["div"] == 0, ops.counts
+    q, k, v = (a.clone().requires_grad_() for a in args)
+    (torch.softmax(q @ k.T / 8**0.5, 1) @ v).backward(dout)
+    for got, leaf in zip(grads, (q, k, v)):
         torch.testing.assert_close(got, leaf.grad, atol=1e-5, rtol=1e-5)
 
 

@@ -7,6 +7,7 @@ costly sub-expressions repeat); :class:`.lowerer.Lowerer`, with the contraction 
 
 from __future__ import annotations
 
+import ast
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -144,7 +145,9 @@ def lower_program(
     returned = {grad_name(t.name) for t in program.differentiable_inputs}
     large = {n for n, r in bwd.rank.items() if r >= 2} | {grad_name(w.name) for w, _ in gradients if len(w.dims) >= 2}
     ranks = {**{n: len(t.layout) for n, t in layouts.items()}, **bwd.rank}
-    backward = release_dead(accumulate_products(bwd.lines, bwd.products, ranks), large - returned)
+    backward = release_dead(
+        scale_products(accumulate_products(bwd.lines, bwd.products, ranks), bwd.products, ranks), large - returned
+    )
 
     steps = Lowerer(
         layouts, ref=seed, names=names, admissible=fits, positions=positions, printer=FAITHFUL, shard=distributed
@@ -351,6 +354,58 @@ def accumulate_products(lines: list[str], products: dict[str, tuple[str, str]], 
             in_place = True
             out[_definition(out, t)] = ""
         out[k] = f"{match.group(1)} = {code}"
+    return [line for line in out if line]
+
+
+def _scaled_name(code: str) -> tuple[str, str, str] | None:
+    """``(name, "*" or "/", factor)`` where ``code`` is ``name * factor``, ``factor * name`` or
+    ``name / factor`` at its top level (parsed, so ``t4 * 2 + 1`` is no such product); else None.
+
+    Example:
+        >>> _scaled_name("t4 / D**0.5"), _scaled_name("2 * t4"), _scaled_name("t4 * 2 + 1")
+        (('t4', '/', 'D**0.5'), ('t4', '*', '2'), None)
+    """
+    try:
+        tree = ast.parse(code, mode="eval").body
+    except SyntaxError:
+        return None
+    if not isinstance(tree, ast.BinOp) or not isinstance(tree.op, (ast.Mult, ast.Div)):
+        return None
+    sign = "*" if isinstance(tree.op, ast.Mult) else "/"
+    if isinstance(tree.left, ast.Name):
+        return tree.left.id, sign, ast.get_source_segment(code, tree.right) or ""
+    if sign == "*" and isinstance(tree.right, ast.Name):
+        return tree.right.id, sign, ast.get_source_segment(code, tree.left) or ""
+    return None
+
+
+def scale_products(lines: list[str], products: dict[str, tuple[str, str]], ranks: dict[str, int]) -> list[str]:
+    """A matrix product times a number is scaled in its own buffer: ``dk = t4 / D**0.5`` after
+    ``t4 = ds.T @ q`` becomes ``dk = (ds.T @ q).div_(D**0.5)``, with no second buffer.
+
+    The factor must read no tensor (sizes, parameters and numbers only: names ``ranks`` does not know).
+
+    Example:
+        >>> scale_products(["t4 = ds.T @ q", "dk = t4 / D**0.5"], {"t4": ("ds.T", "q")}, {"t4": 2, "ds": 2, "q": 2})
+        ['dk = (ds.T @ q).div_(D**0.5)']
+        >>> scale_products(["t4 = a @ b", "dk = t4 * g"], {"t4": ("a", "b")}, {"t4": 2, "g": 1})
+        ['t4 = a @ b', 'dk = t4 * g']
+    """
+    out = list(lines)
+    for k, line in enumerate(lines):
+        match = _ASSIGNMENT.fullmatch(line)
+        scaled = None if match is None else _scaled_name(match.group(2))
+        if match is None or scaled is None:
+            continue
+        target, (name, sign, factor) = match.group(1), scaled
+        if name not in products or not _foldable(out, name, k, products[name]):
+            continue
+        if "[" in factor or any(ident in ranks for ident in re.findall(r"[A-Za-z_]\w*", factor)):
+            continue
+        left, right = products[name]
+        method = "div_" if sign == "/" else "mul_"
+        out[_definition(out, name)] = ""
+        out[k] = f"{target} = ({left} @ {right}).{method}({factor})"
     return [line for line in out if line]
 
 
