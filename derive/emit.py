@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from .autodiff import grad_name
 from .derivation import Derivation
 from .errors import OutputPathError
+from .lowering.code import values_only_maxes
 from .lowering.printer import size_code
 from .notation import text
 
@@ -196,6 +197,7 @@ def render(d: Derivation, command: str | None = None, formatted: bool = True) ->
     steps_only = [k for k in _used(code.backward_steps, keys) if k not in wanted]
     # _keep_all=True keeps every named intermediate too (what a learner compares, as in the lecture)
     keep_all = steps_only + [s.name for s in program.statements if s.name not in wanted and s.name not in steps_only]
+    forward, keep_all_lines = values_only_maxes(code.forward, wanted | set(program.outputs))
     uses_math = any(re.search(r"\bmath\.", line) for line in code.forward + code.backward + code.backward_steps)
     source = (
         _environment()
@@ -226,7 +228,8 @@ def render(d: Derivation, command: str | None = None, formatted: bool = True) ->
             call_args=", ".join([t.name for t in program.inputs] + [f"{p.name}={p.name}" for p in program.params]),
             backward_returns=[f"grads.{t.name}" if t.differentiable else "None" for t in program.inputs]
             + ["None"] * len(program.params),
-            forward=code.forward,
+            forward=forward,
+            keep_all_lines=keep_all_lines,
             saved=kept,
             steps_only=steps_only,
             keep_all=keep_all,

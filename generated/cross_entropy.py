@@ -57,9 +57,8 @@ def cross_entropy_forward(logits, target, *, _keep_all=False):
         raise ValueError(
             f"cross_entropy: target must be [N] with N={N}, got shape {tuple(target.shape)}"
         )
-    t1 = logits.max(1)
-    argmax_logits = t1.indices
-    logit_maxes = t1.values[:, None]
+    t1 = logits.amax(1)
+    logit_maxes = t1[:, None]
     norm_logits = -logit_maxes + logits
     counts = torch.exp(norm_logits)
     t2 = counts.sum(1)
@@ -78,6 +77,7 @@ def cross_entropy_forward(logits, target, *, _keep_all=False):
         "loss": loss,
     }
     if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
+        argmax_logits = logits.max(1).indices
         saved.update(
             {
                 "counts": counts,

@@ -39,9 +39,8 @@ def log_softmax_forward(x, *, _keep_all=False):
         raise TypeError(f"log_softmax: x must be a floating-point tensor, got {x.dtype}")
     N = x.shape[0]
     D = x.shape[1]
-    t1 = x.max(1)
-    argmax_x = t1.indices
-    maxes = t1.values[:, None]
+    t1 = x.amax(1)
+    maxes = t1[:, None]
     shifted = -maxes + x
     e = torch.exp(shifted)
     t2 = e.sum(1)
@@ -55,6 +54,7 @@ def log_softmax_forward(x, *, _keep_all=False):
         "D": D,
     }
     if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
+        argmax_x = x.max(1).indices
         saved.update(
             {
                 "argmax_x": argmax_x,

@@ -165,9 +165,8 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
     h = torch.tanh(hpreact)
     t4 = h @ W2
     logits = b2 + t4
-    t5 = logits.max(1)
-    argmax_logits = t5.indices
-    logit_maxes = t5.values[:, None]
+    t5 = logits.amax(1)
+    logit_maxes = t5[:, None]
     norm_logits = -logit_maxes + logits
     counts = torch.exp(norm_logits)
     t6 = counts.sum(1)
@@ -202,6 +201,7 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
         "loss": loss,
     }
     if _keep_all:  # what only the atom-by-atom chain reads, and every named intermediate
+        argmax_logits = logits.max(1).indices
         saved.update(
             {
                 "bndiff": bndiff,

@@ -191,6 +191,20 @@ def test_a_matmul_times_a_number_is_scaled_in_its_own_buffer():
         torch.testing.assert_close(got, leaf.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "cross_entropy", "logsumexp"])
+def test_a_forward_that_needs_a_maxs_values_alone_takes_amax(name: str):
+    d, module = derived(name)
+    inputs = [torch.randn(64, 10) if not t.is_int else torch.randint(0, 10, (64,)) for t in d.program.inputs]
+    forward = getattr(module, f"{name}_forward")
+    with AtenOps() as ops:
+        forward(*inputs)
+    assert ops.counts["amax"] == 1 and ops.counts["max"] == 0, ops.counts  # max(dim) also finds indices: 10x the work
+    with AtenOps() as ops:
+        _, saved = forward(*inputs, _keep_all=True)
+    assert ops.counts["max"] == 1, ops.counts  # the chain routes the max's gradient to max(dim)'s index
+    assert any(k.startswith("argmax") for k in saved)
+
+
 @pytest.mark.parametrize("scale", [1.0, 100.0])
 def test_gated_unit_backward_stays_finite_where_exp_overflows(scale: float):
     _, module = generated(gated)

@@ -409,6 +409,49 @@ def scale_products(lines: list[str], products: dict[str, tuple[str, str]], ranks
     return [line for line in out if line]
 
 
+_MAX_CALL = re.compile(r"(\w+) = (.+)\.max\((\d+)\)")
+_INDICES = re.compile(r"(\w+) = (\w+)\.indices(.*)")
+
+
+def values_only_maxes(forward: list[str], kept: set[str]) -> tuple[list[str], list[str]]:
+    """The forward with ``amax`` where it needs a max's values alone, and the lines ``_keep_all`` adds.
+
+    ``t1 = x.max(1)`` computes values and indices, about ten times the work of ``x.amax(1)`` on a
+    CPU. Where the indices feed only a name that neither the forward nor ``kept`` (what the fused
+    backward reads) uses, the forward takes ``amax`` and the atom-by-atom chain's argmax is taken
+    again, as before, when ``_keep_all`` asks for it.
+
+    Example:
+        >>> values_only_maxes(["t1 = x.max(1)", "i_x = t1.indices", "m = t1.values[:, None]", "y = x - m"], {"y"})
+        (['t1 = x.amax(1)', 'm = t1[:, None]', 'y = x - m'], ['i_x = x.max(1).indices'])
+    """
+    out, extra = list(forward), []
+    for k, line in enumerate(forward):
+        call = _MAX_CALL.fullmatch(line)
+        if call is None:
+            continue
+        temp, body, axis = call.groups()
+        if temp in kept:
+            continue
+        readers = [j for j, other in enumerate(out) if j != k and re.search(rf"\b{temp}\b", other)]
+        picks = {j: m for j in readers if (m := _INDICES.fullmatch(out[j])) is not None and m.group(2) == temp}
+        if any(re.search(rf"\b{temp}\b(?!\.values\b)", out[j]) for j in readers if j not in picks):
+            continue  # the indices (or the pair) are read by another forward line
+        names = {m.group(1) for m in picks.values()}
+        if names & kept or any(
+            re.search(rf"\b{n}\b", out[j]) for n in names for j in range(len(out)) if j not in picks
+        ):
+            continue  # the fused backward or the forward itself reads the argmax
+        for j in readers:
+            if j in picks:
+                extra.append(f"{picks[j].group(1)} = {body}.max({axis}).indices{picks[j].group(3)}")
+                out[j] = ""
+            else:
+                out[j] = re.sub(rf"\b{temp}\.values\b", temp, out[j])
+        out[k] = f"{temp} = {body}.amax({axis})"
+    return [line for line in out if line], extra
+
+
 def _definition(lines: list[str], name: str) -> int:
     return next(k for k, line in enumerate(lines) if line.startswith(f"{name} = "))
 
@@ -509,4 +552,4 @@ def _size_lines(program: Program) -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["ChainTerm", "Code", "lower_program", "lower_terms", "sharding"]
+__all__ = ["ChainTerm", "Code", "lower_program", "lower_terms", "sharding", "values_only_maxes"]
