@@ -212,7 +212,9 @@ def run(
     written = False
     if write:
         if verification is not None and not verification.ok:
-            raise VerificationError(f"op '{d.name}': generated code failed verification; nothing written")
+            raise VerificationError(
+                f"op '{d.name}': generated code failed verification ({verification.failure}); nothing written"
+            )
         out = out_dir or default_out()
         path = emit.output_path(out, d.name)
         emit.write_atomic(out / "__init__.py", _INIT)
@@ -232,7 +234,9 @@ def module_source(the_op: Op, spec: str | None = None, verified: bool = True) ->
         return str(hit["source"])
     result = run(the_op, write=False, verify=verified, spec=spec)
     if result.verification is not None and not result.verification.ok:
-        raise VerificationError(f"op '{the_op.name}': generated code failed verification")
+        raise VerificationError(
+            f"op '{the_op.name}': generated code failed verification ({result.verification.failure})"
+        )
     cache.store(k, {"source": result.source, "verified": verified})
     return result.source
 

@@ -16,7 +16,7 @@ from .autodiff import grad_name
 from .derivation import ChainStep, Derivation, Gradient
 from .indexalg import free_indices
 from .program import Statement, TensorInfo
-from .verify import Comparison, Verification
+from .verify import DOMAINS, Comparison, Verification
 
 WIDTH = 100
 
@@ -245,6 +245,8 @@ def verification_section(
     size_text = ", ".join(f"{k}={n}" for k, n in sizes.items())
     where = "" if v.device == "cpu" else f" on {v.device}"
     lines = [style.heading(f"5. Verification against PyTorch autograd (float32{where}; {size_text})")]
+    if v.domain != "real":  # the forward is not finite at normal inputs (a log or sqrt of one)
+        lines.append(f"  float inputs drawn {DOMAINS[v.domain]}: the forward is not finite at standard normal ones")
     lines.append("  fused backward (NAME_backward):")
     lines += table(v.fused)
     if v.steps:

@@ -59,12 +59,30 @@ class Verification:
     gradcheck_error: str = ""
     exact: list[tuple[str, str]] = field(default_factory=list)
     device: str = "cpu"
+    domain: str = "real"  # where the float inputs were drawn (DOMAINS): the first where the forward is finite
 
     @property
     def ok(self) -> bool:
         compared = all(c.shape_ok and c.approx for c in self.fused + self.steps)
         exact = all(status != "FAILED" for _, status in self.exact)
         return compared and self.gradcheck is not False and exact
+
+    @property
+    def failure(self) -> str:
+        """The first check that failed, in a few words ('' when all passed)."""
+        for kind, comparisons in (("fused backward", self.fused), ("chain", self.steps)):
+            for c in comparisons:
+                if not c.shape_ok:
+                    return f"{kind}: {c.name} has the wrong shape"
+                if not c.approx:
+                    at = f"at inputs drawn {DOMAINS[self.domain]}"
+                    if c.max_abs_diff != c.max_abs_diff:  # NaN: a value or its reference is not finite
+                        return f"{kind}: {c.name} is not finite {at}"
+                    return f"{kind}: {c.name} differs from autograd by up to {c.max_abs_diff:.3g} {at}"
+        if self.gradcheck is False:
+            return f"float64 gradcheck: {self.gradcheck_error}"
+        failed = [name for name, status in self.exact if status == "FAILED"]
+        return f"exact check failed for {', '.join(failed)}" if failed else ""
 
 
 def load_module(source: str, name: str) -> types.ModuleType:
@@ -154,10 +172,25 @@ def usable_device(name: str) -> str:
     return str(device)
 
 
+# where float inputs are drawn, in the order tried: a forward that takes log or sqrt of an input is
+# checked where it is finite (the description is what the report and errors print)
+DOMAINS = {
+    "real": "from a standard normal",
+    "positive": "uniformly from (0.5, 2)",
+    "unit": "uniformly from (0.1, 0.9)",
+}
+
+
 def example_inputs(
-    program: Program, sizes: dict[str, int], dtype: torch.dtype, seed: int = 0, device: str = "cpu"
+    program: Program,
+    sizes: dict[str, int],
+    dtype: torch.dtype,
+    seed: int = 0,
+    device: str = "cpu",
+    domain: str = "real",
 ) -> list[torch.Tensor]:
-    """Random inputs of the declared shapes; integer inputs within the range they index.
+    """Random inputs of the declared shapes, float ones drawn from ``domain`` (:data:`DOMAINS`);
+    integer inputs within the range they index.
 
     Example:
         >>> from derive import catalogue
@@ -173,8 +206,33 @@ def example_inputs(
             high = _index_high(program, t.name, sizes)
             out.append(torch.randint(0, high, shape, generator=g).to(device))
         else:
-            out.append(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device))
+            out.append(_draw(shape, g, domain).to(dtype=dtype, device=device))
     return out
+
+
+def _draw(shape: tuple[int, ...], g: torch.Generator, domain: str) -> torch.Tensor:
+    if domain == "positive":
+        return 0.5 + 1.5 * torch.rand(shape, generator=g, dtype=torch.float64)
+    if domain == "unit":
+        return 0.1 + 0.8 * torch.rand(shape, generator=g, dtype=torch.float64)
+    return torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+def input_domain(d: Derivation, sizes: dict[str, int], seed: int = 0) -> str:
+    """The first of :data:`DOMAINS` where the forward, as written, is finite at random inputs.
+
+    ``log(rate)`` is NaN at half of all normal inputs: such an op is checked at positive ones.
+    """
+    params = {p.name: p.default for p in d.program.params}
+    forward = _forward_function(d)
+    for domain in DOMAINS:
+        inputs = example_inputs(d.program, sizes, torch.float64, seed, domain=domain)
+        with torch.no_grad():
+            values = forward(*inputs, **params)
+        outs = [values[o] for o in d.program.outputs]
+        if all(torch.isfinite(o).all() for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()):
+            return domain
+    return "real"
 
 
 # -- memory: the no-blow-up invariant ---------------------------------------------------------
@@ -362,8 +420,8 @@ def verify(
     program = d.program
     use_dims(program.dims)
     sizes = program.tie(sizes or default_sizes(program))
-    result = Verification(device=device)
-    inputs = example_inputs(program, sizes, torch.float32, seed, device)
+    result = Verification(device=device, domain=input_domain(d, sizes, seed))
+    inputs = example_inputs(program, sizes, torch.float32, seed, device, result.domain)
     params = {p.name: p.default for p in program.params}
     out, saved = getattr(module, f"{program.name}_forward")(*inputs, **params)
     g = random_grad_outputs(program, out, seed)
@@ -380,9 +438,9 @@ def verify(
     for name in _ordered(program, steps):
         if name in want:
             result.steps.append(compare(name, steps[name], want[name], atol=FLOAT32_ATOL * _scale(want[name])))
-    result.gradcheck, result.gradcheck_error = _gradcheck(module, program, sizes, params, seed, device)
+    result.gradcheck, result.gradcheck_error = _gradcheck(module, program, sizes, params, seed, device, result.domain)
     if exact:
-        result.exact = exact_check(d)
+        result.exact = exact_check(d, domain=result.domain)
     return result
 
 
@@ -398,10 +456,11 @@ def _gradcheck(
     params: dict[str, float],
     seed: int,
     device: str = "cpu",
+    domain: str = "real",
 ) -> tuple[bool, str]:
     fn = autograd_function(module, program, params)
     small = {k: min(v, 4) for k, v in sizes.items()}
-    inputs = example_inputs(program, small, torch.float64, seed, device)
+    inputs = example_inputs(program, small, torch.float64, seed, device, domain)
     inputs = [x.requires_grad_(info.differentiable) for x, info in zip(inputs, program.inputs)]
     try:
         ok = torch.autograd.gradcheck(lambda *xs: fn.apply(*xs), tuple(inputs), eps=1e-6, atol=1e-5, rtol=1e-4)
@@ -566,7 +625,12 @@ class _Scalars:
     """
 
     def __init__(
-        self, program: Program, sizes: dict[str, int], params: dict[sympy.Symbol, sympy.Expr], rng: random.Random
+        self,
+        program: Program,
+        sizes: dict[str, int],
+        params: dict[sympy.Symbol, sympy.Expr],
+        rng: random.Random,
+        domain: str = "real",
     ):
         self.values: dict[sympy.Symbol, sympy.Expr] = {}
         self.definitions: list[tuple[sympy.Symbol, sympy.Expr]] = []
@@ -579,7 +643,7 @@ class _Scalars:
                 if t.is_int:
                     table[combo] = sympy.Integer(rng.randrange(high))
                 else:
-                    table[combo] = self._symbol(t.name, combo, sympy.Rational(rng.randint(-30, 30), rng.randint(7, 13)))
+                    table[combo] = self._symbol(t.name, combo, _rational(rng, domain))
             self.interp.values[t.name] = table
         for stmt in program.statements:
             self._define(stmt.target, stmt.expr)
@@ -621,7 +685,17 @@ class _Scalars:
         return adjoint
 
 
-def exact_check(d: Derivation, size: int = 2, seed: int = 0) -> list[tuple[str, str]]:
+def _rational(rng: random.Random, domain: str) -> sympy.Rational:
+    """A rational input value in ``domain`` (:data:`DOMAINS`), with a denominator of 7 to 13."""
+    if domain == "real":
+        return sympy.Rational(rng.randint(-30, 30), rng.randint(7, 13))
+    q = rng.randint(7, 13)
+    if domain == "positive":
+        return sympy.Rational(rng.randint(q // 2 + 1, 2 * q - 1), q)
+    return sympy.Rational(rng.randint(1, q - 1), q)
+
+
+def exact_check(d: Derivation, size: int = 2, seed: int = 0, domain: str = "real") -> list[tuple[str, str]]:
     """Run the forward at small sizes entry by entry, differentiate the scalars directly, compare.
 
     Returns ``(input, status)`` where status is ``exact`` (equal as rational numbers),
@@ -639,7 +713,7 @@ def exact_check(d: Derivation, size: int = 2, seed: int = 0) -> list[tuple[str, 
     # distinct sizes catch transpositions; with many dims all 2 keep the expansion small
     sizes = program.tie({dim.name: size + (k % 2 if len(plain) < 4 else 0) for k, dim in enumerate(plain)})
     params = {p.symbol: sympy.Rational(1, 10) for p in program.params}
-    scalars = _Scalars(program, sizes, params, rng)
+    scalars = _Scalars(program, sizes, params, rng, domain)
     seeds = {}
     for o in program.outputs:
         out = program.tensors[o]

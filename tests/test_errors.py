@@ -150,3 +150,34 @@ def test_generated_functions_reject_wrong_shapes_and_dtypes():
         batchnorm_forward(torch.randn(1, 3), torch.randn(3), torch.randn(3))
     with pytest.raises(TypeError, match="float64"):
         batchnorm_forward(torch.randn(4, 3), torch.randn(3, dtype=torch.float64), torch.randn(3))
+
+
+DOMAIN_OPS = {  # a log of an input: checked where the forward is finite, not at normal inputs
+    "positive": (
+        '@op(logits="n c", target="int n", prior="const c")\ndef f(logits, target, prior, tau=1.0):\n'
+        '    z = logits + tau * log(prior)\n    m = z.max("c", keepdim=True)\n'
+        '    logp = z - m - log(exp(z - m).sum("c", keepdim=True))\n'
+        '    loss = -logp.take(target, "c").mean("n")\n    return loss\n'
+    ),
+    "unit": '@op(p="n d")\ndef f(p):\n    loss = -(p * log(p) + (1 - p) * log(1 - p)).sum("d").mean("n")\n    return loss\n',
+}
+
+
+@pytest.mark.parametrize("domain", sorted(DOMAIN_OPS))
+def test_an_op_that_takes_the_log_of_an_input_verifies_where_its_forward_is_finite(domain, tmp_path, capsys):
+    (tmp_path / "f.py").write_text(HEADER + DOMAIN_OPS[domain])
+    r = cli(capsys, f"{tmp_path / 'f.py'}:f", "--no-write")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verified" in r.stdout and "the forward is not finite at standard normal ones" in r.stdout, r.stdout
+    result = api.run(api.resolve(f"{tmp_path / 'f.py'}:f"), write=False)
+    assert result.verification.domain == domain and result.verification.ok
+    assert all(status != "FAILED" for _, status in result.verification.exact)
+
+
+def test_a_failed_verification_says_which_check_failed_and_writes_nothing(tmp_path, out_dir, capsys):
+    (tmp_path / "f.py").write_text(HEADER + '@op(x="n d")\ndef f(x):\n    out = log(x - 100)\n    return out\n')
+    before = _snapshot(out_dir)
+    r = cli(capsys, f"{tmp_path / 'f.py'}:f", "--out", str(out_dir))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "failed verification (fused backward: out (forward) is not finite at inputs drawn" in r.stderr, r.stderr
+    assert _snapshot(out_dir) == before
