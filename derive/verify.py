@@ -70,15 +70,17 @@ class Verification:
     @property
     def failure(self) -> str:
         """The first check that failed, in a few words ('' when all passed)."""
-        for kind, comparisons in (("fused backward", self.fused), ("chain", self.steps)):
+        for part, comparisons in (("fused backward", self.fused), ("chain", self.steps)):
             for c in comparisons:
+                name = c.name.removesuffix(" (forward)")
+                kind = part if name == c.name else "forward"
                 if not c.shape_ok:
-                    return f"{kind}: {c.name} has the wrong shape"
+                    return f"{kind}: {name} has the wrong shape"
                 if not c.approx:
                     at = f"at inputs drawn {DOMAINS[self.domain]}"
                     if c.max_abs_diff != c.max_abs_diff:  # NaN: a value or its reference is not finite
-                        return f"{kind}: {c.name} is not finite {at}"
-                    return f"{kind}: {c.name} differs from autograd by up to {c.max_abs_diff:.3g} {at}"
+                        return f"{kind}: {name} is not finite {at}"
+                    return f"{kind}: {name} differs from autograd by up to {c.max_abs_diff:.3g} {at}"
         if self.gradcheck is False:
             return f"float64 gradcheck: {self.gradcheck_error}"
         failed = [name for name, status in self.exact if status == "FAILED"]
