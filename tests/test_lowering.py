@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from derive import apply, derive, exp, op, sqrt
+from derive import apply, derive, exp, log, op, sqrt
 from derive.emit import render
 from derive.lowering import plan as planner
 from derive.verify import TensorSizes, load_module
@@ -203,6 +203,27 @@ def test_a_forward_that_needs_a_maxs_values_alone_takes_amax(name: str):
         _, saved = forward(*inputs, _keep_all=True)
     assert ops.counts["max"] == 1, ops.counts  # the chain routes the max's gradient to max(dim)'s index
     assert any(k.startswith("argmax") for k in saved)
+
+
+@op(x="b t d")
+def logsumexp_of_a_max_of_a_max(x):
+    m = x.max("t").max("d")
+    out = log(exp(x - m).sum("t").sum("d")) + m
+    return out
+
+
+def test_a_max_of_a_max_whose_values_alone_are_needed_takes_amax_twice():
+    d, module = generated(logsumexp_of_a_max_of_a_max)
+    forward = "\n".join(d.code.forward)
+    x = _randn(3, 4, 5, seed=1)
+    with AtenOps() as ops:
+        out, saved = module.logsumexp_of_a_max_of_a_max_forward(x)
+    assert ops.counts["amax"] == 2 and ops.counts["max"] == 0, (ops.counts, forward)
+    torch.testing.assert_close(out, torch.logsumexp(x.flatten(1), 1))
+    steps = module.logsumexp_of_a_max_of_a_max_backward_steps(torch.ones_like(out), saved)
+    leaf = x.clone().requires_grad_()
+    torch.logsumexp(leaf.flatten(1), 1).sum().backward()
+    torch.testing.assert_close(steps["x"], leaf.grad)
 
 
 @pytest.mark.parametrize("scale", [1.0, 100.0])

@@ -424,10 +424,12 @@ def values_only_maxes(forward: list[str], kept: set[str]) -> tuple[list[str], li
     Example:
         >>> values_only_maxes(["t1 = x.max(1)", "i_x = t1.indices", "m = t1.values[:, None]", "y = x - m"], {"y"})
         (['t1 = x.amax(1)', 'm = t1[:, None]', 'y = x - m'], ['i_x = x.max(1).indices'])
+        >>> values_only_maxes(["t1 = x.max(1)", "t2 = t1.values.max(1)", "y = t2.values"], {"y"})[0]
+        ['t1 = x.amax(1)', 't2 = t1.amax(1)', 'y = t2']
     """
     out, extra = list(forward), []
-    for k, line in enumerate(forward):
-        call = _MAX_CALL.fullmatch(line)
+    for k in range(len(out)):
+        call = _MAX_CALL.fullmatch(out[k])  # as an earlier max left it (a max of a max reads its values)
         if call is None:
             continue
         temp, body, axis = call.groups()
