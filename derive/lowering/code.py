@@ -145,9 +145,7 @@ def lower_program(
     returned = {grad_name(t.name) for t in program.differentiable_inputs}
     large = {n for n, r in bwd.rank.items() if r >= 2} | {grad_name(w.name) for w, _ in gradients if len(w.dims) >= 2}
     ranks = {**{n: len(t.layout) for n, t in layouts.items()}, **bwd.rank}
-    backward = release_dead(
-        scale_products(accumulate_products(bwd.lines, bwd.products, ranks), bwd.products, ranks), large - returned
-    )
+    backward = release_dead(fold_products(bwd.lines, bwd.products, ranks), large - returned)
 
     steps = Lowerer(
         layouts, ref=seed, names=names, admissible=fits, positions=positions, printer=FAITHFUL, shard=distributed
@@ -314,47 +312,78 @@ def _summed_names(code: str) -> list[str] | None:
     return chain.group(1).split(" + ") + re.findall(r"\.add_\((\w+)\)", chain.group(2))
 
 
-def accumulate_products(lines: list[str], products: dict[str, tuple[str, str]], ranks: dict[str, int]) -> list[str]:
-    """A sum of matrix products accumulates into one buffer: ``dx = t3 + t4`` after ``t4 = g @ W.T``
-    becomes ``dx = t3.addmm_(g, W.T)``, one pass over the result fewer and no buffer for ``t4``.
+def fold_products(lines: list[str], products: dict[str, tuple[str, str]], ranks: dict[str, int]) -> list[str]:
+    """Matrix products (``products``: temporary -> operands) computed into the buffer of the line that
+    reads them, so the product needs no buffer of its own and the line no pass of its own.
 
-    A product qualifies when this sum is its only reader and its operands are not rebound or changed
-    in place between the two lines. The first term is updated in place only when it is itself a
-    product (a buffer of its own); otherwise ``torch.addmm`` starts a fresh one from it (a tensor
-    of at most two dims, by ``ranks``: not a size, and broadcast to the product's shape as ``+`` would).
+    - A sum: ``dx = t3 + t4`` after ``t4 = g @ W.T`` becomes ``dx = t3.addmm_(g, W.T)``. The first
+      term is updated in place only when it is itself a product; otherwise ``torch.addmm`` starts a
+      fresh buffer from it (a tensor of at most two dims, by ``ranks``: not a size, and broadcast to
+      the product's shape as ``+`` would).
+    - A number times it: ``dk = t4 / D**0.5`` after ``t4 = ds.T @ q`` becomes
+      ``dk = (ds.T @ q).div_(D**0.5)``. The factor reads no tensor (no name ``ranks`` knows).
+
+    A product folds only where that line is its only reader and its operands are not rebound or
+    changed in place in between.
 
     Example:
-        >>> accumulate_products(["t3 = a @ V.T", "t4 = b @ W.T", "dx = t3 + t4"], {"t3": ("a", "V.T"), "t4": ("b", "W.T")}, {"t3": 2, "t4": 2})
+        >>> fold_products(["t3 = a @ V.T", "t4 = b @ W.T", "dx = t3 + t4"], {"t3": ("a", "V.T"), "t4": ("b", "W.T")}, {"t3": 2, "t4": 2})
         ['t3 = a @ V.T', 'dx = t3.addmm_(b, W.T)']
-        >>> accumulate_products(["t4 = b @ W.T", "dx = dout + t4"], {"t4": ("b", "W.T")}, {"t4": 2, "dout": 2})
+        >>> fold_products(["t4 = b @ W.T", "dx = dout + t4"], {"t4": ("b", "W.T")}, {"t4": 2, "dout": 2})
         ['dx = torch.addmm(dout, b, W.T)']
+        >>> fold_products(["t4 = ds.T @ q", "dk = t4 / D**0.5"], {"t4": ("ds.T", "q")}, {"t4": 2, "ds": 2, "q": 2})
+        ['dk = (ds.T @ q).div_(D**0.5)']
+        >>> fold_products(["t4 = a @ b", "dk = t4 * g"], {"t4": ("a", "b")}, {"t4": 2, "g": 1})
+        ['t4 = a @ b', 'dk = t4 * g']
     """
     out = list(lines)
     for k, line in enumerate(lines):
         match = _ASSIGNMENT.fullmatch(line)
-        terms = None if match is None else _summed_names(match.group(2))
-        if match is None or terms is None:
+        if match is None:
             continue
-        folded = [t for t in terms if t in products and _foldable(out, t, k, products[t])]
-        if not folded or len(set(terms)) < len(terms):
-            continue
-        rest = [t for t in terms if t not in folded]
-        if rest:
-            base, in_place = rest[0], False
-            if ranks.get(base, 3) > 2:
-                continue
-        else:
-            base, in_place = folded.pop(0), True
-        if len(rest) > 1 or not folded:
-            continue
-        code = base
-        for t in folded:
-            left, right = products[t]
-            code = f"{code}.addmm_({left}, {right})" if in_place else f"torch.addmm({code}, {left}, {right})"
-            in_place = True
-            out[_definition(out, t)] = ""
-        out[k] = f"{match.group(1)} = {code}"
+        code = _accumulated(out, k, match.group(2), products, ranks)
+        code = code if code is not None else _scaled(out, k, match.group(2), products, ranks)
+        if code is not None:
+            out[k] = f"{match.group(1)} = {code}"
     return [line for line in out if line]
+
+
+def _accumulated(
+    out: list[str], k: int, rhs: str, products: dict[str, tuple[str, str]], ranks: dict[str, int]
+) -> str | None:
+    """``rhs``, a sum of names, with its products accumulated by ``addmm``; their lines blanked."""
+    terms = _summed_names(rhs)
+    if terms is None or len(set(terms)) < len(terms):
+        return None
+    folded = [t for t in terms if t in products and _foldable(out, t, k, products[t])]
+    rest = [t for t in terms if t not in folded]
+    if not folded or len(rest) > 1 or (rest and ranks.get(rest[0], 3) > 2) or (not rest and len(folded) < 2):
+        return None
+    base, in_place = (rest[0], False) if rest else (folded.pop(0), True)
+    code = base
+    for t in folded:
+        left, right = products[t]
+        code = f"{code}.addmm_({left}, {right})" if in_place else f"torch.addmm({code}, {left}, {right})"
+        in_place = True
+        out[_definition(out, t)] = ""
+    return code
+
+
+def _scaled(
+    out: list[str], k: int, rhs: str, products: dict[str, tuple[str, str]], ranks: dict[str, int]
+) -> str | None:
+    """``rhs``, a product times a number, as the product scaled in place; its line blanked."""
+    scaled = _scaled_name(rhs)
+    if scaled is None:
+        return None
+    name, sign, factor = scaled
+    if name not in products or not _foldable(out, name, k, products[name]):
+        return None
+    if "[" in factor or any(ident in ranks for ident in re.findall(r"[A-Za-z_]\w*", factor)):
+        return None
+    left, right = products[name]
+    out[_definition(out, name)] = ""
+    return f"({left} @ {right}).{'div_' if sign == '/' else 'mul_'}({factor})"
 
 
 def _scaled_name(code: str) -> tuple[str, str, str] | None:
@@ -377,36 +406,6 @@ def _scaled_name(code: str) -> tuple[str, str, str] | None:
     if sign == "*" and isinstance(tree.right, ast.Name):
         return tree.right.id, sign, ast.get_source_segment(code, tree.left) or ""
     return None
-
-
-def scale_products(lines: list[str], products: dict[str, tuple[str, str]], ranks: dict[str, int]) -> list[str]:
-    """A matrix product times a number is scaled in its own buffer: ``dk = t4 / D**0.5`` after
-    ``t4 = ds.T @ q`` becomes ``dk = (ds.T @ q).div_(D**0.5)``, with no second buffer.
-
-    The factor must read no tensor (sizes, parameters and numbers only: names ``ranks`` does not know).
-
-    Example:
-        >>> scale_products(["t4 = ds.T @ q", "dk = t4 / D**0.5"], {"t4": ("ds.T", "q")}, {"t4": 2, "ds": 2, "q": 2})
-        ['dk = (ds.T @ q).div_(D**0.5)']
-        >>> scale_products(["t4 = a @ b", "dk = t4 * g"], {"t4": ("a", "b")}, {"t4": 2, "g": 1})
-        ['t4 = a @ b', 'dk = t4 * g']
-    """
-    out = list(lines)
-    for k, line in enumerate(lines):
-        match = _ASSIGNMENT.fullmatch(line)
-        scaled = None if match is None else _scaled_name(match.group(2))
-        if match is None or scaled is None:
-            continue
-        target, (name, sign, factor) = match.group(1), scaled
-        if name not in products or not _foldable(out, name, k, products[name]):
-            continue
-        if "[" in factor or any(ident in ranks for ident in re.findall(r"[A-Za-z_]\w*", factor)):
-            continue
-        left, right = products[name]
-        method = "div_" if sign == "/" else "mul_"
-        out[_definition(out, name)] = ""
-        out[k] = f"{target} = ({left} @ {right}).{method}({factor})"
-    return [line for line in out if line]
 
 
 _MAX_CALL = re.compile(r"(\w+) = (.+)\.max\((\d+)\)")
