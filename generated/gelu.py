@@ -56,14 +56,14 @@ def gelu_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("gelu: grad_output is required for a non-scalar output")
     dout = grad_output
-    t2 = torch.square(x).mul_(0.035677408136300125).add_(0.7978845608028654).mul_(x).tanh_()
+    t2 = x**2
+    t4 = torch.mul(t2, 0.035677408136300125).add_(0.7978845608028654).mul_(x).tanh_()
     dx = (
-        torch.square(x)
-        .mul_(26829)
+        torch.mul(t2, 26829)
         .add_(200000)
-        .mul_(torch.square(t2).mul_(-1.9947114020071636e-06).add_(1.9947114020071636e-06))
+        .mul_(torch.square(t4).mul_(-1.9947114020071636e-06).add_(1.9947114020071636e-06))
         .mul_(x)
-        .add_(t2, alpha=1 / 2)
+        .add_(t4, alpha=1 / 2)
         .add_(1 / 2)
         .mul_(dout)
     )
@@ -78,14 +78,15 @@ def gelu_backward_steps(grad_output, saved):
     if grad_output is None:
         raise ValueError("gelu: grad_output is required for a non-scalar output")
     dout = grad_output
-    t2 = torch.tanh((0.7978845608028654) * x * ((8943 / 200000) * x**2 + 1))
+    t2 = x**2
+    t4 = torch.tanh((0.7978845608028654) * x * ((8943 / 200000) * t2 + 1))
     # x <- out
     dx = (
         (1.4104739588693907e-06)
         * dout
         * (
-            200000 * 1.772453850905516 * t2
-            + 1.4142135623730951 * x * (1 - t2**2) * (26829 * x**2 + 200000)
+            200000 * 1.772453850905516 * t4
+            + 1.4142135623730951 * x * (1 - t4**2) * (26829 * t2 + 200000)
             + 354490.7701811032
         )
     )

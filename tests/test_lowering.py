@@ -436,6 +436,90 @@ def test_a_gradient_that_is_the_negative_of_another_is_one_pass_from_it():
         torch.testing.assert_close(got, leaf.grad)
 
 
+@op(x="n d", y="const n d")
+def smooth_l1(x, y, beta=1.0):
+    """F.smooth_l1_loss as a user writes it: x - y and |x - y| each written more than once."""
+    huber = lambda u: sympy.Piecewise(
+        (u**2 / (2 * beta), sympy.Abs(u) < beta), (sympy.Abs(u) - beta / 2, True)
+    )  # noqa: E731
+    loss = apply(huber, x - y).mean(("n", "d"))
+    return loss
+
+
+def _smooth_l1_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _randn(6, 8, seed=1) * 2, _randn(6, 8, seed=2)
+    x[0, :4] = y[0, :4] + torch.tensor([1.0, -1.0, 0.0, 0.5])  # |x - y| at beta exactly, 0, inside
+    return x, y
+
+
+def test_a_value_one_expression_writes_twice_is_computed_once():
+    """The forward's x - y (three times) and |x - y| (twice), the backward's x - y and y - x: once each."""
+    _, module = generated(smooth_l1)
+    x, y = _smooth_l1_inputs()
+    with AtenOps() as forward:
+        _, saved = module.smooth_l1_forward(x, y)
+    with AtenOps() as backward:
+        module.smooth_l1_backward(None, saved)
+    for ops in (forward, backward):
+        assert ops.counts["sub"] == 1 and ops.counts["abs"] + ops.counts["abs_"] <= 1, ops.counts
+
+
+def test_a_piecewise_of_two_finite_values_selects_by_a_lerp_exact_at_its_switch_points():
+    """A bool mask makes ``torch.where`` a scalar loop on a CPU; a lerp on a 0/1 float mask is one
+    vectorised pass, and exact: ``b + 0·(a - b)`` is ``b``, ``a - (a - b)·0`` is ``a``."""
+    d, module = generated(smooth_l1)
+    assert "torch.where" not in "\n".join(d.code.forward + d.code.backward)
+    x, y = _smooth_l1_inputs()
+    out, saved = module.smooth_l1_forward(x, y)
+    with AtenOps() as ops:
+        (dx,) = module.smooth_l1_backward(None, saved)
+    assert ops.counts["lerp_"] + ops.counts["lerp"] == 1 and ops.counts["where"] == 0, ops.counts
+    leaf = x.clone().requires_grad_()
+    F.smooth_l1_loss(leaf, y).backward()
+    torch.testing.assert_close(out, F.smooth_l1_loss(x, y))
+    torch.testing.assert_close(dx, leaf.grad, rtol=1e-6, atol=1e-9)
+    assert torch.equal(dx[0, :3] * x.numel(), torch.tensor([1.0, -1.0, 0.0]))  # the switch points' sides
+
+
+@op(x="n d")
+def elu_written(x):
+    out = apply(lambda u: sympy.Piecewise((u, u > 0), (sympy.exp(u) - 1, True)), x)
+    return out
+
+
+def test_a_piecewise_whose_other_branch_may_overflow_selects_with_where():
+    """exp(100) is inf in float32: a lerp would make ``inf·0`` NaN where the branch is not taken."""
+    d, module = generated(elu_written)
+    assert "lerp" not in "\n".join(d.code.forward + d.code.backward)
+    x = torch.tensor([[100.0, -100.0, 0.0, 2.0]])
+    out, saved = module.elu_written_forward(x)
+    (dx,) = module.elu_written_backward(torch.ones_like(x), saved)
+    leaf = x.clone().requires_grad_()
+    F.elu(leaf).backward(torch.ones_like(x))
+    assert torch.equal(out, F.elu(x)) and torch.equal(dx, leaf.grad), (out, dx)
+
+
+@op(s="n c", y="const n c")
+def margin_hinge(s, y):
+    loss = apply(lambda u: sympy.Max(u, 0), 1 - y * s).mean(("n", "c"))
+    return loss
+
+
+def test_a_step_of_a_value_the_code_computes_is_a_float_mask_made_in_place():
+    """relu'(1 - y·s) compares ``y·s`` into its own fresh buffer: no bool mask, no ``where``."""
+    _, module = generated(margin_hinge)
+    s, y = _randn(8, 5, seed=1), torch.sign(_randn(8, 5, seed=2))
+    s[0, 0] = y[0, 0]  # exactly at the kink: relu'(0) = 0
+    _, saved = module.margin_hinge_forward(s, y)
+    with AtenOps() as ops:
+        (ds,) = module.margin_hinge_backward(None, saved)
+    assert ops.counts["where"] + ops.counts["masked_fill_"] == 0, ops.counts
+    assert sum(ops.counts[c] for c in ("gt_", "ge_", "lt_", "le_")) == 1, ops.counts
+    leaf = s.clone().requires_grad_()
+    torch.relu(1 - y * leaf).mean().backward()
+    torch.testing.assert_close(ds, leaf.grad)
+
+
 def test_gelu_backward_evaluates_tanh_once():
     _, module = derived("gelu")
     out, saved = module.gelu_forward(_randn(8, 4))

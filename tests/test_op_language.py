@@ -161,21 +161,27 @@ def test_an_ambiguous_or_impossible_matmul_is_a_one_line_error_naming_the_line(b
     assert "\n" not in str(caught.value) and f"bad_ops.py:5: out = {body}" in str(caught.value)
 
 
-PIECEWISE = {
-    "elu": ("sympy.Piecewise((u, u > 0), (sympy.exp(u) - 1, True))", F.elu),
-    "leaky_relu": ("sympy.Piecewise((u, u > 0), (u / 100, True))", F.leaky_relu),
-    "hardtanh": ("sympy.Piecewise((-1, u <= -1), (1, u >= 1), (u, True))", F.hardtanh),
-    "huber": ("sympy.Piecewise((u**2 / 2, sympy.Abs(u) <= 1), (sympy.Abs(u) - sympy.Rational(1, 2), True))", None),
+PIECEWISE = {  # body, PyTorch's function, how the backward selects
+    # exp(u) may overflow in the branch not taken (inf * 0 is NaN): a where
+    "elu": ("sympy.Piecewise((u, u > 0), (sympy.exp(u) - 1, True))", F.elu, "torch.where"),
+    "leaky_relu": ("sympy.Piecewise((u, u > 0), (u / 100, True))", F.leaky_relu, "lerp"),
+    "hardtanh": ("sympy.Piecewise((-1, u <= -1), (1, u >= 1), (u, True))", F.hardtanh, "torch.where"),
+    "huber": (
+        "sympy.Piecewise((u**2 / 2, sympy.Abs(u) <= 1), (sympy.Abs(u) - sympy.Rational(1, 2), True))",
+        None,
+        "lerp",
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(PIECEWISE))
-def test_piecewise_functions_lower_to_where_and_match_pytorch_at_their_switch_points(name: str):
-    body, torch_fn = PIECEWISE[name]
+def test_piecewise_functions_select_exactly_and_match_pytorch_at_their_switch_points(name: str):
+    """Two finite values select by a lerp on a float mask (exact at 0 and 1); others by ``torch.where``."""
+    body, torch_fn, select = PIECEWISE[name]
     namespace = {"op": op, "apply": apply, "sympy": sympy}
     exec(f'@op(x="n d")\ndef {name}(x):\n    out = apply(lambda u: {body}, x)\n    return out\n', namespace)
     d, module = _generated(namespace[name])
-    assert "torch.where" in "\n".join(d.code.backward)
+    assert select in "\n".join(d.code.backward)
     if torch_fn is None:  # Huber: against F.huber_loss, elementwise
         torch_fn = lambda t: F.huber_loss(t, torch.zeros_like(t), reduction="none")  # noqa: E731
     x = torch.tensor([[-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]], dtype=torch.float64)  # switch points included

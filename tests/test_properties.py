@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import linecache
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -298,6 +299,12 @@ UNARY = [
     # a power with a symbolic exponent: SymPy's derivative divides by the base, 0/0 at an exact 0
     Fn("param_pow", ("apply(lambda u: sympy.Abs(u) ** (alpha + 1), {a})",), lambda t: t.abs() ** (PARAM[1] + 1)),
     Fn("relu", ("apply(lambda u: sympy.Max(u, 0), {a})",), torch.relu, kink=lambda t: t.abs()),
+    # two finite branches (selected by a lerp on a float mask), |u| written twice (computed once)
+    Fn(
+        "huber",
+        ("apply(lambda u: sympy.Piecewise((u**2 / 2, sympy.Abs(u) < 1), (sympy.Abs(u) - 0.5, True)), {a})",),
+        lambda t: torch.where(t.abs() < 1, t**2 / 2, t.abs() - 0.5),
+    ),
     Fn("abs", ("apply(sympy.Abs, {a})",), torch.abs, kink=lambda t: t.abs()),
     Fn(
         "clamp_min",
@@ -313,7 +320,7 @@ UNARY = [
     ),
 ]
 # the functions a layer applies to its pre-activation
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "softplus", "abs", "clamp_min", "square", "erf")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "softplus", "abs", "clamp_min", "square", "erf", "huber")
 BINARY = [
     Fn("add", ("{a} + {b}", "apply(lambda u, v: u + v, {a}, {b})"), lambda a, b: a + b),
     Fn("sub", ("{a} - {b}",), lambda a, b: a - b),
@@ -328,6 +335,13 @@ BINARY = [
         lambda a, b: torch.sqrt(1 + a**2 + b**2),
     ),
     Fn("max2", ("apply(sympy.Max, {a}, {b})",), torch.maximum, kink=lambda a, b: (a - b).abs()),
+    # a jump where a == b, its condition comparing two values: a mask of their difference
+    Fn(
+        "select",
+        ("apply(lambda u, v: sympy.Piecewise((u * v, u > v), (u - v, True)), {a}, {b})",),
+        lambda a, b: torch.where(a > b, a * b, a - b),
+        kink=lambda a, b: (a - b).abs(),
+    ),
 ]
 FNS = {f.name: f for f in UNARY + BINARY}
 
@@ -825,6 +839,11 @@ def check_composition(c: Composition, values: dict[str, torch.Tensor], grad_seed
     the_op = build_op(c.source)
     d = derive(the_op)
     module = load_module(render(d, formatted=False), "comp")  # black: tested on the catalogue
+    code = "\n".join(d.code.forward + d.code.backward)
+    if "torch.lerp(" in code or ".lerp_(" in code:
+        COUNTS["compositions with a select by lerp"] += 1
+    if re.search(r"\.(gt|ge|lt|le)_\(", code):
+        COUNTS["compositions comparing into floats in place"] += 1
     inputs = [values[t.name] for t in d.program.inputs]
 
     out, _ = module.comp_forward(*inputs)
@@ -1401,6 +1420,11 @@ REPROS = {
         'return ((x.unfold("n", 1, 1, "j") * y).sum("j")).flatten("n", "d"), (x.unfold("n", 1, 1, "j") * y).sum("j")',
         '@op(x="n d", y="j m")\ndef comp(x, y):\n',
         lambda: [_x(3, 2), _x(1, 4, seed=1)],
+    ),
+    "a select between two copies of one max (the value scattered to its argmax cancelled to the number 0)": (
+        'return tanh(x), apply(lambda u, v: sympy.Piecewise((u * v, u > v), (u - v, True)), x.max("d"), x.max("d"))',
+        '@op(x="n d k")\ndef comp(x):\n',
+        lambda: [_x(2, 3, 4)],
     ),
 }
 

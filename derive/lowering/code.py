@@ -34,8 +34,9 @@ from ..notation import text
 from ..program import Program, TensorInfo
 from ..simplify import recognize, stable_forward
 from . import share
+from .finite import finite_names, stays_finite
 from .lowerer import Lowerer, Sharding
-from .printer import FAITHFUL, MASKING, PRINTER, is_constant
+from .printer import FAITHFUL, MASKING, PRINTER
 
 
 @dataclass
@@ -92,6 +93,7 @@ def lower_program(
     sizes = _size_lines(program)
     ref = program.differentiable_inputs[0].name
     distributed = sharding(program, shard)
+    finite = finite_names(program, [s.statement for s in saved_values])
     fwd = Lowerer(
         layouts,
         ref=ref,
@@ -101,6 +103,7 @@ def lower_program(
         positions=positions,
         printer=FAITHFUL,
         shard=distributed,
+        finite=finite,
     )
     # the reference forward for autograd: every statement its own tensor (no shared temporaries,
     # or retain_grad on one name would collect the gradients of its look-alikes)
@@ -137,6 +140,7 @@ def lower_program(
         positions=positions,
         shard=distributed,
         printer=MASKING if all(stays_finite(e) for e in fused) else PRINTER,
+        finite=finite,
     )
     bwd.repeated = share.repeated(fused, steps=bwd.printer is MASKING)
     for k, ((wrt, _), e) in enumerate(zip(gradients, fused)):
@@ -184,34 +188,6 @@ def lower_program(
         described,
         None if distributed is None else (str(distributed.dim.size), str(distributed.total)),
     )
-
-
-# functions with a pole or a log singularity at a finite argument
-_POLES = (
-    sympy.log,
-    sympy.tan,
-    sympy.cot,
-    sympy.sec,
-    sympy.csc,
-    sympy.atanh,
-    sympy.acoth,
-    sympy.loggamma,
-    sympy.digamma,
-)
-
-
-def stays_finite(e: sympy.Expr) -> bool:
-    """Whether ``e`` is finite wherever the forward's values are: no division by a value, no log of one.
-
-    Such a backward may multiply by a 0/1 mask (``MASKING``); one that may divide by 0 where a
-    step is 0 (``sqrt(relu(x))``) keeps ``torch.where``, which gives 0 there as autograd does.
-    """
-    for node in sympy.preorder_traversal(e):
-        if isinstance(node, sympy.Pow) and node.exp.is_negative is not False and not is_constant(node.base):
-            return False
-        if isinstance(node, _POLES) and not is_constant(node):
-            return False
-    return True
 
 
 def sharding(program: Program, dim: Dim | None) -> Sharding | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from .printer import PRINTER, TorchCodePrinter, atom, comparison, split_masks
+from .printer import PRINTER, Select, TorchCodePrinter, atom, comparison, split_masks
 
 # SymPy function -> (torch function, in-place method)
 _UNARY = {
@@ -86,6 +86,8 @@ class _Chain:
             return self._pow(e)
         if type(e) in _UNARY:
             return self._unary(e.args[0], *_UNARY[type(e)])
+        if isinstance(e, Select):
+            return self._select(e)
         if isinstance(e, sympy.Max) and len(e.args) == 2 and 0 in e.args:
             (argument,) = (a for a in e.args if a != 0)  # Max(0, a): relu(a), however a is built
             return self._unary(argument, "torch.relu", "relu_")
@@ -369,6 +371,20 @@ class _Chain:
             return Piece(f"{atom(b.code)}.{name}_()" if b.fresh else f"torch.{name}({b.code})", b.axes, fresh=True)
         power = self.printer.doprint(exponent)
         return Piece(f"{atom(b.code)}.pow_({power})" if b.fresh else f"torch.pow({b.code}, {power})", b.axes, True)
+
+    def _select(self, e: sympy.Expr) -> Piece:
+        """``b.lerp_(a, mask)`` into ``b``'s buffer when the chain made it, else ``torch.lerp(b, a, mask)``."""
+        a, b, step = e.args
+        x, y, full = self.emit(a), self.emit(b), self._axes_of(e)
+        if isinstance(step, sympy.Heaviside):
+            mask = self.printer.compare_into_floats(*step.args)
+        else:
+            mask = self.printer.doprint(step)
+        if mask is None or not (x.tensor and y.tensor):
+            return Piece(self.printer.doprint(e), full, fresh=True)
+        if y.fresh and y.axes == full:
+            return Piece(f"{atom(y.code)}.lerp_({x.code}, {mask})", full, True)
+        return Piece(f"torch.lerp({y.code}, {x.code}, {mask})", full, True)
 
     def _unary(self, argument: sympy.Expr, function: str, method: str) -> Piece:
         x = self.emit(argument)

@@ -41,8 +41,9 @@ from ..indexalg import (
 from ..program import Layout, TensorInfo, is_window_index
 from . import inplace
 from . import plan as planner
-from .printer import PRINTER, TorchCodePrinter, atom, is_fresh, shape_tuple, size_code
-from .share import canonical_key, costly, factor_groups, flatten_sums, is_step
+from .finite import bounded
+from .printer import PRINTER, Select, TorchCodePrinter, atom, is_constant, is_fresh, shape_tuple, size_code
+from .share import canonical_key, costly, factor_groups, flatten_sums, is_step, repeated_within
 
 Axes = tuple[sympy.Symbol, ...]
 
@@ -113,6 +114,8 @@ class Lowerer:
     shard: Sharding | None = None
     # the dim each integer input's values index (Program.index_dims): where a flattened one's parts are
     positions: dict[str, Dim] = field(default_factory=dict)
+    # tensors finite wherever the inputs are (finite.finite_names): a Piecewise of them selects by lerp
+    finite: frozenset[str] = frozenset()
 
     # -- public ------------------------------------------------------------------------------
     def assign(
@@ -271,8 +274,8 @@ class Lowerer:
             src = self._elementwise(h, known)
             if src.axes:
                 src_code = f"{atom(self.align(src, slots, strip=False))}.expand{shape}"
-            elif tensor_names(h) or any(s.name.startswith("__val_") for s in h.free_symbols):
-                src_code = f"{atom(src.code)}.expand{shape}"
+            elif not src.constant and (tensor_names(h) or any(s.name.startswith("__val_") for s in h.free_symbols)):
+                src_code = f"{atom(src.code)}.expand{shape}"  # (a value that cancelled is a number)
             else:
                 src_code = f"torch.full({shape}, {src.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
             # one position per line along v: into zeros a plain scatter_ writes what scatter_add_ would add
@@ -1182,7 +1185,7 @@ class Lowerer:
 
     def _elementwise(self, e: sympy.Expr, known: dict[str, Val] | None = None, want: Axes = ()) -> Val:
         known = dict(known or {})
-        e = _fold_piecewise(e)
+        e = self._share_within(_selects(_fold_piecewise(e), self.finite), known)
         leaves: list[tuple[sympy.Expr, Val]] = []
         stand_ins: dict[sympy.Expr, sympy.Expr] = {}
         for leaf in self._leaves(e):
@@ -1209,7 +1212,8 @@ class Lowerer:
         if regrouped is not e:
             return self._elementwise(regrouped, known, want)
         # a leaf's code becomes a symbol the printer writes verbatim: parenthesise compound code
-        chained = self.fuse_arithmetic and _full_ops(e, set(axes)) > 1
+        stand_in_axes = {leaf: v.axes for leaf, v in leaves if leaf.is_Symbol}
+        chained = self.fuse_arithmetic and _full_ops(e, set(axes), stand_in_axes) > 1
         mapping = {
             leaf: (
                 _number(v)
@@ -1244,6 +1248,23 @@ class Lowerer:
         elif _only_steps(e):  # (x > 0) is bool, 2*(x > 0) an integer: a float for matmuls, scatters and sums
             code = f"{atom(code)}.to({self.ref}.dtype)"
         return Val(code, tuple(axes))
+
+    def _share_within(self, e: sympy.Expr, known: dict[str, Val]) -> sympy.Expr:
+        """``e`` with each value it computes twice (``x - y`` in ``|x - y|`` and ``sign(y - x)``)
+        computed once, into a temporary that ``known`` holds under a stand-in symbol."""
+        if not self.share:
+            return e
+        while (found := repeated_within(e)) is not None:
+            value, occurrences = found
+            stand_in = sympy.Symbol(f"__val_w{self.counter}")
+            self.counter += 1
+            val = self._elementwise(value, known)
+            if not (val.constant or val.code.isidentifier()):
+                val = Val(self._temp(val.code), val.axes, val.is_int)
+                self.rank[val.code] = len(val.axes)
+            known[stand_in.name] = val
+            e = _replace_elementwise(e, {node: c * stand_in for node, c in occurrences.items()})
+        return e
 
     def _leaves(self, e: sympy.Expr, top: bool = True) -> list[sympy.Expr]:
         """``e``'s value leaves, with the repeated costly sub-expressions below the top kept whole."""
@@ -1501,12 +1522,13 @@ def _reflattened(e: sympy.Expr, target: TensorInfo) -> tuple[sympy.Expr, TensorI
 def _fold_piecewise(e: sympy.Expr) -> sympy.Expr:
     """``dout·Piecewise((1, c), (slope, True))`` as ``Piecewise((dout, c), (slope·dout, True))``.
 
-    A piecewise of plain numbers prints as ``torch.where`` of Python floats, whose dtype is the
-    default one; folding the product into the branches keeps the tensor's dtype (and saves a pass).
+    A piecewise with a branch of a plain number prints as ``torch.where`` of a Python float, whose
+    dtype is the default one; folding the product into the branches keeps the tensor's dtype,
+    costs no pass more, and leaves two tensor values that may select by a lerp (:func:`_selects`).
     """
 
     def constant_valued(f: sympy.Basic) -> bool:
-        return isinstance(f, sympy.Piecewise) and all(not tensor_names(v) for v, _ in f.args)
+        return isinstance(f, sympy.Piecewise) and any(not tensor_names(v) for v, _ in f.args)
 
     def fold(node: sympy.Expr) -> sympy.Expr:
         if not isinstance(node, sympy.Mul):
@@ -1520,6 +1542,34 @@ def _fold_piecewise(e: sympy.Expr) -> sympy.Expr:
     if not e.has(sympy.Piecewise):
         return e
     return _bottom_up_expr(e, fold)
+
+
+def _selects(e: sympy.Expr, finite: frozenset[str]) -> sympy.Expr:
+    """Each ``Piecewise((a, cond), (b, True))`` whose values read tensors and stay finite (both
+    :func:`.finite.bounded` in the ``finite`` tensors) as ``Select(a, b, step)``: a lerp on a float
+    mask instead of ``torch.where`` on a bool one."""
+
+    def select(node: sympy.Expr) -> sympy.Expr:
+        if not isinstance(node, sympy.Piecewise) or len(node.args) != 2 or node.args[1].cond != sympy.true:
+            return node
+        (a, cond), (b, _) = node.args
+        step = _as_step(cond)
+        if step is None or is_constant(a) or is_constant(b) or not (bounded(a, finite) and bounded(b, finite)):
+            return node
+        return Select(a, b, step)
+
+    if not finite or not e.has(sympy.Piecewise):
+        return e
+    return _bottom_up_expr(e, select)
+
+
+def _as_step(cond: sympy.Basic) -> sympy.Expr | None:
+    """``u > v`` as ``Heaviside(u - v, 0)``, ``u >= v`` as ``Heaviside(u - v, 1)`` (and ``<``, ``<=``)."""
+    if isinstance(cond, (sympy.StrictGreaterThan, sympy.GreaterThan)):
+        return sympy.Heaviside(cond.lhs - cond.rhs, int(isinstance(cond, sympy.GreaterThan)))
+    if isinstance(cond, (sympy.StrictLessThan, sympy.LessThan)):
+        return sympy.Heaviside(cond.rhs - cond.lhs, int(isinstance(cond, sympy.LessThan)))
+    return None
 
 
 def _only_steps(e: sympy.Expr) -> bool:
@@ -1600,14 +1650,17 @@ def _tensor_factor(S: sympy.Expr) -> bool:
     return bool(tensor_names(S)) or any(str(a).startswith("__val_") for a in S.free_symbols)
 
 
-def _full_ops(e: sympy.Expr, full: set[sympy.Symbol]) -> int:
-    """How many elementwise operations over full-size tensors evaluating ``e`` as written takes."""
+def _full_ops(e: sympy.Expr, full: set[sympy.Symbol], stand_ins: dict[sympy.Symbol, Axes] | None = None) -> int:
+    """How many elementwise operations over full-size tensors evaluating ``e`` as written takes
+    (``stand_ins``: the axes of the temporaries ``e`` reads by symbol)."""
     if is_entry(e) or isinstance(e, (ISum, IMax, ArgMax, sympy.KroneckerDelta)) or not e.args:
         return 0
     own = 0
-    if free_indices(e) >= full:
+    stand_ins = stand_ins or {}
+    axes = set(free_indices(e)).union(*(stand_ins[s] for s in e.free_symbols if s in stand_ins))
+    if axes >= full:
         own = len(e.args) - 1 if isinstance(e, (sympy.Add, sympy.Mul)) else 1
-    return own + sum(_full_ops(a, full) for a in e.args)
+    return own + sum(_full_ops(a, full, stand_ins) for a in e.args)
 
 
 def _parts(index: sympy.Symbol) -> tuple[str, ...]:

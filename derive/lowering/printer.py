@@ -17,6 +17,24 @@ from sympy.printing.pytorch import TorchPrinter
 from ..errors import OpDefinitionError
 
 
+class Select(sympy.Function):
+    """``Select(a, b, step)``: ``a`` where ``step`` (a ``Heaviside``, or a float 0/1 mask) is 1, else ``b``.
+
+    The lowering writes a two-way ``Piecewise`` as one where both values stay finite
+    (:mod:`.finite`): printed as ``torch.lerp(b, a, mask)``, which is exact for a 0/1 mask when
+    ``a - b`` is finite, and on a CPU about ten times faster than ``torch.where`` on a bool mask.
+    """
+
+    nargs = 3
+
+    @classmethod
+    def eval(cls, a: sympy.Expr, b: sympy.Expr, step: sympy.Expr) -> sympy.Expr | None:
+        """A step that became a number (its two sides turned out one value) picks its branch."""
+        if step.is_number:
+            return a if step == 1 else b
+        return a if a == b else None
+
+
 class TorchCodePrinter(TorchPrinter):
     """SymPy's torch printer, with Python operators for powers and PyTorch's kink conventions."""
 
@@ -58,21 +76,43 @@ class TorchCodePrinter(TorchPrinter):
     float_masks = False
 
     def float_mask(self, arg: sympy.Expr, tie: sympy.Expr) -> str | None:
-        """``torch.gt(u, c, out=torch.empty_like(u))``: the step of ``u - c`` as 0/1 floats, when masks are floats.
+        """The step of ``arg`` as 0/1 floats (:meth:`compare_into_floats`), when masks are floats.
 
         On a CPU a comparison written to a float buffer is one vectorised pass; a bool mask, and
-        ``torch.where`` on one, run scalar loops (several times slower). Only for a step of one
-        named value (``u`` is printed twice); None otherwise, and when masks are bools.
+        ``torch.where`` on one, run scalar loops (several times slower). None when masks are bools.
         """
-        if not self.float_masks:
+        return self.compare_into_floats(arg, tie) if self.float_masks else None
+
+    def compare_into_floats(self, arg: sympy.Expr, tie: sympy.Expr) -> str | None:
+        """The step of ``arg`` (1 where ``arg > 0``, or ``>= 0`` for ``tie`` 1) as 0/1 floats, in one pass.
+
+        A named value ``u`` compares into a new buffer, ``torch.gt(u, c, out=torch.empty_like(u))``;
+        a value the code computes compares in place, into the buffer it was computed in:
+        ``torch.abs(t2).lt_(beta)``. None for code that may not be a buffer of its own (``x.sum(1)``).
+        """
+        if tie not in (0, 1):  # a step of 1/2 at the tie (torch.maximum's) is no comparison
             return None
         bound = -sympy.Add(*(t for t in sympy.Add.make_args(arg) if is_constant(t)))
         value = arg + bound
-        u = self._print(value) if isinstance(value, sympy.Symbol) else ""
-        if not _NAMED_VIEW.fullmatch(u):
-            return None  # code that computes (it would run twice)
         name = "gt" if tie == 0 else "ge"
-        return f"torch.{name}({u}, {self._print(bound)}, out=torch.empty_like({u}))"
+        if value.could_extract_minus_sign():  # -|u| > -beta is |u| < beta
+            value, bound, name = -value, -bound, {"gt": "lt", "ge": "le"}[name]
+        u = self._print(value)
+        if _NAMED_VIEW.fullmatch(u):
+            return f"torch.{name}({u}, {self._print(bound)}, out=torch.empty_like({u}))"
+        if atom(u) != u or is_fresh(u):  # `a - b` and `torch.abs(a)` make new tensors
+            return f"{atom(u)}.{name}_({self._print(bound)})"
+        return None
+
+    def _print_Select(self, expr: sympy.Expr) -> str:
+        """``torch.lerp(b, a, mask)``: ``a`` where the step is 1, ``b`` where it is 0, exactly, in one pass."""
+        a, b, step = expr.args
+        heaviside = isinstance(step, sympy.Heaviside)
+        mask = self.compare_into_floats(*step.args) if heaviside else self._print(step)
+        if mask is None or is_constant(a) or is_constant(b):  # (lerp reads tensors only)
+            condition = comparison(self, *step.args) if heaviside else f"{atom(self._print(step))} > 0"
+            return f"torch.where({condition}, {self._print(a)}, {self._print(b)})"
+        return f"torch.lerp({self._print(b)}, {self._print(a)}, {mask})"
 
     def _print_Mul(self, expr: sympy.Mul) -> str:
         masks, rest = split_masks(expr)
@@ -283,7 +323,7 @@ def atom(code: str) -> str:
 # torch functions that always return a new tensor (never a view or an input): what a chain starts with
 _ALLOCATING = frozenset(
     "add sub mul div addcmul addcdiv exp log erf tanh sigmoid square sqrt rsqrt reciprocal pow abs sign "
-    "relu neg where maximum minimum clamp".split()
+    "relu neg where maximum minimum clamp lerp".split()
 )
 
 
@@ -316,6 +356,7 @@ def is_fresh(code: str) -> bool:
 __all__ = [
     "MASKING",
     "PRINTER",
+    "Select",
     "TorchCodePrinter",
     "atom",
     "is_fresh",

@@ -8,6 +8,8 @@ Two passes over the simplified formulas, before any code is printed:
   it instead of evaluating the function again. ``exp(-u)`` is also recognised as ``1/exp(u)``.
 - :func:`repeated` finds costly sub-expressions that occur more than once among the formulas of
   one backward; the lowering computes each once, into a temporary.
+- :func:`repeated_within` finds any value one elementwise expression computes twice (the
+  ``x - y`` of ``|x - y|`` and of ``sign(y - x)``); the lowering computes it once.
 
 Sub-expressions are compared up to the names of their indices (:func:`canonical_key`), so the
 ``exp(a[n, h])`` of ``da[n, h]`` and the ``exp(a[n, h2])`` under ``Σ_h2`` of ``dx`` are one value.
@@ -161,6 +163,81 @@ def repeated(expressions: Iterable[sympy.Expr], steps: bool = False) -> set[symp
                     if isinstance(group, sympy.Mul):
                         counts[canonical_key(group)[0]] += 1
     return {k for k, n in counts.items() if n > 1}
+
+
+def repeated_within(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Expr, sympy.Expr]] | None:
+    """The smallest value elementwise expression ``e`` computes twice or more, up to a constant
+    factor, with the factor of each occurrence (``{node: c}``, node = c·value); None if there is none.
+
+    In eager code every operation is one pass over full-size operands, so a value written twice
+    costs two passes where a temporary costs one. ``x - y`` and ``2*y - 2*x`` are one value. The
+    smallest first, so a value inside two larger ones serves both, and a larger one repeated whole
+    is found on the next call, once the smaller ones in it read their temporaries; but a value
+    that occurs only inside copies of one larger repeated value is left to that one.
+
+    Example:
+        >>> x, y = sympy.Function("x")(sympy.Symbol("n")), sympy.Function("y")(sympy.Symbol("n"))
+        >>> value, occurrences = repeated_within(sympy.Abs(x - y) ** 2 + sympy.sign(y - x))
+        >>> value, sorted(occurrences.values())
+        (x(n) - y(n), [-1, 1])
+    """
+    counts: Counter[sympy.Expr] = Counter(n for n in _nodes_above_leaves(e) if n is not e and _shareable(n))
+    groups: dict[sympy.Expr, dict[sympy.Expr, sympy.Expr]] = {}
+    for node in counts:
+        c, value = _up_to_factor(node)
+        groups.setdefault(value, {})[node] = c
+    total = {v: sum(counts[n] for n in nodes) for v, nodes in groups.items()}
+    found = [(v, nodes) for v, nodes in groups.items() if total[v] > 1]
+
+    def inside(nodes: dict[sympy.Expr, sympy.Expr], within: dict[sympy.Expr, sympy.Expr]) -> int:
+        return sum(counts[w] * sum(1 for m in _nodes_above_leaves(w) if m in nodes) for w in within)
+
+    # a value only ever inside one larger repeated value is shared with it (tanh(a·x) twice: not a·x)
+    found = [
+        (v, nodes) for v, nodes in found if not any(w != v and inside(nodes, within) == total[v] for w, within in found)
+    ]
+    if not found:
+        return None
+    value, nodes = min(found, key=lambda vn: (_size(vn[0]), sympy.default_sort_key(vn[0])))
+    if sum(counts[n] for n, c in nodes.items() if c.could_extract_minus_sign()) * 2 > sum(counts[n] for n in nodes):
+        value, nodes = -value, {n: -c for n, c in nodes.items()}  # the sign most occurrences have
+    return value, nodes
+
+
+def _nodes_above_leaves(e: sympy.Basic) -> Iterable[sympy.Basic]:
+    """Every node of an elementwise expression, down to (not into) its index-level leaves."""
+    yield e
+    if is_entry(e) or isinstance(e, _INDEX_LEVEL + (sympy.KroneckerDelta,)):
+        return
+    for a in e.args:
+        yield from _nodes_above_leaves(a)
+
+
+def _shareable(node: sympy.Basic) -> bool:
+    """An operation on tensor values that is a pass of its own: not a leaf, a number, or ``c·x``."""
+    if not isinstance(node, sympy.Expr) or is_entry(node) or isinstance(node, _INDEX_LEVEL) or node.is_Atom:
+        return False
+    if isinstance(node, sympy.KroneckerDelta) or not _reads_values(node):
+        return False
+    if isinstance(node, sympy.Mul):  # a scale of one value rides on the operation that reads it
+        valued = [f for f in node.args if _reads_values(f)]
+        return len(valued) > 1 or not (is_entry(valued[0]) or valued[0].is_Atom)
+    return True
+
+
+def _reads_values(e: sympy.Basic) -> bool:
+    """Whether ``e`` reads a tensor: an entry, or a temporary's stand-in (``__val_...``)."""
+    return bool(tensor_names(e)) or any(s.name.startswith("__val_") for s in e.free_symbols)
+
+
+def _up_to_factor(node: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
+    """``node`` as ``c·value``, ``c`` a rational and ``value`` a sum whose content and sign are canonical."""
+    if not isinstance(node, sympy.Add):
+        return sympy.S.One, node
+    c, value = node.primitive()
+    if value.could_extract_minus_sign():
+        c, value = -c, -value
+    return c, value
 
 
 def factor_groups(body: sympy.Expr, summed: frozenset[sympy.Symbol]) -> tuple[list[sympy.Expr], list[sympy.Expr]]:
@@ -333,5 +410,6 @@ __all__ = [
     "forward_values",
     "host_expression",
     "repeated",
+    "repeated_within",
     "saved_in_order",
 ]
