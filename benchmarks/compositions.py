@@ -76,6 +76,23 @@ def attention(q, k, v):
     return out
 
 
+@op(x="n d", y="const n d")
+def smooth_l1(x, y, beta=1.0):
+    """The smooth L1 loss as a Piecewise of x - y, |x - y| written twice."""
+    huber = lambda u: sympy.Piecewise(
+        (u**2 / (2 * beta), sympy.Abs(u) < beta), (sympy.Abs(u) - beta / 2, True)
+    )  # noqa: E731
+    loss = apply(huber, x - y).mean(("n", "d"))
+    return loss
+
+
+@op(x="n d")
+def mish(x):
+    """x · tanh(softplus(x)), written out."""
+    out = apply(lambda u: u * sympy.tanh(sympy.log(1 + sympy.exp(u))), x)
+    return out
+
+
 # -- the same computations in PyTorch's own ops ------------------------------------------------
 def _mlp_mse(x, W1, b1, W2, b2, y):  # noqa: ANN001, ANN202
     return ((F.relu(x @ W1 + b1) @ W2 + b2 - y) ** 2).mean()
@@ -99,6 +116,14 @@ def _kl_softmax(a, b):  # noqa: ANN001, ANN202
 
 def _attention(q, k, v):  # noqa: ANN001, ANN202
     return torch.softmax(q @ k.T / q.shape[1] ** 0.5, 1) @ v
+
+
+def _smooth_l1(x, y, beta=1.0):  # noqa: ANN001, ANN202
+    return F.smooth_l1_loss(x, y, beta=beta)
+
+
+def _mish(x):  # noqa: ANN001, ANN202
+    return F.mish(x)
 
 
 @dataclass(frozen=True)
@@ -139,6 +164,8 @@ COMPOSITIONS = {
         ),
         Composition("kl_softmax", kl_softmax, _kl_softmax, {"a": (2048, 1024), "b": (2048, 1024)}),
         Composition("attention", attention, _attention, {"q": (1024, 64), "k": (1024, 64), "v": (1024, 64)}),
+        Composition("smooth_l1", smooth_l1, _smooth_l1, {"x": (2048, 1024), "y": (2048, 1024)}, (("beta", 1.0),)),
+        Composition("mish", mish, _mish, {"x": (2048, 1024)}),
     ]
 }
 SMALL = {  # --quick: the same ops at small sizes
@@ -148,6 +175,8 @@ SMALL = {  # --quick: the same ops at small sizes
     "layernorm_gelu": {"x": (64, 32), "gamma": (32,), "beta": (32,)},
     "kl_softmax": {"a": (64, 32), "b": (64, 32)},
     "attention": {"q": (32, 8), "k": (32, 8), "v": (32, 8)},
+    "smooth_l1": {"x": (64, 32), "y": (64, 32)},
+    "mish": {"x": (64, 32)},
 }
 
 

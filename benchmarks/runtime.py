@@ -301,15 +301,17 @@ def run_composition(name: str, cfg: Config, shapes: dict[str, tuple[int, ...]] |
     comp = COMPOSITIONS[name]
     if shapes is not None:
         comp = replace(comp, shapes=shapes)
-    _, module = generated(name)
+    d, module = generated(name)
     forward, backward = getattr(module, f"{name}_forward"), getattr(module, f"{name}_backward")
     g = torch.Generator().manual_seed(cfg.seed)
     args, params = [a.to(cfg.device) for a in comp.inputs(g)], dict(comp.params)
     with torch.no_grad(), TensorSizes() as forward_sizes:
         out, saved = forward(*args, **params)
     grad_out = None if out.dim() == 0 else torch.randn(out.shape, generator=g).to(cfg.device)
-    leaves = [a.detach().clone().requires_grad_() for a in args]
-    ref_out = comp.torch_fn(*leaves, **params)
+    differentiable = {t.name for t in d.program.differentiable_inputs}  # a const input gets no gradient
+    tensors = [a.detach().clone().requires_grad_(n in differentiable) for n, a in zip(comp.shapes, args)]
+    leaves = [t for t in tensors if t.requires_grad]
+    ref_out = comp.torch_fn(*tensors, **params)
 
     def eager() -> Any:
         return backward(grad_out, saved)
