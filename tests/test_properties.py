@@ -22,7 +22,7 @@ deriver bug: there is none left.
 3. regression tests for the bugs the properties found, each a minimal repro that runs (a bug found
    and not yet fixed would be a strict xfail: an XPASS fails, so the marker goes with the fix).
 
-Profiles: ``ci`` (the default: derandomized, 150 compositions per style or construct, 1,050 in
+Profiles: ``ci`` (the default: derandomized, 150 compositions per style or construct, 1,200 in
 all, and 50 examples per catalogue op, no deadline), ``long`` (1,800 and 600 each, random) and
 ``dev`` (ci's examples, no shrinking), chosen with ``HYPOTHESIS_PROFILE=long``. The number of
 compositions checked is printed at the end of the run, summed over the pytest-xdist workers
@@ -75,8 +75,8 @@ PROFILE = settings.get_profile(PROFILE_NAME if PROFILE_NAME in ("ci", "long", "d
 # device: the generated code, autograd and this file's own torch evaluation all run there
 DEVICE = os.environ.get("DERIVE_TEST_DEVICE", "cpu")
 # Per-test example counts are multiples of the profile's: catalogue examples are cheap (torch
-# only, the derivation is cached), compositions cost a SymPy derivation each (~0.1-0.3 s); seven
-# composition tests at 6x the profile's examples are 1,050 compositions a CI run.
+# only, the derivation is cached), compositions cost a SymPy derivation each (~0.1-0.3 s); eight
+# composition tests at 6x the profile's examples are 1,200 compositions a CI run.
 CATALOGUE_EXAMPLES = PROFILE.max_examples * 2
 COMPOSITION_EXAMPLES = PROFILE.max_examples * 6
 
