@@ -481,6 +481,28 @@ def test_a_piecewise_of_two_finite_values_selects_by_a_lerp_exact_at_its_switch_
     assert torch.equal(dx[0, :3] * x.numel(), torch.tensor([1.0, -1.0, 0.0]))  # the switch points' sides
 
 
+@op(a="n d", b="n d")
+def larger_times(a, b):
+    out = apply(lambda u, v: sympy.Piecewise((u * v, u > v), (u - v, True)), a, b)
+    return out
+
+
+def test_the_condition_two_selects_read_is_compared_once():
+    """da and db select on the same ``a > b``: one mask, made in the buffer of ``a - b``."""
+    _, module = generated(larger_times)
+    a, b = _randn(6, 8, seed=1), _randn(6, 8, seed=2)
+    b[0, :3] = a[0, :3]  # ties: the second branch
+    dout = _randn(6, 8, seed=3)
+    _, saved = module.larger_times_forward(a, b)
+    with AtenOps() as ops:
+        grads = module.larger_times_backward(dout, saved)
+    assert ops.counts["sub"] == 1 and ops.counts["gt_"] == 1 and ops.counts["where"] == 0, ops.counts
+    leaves = [t.clone().requires_grad_() for t in (a, b)]
+    torch.where(leaves[0] > leaves[1], leaves[0] * leaves[1], leaves[0] - leaves[1]).backward(dout)
+    for got, leaf in zip(grads, leaves):
+        assert torch.equal(got, leaf.grad), (got, leaf.grad)
+
+
 @op(x="n d")
 def elu_written(x):
     out = apply(lambda u: sympy.Piecewise((u, u > 0), (sympy.exp(u) - 1, True)), x)

@@ -43,7 +43,7 @@ from . import inplace
 from . import plan as planner
 from .finite import bounded
 from .printer import PRINTER, Select, TorchCodePrinter, atom, is_constant, is_fresh, shape_tuple, size_code
-from .share import canonical_key, costly, factor_groups, flatten_sums, is_step, repeated_within
+from .share import as_step, canonical_key, costly, factor_groups, flatten_sums, is_step, repeated_within
 
 Axes = tuple[sympy.Symbol, ...]
 
@@ -1553,7 +1553,7 @@ def _selects(e: sympy.Expr, finite: frozenset[str]) -> sympy.Expr:
         if not isinstance(node, sympy.Piecewise) or len(node.args) != 2 or node.args[1].cond != sympy.true:
             return node
         (a, cond), (b, _) = node.args
-        step = _as_step(cond)
+        step = as_step(cond)
         if step is None or is_constant(a) or is_constant(b) or not (bounded(a, finite) and bounded(b, finite)):
             return node
         return Select(a, b, step)
@@ -1561,15 +1561,6 @@ def _selects(e: sympy.Expr, finite: frozenset[str]) -> sympy.Expr:
     if not finite or not e.has(sympy.Piecewise):
         return e
     return _bottom_up_expr(e, select)
-
-
-def _as_step(cond: sympy.Basic) -> sympy.Expr | None:
-    """``u > v`` as ``Heaviside(u - v, 0)``, ``u >= v`` as ``Heaviside(u - v, 1)`` (and ``<``, ``<=``)."""
-    if isinstance(cond, (sympy.StrictGreaterThan, sympy.GreaterThan)):
-        return sympy.Heaviside(cond.lhs - cond.rhs, int(isinstance(cond, sympy.GreaterThan)))
-    if isinstance(cond, (sympy.StrictLessThan, sympy.LessThan)):
-        return sympy.Heaviside(cond.rhs - cond.lhs, int(isinstance(cond, sympy.LessThan)))
-    return None
 
 
 def _only_steps(e: sympy.Expr) -> bool:

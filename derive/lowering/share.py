@@ -142,18 +142,30 @@ def is_step(e: sympy.Basic) -> bool:
     return isinstance(e, sympy.Heaviside) and bool(tensor_names(e))
 
 
+def as_step(cond: sympy.Basic) -> sympy.Expr | None:
+    """``u > v`` as ``Heaviside(u - v, 0)``, ``u >= v`` as ``Heaviside(u - v, 1)`` (and ``<``, ``<=``)."""
+    if isinstance(cond, (sympy.StrictGreaterThan, sympy.GreaterThan)):
+        return sympy.Heaviside(cond.lhs - cond.rhs, int(isinstance(cond, sympy.GreaterThan)))
+    if isinstance(cond, (sympy.StrictLessThan, sympy.LessThan)):
+        return sympy.Heaviside(cond.rhs - cond.lhs, int(isinstance(cond, sympy.LessThan)))
+    return None
+
+
 def repeated(expressions: Iterable[sympy.Expr], steps: bool = False) -> set[sympy.Expr]:
     """Keys (:func:`canonical_key`) of values computed twice or more: costly sub-expressions, and the
     products of one layout that several sums multiply out (``dout*xhat`` for both dgamma and dx).
 
-    With ``steps``, a step used twice too (a relu's mask read by two gradients): where the code
-    multiplies by masks, one mask serves both; where it selects (a value that may be infinite), each
-    select keeps its own comparison.
+    With ``steps``, a step used twice too (a relu's mask read by two gradients, or the condition
+    of two selects): where the code multiplies by masks, one mask serves both; where it selects
+    with ``torch.where`` (a value that may be infinite), each select keeps its own comparison.
     """
     counts: Counter[sympy.Expr] = Counter()
     sums: set[sympy.Expr] = set()
     for e in expressions:
         for node in sympy.preorder_traversal(e):
+            step = as_step(node.args[0].cond) if steps and isinstance(node, sympy.Piecewise) else None
+            if step is not None and is_step(step):  # a select's condition, read as a mask
+                counts[canonical_key(step)[0]] += 1
             if costly(node) or (steps and is_step(node)):
                 counts[canonical_key(node)[0]] += 1
             elif isinstance(node, ISum) and canonical_key(node)[0] not in sums:  # an equal sum is computed once
@@ -403,6 +415,7 @@ def _free_in_order(e: sympy.Expr) -> list[sympy.Symbol]:
 
 __all__ = [
     "SavedValue",
+    "as_step",
     "canonical_key",
     "costly",
     "factor_groups",
