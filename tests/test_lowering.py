@@ -468,7 +468,7 @@ def test_a_piecewise_of_two_finite_values_selects_by_a_lerp_exact_at_its_switch_
     """A bool mask makes ``torch.where`` a scalar loop on a CPU; a lerp on a 0/1 float mask is one
     vectorised pass, and exact: ``b + 0·(a - b)`` is ``b``, ``a - (a - b)·0`` is ``a``."""
     d, module = generated(smooth_l1)
-    assert "torch.where" not in "\n".join(d.code.forward + d.code.backward)
+    assert "torch.where" not in "\n".join(d.code.backward)
     x, y = _smooth_l1_inputs()
     out, saved = module.smooth_l1_forward(x, y)
     with AtenOps() as ops:
@@ -479,6 +479,39 @@ def test_a_piecewise_of_two_finite_values_selects_by_a_lerp_exact_at_its_switch_
     torch.testing.assert_close(out, F.smooth_l1_loss(x, y))
     torch.testing.assert_close(dx, leaf.grad, rtol=1e-6, atol=1e-9)
     assert torch.equal(dx[0, :3] * x.numel(), torch.tensor([1.0, -1.0, 0.0]))  # the switch points' sides
+
+
+def test_a_branch_that_squares_a_value_keeps_where_so_float16_does_not_overflow_into_nan():
+    """u**2/2 is inf in float16 at |u| = 362; a lerp would read it where the other branch is taken."""
+    d, module = generated(smooth_l1)
+    assert "torch.where" in "\n".join(d.code.forward)
+    x = torch.tensor([[300.0, 0.5, -1000.0]], dtype=torch.float16)
+    loss, _ = module.smooth_l1_forward(x, torch.zeros_like(x))
+    u = x.float()
+    want = torch.where(u.abs() < 1, u**2 / 2, u.abs() - 0.5).mean()
+    assert loss.isfinite() and torch.isclose(loss.float(), want, rtol=1e-3), (loss, want)
+
+
+@op(x="n d")
+def clip_above(x, lim=2.0):
+    out = apply(lambda u: sympy.Piecewise((lim, u > lim), (u, True)), x)
+    return out
+
+
+def test_a_piecewise_with_a_number_branch_multiplies_by_the_complement_mask():
+    """Zero gradient above ``lim``: ``dout * (x <= lim)`` as floats, in one comparison, at the tie as
+    ``torch.clamp_max`` (which passes the gradient at ``x == lim``)."""
+    d, module = generated(clip_above)
+    assert d.code.backward == ["dx = dout*torch.le(x, lim, out=torch.empty_like(x))"], d.code.backward
+    x, dout = _randn(6, 8, seed=1) * 3, _randn(6, 8, seed=2)
+    x[0, :2] = 2.0  # the tie
+    out, saved = module.clip_above_forward(x)
+    with AtenOps() as ops:
+        (dx,) = module.clip_above_backward(dout, saved)
+    assert ops.counts["where"] == 0, ops.counts
+    leaf = x.clone().requires_grad_()
+    torch.clamp_max(leaf, 2.0).backward(dout)
+    assert torch.equal(out, torch.clamp_max(x, 2.0)) and torch.equal(dx, leaf.grad)
 
 
 @op(a="n d", b="n d")

@@ -34,7 +34,7 @@ from ..notation import text
 from ..program import Program, TensorInfo
 from ..simplify import recognize, stable_forward
 from . import share
-from .finite import finite_names, stays_finite
+from .finite import finite_values, stays_finite
 from .lowerer import Lowerer, Sharding
 from .printer import FAITHFUL, MASKING, PRINTER
 
@@ -93,7 +93,7 @@ def lower_program(
     sizes = _size_lines(program)
     ref = program.differentiable_inputs[0].name
     distributed = sharding(program, shard)
-    finite = finite_names(program, [s.statement for s in saved_values])
+    finite = finite_values(program, [s.statement for s in saved_values])
     fwd = Lowerer(
         layouts,
         ref=ref,

@@ -41,7 +41,7 @@ from ..indexalg import (
 from ..program import Layout, TensorInfo, is_window_index
 from . import inplace
 from . import plan as planner
-from .finite import bounded
+from .finite import Finite
 from .printer import PRINTER, Select, TorchCodePrinter, atom, is_constant, is_fresh, shape_tuple, size_code
 from .share import as_step, canonical_key, costly, factor_groups, flatten_sums, is_step, repeated_within
 
@@ -114,8 +114,8 @@ class Lowerer:
     shard: Sharding | None = None
     # the dim each integer input's values index (Program.index_dims): where a flattened one's parts are
     positions: dict[str, Dim] = field(default_factory=dict)
-    # tensors finite wherever the inputs are (finite.finite_names): a Piecewise of them selects by lerp
-    finite: frozenset[str] = frozenset()
+    # tensors finite wherever the inputs are (finite.finite_values): a Piecewise of them may select by lerp
+    finite: Finite | None = None
 
     # -- public ------------------------------------------------------------------------------
     def assign(
@@ -1544,21 +1544,27 @@ def _fold_piecewise(e: sympy.Expr) -> sympy.Expr:
     return _bottom_up_expr(e, fold)
 
 
-def _selects(e: sympy.Expr, finite: frozenset[str]) -> sympy.Expr:
-    """Each ``Piecewise((a, cond), (b, True))`` whose values read tensors and stay finite (both
-    :func:`.finite.bounded` in the ``finite`` tensors) as ``Select(a, b, step)``: a lerp on a float
-    mask instead of ``torch.where`` on a bool one."""
+def _selects(e: sympy.Expr, finite: Finite | None) -> sympy.Expr:
+    """Each ``Piecewise((a, cond), (b, True))`` whose values may both be computed everywhere
+    (:meth:`.finite.Finite.selectable`) as ``Select(a, b, step)``: a lerp on a float mask instead
+    of ``torch.where`` on a bool one. A branch that is a number selects too, by arithmetic on
+    the mask (``Select``'s printer)."""
 
     def select(node: sympy.Expr) -> sympy.Expr:
         if not isinstance(node, sympy.Piecewise) or len(node.args) != 2 or node.args[1].cond != sympy.true:
             return node
         (a, cond), (b, _) = node.args
         step = as_step(cond)
-        if step is None or is_constant(a) or is_constant(b) or not (bounded(a, finite) and bounded(b, finite)):
+        if step is None or (is_constant(a) and is_constant(b)):
             return node
+        if not all(is_constant(v) or finite.selectable(v) for v in (a, b)):  # type: ignore[union-attr]
+            return node
+        if is_constant(a):  # the number second: Select(b, a) on the complement, b·mask where a is 0
+            arg, tie = step.args
+            return Select(b, a, sympy.Heaviside(-arg, 1 - tie))
         return Select(a, b, step)
 
-    if not finite or not e.has(sympy.Piecewise):
+    if finite is None or not e.has(sympy.Piecewise):
         return e
     return _bottom_up_expr(e, select)
 

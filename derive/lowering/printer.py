@@ -105,11 +105,18 @@ class TorchCodePrinter(TorchPrinter):
         return None
 
     def _print_Select(self, expr: sympy.Expr) -> str:
-        """``torch.lerp(b, a, mask)``: ``a`` where the step is 1, ``b`` where it is 0, exactly, in one pass."""
+        """``torch.lerp(b, a, mask)``: ``a`` where the step is 1, ``b`` where it is 0, exactly, in one
+        pass; with a branch that is a number (lerp reads tensors only), ``a·mask + b·(1 - mask)``,
+        exact too, and ``a * mask`` for ``b = 0``."""
         a, b, step = expr.args
         heaviside = isinstance(step, sympy.Heaviside)
         mask = self.compare_into_floats(*step.args) if heaviside else self._print(step)
-        if mask is None or is_constant(a) or is_constant(b):  # (lerp reads tensors only)
+        if mask is not None and (is_constant(a) or is_constant(b)):
+            other = self.compare_into_floats(-step.args[0], 1 - step.args[1]) if heaviside else f"(1 - {atom(mask)})"
+            if b == 0 or other is not None:
+                return self._print(a * sympy.Symbol(mask) + b * sympy.Symbol(other or "0"))
+            mask = None
+        if mask is None:
             condition = comparison(self, *step.args) if heaviside else f"{atom(self._print(step))} > 0"
             return f"torch.where({condition}, {self._print(a)}, {self._print(b)})"
         return f"torch.lerp({self._print(b)}, {self._print(a)}, {mask})"

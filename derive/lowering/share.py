@@ -243,7 +243,11 @@ def _reads_values(e: sympy.Basic) -> bool:
 
 
 def _up_to_factor(node: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
-    """``node`` as ``c·value``, ``c`` a rational and ``value`` a sum whose content and sign are canonical."""
+    """``node`` as ``c·value``, ``c`` a rational: a product without its number (``-s*y`` is ``-1·s*y``),
+    a sum with its content and sign made canonical."""
+    if isinstance(node, sympy.Mul):
+        c, rest = node.as_coeff_Mul()
+        return (c, rest) if c.is_Rational and isinstance(rest, sympy.Mul) else (sympy.S.One, node)
     if not isinstance(node, sympy.Add):
         return sympy.S.One, node
     c, value = node.primitive()
