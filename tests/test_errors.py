@@ -174,6 +174,16 @@ def test_an_op_that_takes_the_log_of_an_input_verifies_where_its_forward_is_fini
     assert all(status != "FAILED" for _, status in result.verification.exact)
 
 
+def test_a_reference_autograd_cannot_give_is_named_as_autograds(tmp_path, out_dir, capsys):
+    """sqrt(u) where u > 0, else u: autograd's where makes NaN from the branch it does not take
+    (0 · inf), while derive's gradient is finite. The error says whose value is not finite."""
+    body = "    out = apply(lambda u: sympy.Piecewise((sympy.sqrt(u), u > 0), (u, True)), x)\n"
+    (tmp_path / "f.py").write_text(HEADER + '@op(x="n d")\ndef f(x):\n' + body + "    return out\n")
+    r = cli(capsys, f"{tmp_path / 'f.py'}:f", "--out", str(out_dir))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "(fused backward: autograd's reference for x is not finite at inputs drawn" in r.stderr, r.stderr
+
+
 def test_a_failed_verification_says_which_check_failed_and_writes_nothing(tmp_path, out_dir, capsys):
     (tmp_path / "f.py").write_text(HEADER + '@op(x="n d")\ndef f(x):\n    out = log(x - 100)\n    return out\n')
     before = _snapshot(out_dir)
