@@ -481,6 +481,30 @@ def test_a_piecewise_of_two_finite_values_selects_by_a_lerp_exact_at_its_switch_
     assert torch.equal(dx[0, :3] * x.numel(), torch.tensor([1.0, -1.0, 0.0]))  # the switch points' sides
 
 
+@op(x="n d", y="n d")
+def huber_minus_tanh(x, y, beta=1.0):
+    """A helper's layer: x - y in a Piecewise and in a product with tanh(x - y)."""
+    huber = lambda u: sympy.Piecewise(
+        (u**2 / (2 * beta), sympy.Abs(u) < beta), (sympy.Abs(u) - beta / 2, True)
+    )  # noqa: E731
+    loss = apply(lambda a, b: huber(a - b) + (b - a) * sympy.tanh(a - b), x, y).mean(("n", "d"))
+    return loss
+
+
+def test_a_gradient_the_negative_of_another_through_a_piecewise_is_one_pass_from_it():
+    """dy's Piecewise is dx's with each branch negated: found once the branches are folded together."""
+    d, module = generated(huber_minus_tanh)
+    assert re.search(r"^(dx = -dy|dy = -dx)$", "\n".join(d.code.backward), re.M), d.code.backward
+    x, y = _smooth_l1_inputs()
+    _, saved = module.huber_minus_tanh_forward(x, y)
+    dx, dy = module.huber_minus_tanh_backward(None, saved)
+    leaves = [t.clone().requires_grad_() for t in (x, y)]
+    u = leaves[0] - leaves[1]
+    (torch.where(u.abs() < 1, u**2 / 2, u.abs() - 0.5) - u * torch.tanh(u)).mean().backward()
+    torch.testing.assert_close(dx, leaves[0].grad)
+    assert torch.equal(dy, -dx)
+
+
 def test_a_branch_that_squares_a_value_keeps_where_so_float16_does_not_overflow_into_nan():
     """u**2/2 is inf in float16 at |u| = 362; a lerp would read it where the other branch is taken."""
     d, module = generated(smooth_l1)

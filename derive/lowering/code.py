@@ -265,7 +265,10 @@ def _negation_of(e: sympy.Expr, wrt: TensorInfo, earlier: list[tuple[TensorInfo,
         if w.dims != wrt.dims or w.is_int:
             continue
         f = substitute_indices(f, dict(zip(w.indices, wrt.indices)))
-        if sympy.expand(e + f) == 0:
+        total = sympy.expand(e + f)
+        if total != 0 and total.has(sympy.Piecewise):  # branches that cancel under the same conditions
+            total = sympy.expand(sympy.piecewise_fold(total))
+        if total == 0:
             return entry(grad_name(w.name), list(wrt.indices))
     return None
 
