@@ -95,15 +95,16 @@ def logsumexp_backward_steps(grad_output, saved):
     dtotal = dout / total
     # e <- total
     de = dtotal.expand(N, D)
+    t1 = de * e
     # x <- e
-    dx = de * e
-    t1 = (de * e).sum(1)
+    dx = t1
+    t2 = t1.sum(1)
     # maxes <- e
-    dmaxes = dmaxes + -t1[:, None]
+    dmaxes = dmaxes + -t2[:, None]
     # x <- maxes
-    g2 = dout.new_zeros((N, D))
-    g2.scatter_(1, argmax_x[:, None], dmaxes[:, 0][:, None].expand(N, 1))
-    dx = dx + g2
+    g3 = dout.new_zeros((N, D))
+    g3.scatter_(1, argmax_x[:, None], dmaxes[:, 0][:, None].expand(N, 1))
+    dx = dx + g3
     return {
         "x": dx,
         "maxes": dmaxes,

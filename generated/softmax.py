@@ -101,15 +101,16 @@ def softmax_backward_steps(grad_output, saved):
     dtotal = -t1[:, None] / total
     # e <- total
     de = de + dtotal.expand(N, D)
+    t2 = de * e
     # x <- e
-    dx = de * e
-    t2 = (de * e).sum(1)
+    dx = t2
+    t3 = t2.sum(1)
     # maxes <- e
-    dmaxes = -t2[:, None]
+    dmaxes = -t3[:, None]
     # x <- maxes
-    g3 = dout.new_zeros((N, D))
-    g3.scatter_(1, argmax_x[:, None], dmaxes[:, 0][:, None].expand(N, 1))
-    dx = dx + g3
+    g4 = dout.new_zeros((N, D))
+    g4.scatter_(1, argmax_x[:, None], dmaxes[:, 0][:, None].expand(N, 1))
+    dx = dx + g4
     return {
         "x": dx,
         "maxes": dmaxes,

@@ -505,6 +505,26 @@ def test_a_gradient_the_negative_of_another_through_a_piecewise_is_one_pass_from
     assert torch.equal(dy, -dx)
 
 
+@op(x="n i", W="i h", b="h")
+def leaky_layer(x, W, b, slope=0.1):
+    out = apply(lambda u: sympy.Piecewise((u, u >= 0), (slope * u, True)), x @ W + b)
+    return out
+
+
+def test_a_bias_gradient_sums_the_gradient_its_layer_already_computed():
+    """db = Σ_n dmm1: the select is computed once, for dmm1, and db sums it (a helper found it twice)."""
+    d, module = generated(leaky_layer)
+    code = "\n".join(d.code.backward)
+    assert "db = dmm1.sum(0)" in code and code.count("lerp") == 1, code
+    x, W, b, dout = _randn(16, 8, seed=1), _randn(8, 6, seed=2), _randn(6, seed=3), _randn(16, 6, seed=4)
+    _, saved = module.leaky_layer_forward(x, W, b)
+    grads = module.leaky_layer_backward(dout, saved)
+    leaves = [t.clone().requires_grad_() for t in (x, W, b)]
+    F.leaky_relu(leaves[0] @ leaves[1] + leaves[2], 0.1).backward(dout)
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad)
+
+
 def test_a_branch_that_squares_a_value_keeps_where_so_float16_does_not_overflow_into_nan():
     """u**2/2 is inf in float16 at |u| = 362; a lerp would read it where the other branch is taken."""
     d, module = generated(smooth_l1)

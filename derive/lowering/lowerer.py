@@ -427,6 +427,8 @@ class Lowerer:
             return self._flat_part(e)
         if e.is_Symbol and is_index(e):  # a position along its dim (a window's t*2 + k)
             return Val(f"torch.arange({size_code(dim_of(e).size)}, device={self.ref}.device)", (e,), True)
+        if isinstance(e, sympy.Mul) and self.share and canonical_key(e)[0] in self.repeated:
+            return self._cached(e, self._elementwise)  # a product a sum elsewhere reads too
         return self._elementwise(e)
 
     def _flat_part(self, e: Flat) -> Val:

@@ -153,7 +153,8 @@ def as_step(cond: sympy.Basic) -> sympy.Expr | None:
 
 def repeated(expressions: Iterable[sympy.Expr], steps: bool = False) -> set[sympy.Expr]:
     """Keys (:func:`canonical_key`) of values computed twice or more: costly sub-expressions, and the
-    products of one layout that several sums multiply out (``dout*xhat`` for both dgamma and dx).
+    products of one layout that several sums multiply out (``dout*xhat`` for both dgamma and dx),
+    or that one formula is whole and another sums (``dpre`` and ``db = Σ_n dpre``).
 
     With ``steps``, a step used twice too (a relu's mask read by two gradients, or the condition
     of two selects): where the code multiplies by masks, one mask serves both; where it selects
@@ -162,6 +163,8 @@ def repeated(expressions: Iterable[sympy.Expr], steps: bool = False) -> set[symp
     counts: Counter[sympy.Expr] = Counter()
     sums: set[sympy.Expr] = set()
     for e in expressions:
+        if isinstance(e, sympy.Mul) and tensor_names(e):  # a gradient that another sums (dpre and db)
+            counts[canonical_key(e)[0]] += 1
         for node in sympy.preorder_traversal(e):
             step = as_step(node.args[0].cond) if steps and isinstance(node, sympy.Piecewise) else None
             if step is not None and is_step(step):  # a select's condition, read as a mask
