@@ -525,6 +525,26 @@ def test_a_bias_gradient_sums_the_gradient_its_layer_already_computed():
         torch.testing.assert_close(got, leaf.grad)
 
 
+@op(x="n d", y="n d")
+def weighted_square(x, y):
+    loss = apply(lambda a, b: sympy.Abs(a - b) * b, x, y).mean(("n", "d"))  # x - y inside: not a statement
+    return loss
+
+
+def test_a_value_two_gradients_compute_is_computed_once():
+    """dx = sign(x - y)·y/M and dy = (|x - y| - sign(x - y)·y)/M: one x - y for both."""
+    _, module = generated(weighted_square)
+    x, y = _randn(6, 8, seed=1), _randn(6, 8, seed=2)
+    _, saved = module.weighted_square_forward(x, y)
+    with FullPasses(x.numel()) as passes:
+        grads = module.weighted_square_backward(None, saved)
+    assert [op for op in passes.ops if op.split(".")[0] in ("sub", "neg", "add")] == ["sub.Tensor"], passes.ops
+    leaves = [t.clone().requires_grad_() for t in (x, y)]
+    ((leaves[0] - leaves[1]).abs() * leaves[1]).mean().backward()
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad)
+
+
 def test_a_branch_that_squares_a_value_keeps_where_so_float16_does_not_overflow_into_nan():
     """u**2/2 is inf in float16 at |u| = 362; a lerp would read it where the other branch is taken."""
     d, module = generated(smooth_l1)

@@ -142,9 +142,14 @@ def lower_program(
         printer=MASKING if all(stays_finite(e) for e in fused) else PRINTER,
         finite=finite,
     )
-    bwd.repeated = share.repeated(fused, steps=bwd.printer is MASKING)
-    for k, ((wrt, _), e) in enumerate(zip(gradients, fused)):
-        negated = _negation_of(e, wrt, [(w, f) for (w, _), f in zip(gradients[:k], fused)])
+    negations = [
+        _negation_of(e, wrt, [(w, f) for (w, _), f in zip(gradients[:k], fused)])
+        for k, ((wrt, _), e) in enumerate(zip(gradients, fused))
+    ]
+    # what the formulas share, less those written as another's negative (their values are read, not made)
+    computed = [e for e, negated in zip(fused, negations) if negated is None]
+    bwd.repeated = share.repeated(computed, steps=bwd.printer is MASKING, cheap=True)
+    for (wrt, _), e, negated in zip(gradients, fused, negations):
         bwd.assign(grad_name(wrt.name), e if negated is None else -negated, wrt)
     returned = {grad_name(t.name) for t in program.differentiable_inputs}
     large = {n for n, r in bwd.rank.items() if r >= 2} | {grad_name(w.name) for w, _ in gradients if len(w.dims) >= 2}

@@ -117,7 +117,7 @@ class _Chain:
     def _add(self, e: sympy.Add) -> Piece:
         full = self._axes_of(e)
         if self._one_operation(e) or (
-            any(t.has(sympy.Heaviside) for t in e.args) and any(t.could_extract_minus_sign() for t in e.args)
+            any(_bare_step(t) for t in e.args) and any(t.could_extract_minus_sign() for t in e.args)
         ):  # one operation, or a mask next to a subtraction: the printer writes its 0/1 values
             return Piece(self.printer.doprint(e), full, fresh=True)
         constant = sympy.Add(*(t for t in e.args if not (t.free_symbols & set(self.axes))))
@@ -216,7 +216,7 @@ class _Chain:
         factors = sympy.Mul.make_args(body)
         if not isinstance(body, sympy.Mul) or len(factors) != 2 or any(f.as_base_exp()[1] == -1 for f in factors):
             return None
-        if any(f.has(sympy.Piecewise, sympy.Heaviside) for f in factors):
+        if any(f.has(sympy.Piecewise) or _bare_step(f) for f in factors):
             return None  # a step prints as a bool mask: addcmul's own subtraction refuses bools
         x, y = (self.emit(f) for f in factors)
         # a buffer the chain made is updated in place instead, unless it is the smaller operand
@@ -409,6 +409,11 @@ def _steps_only(e: sympy.Expr) -> bool:
     """Whether ``e`` reads values only through steps (``Heaviside(x) + 1``): its code is bool or integer."""
     steps = e.atoms(sympy.Heaviside, sympy.Piecewise)
     return bool(steps) and not e.xreplace({h: sympy.Integer(1) for h in steps}).free_symbols
+
+
+def _bare_step(e: sympy.Expr) -> bool:
+    """Whether ``e`` holds a step outside a ``Select`` (whose mask prints as floats, not bools)."""
+    return e.xreplace({s: sympy.Dummy() for s in e.atoms(Select)}).has(sympy.Heaviside)
 
 
 def _value(coefficient: sympy.Expr) -> str:

@@ -43,7 +43,18 @@ from . import inplace
 from . import plan as planner
 from .finite import Finite
 from .printer import PRINTER, Select, TorchCodePrinter, atom, is_constant, is_fresh, shape_tuple, size_code
-from .share import as_step, canonical_key, costly, factor_groups, flatten_sums, is_step, repeated_within
+from .share import (
+    as_step,
+    canonical_key,
+    cheap_key,
+    costly,
+    factor_groups,
+    flatten_sums,
+    is_step,
+    repeated_within,
+    shareable,
+    up_to_factor,
+)
 
 Axes = tuple[sympy.Symbol, ...]
 
@@ -1193,11 +1204,12 @@ class Lowerer:
         for leaf in self._leaves(e):
             if leaf.is_Symbol and leaf.name in known:
                 leaves.append((leaf, known[leaf.name]))
-            elif costly(leaf) or is_step(leaf):  # computed more than once in this function: once, into a temporary
+            elif costly(leaf) or is_step(leaf) or shareable(leaf):  # computed more than once: once, into a temporary
                 stand_in = sympy.Symbol(f"__val_c{self.counter}")
                 self.counter += 1
-                known[stand_in.name] = self._cached(leaf, self._elementwise)
-                stand_ins[leaf] = stand_in
+                c, value = (1, leaf) if costly(leaf) or is_step(leaf) else up_to_factor(leaf)  # (y - x is -(x - y))
+                known[stand_in.name] = self._cached(value, self._elementwise)
+                stand_ins[leaf] = c * stand_in
                 leaves.append((stand_in, known[stand_in.name]))
             else:
                 leaves.append((leaf, self.lower(leaf)))
@@ -1260,10 +1272,13 @@ class Lowerer:
             value, occurrences = found
             stand_in = sympy.Symbol(f"__val_w{self.counter}")
             self.counter += 1
-            val = self._elementwise(value, known)
-            if not (val.constant or val.code.isidentifier()):
-                val = Val(self._temp(val.code), val.axes, val.is_int)
-                self.rank[val.code] = len(val.axes)
+            if any(s.name.startswith("__val_") for s in value.free_symbols):  # (their axes are not in its key)
+                val = self._elementwise(value, known)
+                if not (val.constant or val.code.isidentifier()):
+                    val = Val(self._temp(val.code), val.axes, val.is_int)
+                    self.rank[val.code] = len(val.axes)
+            else:  # through the memo: another formula may need it too
+                val = self._cached(value, self._elementwise)
             known[stand_in.name] = val
             e = _replace_elementwise(e, {node: c * stand_in for node, c in occurrences.items()})
         return e
@@ -1617,6 +1632,8 @@ def _value_leaves(e: sympy.Expr, repeated: set[sympy.Expr] | None = None, top: b
     if e.is_Symbol and (e.name.startswith("__val_") or is_index(e)):
         return [e]
     if repeated and not top and (costly(e) or is_step(e)) and canonical_key(e)[0] in repeated:
+        return [e]
+    if repeated and not top and shareable(e) and cheap_key(e) in repeated:
         return [e]
     out: list[sympy.Expr] = []
     for a in e.args:

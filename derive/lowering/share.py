@@ -151,10 +151,13 @@ def as_step(cond: sympy.Basic) -> sympy.Expr | None:
     return None
 
 
-def repeated(expressions: Iterable[sympy.Expr], steps: bool = False) -> set[sympy.Expr]:
+def repeated(expressions: Iterable[sympy.Expr], steps: bool = False, cheap: bool = False) -> set[sympy.Expr]:
     """Keys (:func:`canonical_key`) of values computed twice or more: costly sub-expressions, and the
     products of one layout that several sums multiply out (``dout*xhat`` for both dgamma and dx),
     or that one formula is whole and another sums (``dpre`` and ``db = Σ_n dpre``).
+
+    With ``cheap``, any operation two formulas compute (``x - y`` in dx and dy), so the fused
+    backward computes it once; the atom-by-atom chain keeps autograd's forms instead.
 
     With ``steps``, a step used twice too (a relu's mask read by two gradients, or the condition
     of two selects): where the code multiplies by masks, one mask serves both; where it selects
@@ -165,6 +168,8 @@ def repeated(expressions: Iterable[sympy.Expr], steps: bool = False) -> set[symp
     for e in expressions:
         if isinstance(e, sympy.Mul) and tensor_names(e):  # a gradient that another sums (dpre and db)
             counts[canonical_key(e)[0]] += 1
+        if cheap:  # a value two formulas compute (x - y in dx and dy), counted once a formula
+            counts.update({cheap_key(n) for n in _nodes_above_leaves(e) if n is not e and _cheap(n)})
         for node in sympy.preorder_traversal(e):
             step = as_step(node.args[0].cond) if steps and isinstance(node, sympy.Piecewise) else None
             if step is not None and is_step(step):  # a select's condition, read as a mask
@@ -196,10 +201,10 @@ def repeated_within(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Expr, sympy.E
         >>> value, sorted(occurrences.values())
         (x(n) - y(n), [-1, 1])
     """
-    counts: Counter[sympy.Expr] = Counter(n for n in _nodes_above_leaves(e) if n is not e and _shareable(n))
+    counts: Counter[sympy.Expr] = Counter(n for n in _nodes_above_leaves(e) if n is not e and shareable(n))
     groups: dict[sympy.Expr, dict[sympy.Expr, sympy.Expr]] = {}
     for node in counts:
-        c, value = _up_to_factor(node)
+        c, value = up_to_factor(node)
         groups.setdefault(value, {})[node] = c
     total = {v: sum(counts[n] for n in nodes) for v, nodes in groups.items()}
     found = [(v, nodes) for v, nodes in groups.items() if total[v] > 1]
@@ -228,7 +233,7 @@ def _nodes_above_leaves(e: sympy.Basic) -> Iterable[sympy.Basic]:
         yield from _nodes_above_leaves(a)
 
 
-def _shareable(node: sympy.Basic) -> bool:
+def shareable(node: sympy.Basic) -> bool:
     """An operation on tensor values that is a pass of its own: not a leaf, a number, or ``c·x``."""
     if not isinstance(node, sympy.Expr) or is_entry(node) or isinstance(node, _INDEX_LEVEL) or node.is_Atom:
         return False
@@ -240,12 +245,22 @@ def _shareable(node: sympy.Basic) -> bool:
     return True
 
 
+def _cheap(node: sympy.Basic) -> bool:
+    """A shareable operation that no other rule of :func:`repeated` counts (not costly, not a step)."""
+    return shareable(node) and not costly(node) and not is_step(node)
+
+
+def cheap_key(node: sympy.Expr) -> sympy.Expr:
+    """The key of a cheap value up to a number: ``x - y`` and ``y - x`` share one."""
+    return canonical_key(up_to_factor(node)[1])[0]
+
+
 def _reads_values(e: sympy.Basic) -> bool:
     """Whether ``e`` reads a tensor: an entry, or a temporary's stand-in (``__val_...``)."""
     return bool(tensor_names(e)) or any(s.name.startswith("__val_") for s in e.free_symbols)
 
 
-def _up_to_factor(node: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
+def up_to_factor(node: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
     """``node`` as ``c·value``, ``c`` a rational: a product without its number (``-s*y`` is ``-1·s*y``),
     a sum with its content and sign made canonical."""
     if isinstance(node, sympy.Mul):
@@ -431,5 +446,8 @@ __all__ = [
     "host_expression",
     "repeated",
     "repeated_within",
+    "shareable",
+    "up_to_factor",
+    "cheap_key",
     "saved_in_order",
 ]
