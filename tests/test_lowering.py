@@ -557,6 +557,21 @@ def test_a_branch_that_squares_a_value_keeps_where_so_float16_does_not_overflow_
 
 
 @op(x="n d")
+def row_gate(x, c=1.0):
+    r = (x * x).mean("d", keepdim=True)
+    out = x * apply(lambda s: sympy.Piecewise((c, s > c), (s, True)), r)
+    return out
+
+
+def test_a_branch_reading_a_forward_value_of_degree_two_keeps_where():
+    """r = mean(x²) is inf in float16 at |x| = 300; a select that read it where c is taken would be NaN."""
+    _, module = generated(row_gate)
+    x = torch.full((2, 4), 300.0, dtype=torch.float16)
+    out, _ = module.row_gate_forward(x)
+    assert torch.equal(out, x), out  # r > c: the gate is c = 1
+
+
+@op(x="n d")
 def clip_above(x, lim=2.0):
     out = apply(lambda u: sympy.Piecewise((lim, u > lim), (u, True)), x)
     return out
