@@ -22,7 +22,7 @@ deriver bug: there is none left.
 3. regression tests for the bugs the properties found, each a minimal repro that runs (a bug found
    and not yet fixed would be a strict xfail: an XPASS fails, so the marker goes with the fix).
 
-Profiles: ``ci`` (the default: derandomized, 150 compositions per style or construct, 1,200 in
+Profiles: ``ci`` (the default: derandomized, 150 compositions per style or construct, 1,350 in
 all, and 50 examples per catalogue op, no deadline), ``long`` (1,800 and 600 each, random) and
 ``dev`` (ci's examples, no shrinking), chosen with ``HYPOTHESIS_PROFILE=long``. The number of
 compositions checked is printed at the end of the run, summed over the pytest-xdist workers
@@ -75,8 +75,8 @@ PROFILE = settings.get_profile(PROFILE_NAME if PROFILE_NAME in ("ci", "long", "d
 # device: the generated code, autograd and this file's own torch evaluation all run there
 DEVICE = os.environ.get("DERIVE_TEST_DEVICE", "cpu")
 # Per-test example counts are multiples of the profile's: catalogue examples are cheap (torch
-# only, the derivation is cached), compositions cost a SymPy derivation each (~0.1-0.3 s); eight
-# composition tests at 6x the profile's examples are 1,200 compositions a CI run.
+# only, the derivation is cached), compositions cost a SymPy derivation each (~0.1-0.3 s); nine
+# composition tests at 6x the profile's examples are 1,350 compositions a CI run.
 CATALOGUE_EXAMPLES = PROFILE.max_examples * 2
 COMPOSITION_EXAMPLES = PROFILE.max_examples * 6
 
@@ -338,8 +338,8 @@ BINARY = [
     # a jump where a == b, its condition comparing two values: a mask of their difference
     Fn(
         "select",
-        ("apply(lambda u, v: sympy.Piecewise((u * v, u > v), (u - v, True)), {a}, {b})",),
-        lambda a, b: torch.where(a > b, a * b, a - b),
+        ("apply(lambda u, v: sympy.Piecewise((2 * u - v, u > v), (u - v / 2, True)), {a}, {b})",),
+        lambda a, b: torch.where(a > b, 2 * a - b, a - b / 2),
         kink=lambda a, b: (a - b).abs(),
     ),
 ]
@@ -624,6 +624,7 @@ FIRST_INPUTS = {
     "middle_max": [("n", "d", "k")],  # x.max("d"): a max over a middle dim
     "conv": [("n", "d"), (WINDOW, "m")],  # a padded window of x contracted with a weight over j
     "shared": [("n", "d"), ("d", "k"), ("d", "k")],  # f(x @ W) op (x @ V): x's gradient sums two matmuls
+    "select": [("n", "d"), ("n", "d")],  # a Piecewise of two inputs: linear branches, a lerp both ways
 }
 
 
@@ -643,6 +644,13 @@ def _first(draw: st.DrawFn, first: str, pool: list[Node], ints: list[Node], size
         how = FNS[draw(st.sampled_from(["add", "sub", "mul"]))]
         pair = (act, Node("matmul", ("n", "k"), (x, v)))
         return Node("binary", ("n", "k"), pair, fn=how.name, template=draw(st.sampled_from(how.templates)))
+    if first == "select":
+        x, y = pool
+        fn = FNS[draw(st.sampled_from(["select", "huber"]))]
+        if fn.name == "huber":  # a Huber of x - y: linear branches backward, a square forward
+            diff = Node("binary", ("n", "d"), (x, y), fn="sub", template="{a} - {b}")
+            return Node("unary", ("n", "d"), (diff,), fn=fn.name, template=fn.templates[0])
+        return Node("binary", ("n", "d"), (x, y), fn=fn.name, template=fn.templates[0])
     if first == "middle_max":
         x = pool[0]
         return Node("reduce", ("n", "k"), (x,), fn="max", dim="d")
