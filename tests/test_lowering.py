@@ -557,6 +557,22 @@ def test_a_branch_that_squares_a_value_keeps_where_so_float16_does_not_overflow_
 
 
 @op(x="n d")
+def hard_sigmoid(x):
+    out = apply(lambda u: sympy.Piecewise((0, u < -3), (1, u > 3), (u / 6 + sympy.Rational(1, 2), True)), x)
+    return out
+
+
+def test_a_piecewise_of_three_branches_nests_two_way_selects():
+    """The first true condition wins: Select(Select(1, (u + 3)/6, u > 3), 0, u >= -3), float masks only."""
+    d, module = generated(hard_sigmoid)
+    assert "torch.where" not in "\n".join(d.code.forward), d.code.forward
+    x = torch.tensor([[-4.0, -3.0, -1.5, 0.0, 1.5, 3.0, 4.0]])
+    out, _ = module.hard_sigmoid_forward(x)
+    torch.testing.assert_close(out, F.hardsigmoid(x))
+    assert out[0, 1] == 0 and out[0, 5] == 1  # the switch points
+
+
+@op(x="n d")
 def row_gate(x, c=1.0):
     r = (x * x).mean("d", keepdim=True)
     out = x * apply(lambda s: sympy.Piecewise((c, s > c), (s, True)), r)
@@ -581,7 +597,7 @@ def test_a_piecewise_with_a_number_branch_multiplies_by_the_complement_mask():
     """Zero gradient above ``lim``: ``dout * (x <= lim)`` as floats, in one comparison, at the tie as
     ``torch.clamp_max`` (which passes the gradient at ``x == lim``)."""
     d, module = generated(clip_above)
-    assert d.code.backward == ["dx = dout*torch.le(x, lim, out=torch.empty_like(x))"], d.code.backward
+    assert d.code.backward == ["dx = (dout*torch.le(x, lim, out=torch.empty_like(x)))"], d.code.backward
     x, dout = _randn(6, 8, seed=1) * 3, _randn(6, 8, seed=2)
     x[0, :2] = 2.0  # the tie
     out, saved = module.clip_above_forward(x)

@@ -299,6 +299,13 @@ UNARY = [
     # a power with a symbolic exponent: SymPy's derivative divides by the base, 0/0 at an exact 0
     Fn("param_pow", ("apply(lambda u: sympy.Abs(u) ** (alpha + 1), {a})",), lambda t: t.abs() ** (PARAM[1] + 1)),
     Fn("relu", ("apply(lambda u: sympy.Max(u, 0), {a})",), torch.relu, kink=lambda t: t.abs()),
+    # a branch that is a number: a float mask times the other, inside whatever product reads it
+    Fn(
+        "clip_pw",
+        ("apply(lambda u: sympy.Piecewise((1.5, u > 1.5), (u, True)), {a})",),
+        lambda t: torch.where(t > 1.5, 1.5, t),
+        kink=lambda t: (t - 1.5).abs(),
+    ),
     # two finite branches (selected by a lerp on a float mask), |u| written twice (computed once)
     Fn(
         "huber",
@@ -646,8 +653,8 @@ def _first(draw: st.DrawFn, first: str, pool: list[Node], ints: list[Node], size
         return Node("binary", ("n", "k"), pair, fn=how.name, template=draw(st.sampled_from(how.templates)))
     if first == "select":
         x, y = pool
-        fn = FNS[draw(st.sampled_from(["select", "huber"]))]
-        if fn.name == "huber":  # a Huber of x - y: linear branches backward, a square forward
+        fn = FNS[draw(st.sampled_from(["select", "huber", "clip_pw"]))]
+        if fn.name != "select":  # of x - y: a Huber (linear branches backward, a square forward), a clip
             diff = Node("binary", ("n", "d"), (x, y), fn="sub", template="{a} - {b}")
             return Node("unary", ("n", "d"), (diff,), fn=fn.name, template=fn.templates[0])
         return Node("binary", ("n", "d"), (x, y), fn=fn.name, template=fn.templates[0])

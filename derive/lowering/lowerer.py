@@ -1565,17 +1565,18 @@ def _selects(e: sympy.Expr, finite: Finite | None) -> sympy.Expr:
     """Each ``Piecewise((a, cond), (b, True))`` whose values may both be computed everywhere
     (:meth:`.finite.Finite.selectable`) as ``Select(a, b, step)``: a lerp on a float mask instead
     of ``torch.where`` on a bool one. A branch that is a number selects too, by arithmetic on
-    the mask (``Select``'s printer)."""
+    the mask (``Select``'s printer). More branches nest: ``Select(a, Select(b, c, s2), s1)``."""
 
     def select(node: sympy.Expr) -> sympy.Expr:
-        if not isinstance(node, sympy.Piecewise) or len(node.args) != 2 or node.args[1].cond != sympy.true:
+        if not isinstance(node, sympy.Piecewise) or len(node.args) < 2 or node.args[-1].cond != sympy.true:
             return node
-        (a, cond), (b, _) = node.args
+        (a, cond), rest = node.args[0], node.args[1:]
+        b = rest[0].expr if len(rest) == 1 else select(sympy.Piecewise(*rest))  # the first true condition wins
         step = as_step(cond)
         if step is None or (is_constant(a) and is_constant(b)):
-            return node
+            return node if len(rest) == 1 else sympy.Piecewise((a, cond), (b, True))
         if not all(is_constant(v) or finite.selectable(v) for v in (a, b)):  # type: ignore[union-attr]
-            return node
+            return node if len(rest) == 1 else sympy.Piecewise((a, cond), (b, True))
         if is_constant(a):  # the number second: Select(b, a) on the complement, b·mask where a is 0
             arg, tie = step.args
             return Select(b, a, sympy.Heaviside(-arg, 1 - tie))

@@ -113,8 +113,8 @@ class TorchCodePrinter(TorchPrinter):
         mask = self.compare_into_floats(*step.args) if heaviside else self._print(step)
         if mask is not None and (is_constant(a) or is_constant(b)):
             other = self.compare_into_floats(-step.args[0], 1 - step.args[1]) if heaviside else f"(1 - {atom(mask)})"
-            if b == 0 or other is not None:
-                return self._print(a * sympy.Symbol(mask) + b * sympy.Symbol(other or "0"))
+            if b == 0 or other is not None:  # (parenthesised: a Select prints as an atom inside others)
+                return f"({self._print(a * sympy.Symbol(mask) + b * sympy.Symbol(other or '0'))})"
             mask = None
         if mask is None:
             condition = comparison(self, *step.args) if heaviside else f"{atom(self._print(step))} > 0"
