@@ -436,13 +436,15 @@ def test_a_gradient_that_is_the_negative_of_another_is_one_pass_from_it():
         torch.testing.assert_close(got, leaf.grad)
 
 
+def huber(u: sympy.Expr, beta: float) -> sympy.Expr:
+    """The smooth L1 of ``u`` as a user writes it: ``u`` and ``|u|`` each more than once."""
+    return sympy.Piecewise((u**2 / (2 * beta), sympy.Abs(u) < beta), (sympy.Abs(u) - beta / 2, True))
+
+
 @op(x="n d", y="const n d")
 def smooth_l1(x, y, beta=1.0):
     """F.smooth_l1_loss as a user writes it: x - y and |x - y| each written more than once."""
-    huber = lambda u: sympy.Piecewise(
-        (u**2 / (2 * beta), sympy.Abs(u) < beta), (sympy.Abs(u) - beta / 2, True)
-    )  # noqa: E731
-    loss = apply(huber, x - y).mean(("n", "d"))
+    loss = apply(lambda u: huber(u, beta), x - y).mean(("n", "d"))
     return loss
 
 
@@ -484,10 +486,7 @@ def test_a_piecewise_of_two_finite_values_selects_by_a_lerp_exact_at_its_switch_
 @op(x="n d", y="n d")
 def huber_minus_tanh(x, y, beta=1.0):
     """A helper's layer: x - y in a Piecewise and in a product with tanh(x - y)."""
-    huber = lambda u: sympy.Piecewise(
-        (u**2 / (2 * beta), sympy.Abs(u) < beta), (sympy.Abs(u) - beta / 2, True)
-    )  # noqa: E731
-    loss = apply(lambda a, b: huber(a - b) + (b - a) * sympy.tanh(a - b), x, y).mean(("n", "d"))
+    loss = apply(lambda a, b: huber(a - b, beta) + (b - a) * sympy.tanh(a - b), x, y).mean(("n", "d"))
     return loss
 
 
@@ -554,6 +553,29 @@ def test_a_branch_that_squares_a_value_keeps_where_so_float16_does_not_overflow_
     u = x.float()
     want = torch.where(u.abs() < 1, u**2 / 2, u.abs() - 0.5).mean()
     assert loss.isfinite() and torch.isclose(loss.float(), want, rtol=1e-3), (loss, want)
+
+
+@op(pred="n q", y="n q")
+def pinball(pred, y, tau=0.9):
+    """The quantile loss: its gradient's branches are the scalar dloss times numbers."""
+    loss = apply(lambda u: sympy.Piecewise((tau * u, u >= 0), ((tau - 1) * u, True)), y - pred).mean(("n", "q"))
+    return loss
+
+
+def test_a_select_of_two_scalar_gradients_is_a_lerp():
+    """dy is ``dloss·tau/M`` or ``dloss·(tau - 1)/M``: values of a 0-dim tensor, not numbers, so a lerp."""
+    d, module = generated(pinball)
+    assert "torch.where" not in "\n".join(d.code.backward), d.code.backward
+    pred, y = _randn(4, 5, seed=1), _randn(4, 5, seed=2)
+    y[0, :3] = pred[0, :3]  # the tie: u = 0 takes tau
+    _, saved = module.pinball_forward(pred, y)
+    dpred, dy = module.pinball_backward(None, saved)
+    leaves = [t.clone().requires_grad_() for t in (pred, y)]
+    u = leaves[1] - leaves[0]
+    torch.where(u >= 0, 0.9 * u, -0.1 * u).mean().backward()
+    torch.testing.assert_close(dpred, leaves[0].grad)
+    torch.testing.assert_close(dy, leaves[1].grad)
+    assert (dy[0, :3] > 0).all()
 
 
 @op(x="n d")

@@ -376,10 +376,7 @@ class _Chain:
         """``b.lerp_(a, mask)`` into ``b``'s buffer when the chain made it, else ``torch.lerp(b, a, mask)``."""
         a, b, step = e.args
         x, y, full = self.emit(a), self.emit(b), self._axes_of(e)
-        if isinstance(step, sympy.Heaviside):
-            mask = self.printer.compare_into_floats(*step.args)
-        else:
-            mask = self.printer.doprint(step)
+        mask = self.printer.select_mask(step)
         if mask is None or not (x.tensor and y.tensor):
             return Piece(self.printer.doprint(e), full, fresh=True)
         if y.fresh and y.axes == full:

@@ -1573,11 +1573,11 @@ def _selects(e: sympy.Expr, finite: Finite | None) -> sympy.Expr:
         (a, cond), rest = node.args[0], node.args[1:]
         b = rest[0].expr if len(rest) == 1 else select(sympy.Piecewise(*rest))  # the first true condition wins
         step = as_step(cond)
-        if step is None or (is_constant(a) and is_constant(b)):
+        if step is None or (_reads_no_tensor(a) and _reads_no_tensor(b)):
             return node if len(rest) == 1 else sympy.Piecewise((a, cond), (b, True))
-        if not all(is_constant(v) or finite.selectable(v) for v in (a, b)):  # type: ignore[union-attr]
+        if not all(_reads_no_tensor(v) or finite.selectable(v) for v in (a, b)):  # type: ignore[union-attr]
             return node if len(rest) == 1 else sympy.Piecewise((a, cond), (b, True))
-        if is_constant(a):  # the number second: Select(b, a) on the complement, b·mask where a is 0
+        if _reads_no_tensor(a):  # the number second: Select(b, a) on the complement, b·mask where a is 0
             arg, tie = step.args
             return Select(b, a, sympy.Heaviside(-arg, 1 - tie))
         return Select(a, b, step)
@@ -1585,6 +1585,11 @@ def _selects(e: sympy.Expr, finite: Finite | None) -> sympy.Expr:
     if finite is None or not e.has(sympy.Piecewise):
         return e
     return _bottom_up_expr(e, select)
+
+
+def _reads_no_tensor(e: sympy.Expr) -> bool:
+    """A number, size or parameter: no tensor, not even a scalar one (``dloss()`` has no free symbols)."""
+    return is_constant(e) and not tensor_names(e)
 
 
 def _only_steps(e: sympy.Expr) -> bool:

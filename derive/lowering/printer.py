@@ -104,13 +104,17 @@ class TorchCodePrinter(TorchPrinter):
             return f"{atom(u)}.{name}_({self._print(bound)})"
         return None
 
+    def select_mask(self, step: sympy.Expr) -> str | None:
+        """A select's 0/1 float mask: its step compared into floats, or a mask made already (a name)."""
+        return self.compare_into_floats(*step.args) if isinstance(step, sympy.Heaviside) else self._print(step)
+
     def _print_Select(self, expr: sympy.Expr) -> str:
         """``torch.lerp(b, a, mask)``: ``a`` where the step is 1, ``b`` where it is 0, exactly, in one
         pass; with a branch that is a number (lerp reads tensors only), ``a·mask + b·(1 - mask)``,
         exact too, and ``a * mask`` for ``b = 0``."""
         a, b, step = expr.args
         heaviside = isinstance(step, sympy.Heaviside)
-        mask = self.compare_into_floats(*step.args) if heaviside else self._print(step)
+        mask = self.select_mask(step)
         if mask is not None and (is_constant(a) or is_constant(b)):
             other = self.compare_into_floats(-step.args[0], 1 - step.args[1]) if heaviside else f"(1 - {atom(mask)})"
             if b == 0 or other is not None:  # (parenthesised: a Select prints as an atom inside others)
