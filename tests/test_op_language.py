@@ -165,7 +165,13 @@ PIECEWISE = {  # body, PyTorch's function, how the backward selects
     # exp(u) may overflow in the branch not taken (inf * 0 is NaN): a where
     "elu": ("sympy.Piecewise((u, u > 0), (sympy.exp(u) - 1, True))", F.elu, "torch.where"),
     "leaky_relu": ("sympy.Piecewise((u, u > 0), (u / 100, True))", F.leaky_relu, "lerp"),
-    "hardtanh": ("sympy.Piecewise((-1, u <= -1), (1, u >= 1), (u, True))", F.hardtanh, "torch.where"),
+    # the backward's condition is an Or (u <= -1 or u >= 1): the And of its negations, two float masks
+    "hardtanh": ("sympy.Piecewise((-1, u <= -1), (1, u >= 1), (u, True))", F.hardtanh, ".mul_(torch.lt(x, 1"),
+    "softshrink": (
+        "sympy.Piecewise((u - sympy.Rational(1, 2), u > sympy.Rational(1, 2)), (u + sympy.Rational(1, 2), u < -sympy.Rational(1, 2)), (0, True))",
+        F.softshrink,
+        ".mul_(torch.le(x, 1 / 2",
+    ),
     "huber": (
         "sympy.Piecewise((u**2 / 2, sympy.Abs(u) <= 1), (sympy.Abs(u) - sympy.Rational(1, 2), True))",
         None,
@@ -176,7 +182,8 @@ PIECEWISE = {  # body, PyTorch's function, how the backward selects
 
 @pytest.mark.parametrize("name", list(PIECEWISE))
 def test_piecewise_functions_select_exactly_and_match_pytorch_at_their_switch_points(name: str):
-    """Two finite values select by a lerp on a float mask (exact at 0 and 1); others by ``torch.where``."""
+    """Two finite values select by a lerp on a float mask (exact at 0 and 1), a value and 0 by a product
+    with one (an ``And`` or ``Or`` of comparisons multiplies masks); others by ``torch.where``."""
     body, torch_fn, select = PIECEWISE[name]
     namespace = {"op": op, "apply": apply, "sympy": sympy}
     exec(f'@op(x="n d")\ndef {name}(x):\n    out = apply(lambda u: {body}, x)\n    return out\n', namespace)

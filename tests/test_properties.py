@@ -306,6 +306,13 @@ UNARY = [
         lambda t: torch.where(t > 1.5, 1.5, t),
         kink=lambda t: (t - 1.5).abs(),
     ),
+    # a clip at two bounds: its backward's condition is an Or, selected by a product of two float masks
+    Fn(
+        "clip2_pw",
+        ("apply(lambda u: sympy.Piecewise((-1.5, u < -1.5), (1.5, u > 1.5), (u, True)), {a})",),
+        lambda t: torch.where(t < -1.5, -1.5, torch.where(t > 1.5, 1.5, t)),
+        kink=lambda t: (t.abs() - 1.5).abs(),
+    ),
     # two finite branches (selected by a lerp on a float mask), |u| written twice (computed once)
     Fn(
         "huber",
@@ -653,7 +660,7 @@ def _first(draw: st.DrawFn, first: str, pool: list[Node], ints: list[Node], size
         return Node("binary", ("n", "k"), pair, fn=how.name, template=draw(st.sampled_from(how.templates)))
     if first == "select":
         x, y = pool
-        fn = FNS[draw(st.sampled_from(["select", "huber", "clip_pw"]))]
+        fn = FNS[draw(st.sampled_from(["select", "huber", "clip_pw", "clip2_pw"]))]
         if fn.name != "select":  # of x - y: a Huber (linear branches backward, a square forward), a clip
             diff = Node("binary", ("n", "d"), (x, y), fn="sub", template="{a} - {b}")
             return Node("unary", ("n", "d"), (diff,), fn=fn.name, template=fn.templates[0])
@@ -857,6 +864,8 @@ def check_composition(c: Composition, values: dict[str, torch.Tensor], grad_seed
     code = "\n".join(d.code.forward + d.code.backward)
     if "torch.lerp(" in code or ".lerp_(" in code:
         COUNTS["compositions with a select by lerp"] += 1
+    if re.search(r"\.mul_\(torch\.(gt|ge|lt|le)\(", code):
+        COUNTS["compositions selecting by a product of float masks (And, Or)"] += 1
     if re.search(r"\.(gt|ge|lt|le)_\(", code):
         COUNTS["compositions comparing into floats in place"] += 1
     inputs = [values[t.name] for t in d.program.inputs]

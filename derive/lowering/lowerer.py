@@ -1572,12 +1572,15 @@ def _selects(e: sympy.Expr, finite: Finite | None) -> sympy.Expr:
             return node
         (a, cond), rest = node.args[0], node.args[1:]
         b = rest[0].expr if len(rest) == 1 else select(sympy.Piecewise(*rest))  # the first true condition wins
-        step = as_step(cond)
-        if step is None or (_reads_no_tensor(a) and _reads_no_tensor(b)):
+        found = _condition_step(cond)
+        if found is None or (_reads_no_tensor(a) and _reads_no_tensor(b)):
             return node if len(rest) == 1 else sympy.Piecewise((a, cond), (b, True))
         if not all(_reads_no_tensor(v) or finite.selectable(v) for v in (a, b)):  # type: ignore[union-attr]
             return node if len(rest) == 1 else sympy.Piecewise((a, cond), (b, True))
-        if _reads_no_tensor(a):  # the number second: Select(b, a) on the complement, b·mask where a is 0
+        step, swapped = found
+        if swapped:
+            a, b = b, a
+        if _reads_no_tensor(a) and isinstance(step, sympy.Heaviside):  # the number second: on the complement
             arg, tie = step.args
             return Select(b, a, sympy.Heaviside(-arg, 1 - tie))
         return Select(a, b, step)
@@ -1585,6 +1588,24 @@ def _selects(e: sympy.Expr, finite: Finite | None) -> sympy.Expr:
     if finite is None or not e.has(sympy.Piecewise):
         return e
     return _bottom_up_expr(e, select)
+
+
+def _condition_step(cond: sympy.Basic) -> tuple[sympy.Expr, bool] | None:
+    """A select's condition as a step, and whether its branches swap; None if it is no comparison.
+
+    One comparison is one step; an ``And`` of comparisons is the product of their steps; an ``Or``
+    is the ``And`` of their negations with the branches swapped, since both multiply float masks.
+    """
+    step = as_step(cond)
+    if step is not None:
+        return step, False
+    if not isinstance(cond, (sympy.And, sympy.Or)):
+        return None
+    parts = cond.args if isinstance(cond, sympy.And) else [sympy.Not(c) for c in cond.args]
+    steps = [as_step(c) for c in parts]
+    if any(s is None for s in steps):
+        return None
+    return sympy.Mul(*steps), isinstance(cond, sympy.Or)
 
 
 def _reads_no_tensor(e: sympy.Expr) -> bool:

@@ -105,8 +105,16 @@ class TorchCodePrinter(TorchPrinter):
         return None
 
     def select_mask(self, step: sympy.Expr) -> str | None:
-        """A select's 0/1 float mask: its step compared into floats, or a mask made already (a name)."""
-        return self.compare_into_floats(*step.args) if isinstance(step, sympy.Heaviside) else self._print(step)
+        """A select's 0/1 float mask: its step compared into floats, a product of steps (an ``And``) as
+        one mask multiplied by the others in place, or a mask made already (a name)."""
+        if isinstance(step, sympy.Heaviside):
+            return self.compare_into_floats(*step.args)
+        if is_conjunction(step):
+            masks = [self.compare_into_floats(*s.args) for s in step.args]
+            if any(m is None for m in masks):
+                return None
+            return str(masks[0]) + "".join(f".mul_({m})" for m in masks[1:])
+        return self._print(step)
 
     def _print_Select(self, expr: sympy.Expr) -> str:
         """``torch.lerp(b, a, mask)``: ``a`` where the step is 1, ``b`` where it is 0, exactly, in one
@@ -121,7 +129,12 @@ class TorchCodePrinter(TorchPrinter):
                 return f"({self._print(a * sympy.Symbol(mask) + b * sympy.Symbol(other or '0'))})"
             mask = None
         if mask is None:
-            condition = comparison(self, *step.args) if heaviside else f"{atom(self._print(step))} > 0"
+            if heaviside:
+                condition = comparison(self, *step.args)
+            elif is_conjunction(step):
+                condition = " & ".join(f"({comparison(self, *s.args)})" for s in step.args)
+            else:
+                condition = f"{atom(self._print(step))} > 0"
             return f"torch.where({condition}, {self._print(a)}, {self._print(b)})"
         return f"torch.lerp({self._print(b)}, {self._print(a)}, {mask})"
 
@@ -233,6 +246,13 @@ def split_masks(expr: sympy.Expr) -> tuple[list[tuple[sympy.Expr, sympy.Expr]], 
         else:
             rest.append(f)
     return masks, sympy.Mul(*rest)
+
+
+def is_conjunction(step: sympy.Expr) -> bool:
+    """Whether ``step`` is a product of comparisons' steps (an ``And``), each 0 or 1 at its tie."""
+    return isinstance(step, sympy.Mul) and all(
+        isinstance(s, sympy.Heaviside) and len(s.args) > 1 and s.args[1] in (0, 1) for s in step.args
+    )
 
 
 def comparison(printer: TorchCodePrinter, arg: sympy.Expr, tie: sympy.Expr, negated: bool = False) -> str:
