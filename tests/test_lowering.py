@@ -967,3 +967,25 @@ def test_a_max_of_a_relu_at_a_double_tie_follows_pytorchs_nesting():
     torch.maximum(torch.relu(leaves[0] @ leaves[1] + leaves[2])[:, :, None], leaves[2]).backward(g)
     for got, leaf in zip(module.max_of_relu_backward(g, saved), leaves):
         assert torch.equal(got, leaf.grad), (got, leaf.grad)
+
+
+@op(x="d k", y="n d")
+def scaled_by_column_sum(x, y):
+    v = y @ (x.sum("d", keepdim=True) * x)
+    return v, x.sum("d", keepdim=True) * x
+
+
+def test_a_factor_shared_by_the_full_size_terms_divides_no_other_term():
+    """dx = Σx·(dv' + dout2) + Σ(dv'·x) + Σ(dout2·x): Σx is read once for the first two terms, and the
+    sums beside them are added as they are, not as ``(Σ(dv'·x)/Σx)·Σx`` (NaN where a column is 0)."""
+    d, module = generated(scaled_by_column_sum)
+    assert "1 / sum_x" not in "\n".join(d.code.backward), d.code.backward
+    x = torch.zeros(3, 2, dtype=torch.float64).requires_grad_()
+    y = torch.randn(4, 3, dtype=torch.float64).requires_grad_()
+    grads = (torch.randn(4, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64))
+    _, saved = module.scaled_by_column_sum_forward(x.detach(), y.detach())
+    got = module.scaled_by_column_sum_backward(grads, saved)
+    s = x.sum(0, keepdim=True)
+    torch.autograd.backward([y @ (s * x), s * x], list(grads))
+    torch.testing.assert_close(got.x, x.grad)
+    torch.testing.assert_close(got.y, y.grad)

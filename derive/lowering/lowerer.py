@@ -343,7 +343,7 @@ class Lowerer:
         if common and len(full_terms) > 1:
             shared, stand_in = self._share(common, lines, known)
             full_terms = [(F, (S / shared) * stand_in) for F, S in full_terms]
-            small = sympy.expand(small / shared) * stand_in if small != 0 else small
+            small = _read_through(small, common, shared, stand_in)
         small_code = self.align(self._elementwise(small, known), target.indices) if small != 0 else None
         inner = target.indices[-1] if target.indices else None
         first = full_terms[0][1]
@@ -1330,6 +1330,17 @@ class _Ungather:
     picks: dict[sympy.Symbol, sympy.Expr]
     by_sum: set[sympy.Symbol]
     indices: list[sympy.Symbol]
+
+
+def _read_through(e: sympy.Expr, common: set[sympy.Expr], shared: sympy.Expr, stand_in: sympy.Symbol) -> sympy.Expr:
+    """``e`` with ``shared`` (the product of ``common``) read from its stand-in in the terms that
+    have every one of those factors; the other terms as they are. Never ``term / shared``: a value
+    that may be 0 divides nothing (``Σ dact·x / Σ x`` was NaN where every x is 0)."""
+
+    def read(term: sympy.Expr) -> sympy.Expr:
+        return (term / shared) * stand_in if common <= set(sympy.Mul.make_args(term)) else term
+
+    return sympy.Add(*(read(t) for t in sympy.Add.make_args(sympy.expand(e)))) if e != 0 else e
 
 
 def _summed(e: sympy.Expr, indices: list[sympy.Symbol]) -> sympy.Expr:
