@@ -420,7 +420,8 @@ def combine_powers(e: sympy.Expr) -> sympy.Expr:
 
     SymPy differentiates ``x**p`` to ``p*x**p/x``, which is 0/0 at ``x = 0`` where the derivative
     ``p*x**(p - 1)`` is a number (0 for ``p = 2``): the focal loss's ``(1 - pt)**gamma`` at a
-    confident row. Numeric exponents are left to SymPy, which combines them already.
+    confident row. Numeric exponents are left to SymPy, which combines them already. A power of a
+    product of nonnegative factors splits first where one of them is another factor's base.
     """
 
     def combine(node: sympy.Expr) -> sympy.Expr:
@@ -428,17 +429,33 @@ def combine_powers(e: sympy.Expr) -> sympy.Expr:
             return node
         exponents: dict[sympy.Expr, list[sympy.Expr]] = {}
         others = []
+        bases = {f.as_base_exp()[0] for f in node.args}
         for f in node.args:
             if f.is_number or isinstance(f, sympy.exp):
                 others.append(f)
-            else:
-                base, exponent = f.as_base_exp()
-                exponents.setdefault(base, []).append(exponent)
+                continue
+            for g in _split_power(f, bases):
+                if g.is_number or isinstance(g, sympy.exp):
+                    others.append(g)
+                else:
+                    base, exponent = g.as_base_exp()
+                    exponents.setdefault(base, []).append(exponent)
         if not any(len(x) > 1 and not all(k.is_number for k in x) for x in exponents.values()):
             return node
         return sympy.Mul(*others, *(base ** sympy.Add(*x) for base, x in exponents.items()))
 
     return _bottom_up(e, combine)
+
+
+def _split_power(f: sympy.Expr, bases: set[sympy.Expr]) -> list[sympy.Expr]:
+    """``(a·b)**p`` as ``a**p · b**p`` when the product's factors are nonnegative and one of them is a
+    base in ``bases`` (so it combines: ``(c·|u|)**p / |u|`` is ``c**p · |u|**(p - 1)``); else ``[f]``."""
+    base, exponent = f.as_base_exp()
+    if not isinstance(base, sympy.Mul) or exponent.is_number or not (set(base.args) & bases):
+        return [f]
+    if not all(b.is_nonnegative or isinstance(b, (sympy.exp, sympy.Abs)) for b in base.args):
+        return [f]  # (a·b)**p is a**p · b**p only where a and b are not negative
+    return [b**exponent for b in base.args]
 
 
 def drop_implied_steps(e: sympy.Expr) -> sympy.Expr:

@@ -356,6 +356,26 @@ def test_focal_loss_gradient_is_finite_at_a_confident_row(dtype: torch.dtype):
     torch.testing.assert_close(leaf.grad, ref.grad)
 
 
+@op(y="k")
+def scaled_power(y, alpha=0.75):
+    return apply(lambda u: sympy.Abs(u) ** (alpha + 1), y / exp(y.sum("k", keepdim=True)))
+
+
+def test_a_power_of_a_product_combines_with_its_factor_so_an_exact_zero_is_no_zero_division():
+    """d|c·y|^p/dy is SymPy's p·(c·|y|)^p·sign(y)/|y|, 0/0 at y = 0; split into c^p·|y|^p (both factors
+    nonnegative), the powers of |y| combine: p·c^p·|y|^(p-1)·sign(y), 0 there as autograd gives."""
+    d = derive(scaled_power)
+    assert "/Abs(y[k])" not in text(d.gradient("y").result), text(d.gradient("y").result)
+    module = load_module(render(d), "scaled_power")
+    y = torch.tensor([0.0, 0.25, -0.5], dtype=torch.float64)
+    leaf = y.clone().requires_grad_()
+    module.scaled_power(leaf).sum().backward()
+    ref = y.clone().requires_grad_()
+    ((ref / ref.sum().exp()).abs() ** 1.75).sum().backward()
+    assert torch.isfinite(leaf.grad).all(), leaf.grad
+    torch.testing.assert_close(leaf.grad, ref.grad)
+
+
 @op(x="n d")
 def shifted_by_a_function_of_a_parameter(x, alpha=0.75):
     out = apply(lambda u: sympy.tanh(u + sympy.exp(alpha - 2)) ** 2, x)
