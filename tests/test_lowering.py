@@ -659,16 +659,54 @@ def elu_written(x):
     return out
 
 
-def test_a_piecewise_whose_other_branch_may_overflow_selects_with_where():
-    """exp(100) is inf in float32: a lerp would make ``inf·0`` NaN where the branch is not taken."""
+def test_an_exp_in_a_branch_is_taken_of_its_argument_clamped_to_the_branch_so_both_branches_lerp():
+    """exp(100) is inf in float32, and a lerp would make ``inf·0`` NaN where that branch is not
+    taken; in the branch, u <= 0, so the exp is of ``min(u, 0)``: one saved value, at most 1."""
     d, module = generated(elu_written)
-    assert "lerp" not in "\n".join(d.code.forward + d.code.backward)
-    x = torch.tensor([[100.0, -100.0, 0.0, 2.0]])
+    assert "torch.where" not in "\n".join(d.code.forward + d.code.backward), (d.code.forward, d.code.backward)
+    assert "torch.exp(torch.clamp_max(x, 0))" in "\n".join(d.code.forward), d.code.forward
+    assert sum(line.count("torch.exp(") for line in d.code.forward + d.code.backward) == 1  # computed once, saved
+    x = torch.tensor([[100.0, -100.0, 0.0, 2.0, 89.0, 1e-30]])  # exp(89) is inf in float32
     out, saved = module.elu_written_forward(x)
     (dx,) = module.elu_written_backward(torch.ones_like(x), saved)
     leaf = x.clone().requires_grad_()
     F.elu(leaf).backward(torch.ones_like(x))
     assert torch.equal(out, F.elu(x)) and torch.equal(dx, leaf.grad), (out, dx)
+
+
+@op(x="n d")
+def exp_of_minus(x):
+    out = apply(lambda u: sympy.Piecewise((u, u > 0), (sympy.exp(-u), True)), x)
+    return out
+
+
+@op(x="n d")
+def exp_below_twelve(x):
+    out = apply(lambda u: sympy.Piecewise((u, u > 12), (sympy.exp(u), True)), x)
+    return out
+
+
+@pytest.mark.parametrize(
+    "the_op, reference",
+    [
+        (exp_of_minus, lambda t: torch.where(t > 0, t, torch.exp(-t))),
+        (exp_below_twelve, lambda t: torch.where(t > 12, t, torch.exp(t))),
+    ],
+)
+def test_an_exp_its_branch_does_not_keep_at_most_1_keeps_where(the_op, reference):
+    """exp(-u) for u <= 0 has no bound, and exp(min(u, 12)) is inf in float16 (where u > 12 takes the
+    other branch): the selects stay ``torch.where``, so the float16 forward is exact at 100."""
+    d, module = generated(the_op)
+    assert "torch.where" in "\n".join(d.code.forward + d.code.backward), (d.code.forward, d.code.backward)
+    x = torch.tensor([[100.0, -3.0, 0.0, 2.0]])
+    out, _ = getattr(module, f"{the_op.name}_forward")(x.half())
+    assert torch.equal(out, reference(x.half())), out
+    x[0, 0] = 50.0  # (autograd's own where is NaN where exp overflows in the branch not taken)
+    _, saved = getattr(module, f"{the_op.name}_forward")(x)
+    (dx,) = getattr(module, f"{the_op.name}_backward")(torch.ones_like(x), saved)
+    leaf = x.clone().requires_grad_()
+    reference(leaf).sum().backward()
+    assert torch.equal(dx, leaf.grad), (dx, leaf.grad)
 
 
 @op(s="n c", y="const n c")
@@ -989,3 +1027,4 @@ def test_a_factor_shared_by_the_full_size_terms_divides_no_other_term():
     torch.autograd.backward([y @ (s * x), s * x], list(grads))
     torch.testing.assert_close(got.x, x.grad)
     torch.testing.assert_close(got.y, y.grad)
+

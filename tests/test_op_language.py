@@ -162,8 +162,8 @@ def test_an_ambiguous_or_impossible_matmul_is_a_one_line_error_naming_the_line(b
 
 
 PIECEWISE = {  # body, PyTorch's function, how the backward selects
-    # exp(u) may overflow in the branch not taken (inf * 0 is NaN): a where
-    "elu": ("sympy.Piecewise((u, u > 0), (sympy.exp(u) - 1, True))", F.elu, "torch.where"),
+    # exp(u) would overflow in the branch not taken (inf * 0 is NaN); it is exp(min(u, 0)) there
+    "elu": ("sympy.Piecewise((u, u > 0), (sympy.exp(u) - 1, True))", F.elu, "lerp"),
     "leaky_relu": ("sympy.Piecewise((u, u > 0), (u / 100, True))", F.leaky_relu, "lerp"),
     # the backward's condition is an Or (u <= -1 or u >= 1): the And of its negations, two float masks
     "hardtanh": ("sympy.Piecewise((-1, u <= -1), (1, u >= 1), (u, True))", F.hardtanh, ".mul_(torch.lt(x, 1"),

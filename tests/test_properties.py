@@ -313,6 +313,13 @@ UNARY = [
         lambda t: torch.where(t < -1.5, -1.5, torch.where(t > 1.5, 1.5, t)),
         kink=lambda t: (t.abs() - 1.5).abs(),
     ),
+    # an ELU: exp(u) overflows where u > 88 (the branch not taken), so its exp is of min(u, 0)
+    Fn(
+        "elu_pw",
+        ("apply(lambda u: sympy.Piecewise((u, u > 0), (0.5 * (sympy.exp(u) - 1), True)), {a})",),
+        lambda t: torch.where(t > 0, t, 0.5 * (torch.exp(t) - 1)),
+        kink=lambda t: t.abs(),
+    ),
     # two finite branches (selected by a lerp on a float mask), |u| written twice (computed once)
     Fn(
         "huber",
@@ -334,7 +341,7 @@ UNARY = [
     ),
 ]
 # the functions a layer applies to its pre-activation
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "softplus", "abs", "clamp_min", "square", "erf", "huber")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "softplus", "abs", "clamp_min", "square", "erf", "huber", "elu_pw")
 BINARY = [
     Fn("add", ("{a} + {b}", "apply(lambda u, v: u + v, {a}, {b})"), lambda a, b: a + b),
     Fn("sub", ("{a} - {b}",), lambda a, b: a - b),
@@ -660,7 +667,7 @@ def _first(draw: st.DrawFn, first: str, pool: list[Node], ints: list[Node], size
         return Node("binary", ("n", "k"), pair, fn=how.name, template=draw(st.sampled_from(how.templates)))
     if first == "select":
         x, y = pool
-        fn = FNS[draw(st.sampled_from(["select", "huber", "clip_pw", "clip2_pw"]))]
+        fn = FNS[draw(st.sampled_from(["select", "huber", "clip_pw", "clip2_pw", "elu_pw"]))]
         if fn.name != "select":  # of x - y: a Huber (linear branches backward, a square forward), a clip
             diff = Node("binary", ("n", "d"), (x, y), fn="sub", template="{a} - {b}")
             return Node("unary", ("n", "d"), (diff,), fn=fn.name, template=fn.templates[0])
@@ -864,6 +871,8 @@ def check_composition(c: Composition, values: dict[str, torch.Tensor], grad_seed
     code = "\n".join(d.code.forward + d.code.backward)
     if "torch.lerp(" in code or ".lerp_(" in code:
         COUNTS["compositions with a select by lerp"] += 1
+    if "torch.exp(torch.clamp_max(" in code:
+        COUNTS["compositions with an exp clamped to its branch"] += 1
     if re.search(r"\.mul_\(torch\.(gt|ge|lt|le)\(", code):
         COUNTS["compositions selecting by a product of float masks (And, Or)"] += 1
     if re.search(r"\.(gt|ge|lt|le)_\(", code):

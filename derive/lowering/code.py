@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy
 
@@ -33,7 +33,7 @@ from ..indexalg import (
 from ..notation import text
 from ..program import Program, TensorInfo
 from ..simplify import recognize, stable_forward
-from . import share
+from . import regions, share
 from .finite import finite_values, stays_finite
 from .lowerer import Lowerer, Sharding
 from .printer import FAITHFUL, MASKING, PRINTER
@@ -77,6 +77,10 @@ def lower_program(
     one plus an all-reduce, and its size in arithmetic is the global one (shapes stay local).
     The reference forward (autograd's, in one process) is lowered unsharded.
     """
+    reference = program.statements  # autograd's forward: as written
+    program = replace(program, statements=tuple(replace(s, expr=regions.clamped(s.expr)) for s in reference))
+    gradients = [(wrt, regions.clamped(e)) for wrt, e in gradients]
+    chain = [replace(c, expr=regions.clamped(c.expr)) for c in chain]
     tensors = program.tensors
     layouts = _layouts(program)
 
@@ -127,6 +131,7 @@ def lower_program(
             value = value if distributed is None else distributed.global_sizes(value)
             fwd.assign(s.name, value, s.statement.target)
         fwd.assign(stmt.name, expr, stmt.target)
+    for stmt in reference:
         plain.assign(stmt.name, stmt.expr, stmt.target)
 
     seed = program.seed_name(program.output)

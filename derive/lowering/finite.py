@@ -39,18 +39,19 @@ _POLES = (
     sympy.loggamma,
     sympy.digamma,
 )
-# functions whose values are bounded whatever their (finite) argument
-_LIMITED = (
-    sympy.sign,
-    sympy.Heaviside,
-    sympy.KroneckerDelta,
-    sympy.tanh,
-    sympy.erf,
-    sympy.erfc,
-    sympy.sin,
-    sympy.cos,
-    sympy.atan,
-)
+# functions bounded whatever their (finite) argument: (lowest, highest)
+_RANGES = {
+    sympy.sign: (-1, 1),
+    sympy.Heaviside: (0, 1),
+    sympy.KroneckerDelta: (0, 1),
+    sympy.tanh: (-1, 1),
+    sympy.erf: (-1, 1),
+    sympy.erfc: (0, 2),
+    sympy.sin: (-1, 1),
+    sympy.cos: (-1, 1),
+    sympy.atan: (-sympy.pi / 2, sympy.pi / 2),
+}
+_LIMITED = tuple(_RANGES)
 
 
 def stays_finite(e: sympy.Expr) -> bool:
@@ -109,7 +110,7 @@ class Finite:
             parts = [self.degree(e.body)]
         elif isinstance(e, (sympy.Add, sympy.Mul, sympy.Abs, sympy.Max, sympy.Min, Select)):
             parts = [self.degree(a) for a in e.args]
-        elif isinstance(e, _LIMITED):
+        elif isinstance(e, _LIMITED) or (isinstance(e, sympy.exp) and at_most_one(e.args[0])):  # exp(min(u, 0))
             parts = [self.degree(a) for a in e.args]
             return None if any(p is None for p in parts) else (0, 0)
         else:
@@ -119,6 +120,44 @@ class Finite:
             return None
         combine = sum if isinstance(e, sympy.Mul) else max  # a product's degrees add
         return (combine(p[0] for p in known), combine(p[1] for p in known))
+
+
+def at_most_one(e: sympy.Expr) -> bool:
+    """Whether ``exp(e)`` is at most 1 wherever ``e`` is finite: ``e <= 0`` (``Min(u, 0)``, ``-Abs(u)``)."""
+    top = bound(e, True)
+    return top is not None and bool(top <= 0)
+
+
+def bound(e: sympy.Expr, up: bool) -> sympy.Expr | None:
+    """A number ``e`` never exceeds (``up``) or never falls below, wherever its values are finite; None if
+    there is none that derive can see. A parameter's value is the caller's, so it bounds nothing."""
+    if e.is_number:
+        return e
+    if isinstance(e, tuple(_RANGES)):
+        return sympy.sympify(_RANGES[type(e)][int(up)])
+    if isinstance(e, (sympy.Min, sympy.Max)):
+        bounds = [bound(a, up) for a in e.args]
+        known = [b for b in bounds if b is not None]
+        if isinstance(e, sympy.Min) == up:  # min(u, 0) <= 0 whatever u is
+            return (sympy.Min if up else sympy.Max)(*known) if known else None
+        return None if len(known) < len(bounds) else e.func(*known)
+    if isinstance(e, sympy.Abs):
+        return None if up else sympy.S.Zero
+    if isinstance(e, sympy.exp):
+        if not up:
+            return sympy.S.Zero
+        top = bound(e.args[0], True)
+        return None if top is None else sympy.exp(top)
+    if isinstance(e, sympy.Add):
+        bounds = [bound(a, up) for a in e.args]
+        return None if any(b is None for b in bounds) else sympy.Add(*bounds)
+    if isinstance(e, sympy.Mul):
+        number, rest = e.as_coeff_Mul()
+        if rest == e or not number.is_number:
+            return None  # a product of values, or of a value and a parameter
+        inner = bound(rest, up if number > 0 else not up)
+        return None if inner is None else number * inner
+    return None
 
 
 def finite_values(program: Program, saved: Iterable[Statement] = ()) -> Finite:
@@ -134,4 +173,4 @@ def finite_values(program: Program, saved: Iterable[Statement] = ()) -> Finite:
     return finite
 
 
-__all__ = ["Finite", "finite_values", "stays_finite"]
+__all__ = ["Finite", "at_most_one", "bound", "finite_values", "stays_finite"]
