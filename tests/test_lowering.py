@@ -1028,3 +1028,23 @@ def test_a_factor_shared_by_the_full_size_terms_divides_no_other_term():
     torch.testing.assert_close(got.x, x.grad)
     torch.testing.assert_close(got.y, y.grad)
 
+
+@op(x="n d")
+def huber_of_relu(x):
+    out = apply(lambda u: huber(u, 1.0), apply(lambda u: sympy.Max(u, 0), x))
+    return out
+
+
+def test_a_select_branch_that_is_a_step_is_a_float_mask_for_lerp():
+    """huber'(relu(x)) selects between relu(x) and sign(relu(x)) = step(x): lerp reads floats only,
+    so the step is compared into floats, not printed as a bool mask."""
+    d, module = generated(huber_of_relu)
+    assert "torch.lerp((x > 0)" not in "\n".join(d.code.backward), d.code.backward
+    x = torch.tensor([[-2.0, 0.0, 0.5, 1.0, 3.0]])
+    _, saved = module.huber_of_relu_forward(x)
+    (dx,) = module.huber_of_relu_backward(torch.ones_like(x), saved)
+    leaf = x.clone().requires_grad_()
+    r = torch.relu(leaf)
+    torch.where(r.abs() < 1, r**2 / 2, r.abs() - 0.5).sum().backward()
+    assert torch.equal(dx, leaf.grad), (dx, leaf.grad)
+

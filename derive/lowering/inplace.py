@@ -377,8 +377,8 @@ class _Chain:
         a, b, step = e.args
         x, y, full = self.emit(a), self.emit(b), self._axes_of(e)
         mask = self.printer.select_mask(step)
-        if mask is None or not (x.tensor and y.tensor):
-            return Piece(self.printer.doprint(e), full, fresh=True)
+        if mask is None or not (x.tensor and y.tensor) or _bare_step(a) or _bare_step(b):
+            return Piece(self.printer.doprint(e), full, fresh=True)  # (the printer's lerp reads steps as floats)
         if y.fresh and y.axes == full:
             return Piece(f"{atom(y.code)}.lerp_({x.code}, {mask})", full, True)
         return Piece(f"torch.lerp({y.code}, {x.code}, {mask})", full, True)

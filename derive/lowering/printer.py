@@ -7,6 +7,9 @@ and ``Heaviside(x, h0)`` with the tie value it carries.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import re
 
 import sympy
@@ -126,7 +129,8 @@ class TorchCodePrinter(TorchPrinter):
         if mask is not None and (is_constant(a) or is_constant(b)):
             other = self.compare_into_floats(-step.args[0], 1 - step.args[1]) if heaviside else f"(1 - {atom(mask)})"
             if b == 0 or other is not None:  # (parenthesised: a Select prints as an atom inside others)
-                return f"({self._print(a * sympy.Symbol(mask) + b * sympy.Symbol(other or '0'))})"
+                with self.steps_as_floats():
+                    return f"({self._print(a * sympy.Symbol(mask) + b * sympy.Symbol(other or '0'))})"
             mask = None
         if mask is None:
             if heaviside:
@@ -136,7 +140,8 @@ class TorchCodePrinter(TorchPrinter):
             else:
                 condition = f"{atom(self._print(step))} > 0"
             return f"torch.where({condition}, {self._print(a)}, {self._print(b)})"
-        return f"torch.lerp({self._print(b)}, {self._print(a)}, {mask})"
+        with self.steps_as_floats():  # lerp reads floats only: a branch that is a step is a float mask
+            return f"torch.lerp({self._print(b)}, {self._print(a)}, {mask})"
 
     def _print_Mul(self, expr: sympy.Mul) -> str:
         masks, rest = split_masks(expr)
@@ -161,12 +166,18 @@ class TorchCodePrinter(TorchPrinter):
                 return self._print(sympy.Heaviside(-arg, 1 - tie))
         if any(t.has(sympy.Heaviside) for t in expr.args) and any(t.could_extract_minus_sign() for t in expr.args):
             # a subtraction next to a mask: torch refuses `mask - t` and `t - mask`, so 0/1 values
-            saved, self._float_steps = getattr(self, "_float_steps", False), True
-            try:
+            with self.steps_as_floats():
                 return super()._print_Add(expr, order)
-            finally:
-                self._float_steps = saved
         return super()._print_Add(expr, order)
+
+    @contextlib.contextmanager
+    def steps_as_floats(self) -> Iterator[None]:
+        """Within the block, a step prints as a 0/1 float mask, not a bool one (for arithmetic and lerp)."""
+        saved, self._float_steps = getattr(self, "_float_steps", False), True
+        try:
+            yield
+        finally:
+            self._float_steps = saved
 
     def _print_Heaviside(self, expr: sympy.Expr) -> str:
         # the tie value was chosen when differentiating (derive.kinks): relu 0, clamp 1, maximum 1/2
