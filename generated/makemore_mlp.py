@@ -249,9 +249,9 @@ def makemore_mlp_backward(grad_output, saved):
     dh = dlogits @ W2.T
     dhpreact = torch.square(h).mul_(-1).add_(1).mul_(dh)
     del dh
+    s3 = bngain[0, :] * bnvar_inv[0, :]
     t4 = dhpreact.sum(0)
     t5 = (bnraw * dhpreact).sum(0)
-    s3 = bngain[0, :] * bnvar_inv[0, :]
     dhprebn = torch.addcmul(torch.mul(s3, t4).mul_(-1 / N), dhpreact, s3).addcmul_(
         bnraw, torch.mul(s3, t5).mul_(-1 / (N - 1))
     )

@@ -1048,3 +1048,56 @@ def test_a_select_branch_that_is_a_step_is_a_float_mask_for_lerp():
     torch.where(r.abs() < 1, r**2 / 2, r.abs() - 0.5).sum().backward()
     assert torch.equal(dx, leaf.grad), (dx, leaf.grad)
 
+
+@op(x="n d k")
+def select_of_a_max_and_itself(x):
+    out = apply(lambda u, v: sympy.Piecewise((2 * u - v, u > v), (u - v / 2, True)), x.max("d"), x.max("d"))
+    out = out.mean("n").sum("k")
+    return out
+
+
+def test_a_select_of_two_numbers_keeps_the_dtype_of_its_values():
+    """Its gradient holds selects of numbers only (``Piecewise((-1, m > m), (-1/2, True))``, from a
+    random composition): printed ``torch.where(c, -1, -1/2)`` they were the default float32, which a
+    float64 scatter refuses; as selects they collapse or read the dtype of their masks."""
+    _, module = generated(select_of_a_max_and_itself)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    _, saved = module.select_of_a_max_and_itself_forward(x)
+    (dx,) = module.select_of_a_max_and_itself_backward(torch.tensor(0.5, dtype=torch.float64), saved)
+    leaf = x.clone().requires_grad_()
+    m = leaf.max(1).values
+    (torch.where(m > m, 2 * m - m, m - m / 2).mean(0).sum() * 0.5).backward()
+    assert dx.dtype == torch.float64 and torch.equal(dx, leaf.grad), (dx, leaf.grad)
+
+
+_PW = "sympy.Piecewise((2 * u - v, u > v), (u - v / 2, True))"
+FOUND = {  # compositions the property tests found failing, with what was wrong
+    # a factor shared by the scatter's terms was computed after the temporaries that read it
+    "share_before_use": (
+        '@op(x="n d", y="n d")\ndef comp(x, y):\n'
+        f"    p = apply(lambda u, v: {_PW}, x, y)\n"
+        '    return ((apply(lambda u, v: u + v, p.max("n", keepdim=True), p)) * x).sum("n")\n'
+    ),
+    # the max's value and the max call (values and indices) were cached under one key: `t1 ** 2`
+    "max_call_key": (
+        '@op(x="n d k")\ndef comp(x):\n'
+        f'    return ((apply(lambda u, v: {_PW}, x.max("d"), x.max("d")))**2 + 1) ** -0.5\n'
+    ),
+    "max_call_key_abs": (
+        '@op(x="n d k")\ndef comp(x):\n    m = lambda: x.max("d") - x.max("d")\n'
+        '    u = apply(lambda u, v: u / (1 + v**2), apply(sympy.Abs, m()), m().max("n", keepdim=True))\n'
+        "    return u, apply(sympy.Abs, m())\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FOUND))
+def test_compositions_the_property_tests_found_verify(name: str, tmp_path):
+    from derive.api import load_user_op
+    from derive.verify import verify
+
+    path = tmp_path / "found.py"
+    path.write_text("import sympy\nfrom derive import op, apply\n\n" + FOUND[name])
+    d = derive(load_user_op(path, "comp"))
+    v = verify(d, load_module(render(d), "comp"), exact=False)
+    assert v.ok, v.failure()

@@ -59,6 +59,9 @@ from .share import (
 Axes = tuple[sympy.Symbol, ...]
 
 
+_MaxCall = sympy.Function("MaxCall")  # the key of ``body.max(axis)``, values and indices together
+
+
 @dataclass(frozen=True)
 class Val:
     """A lowered value: Python code and the index symbol labelling each axis."""
@@ -263,7 +266,7 @@ class Lowerer:
         common = set.intersection(*(set(sympy.Mul.make_args(h)) for _, _, h in parts))
         common = {f for f in common & set(sympy.Mul.make_args(g)) if not f.is_number}
         if common and g != 0:
-            shared, stand_in = self._share(common, lines, known)
+            shared, stand_in = self._share(common, known)
             g = g / shared * stand_in
             parts = [(v, p, h / shared * stand_in) for v, p, h in parts]
         sizes = [size_code(d.size) for d in target.dims]
@@ -297,17 +300,15 @@ class Lowerer:
             lines.append(f"{name} = {out}[{idx}]")
         return lines
 
-    def _share(
-        self, factors: set[sympy.Expr], lines: list[str], known: dict[str, Val]
-    ) -> tuple[sympy.Expr, sympy.Symbol]:
+    def _share(self, factors: set[sympy.Expr], known: dict[str, Val]) -> tuple[sympy.Expr, sympy.Symbol]:
         """Compute a factor common to several terms once, into a temporary ``s<k>``.
 
-        Returns the factor and the stand-in symbol that replaces it (registered in ``known``).
+        Returns the factor and the stand-in symbol that replaces it (registered in ``known``). Its
+        line is written at once, before any temporary that reads it.
         """
         shared = sympy.Mul(*sorted(factors, key=sympy.default_sort_key))
         val = self._elementwise(shared)
         var = self._temp(val.code, "s")
-        lines.append(self.lines.pop())
         stand_in = sympy.Symbol(f"__val_{var}")
         known[stand_in.name] = Val(var, val.axes)
         return shared, stand_in
@@ -341,7 +342,7 @@ class Lowerer:
         common = set.intersection(*(set(sympy.Mul.make_args(S)) for _, S in full_terms))
         common = {f for f in common if tensor_names(f)}
         if common and len(full_terms) > 1:
-            shared, stand_in = self._share(common, lines, known)
+            shared, stand_in = self._share(common, known)
             full_terms = [(F, (S / shared) * stand_in) for F, S in full_terms]
             small = _read_through(small, common, shared, stand_in)
         small_code = self.align(self._elementwise(small, known), target.indices) if small != 0 else None
@@ -1150,8 +1151,11 @@ class Lowerer:
         return Val(f"{call.code}.indices", call.axes, True)
 
     def _max_call(self, e: IMax | ArgMax) -> Val:
-        """``body.max(axis)`` computed once for a max and its argmax (values and indices)."""
-        return self._cached(IMax(e.body, e.var), self._max_values_and_indices)
+        """``body.max(axis)`` computed once for a max and its argmax (values and indices).
+
+        Cached under its own key: the max's value (``.values``) is cached under the ``IMax`` itself.
+        """
+        return self._cached(_MaxCall(IMax(e.body, e.var)), lambda call: self._max_values_and_indices(call.args[0]))
 
     def _max_values_and_indices(self, e: IMax) -> Val:
         if dim_of(e.var).parts and _reads_by_part(e.body, e.var):
@@ -1584,7 +1588,7 @@ def _selects(e: sympy.Expr, finite: Finite | None) -> sympy.Expr:
         (a, cond), rest = node.args[0], node.args[1:]
         b = rest[0].expr if len(rest) == 1 else select(sympy.Piecewise(*rest))  # the first true condition wins
         found = _condition_step(cond)
-        if found is None or (_reads_no_tensor(a) and _reads_no_tensor(b)):
+        if found is None:
             return node if len(rest) == 1 else sympy.Piecewise((a, cond), (b, True))
         if not all(_reads_no_tensor(v) or finite.selectable(v) for v in (a, b)):  # type: ignore[union-attr]
             return node if len(rest) == 1 else sympy.Piecewise((a, cond), (b, True))
