@@ -93,6 +93,20 @@ def mish(x):
     return out
 
 
+@op(x="n d")
+def elu(x, alpha=1.0):
+    """The ELU as a Piecewise, exp(u) - 1 in its branch u <= 0."""
+    out = apply(lambda u: sympy.Piecewise((u, u > 0), (alpha * (sympy.exp(u) - 1), True)), x)
+    return out
+
+
+@op(x="n d")
+def hardtanh(x):
+    """A clip to [-1, 1] as a Piecewise of three branches (its backward's condition is an Or)."""
+    out = apply(lambda u: sympy.Piecewise((-1, u < -1), (1, u > 1), (u, True)), x)
+    return out
+
+
 # -- the same computations in PyTorch's own ops ------------------------------------------------
 def _mlp_mse(x, W1, b1, W2, b2, y):  # noqa: ANN001, ANN202
     return ((F.relu(x @ W1 + b1) @ W2 + b2 - y) ** 2).mean()
@@ -124,6 +138,14 @@ def _smooth_l1(x, y, beta=1.0):  # noqa: ANN001, ANN202
 
 def _mish(x):  # noqa: ANN001, ANN202
     return F.mish(x)
+
+
+def _elu(x, alpha=1.0):  # noqa: ANN001, ANN202
+    return F.elu(x, alpha)
+
+
+def _hardtanh(x):  # noqa: ANN001, ANN202
+    return F.hardtanh(x)
 
 
 @dataclass(frozen=True)
@@ -166,6 +188,8 @@ COMPOSITIONS = {
         Composition("attention", attention, _attention, {"q": (1024, 64), "k": (1024, 64), "v": (1024, 64)}),
         Composition("smooth_l1", smooth_l1, _smooth_l1, {"x": (2048, 1024), "y": (2048, 1024)}, (("beta", 1.0),)),
         Composition("mish", mish, _mish, {"x": (2048, 1024)}),
+        Composition("elu", elu, _elu, {"x": (2048, 1024)}, (("alpha", 1.0),)),
+        Composition("hardtanh", hardtanh, _hardtanh, {"x": (2048, 1024)}),
     ]
 }
 SMALL = {  # --quick: the same ops at small sizes
@@ -177,6 +201,8 @@ SMALL = {  # --quick: the same ops at small sizes
     "attention": {"q": (32, 8), "k": (32, 8), "v": (32, 8)},
     "smooth_l1": {"x": (64, 32), "y": (64, 32)},
     "mish": {"x": (64, 32)},
+    "elu": {"x": (64, 32)},
+    "hardtanh": {"x": (64, 32)},
 }
 
 
