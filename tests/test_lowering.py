@@ -1088,6 +1088,18 @@ FOUND = {  # compositions the property tests found failing, with what was wrong
         '    u = apply(lambda u, v: u / (1 + v**2), apply(sympy.Abs, m()), m().max("n", keepdim=True))\n'
         "    return u, apply(sympy.Abs, m())\n"
     ),
+    # a select of two numbers whose mask could not be floats printed torch.where(c, 1, 0): integers
+    "select_of_numbers_on_a_gather": (
+        '@op(x="n d", idx="int k")\ndef comp(x, idx):\n'
+        '    v = apply(lambda u: sympy.Piecewise((1.5, u > 1.5), (u, True)), x.take(idx, "d")).sum("k").sum("n")\n'
+        '    return v, x.take(idx, "d")\n'
+    ),
+    # Select(1, 0, mask) printed as the shared mask's name, which a chain then updated in place
+    "select_that_is_a_shared_mask": (
+        '@op(x="n d", y="j m")\ndef comp(x, y):\n'
+        "    c = lambda: apply(lambda u: sympy.Piecewise((-1.5, u < -1.5), (1.5, u > 1.5), (u, True)), y)\n"
+        '    return (c() / exp(y.sum("j", keepdim=True))).sum("j").sum("m") + x.sum("n").sum("d"), c()\n'
+    ),
 }
 
 
@@ -1097,7 +1109,7 @@ def test_compositions_the_property_tests_found_verify(name: str, tmp_path):
     from derive.verify import verify
 
     path = tmp_path / "found.py"
-    path.write_text("import sympy\nfrom derive import op, apply\n\n" + FOUND[name])
+    path.write_text("import sympy\nfrom derive import op, apply, exp\n\n" + FOUND[name])
     d = derive(load_user_op(path, "comp"))
     v = verify(d, load_module(render(d), "comp"), exact=False)
     assert v.ok, v.failure()

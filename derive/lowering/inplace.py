@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from .printer import PRINTER, Select, TorchCodePrinter, atom, comparison, split_masks
+from .printer import PRINTER, Select, TorchCodePrinter, atom, comparison, is_name, split_masks
 
 # SymPy function -> (torch function, in-place method)
 _UNARY = {
@@ -378,7 +378,8 @@ class _Chain:
         x, y, full = self.emit(a), self.emit(b), self._axes_of(e)
         mask = self.printer.select_mask(step)
         if mask is None or not (x.tensor and y.tensor) or _bare_step(a) or _bare_step(b):
-            return Piece(self.printer.doprint(e), full, fresh=True)  # (the printer's lerp reads steps as floats)
+            code = self.printer.doprint(e)  # (the printer's lerp reads steps as floats)
+            return Piece(code, full, fresh=not is_name(code))  # Select(1, 0, mask) is the mask: a name
         if y.fresh and y.axes == full:
             return Piece(f"{atom(y.code)}.lerp_({x.code}, {mask})", full, True)
         return Piece(f"torch.lerp({y.code}, {x.code}, {mask})", full, True)

@@ -1630,12 +1630,14 @@ def _reads_no_tensor(e: sympy.Expr) -> bool:
 
 def _only_steps(e: sympy.Expr) -> bool:
     """Whether ``e`` reads tensors only through steps (``Heaviside``): its code gives bool or int values."""
-    return e.has(sympy.Heaviside, sympy.Piecewise) and _steps_or_constants(e)
+    return e.has(sympy.Heaviside, sympy.Piecewise, Select) and _steps_or_constants(e)
 
 
 def _steps_or_constants(e: sympy.Expr) -> bool:
     if isinstance(e, sympy.Piecewise):  # its conditions read tensors; its values may be plain numbers
         return all(_steps_or_constants(value) for value, _ in e.args)
+    if isinstance(e, Select):  # where its mask cannot be floats, torch.where(c, 1, 0) gives integers
+        return all(_steps_or_constants(value) for value in e.args[:2])
     if isinstance(e, sympy.Heaviside) or not e.args:
         return not (e.is_Symbol and e.name.startswith("__val_"))
     if is_entry(e) or isinstance(e, (ISum, IMax, ArgMax, sympy.KroneckerDelta)):

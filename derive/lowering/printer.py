@@ -369,6 +369,18 @@ _ALLOCATING = frozenset(
 )
 
 
+def is_name(code: str) -> bool:
+    """Whether ``code`` only reads a tensor by name (``t2``, ``(t2)``, ``var[:, None]``): nothing it allocated.
+
+    Example:
+        >>> is_name("(t2)"), is_name("var[:, None]"), is_name("(t2*x)"), is_name("x[idx]")
+        (True, True, False, False)
+    """
+    while code.startswith("(") and code.endswith(")") and atom(code[1:-1]) == code[1:-1]:
+        code = code[1:-1]
+    return _NAMED_VIEW.fullmatch(code) is not None
+
+
 def is_fresh(code: str) -> bool:
     """Whether an atom's value is a tensor it allocated: its last operation is an in-place method
     (``torch.mul(a, b).mul_(c)``) or a torch function that always allocates (``torch.mul(a, b)``).
