@@ -12,7 +12,9 @@ arithmetic only where neither value can be infinite or NaN:
   the gradients becomes ``torch.lerp(b, a, mask)``, exact for a 0/1 mask
   (:class:`.printer.Select`). A square overflows float16 at 256, where ``torch.where`` would have
   picked the other branch; a linear branch overflows only within a factor 2 of the dtype's
-  largest value, which is accepted.
+  largest value, which is accepted;
+- :func:`bound`: a number an expression never exceeds (``Min(u, 0)``, ``-Abs(u)``), so that
+  ``exp`` of one at most 0 counts as bounded (:mod:`.regions` clamps an ``exp`` to its branch).
 """
 
 from __future__ import annotations

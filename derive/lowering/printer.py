@@ -8,9 +8,8 @@ and ``Heaviside(x, h0)`` with the tie value it carries.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-
 import re
+from collections.abc import Iterator
 
 import sympy
 from sympy.printing.precedence import PRECEDENCE
