@@ -161,6 +161,8 @@ def _size_denominators(d: Derivation) -> list[str]:
     """Size expressions such as ``N - 1`` that the forward or backward divides by."""
     import sympy
 
+    from .indexalg import tensor_names
+
     exprs = [s.expr for s in d.program.statements] + [g.result for g in d.gradients] + [c.result for c in d.chain]
     found: dict[str, None] = {}
     for e in exprs:
@@ -170,6 +172,7 @@ def _size_denominators(d: Derivation) -> list[str]:
                 p.exp.is_negative
                 and base.free_symbols
                 and all(s.is_positive and s.is_integer for s in base.free_symbols)
+                and not tensor_names(base)  # a scalar tensor's entry (out2()) has no free symbols
             ) and not base.is_Symbol:
                 found[str(base).replace(" ", "")] = None
     return list(found)

@@ -1100,6 +1100,12 @@ FOUND = {  # compositions the property tests found failing, with what was wrong
         "    c = lambda: apply(lambda u: sympy.Piecewise((-1.5, u < -1.5), (1.5, u > 1.5), (u, True)), y)\n"
         '    return (c() / exp(y.sum("j", keepdim=True))).sum("j").sum("m") + x.sum("n").sum("d"), c()\n'
     ),
+    # a divisor holding a scalar output (1 + out2()**2/D**2) was taken for a size and checked before
+    # the forward computed out2
+    "scalar_output_in_a_divisor": (
+        '@op(x="d", y="d", w="d")\ndef comp(x, y, w):\n'
+        '    return y / (x.mean("d", keepdim=True) ** 2 + 1) + w, x.sum("d")\n'
+    ),
 }
 
 
