@@ -17,6 +17,8 @@ inputs would be derived once per input. So an unnamed node gets a name of its ow
 - it is **used twice** (a shared sub-expression held in a ``_``-prefixed local or a container);
 - it is a **max (min) read by a max (min)**: inlined, SymPy would flatten the two into one, whose
   derivative at a double tie is not the nested one PyTorch gives;
+- it is **piecewise and compared** by a condition of a ``Piecewise`` (``u > huber(s)``): inlined,
+  SymPy folds the inner ``Piecewise`` into the condition, which it cannot do for a scalar;
 - it is a **padding** (``x.pad("t", 4, 0)``): its reads past the ends are zeros, which only its
   own statement may hold; or a **window** (``x.unfold("t", 3, 1, "k")``): the forward holds it (a
   view, or the im2col a contraction needs) and the backward adds its adjoint back (col2im).
@@ -63,7 +65,7 @@ def boundaries(results: list[Tensor]) -> dict[Tensor, str]:
             chosen[n] = "operand"  # a padding reads zeros past the ends of a tensor, not of an expression
         elif len(users) > 1:
             chosen[n] = "shared"
-        elif any(_merges_into(u, n) for u in users):
+        elif any(_merges_into(u, n) or _compared(u, n, chosen) for u in users):
             chosen[n] = "operand"  # max(relu(p), w): inlined, SymPy would flatten it to max(0, p, w)
     leaves = _Leaves(chosen, consumers)
     for n in free:
@@ -160,6 +162,27 @@ def _merges_into(consumer: Tensor, operand: Tensor) -> bool:
         return False
     outer, u = shell
     return any(isinstance(f, type(body)) and u in f.args for f in sympy.preorder_traversal(outer))
+
+
+def _compared(consumer: Tensor, operand: Tensor, chosen: dict[Tensor, str]) -> bool:
+    """Whether a piecewise ``operand`` is read by a condition of a ``Piecewise`` in ``consumer``.
+
+    SymPy folds a ``Piecewise`` inside a condition into the conditions around it, and that fails
+    for a value with no free symbols (a 0-d tensor's entry); a statement of its own is compared.
+    """
+    shell = _shell(consumer, operand)
+    if shell is None or not _holds_piecewise(operand, chosen):
+        return False
+    outer, u = shell
+    return any(u in c.free_symbols for p in outer.atoms(sympy.Piecewise) for _, c in p.args)
+
+
+def _holds_piecewise(n: Tensor, chosen: dict[Tensor, str]) -> bool:
+    """Whether ``n``'s inlined expression has a ``Piecewise`` (in it or in inlined operands)."""
+    if n.kind != "elementwise" or n.name is not None or n in chosen:
+        return False
+    inlined = [o for o in n.operands if o.name is None and o not in chosen]
+    return bool(n.body is not None and n.body.has(sympy.Piecewise)) or any(_holds_piecewise(o, chosen) for o in inlined)
 
 
 def _affine_in(consumer: Tensor, operand: Tensor) -> bool:

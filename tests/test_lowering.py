@@ -1106,6 +1106,12 @@ FOUND = {  # compositions the property tests found failing, with what was wrong
         '@op(x="d", y="d", w="d")\ndef comp(x, y, w):\n'
         '    return y / (x.mean("d", keepdim=True) ** 2 + 1) + w, x.sum("d")\n'
     ),
+    # a Piecewise of a 0-d value inlined into a condition: SymPy's folding crashed (KeyError)
+    "piecewise_of_a_scalar_in_a_condition": (
+        '@op(x="n")\ndef comp(x):\n'
+        "    _v = apply(lambda u: sympy.Piecewise((u**2 / 2, abs(u) < 1), (abs(u) - 0.5, True)), x @ x)\n"
+        "    return apply(lambda u, v: sympy.Piecewise((2 * u - v, u > v), (u - v / 2, True)), x, _v)\n"
+    ),
 }
 
 
