@@ -175,9 +175,10 @@ def test_an_op_that_takes_the_log_of_an_input_verifies_where_its_forward_is_fini
 
 
 def test_a_reference_autograd_cannot_give_is_named_as_autograds(tmp_path, out_dir, capsys):
-    """sqrt(u) where u > 0, else u: autograd's where makes NaN from the branch it does not take
-    (0 · inf), while derive's gradient is finite. The error says whose value is not finite."""
-    body = "    out = apply(lambda u: sympy.Piecewise((sympy.sqrt(u), u > 0), (u, True)), x)\n"
+    """sqrt(u² - 1) where u > 1 or u < -1, else 0: autograd's where makes NaN from the branch it does
+    not take (0 · NaN), while derive's gradient is finite. The reference's branches are clamped to
+    their regions, but an ``Or`` bounds no value. The error says whose value is not finite."""
+    body = "    out = apply(lambda u: sympy.Piecewise((sympy.sqrt(u * u - 1), (u > 1) | (u < -1)), (0, True)), x)\n"
     (tmp_path / "f.py").write_text(HEADER + '@op(x="n d")\ndef f(x):\n' + body + "    return out\n")
     r = cli(capsys, f"{tmp_path / 'f.py'}:f", "--out", str(out_dir))
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -200,6 +200,47 @@ def test_piecewise_functions_select_exactly_and_match_pytorch_at_their_switch_po
     assert torch.equal(getattr(module, f"{name}_backward")(g, saved).x, leaf.grad)
 
 
+SINGULAR_BRANCHES = {  # a branch infinite or NaN where it is not taken; PyTorch's "double where" idiom
+    "sqrt": (
+        "sympy.Piecewise((sympy.sqrt(u), u > 0), (u, True))",
+        lambda u, v: torch.where(u > 0, torch.where(u > 0, u, 1).sqrt(), u),
+    ),
+    "log_shifted": (
+        "sympy.Piecewise((sympy.log(u - 1), u > 1), (u**2, True))",
+        lambda u, v: torch.where(u > 1, torch.where(u > 1, u - 1, 1).log(), u**2),
+    ),
+    "sqrt_of_a_difference": (
+        "sympy.Piecewise((sympy.sqrt(u - v), u > v), (0, True))",
+        lambda u, v: torch.where(u > v, torch.where(u > v, u - v, 1).sqrt(), 0),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SINGULAR_BRANCHES))
+def test_a_branch_singular_where_it_is_not_taken_verifies(name: str):
+    """Autograd through ``torch.where`` gives NaN from a branch it does not take (0 · inf): the
+    reference forward reads such a branch's values clamped to its region, so these verify, and the
+    generated backward is finite and right, ties included."""
+    body, torch_fn = SINGULAR_BRANCHES[name]
+    namespace = {"op": op, "apply": apply, "sympy": sympy}
+    exec(
+        f'@op(x="n d", y="n d")\ndef {name}(x, y):\n    out = apply(lambda u, v: {body}, x, y)\n    return out\n',
+        namespace,
+    )
+    d, module = _generated(namespace[name])
+    x = torch.tensor([[-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 4.0]], dtype=torch.float64)  # switch points included
+    y = torch.tensor([[-1.0, -1.0, 0.5, 0.0, 0.0, 1.5, 1.0]], dtype=torch.float64)
+    g = torch.arange(1.0, 8.0, dtype=torch.float64)[None]
+    out, saved = module.__dict__[f"{name}_forward"](x, y)
+    grads = module.__dict__[f"{name}_backward"](g, saved)
+    leaves = [t.clone().requires_grad_() for t in (x, y)]
+    expect = torch_fn(*leaves)
+    torch.testing.assert_close(out, expect.detach())
+    dx, dy = torch.autograd.grad(expect, leaves, g, allow_unused=True)
+    torch.testing.assert_close(grads.x, dx)
+    torch.testing.assert_close(grads.y, torch.zeros_like(y) if dy is None else dy)
+
+
 def test_a_const_input_gets_no_gradient_and_an_additive_minus_inf_mask_works():
     from derive import exp
 

@@ -320,6 +320,13 @@ UNARY = [
         lambda t: torch.where(t > 0, t, 0.5 * (torch.exp(t) - 1)),
         kink=lambda t: t.abs(),
     ),
+    # sqrt(u + 1) is NaN where u < -1, in the branch not taken: autograd's reference reads it at max(u, 0)
+    Fn(
+        "sqrt_pw",
+        ("apply(lambda u: sympy.Piecewise((sympy.sqrt(u + 1) - 1, u > 0), (u / 2, True)), {a})",),
+        lambda t: torch.where(t > 0, torch.sqrt(t.clamp_min(0) + 1) - 1, t / 2),
+        kink=lambda t: t.abs(),
+    ),
     # two finite branches (selected by a lerp on a float mask), |u| written twice (computed once)
     Fn(
         "huber",
@@ -696,6 +703,8 @@ def _make(draw: st.DrawFn, kind: str, pool: list[Node], ints: list[Node], sizes:
         if len(set(a.named()) | set(b.named())) > MAX_DIMS:
             return None
         fn = draw(st.sampled_from(BINARY))
+        if fn.name == "sub" and a is b:  # x - x is 0 to SymPy: max(u, x - x) is a relu, with relu's kink
+            return None
         return Node(
             "binary",
             broadcast_layout([a.layout, b.layout]),

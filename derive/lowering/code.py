@@ -77,8 +77,9 @@ def lower_program(
     one plus an all-reduce, and its size in arithmetic is the global one (shapes stay local).
     The reference forward (autograd's, in one process) is lowered unsharded.
     """
-    reference = program.statements  # autograd's forward: as written
-    program = replace(program, statements=tuple(replace(s, expr=regions.clamped(s.expr)) for s in reference))
+    # autograd's forward: as written, but for a transcendental branch's value where it is not taken
+    reference = tuple(replace(s, expr=regions.guarded(s.expr)) for s in program.statements)
+    program = replace(program, statements=tuple(replace(s, expr=regions.clamped(s.expr)) for s in program.statements))
     gradients = [(wrt, regions.clamped(e)) for wrt, e in gradients]
     chain = [replace(c, expr=regions.clamped(c.expr)) for c in chain]
     tensors = program.tensors

@@ -8,12 +8,18 @@ Within the second branch ``u <= 0``, so ``exp(u)`` is ``exp(min(u, 0))``: the sa
 branch is taken, and at most 1 everywhere. The gradients' branches are rewritten the same way, so
 the forward and the backward share one saved ``exp(min(u, 0))``. Only values: derivatives were
 taken before this, from the forward as written.
+
+Autograd's reference forward has the converse problem: ``torch.where`` sends a zero gradient to
+the branch not taken, and zero times an infinite or NaN derivative there (``sqrt`` of a negative
+value, ``exp(100)``) is NaN. :func:`guarded` evaluates such a branch on its bounded values
+clamped to its region's bounds: the same function, so autograd's gradient of it checks derive's.
 """
 
 from __future__ import annotations
 
 import sympy
 
+from ..indexalg import is_entry
 from .finite import at_most_one
 from .printer import is_constant
 
@@ -42,6 +48,48 @@ def _branches_clamped(node: sympy.Piecewise) -> sympy.Expr:
     return sympy.Piecewise(*args)
 
 
+def guarded(e: sympy.Expr) -> sympy.Expr:
+    """``e`` with each bounded value in a transcendental ``Piecewise`` branch clamped to the
+    branch's region: the same value where the branch is taken, its boundary elsewhere.
+
+    Example:
+        >>> u = sympy.Symbol("u", real=True)
+        >>> guarded(sympy.Piecewise((sympy.sqrt(u), u > 0), (u, True)))
+        Piecewise((sqrt(Max(0, u)), u > 0), (u, True))
+    """
+    if not e.has(sympy.Piecewise):
+        return e
+    return e.replace(lambda n: isinstance(n, sympy.Piecewise), _branches_guarded)
+
+
+def _branches_guarded(node: sympy.Piecewise) -> sympy.Expr:
+    args: list[tuple[sympy.Expr, sympy.Basic]] = []
+    earlier: list[sympy.Basic] = []
+    for value, cond in node.args:
+        bounds = _bounds(cond, True) + [b for c in earlier for b in _bounds(c, False)]
+        args.append((value.xreplace(_clamps(bounds)) if _singular(value) else value, cond))
+        earlier.append(cond)
+    return sympy.Piecewise(*args)
+
+
+def _singular(value: sympy.Expr) -> bool:
+    """Whether ``value`` may be infinite or NaN somewhere: it has more than a polynomial's operations."""
+    return any(
+        isinstance(n, sympy.Function) or (isinstance(n, sympy.Pow) and not (n.exp.is_Integer and n.exp >= 0))
+        for n in sympy.preorder_traversal(value)
+        if not isinstance(n, (sympy.Max, sympy.Min, sympy.Abs, sympy.Piecewise)) and not is_entry(n)
+    )
+
+
+def _clamps(bounds: list[tuple[sympy.Expr, sympy.Expr, bool]]) -> dict[sympy.Expr, sympy.Expr]:
+    """Each bounded value, clamped to its bounds: ``Max(u, c)`` for ``u >= c``, ``Min(u, c)`` for ``u <= c``."""
+    out: dict[sympy.Expr, sympy.Expr] = {}
+    for u, c, upper in bounds:
+        inner = out.get(u, u)
+        out[u] = sympy.Min(inner, c) if upper else sympy.Max(inner, c)
+    return out
+
+
 def _bounds(cond: sympy.Basic, holds: bool) -> list[tuple[sympy.Expr, sympy.Expr, bool]]:
     """What ``cond`` (or its negation) says about values: ``(u, c, True)`` for ``u <= c``, ``False`` for ``u >= c``."""
     if isinstance(cond, (sympy.And, sympy.Or)):
@@ -56,6 +104,8 @@ def _bounds(cond: sympy.Basic, holds: bool) -> list[tuple[sympy.Expr, sympy.Expr
         return [(lhs, rhs, upper)]
     if is_constant(lhs) and not is_constant(rhs):
         return [(rhs, lhs, not upper)]
+    if not is_constant(lhs) and not is_constant(rhs):  # u > v bounds u - v
+        return [(lhs - rhs, sympy.S.Zero, upper)]
     return []
 
 
@@ -75,4 +125,4 @@ def _clamp_exps(value: sympy.Expr, bounds: list[tuple[sympy.Expr, sympy.Expr, bo
     return value.replace(lambda n: isinstance(n, sympy.exp), clamp)
 
 
-__all__ = ["clamped"]
+__all__ = ["clamped", "guarded"]
