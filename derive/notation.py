@@ -58,8 +58,15 @@ _LATEX = IndexLatexPrinter({"mul_symbol": "dot"})
 
 
 def text(e: sympy.Basic) -> str:
-    """One-line Unicode notation of an index expression."""
-    return _TEXT.doprint(e)
+    """One-line Unicode notation of an index expression (a long rational, from a float the user
+    wrote, as that float)."""
+    return _TEXT.doprint(e.xreplace(_long_rationals(e)))
+
+
+def _long_rationals(e: sympy.Basic) -> dict[sympy.Basic, sympy.Basic]:
+    """Each rational too long to read as ``p/q``, mapped to a symbol named for its float value."""
+    long = [r for r in e.atoms(sympy.Rational) if max(len(str(abs(r.p))), len(str(r.q))) > 8]
+    return {r: (-1 if r < 0 else 1) * sympy.Symbol(repr(abs(r.p) / r.q)) for r in long}
 
 
 def latex(e: sympy.Basic) -> str:

@@ -85,3 +85,28 @@ def test_a_failing_emitter_leaves_the_folder_unchanged(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         api.run(api.resolve("sigmoid"), out_dir=tmp_path, verify=False)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_float_the_user_wrote_prints_as_that_float():
+    """SELU's constants are floats in the op; derive keeps them as exact rationals, whose ``p / q``
+    would read as 16-digit fractions (and their product as a 31-digit one). Long ones print as the
+    float ``p / q`` gives, in the code and in the docstring's index notation; short ones stay
+    fractions (``1 / 2``)."""
+    import sympy
+
+    from derive import apply, derive, op
+    from derive.verify import load_module, verify
+
+    @op(x="n d")
+    def selu_like(x):
+        out = apply(
+            lambda u: 1.0507009873554805 * sympy.Piecewise((u, u > 0), (1.6732632423543772 * (sympy.exp(u) - 1), True)),
+            x,
+        )
+        return out
+
+    d = derive(selu_like)
+    source = render(d)
+    assert "2101401974710961" not in source and "1.0507009873554805" in source, source
+    assert "1.7580993408473768" in "\n".join(d.code.backward)  # the product of the two, as Python divides it
+    assert verify(d, load_module(source, "selu_like")).ok

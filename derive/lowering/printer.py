@@ -69,6 +69,10 @@ class TorchCodePrinter(TorchPrinter):
         return f"({self._print(exp)})"
 
     def _print_Rational(self, expr: sympy.Rational) -> str:
+        """``p / q``, or for long ones (a float the user wrote, times another) the float that
+        Python's ``p / q`` gives: int division is correctly rounded, so the value is the same."""
+        if max(len(str(abs(expr.p))), len(str(expr.q))) > 8:
+            return repr(expr.p / expr.q)
         return f"{expr.p} / {expr.q}"
 
     def _print_Float(self, expr: sympy.Float) -> str:
