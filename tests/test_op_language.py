@@ -177,6 +177,8 @@ PIECEWISE = {  # body, PyTorch's function, how the backward selects
         None,
         "lerp",
     ),
+    # conditions as PyTorch's kernel has them: hardswish'(-3) = 0 and hardswish'(3) = 1
+    "hardswish": ("sympy.Piecewise((0, u <= -3), (u, u >= 3), (u * (u + 3) / 6, True))", F.hardswish, "lerp"),
 }
 
 
@@ -191,13 +193,31 @@ def test_piecewise_functions_select_exactly_and_match_pytorch_at_their_switch_po
     assert select in "\n".join(d.code.backward)
     if torch_fn is None:  # Huber: against F.huber_loss, elementwise
         torch_fn = lambda t: F.huber_loss(t, torch.zeros_like(t), reduction="none")  # noqa: E731
-    x = torch.tensor([[-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]], dtype=torch.float64)  # switch points included
-    g = torch.arange(1.0, 8.0, dtype=torch.float64)[None]
+    x = torch.tensor([[-4.0, -3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+    g = torch.arange(1.0, 12.0, dtype=torch.float64)[None]  # switch points included
     out, saved = getattr(module, f"{name}_forward")(x)
     leaf = x.clone().requires_grad_()
     torch_fn(leaf).backward(g)
     torch.testing.assert_close(out, torch_fn(x))
     assert torch.equal(getattr(module, f"{name}_backward")(g, saved).x, leaf.grad)
+
+
+@pytest.mark.parametrize("name", ["hardswish", "huber"])
+def test_a_quadratic_branch_bounded_by_its_region_selects_by_arithmetic_in_the_forward(name: str):
+    """``u·(u + 3)/6`` where ``-3 <= u <= 3`` (``u**2/2`` where ``|u| <= 1``) squares: computed where it
+    is not taken it may overflow, which ``torch.where`` (a scalar loop on a CPU) ignored. It is read
+    on ``u`` clamped to its region, bounded everywhere, so the forward selects by arithmetic."""
+    body = PIECEWISE[name][0]
+    namespace = {"op": op, "apply": apply, "sympy": sympy}
+    exec(f'@op(x="n d")\ndef {name}(x):\n    out = apply(lambda u: {body}, x)\n    return out\n', namespace)
+    d, module = _generated(namespace[name])
+    forward = "\n".join(d.code.forward)
+    assert "torch.where" not in forward and "torch.clamp(x, " in forward, forward
+    x = torch.tensor([[-1e30, -3e20, 1e20, 1e30]])  # the square overflows float32 here
+    out, _ = getattr(module, f"{name}_forward")(x)
+    torch.testing.assert_close(
+        out, PIECEWISE[name][1](x) if PIECEWISE[name][1] else F.huber_loss(x, 0 * x, reduction="none")
+    )
 
 
 SINGULAR_BRANCHES = {  # a branch infinite or NaN where it is not taken; PyTorch's "double where" idiom

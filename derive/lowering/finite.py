@@ -110,6 +110,9 @@ class Finite:
             parts = [self.degree(v) for v, _ in e.args]
         elif isinstance(e, (ISum, IMax)):  # a sum of n values grows with n, not with their size
             parts = [self.degree(e.body)]
+        elif isinstance(e, (sympy.Max, sympy.Min)) and bound(e, True) is not None and bound(e, False) is not None:
+            parts = [self.degree(a) for a in e.args]  # a clamp between two numbers: bounded
+            return None if any(p is None for p in parts) else (0, 0)
         elif isinstance(e, (sympy.Add, sympy.Mul, sympy.Abs, sympy.Max, sympy.Min, Select)):
             parts = [self.degree(a) for a in e.args]
         elif isinstance(e, _LIMITED) or (isinstance(e, sympy.exp) and at_most_one(e.args[0])):  # exp(min(u, 0))

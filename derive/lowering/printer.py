@@ -199,6 +199,14 @@ class TorchCodePrinter(TorchPrinter):
         return self._print_extremum(expr, "torch.maximum", "torch.clamp_min")
 
     def _print_Min(self, expr: sympy.Expr) -> str:
+        highs = [a for a in expr.args if is_constant(a)]
+        inner = [a for a in expr.args if not is_constant(a)]
+        if highs and len(inner) == 1 and isinstance(inner[0], sympy.Max):  # min(max(v, lo), hi): a clamp
+            lows = [a for a in inner[0].args if is_constant(a)]
+            values = [a for a in inner[0].args if not is_constant(a)]
+            if lows and len(values) == 1:
+                low, high = sympy.Max(*lows), sympy.Min(*highs)
+                return f"torch.clamp({self._print(values[0])}, {self._print(low)}, {self._print(high)})"
         return self._print_extremum(expr, "torch.minimum", "torch.clamp_max")
 
     def _print_extremum(self, expr: sympy.Expr, between: str, clamp: str) -> str:

@@ -18,6 +18,7 @@ clamped to its region's bounds: the same function, so autograd's gradient of it 
 from __future__ import annotations
 
 import sympy
+from sympy.core.function import AppliedUndef
 
 from ..indexalg import is_entry
 from .finite import at_most_one
@@ -33,7 +34,7 @@ def clamped(e: sympy.Expr) -> sympy.Expr:
         >>> clamped(sympy.Piecewise((u, u > 0), (sympy.exp(u) - 1, True)))
         Piecewise((u, u > 0), (exp(Min(0, u)) - 1, True))
     """
-    if not e.has(sympy.Piecewise) or not e.has(sympy.exp):
+    if not e.has(sympy.Piecewise):
         return e
     return e.replace(lambda n: isinstance(n, sympy.Piecewise), _branches_clamped)
 
@@ -43,9 +44,34 @@ def _branches_clamped(node: sympy.Piecewise) -> sympy.Expr:
     earlier: list[sympy.Basic] = []
     for value, cond in node.args:
         bounds = _bounds(cond, True) + [b for c in earlier for b in _bounds(c, False)]
-        args.append((_clamp_exps(value, bounds), cond))
+        args.append((_clamp_polynomial(_clamp_exps(value, bounds), bounds), cond))
         earlier.append(cond)
     return sympy.Piecewise(*args)
+
+
+def _clamp_polynomial(value: sympy.Expr, bounds: list[tuple[sympy.Expr, sympy.Expr, bool]]) -> sympy.Expr:
+    """A branch of degree 2 or more in values its region bounds on both sides (a hardswish's
+    ``u·(u + 3)/6`` where ``-3 < u < 3``), read on those values clamped: bounded everywhere."""
+    clamps = _two_sided(bounds)
+    entries = value.atoms(AppliedUndef)
+    if not clamps or not entries or not value.is_polynomial(*entries):
+        return value
+    if sympy.Poly(value, *entries).total_degree() < 2:
+        return value
+    inside = value.xreplace(clamps)
+    unclamped = inside.xreplace({c: sympy.Dummy() for c in clamps.values()}).atoms(AppliedUndef)
+    return value if unclamped else inside
+
+
+def _two_sided(bounds: list[tuple[sympy.Expr, sympy.Expr, bool]]) -> dict[sympy.Expr, sympy.Expr]:
+    """Each value with a numeric bound on both sides, clamped between them."""
+    out: dict[sympy.Expr, sympy.Expr] = {}
+    for u in dict.fromkeys(b[0] for b in bounds):
+        lows = [c for v, c, upper in bounds if v == u and not upper and c.is_number]
+        highs = [c for v, c, upper in bounds if v == u and upper and c.is_number]
+        if lows and highs:
+            out[u] = sympy.Min(sympy.Max(u, *lows), *highs)
+    return out
 
 
 def guarded(e: sympy.Expr) -> sympy.Expr:
@@ -100,10 +126,12 @@ def _bounds(cond: sympy.Basic, holds: bool) -> list[tuple[sympy.Expr, sympy.Expr
         return []
     lhs, rhs = cond.lhs, cond.rhs
     upper = isinstance(cond, (sympy.StrictLessThan, sympy.LessThan)) == holds  # lhs below rhs
+    if is_constant(lhs) and not is_constant(rhs):
+        lhs, rhs, upper = rhs, lhs, not upper
+    if is_constant(rhs) and isinstance(lhs, sympy.Abs) and upper:  # |u| <= c: -c <= u <= c
+        return [(lhs, rhs, True), (lhs.args[0], rhs, True), (lhs.args[0], -rhs, False)]
     if is_constant(rhs) and not is_constant(lhs):
         return [(lhs, rhs, upper)]
-    if is_constant(lhs) and not is_constant(rhs):
-        return [(rhs, lhs, not upper)]
     if not is_constant(lhs) and not is_constant(rhs):  # u > v bounds u - v
         return [(lhs - rhs, sympy.S.Zero, upper)]
     return []
