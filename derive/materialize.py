@@ -17,8 +17,10 @@ inputs would be derived once per input. So an unnamed node gets a name of its ow
 - it is **used twice** (a shared sub-expression held in a ``_``-prefixed local or a container);
 - it is a **max (min) read by a max (min)**: inlined, SymPy would flatten the two into one, whose
   derivative at a double tie is not the nested one PyTorch gives;
-- it is **piecewise and compared** by a condition of a ``Piecewise`` (``u > huber(s)``): inlined,
-  SymPy folds the inner ``Piecewise`` into the condition, which it cannot do for a scalar;
+- it is **piecewise and compared** by a condition of a ``Piecewise`` (``u > huber(s)``), or
+  **piecewise under a max** (``elu(p).max("n")``, whose derivative reads ``elu'`` at the argmax):
+  inlined, SymPy folds the inner ``Piecewise`` into the condition around it, out of the sum or
+  argmax that binds its index (and for a scalar, fails);
 - it is a **padding** (``x.pad("t", 4, 0)``): its reads past the ends are zeros, which only its
   own statement may hold; or a **window** (``x.unfold("t", 3, 1, "k")``): the forward holds it (a
   view, or the im2col a contraction needs) and the backward adds its adjoint back (col2im).
@@ -65,7 +67,7 @@ def boundaries(results: list[Tensor]) -> dict[Tensor, str]:
             chosen[n] = "operand"  # a padding reads zeros past the ends of a tensor, not of an expression
         elif len(users) > 1:
             chosen[n] = "shared"
-        elif any(_merges_into(u, n) or _compared(u, n, chosen) for u in users):
+        elif any(_merges_into(u, n) or _compared(u, n, chosen) for u in users) or _maximized(n, users, chosen):
             chosen[n] = "operand"  # max(relu(p), w): inlined, SymPy would flatten it to max(0, p, w)
     leaves = _Leaves(chosen, consumers)
     for n in free:
@@ -177,12 +179,20 @@ def _compared(consumer: Tensor, operand: Tensor, chosen: dict[Tensor, str]) -> b
     return any(u in c.free_symbols for p in outer.atoms(sympy.Piecewise) for _, c in p.args)
 
 
+def _maximized(n: Tensor, users: list[Tensor], chosen: dict[Tensor, str]) -> bool:
+    """Whether a piecewise ``n`` is the operand of a max: its argmax is a position the derivative
+    substitutes into ``Piecewise`` conditions, where SymPy would fold ``n``'s branches out of it."""
+    return any(u.kind == "max" for u in users) and _holds_piecewise(n, chosen)
+
+
 def _holds_piecewise(n: Tensor, chosen: dict[Tensor, str]) -> bool:
-    """Whether ``n``'s inlined expression has a ``Piecewise`` (in it or in inlined operands)."""
-    if n.kind != "elementwise" or n.name is not None or n in chosen:
+    """Whether ``n``'s inlined expression has a ``Piecewise`` (in it, or in operands and reductions
+    inlined into it)."""
+    if n.kind == "input" or n.name is not None or n in chosen:
         return False
     inlined = [o for o in n.operands if o.name is None and o not in chosen]
-    return bool(n.body is not None and n.body.has(sympy.Piecewise)) or any(_holds_piecewise(o, chosen) for o in inlined)
+    own = n.kind == "elementwise" and n.body is not None and n.body.has(sympy.Piecewise)
+    return own or any(_holds_piecewise(o, chosen) for o in inlined)
 
 
 def _affine_in(consumer: Tensor, operand: Tensor) -> bool:

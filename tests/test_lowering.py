@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from derive import apply, derive, exp, log, op, sqrt
 from derive.emit import render
 from derive.lowering import plan as planner
-from derive.verify import TensorSizes, load_module
+from derive.verify import TensorSizes, default_sizes, example_inputs, load_module
 
 from .conftest import OPS, REPO, derived
 from .test_simplify import focal
@@ -1106,6 +1106,25 @@ FOUND = {  # compositions the property tests found failing, with what was wrong
         '@op(x="d", y="d", w="d")\ndef comp(x, y, w):\n'
         '    return y / (x.mean("d", keepdim=True) ** 2 + 1) + w, x.sum("d")\n'
     ),
+    # a select of two sizes' powers, torch.where(c, -1 / D, -(1 / 2) / D), was float32 in a float64 chain
+    "select_of_sizes_in_a_float64_chain": (
+        '@op(x="n d", y="d k")\ndef comp(x, y):\n'
+        "    return (x * apply(lambda u, v: sympy.Piecewise((2 * u - v, u > v), (u - v / 2, True)), x,"
+        ' y.mean("d").rename(k="s"))).sum("n"), y.mean("d")\n'
+    ),
+    # the argmax of a piecewise value substituted into the derivative's conditions: SymPy folded the
+    # branches out of the argmax that binds their index (a wrong scatter, a crash)
+    "piecewise_under_a_max": (
+        '@op(x="n d", y="d k", w="k")\ndef comp(x, y, w):\n'
+        "    elu = lambda: apply(lambda u: sympy.Piecewise((u, u > 0), (0.5 * (sympy.exp(u) - 1), True)), x @ y + w)\n"
+        '    return ((x / (elu() ** 2 + 1)) @ w).apply(sympy.tanh), elu().max("n")\n'
+    ),
+    # a sum of a piecewise value compared in a condition: the same folding left a bound index free
+    "piecewise_sum_in_a_condition": (
+        '@op(x="n d")\ndef comp(x):\n'
+        '    s = lambda: apply(lambda u: sympy.Piecewise((u, u > 0), (u / 2, True)), x).sum("n")\n'
+        "    return apply(lambda u, v: sympy.Piecewise((u, u > v), (0, True)), x, s())\n"
+    ),
     # a Piecewise of a 0-d value inlined into a condition: SymPy's folding crashed (KeyError)
     "piecewise_of_a_scalar_in_a_condition": (
         '@op(x="n")\ndef comp(x):\n'
@@ -1123,5 +1142,15 @@ def test_compositions_the_property_tests_found_verify(name: str, tmp_path):
     path = tmp_path / "found.py"
     path.write_text("import sympy\nfrom derive import op, apply, exp\n\n" + FOUND[name])
     d = derive(load_user_op(path, "comp"))
-    v = verify(d, load_module(render(d), "comp"), exact=False)
+    module = load_module(render(d), "comp")
+    v = verify(d, module, exact=False)
     assert v.ok, v.failure()
+    # verify runs the chain in float32, torch's default dtype: run both backwards in float64 too
+    inputs = example_inputs(d.program, default_sizes(d.program), torch.float64)
+    out, saved = module.comp_forward(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    seed = tuple(torch.ones_like(o) for o in outs) if d.program.several_outputs else torch.ones_like(out)
+    for backward in (module.comp_backward, module.comp_backward_steps):
+        grads = backward(seed, saved)
+        values = grads._asdict().values() if hasattr(grads, "_asdict") else grads.values()
+        assert all(g.dtype == torch.float64 for g in values if isinstance(g, torch.Tensor))

@@ -1642,6 +1642,8 @@ def _steps_or_constants(e: sympy.Expr) -> bool:
         return not (e.is_Symbol and e.name.startswith("__val_"))
     if is_entry(e) or isinstance(e, (ISum, IMax, ArgMax, sympy.KroneckerDelta)):
         return False
+    if isinstance(e, sympy.Pow):  # 1/D, a size's power
+        return _steps_or_constants(e.base) and _steps_or_constants(e.exp)
     return isinstance(e, (sympy.Mul, sympy.Add)) and all(_steps_or_constants(a) for a in e.args)
 
 
