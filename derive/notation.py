@@ -63,10 +63,14 @@ def text(e: sympy.Basic) -> str:
     return _TEXT.doprint(e.xreplace(_long_rationals(e)))
 
 
+def is_long(r: sympy.Rational) -> bool:
+    """Whether ``r`` is too long to read as ``p/q`` (a float the user wrote, kept exact by apply)."""
+    return max(len(str(abs(r.p))), len(str(r.q))) > 8
+
+
 def _long_rationals(e: sympy.Basic) -> dict[sympy.Basic, sympy.Basic]:
-    """Each rational too long to read as ``p/q``, mapped to a symbol named for its float value."""
-    long = [r for r in e.atoms(sympy.Rational) if max(len(str(abs(r.p))), len(str(r.q))) > 8]
-    return {r: (-1 if r < 0 else 1) * sympy.Symbol(repr(abs(r.p) / r.q)) for r in long}
+    """Each long rational, mapped to a symbol named for its float value (Python's ``p / q``)."""
+    return {r: (-1 if r < 0 else 1) * sympy.Symbol(repr(abs(r.p) / r.q)) for r in e.atoms(sympy.Rational) if is_long(r)}
 
 
 def latex(e: sympy.Basic) -> str:

@@ -17,6 +17,7 @@ from sympy.printing.pycode import PythonCodePrinter
 from sympy.printing.pytorch import TorchPrinter
 
 from ..errors import OpDefinitionError
+from ..notation import is_long
 
 
 class Select(sympy.Function):
@@ -71,7 +72,7 @@ class TorchCodePrinter(TorchPrinter):
     def _print_Rational(self, expr: sympy.Rational) -> str:
         """``p / q``, or for long ones (a float the user wrote, times another) the float that
         Python's ``p / q`` gives: int division is correctly rounded, so the value is the same."""
-        if max(len(str(abs(expr.p))), len(str(expr.q))) > 8:
+        if is_long(expr):
             return repr(expr.p / expr.q)
         return f"{expr.p} / {expr.q}"
 

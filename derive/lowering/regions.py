@@ -1,4 +1,4 @@
-"""An ``exp`` inside a branch of a ``Piecewise``, evaluated on its argument clamped to the branch's region.
+"""Values inside a branch of a ``Piecewise``, evaluated on what they read clamped to the branch's region.
 
 A select computed by arithmetic on a float mask (:class:`.printer.Select`) evaluates both branches
 everywhere, so a branch must stay finite where it is not taken. An ELU's
@@ -7,7 +7,9 @@ not taken there, and so it kept ``torch.where`` on a bool mask, about ten times 
 Within the second branch ``u <= 0``, so ``exp(u)`` is ``exp(min(u, 0))``: the same value where the
 branch is taken, and at most 1 everywhere. The gradients' branches are rewritten the same way, so
 the forward and the backward share one saved ``exp(min(u, 0))``. Only values: derivatives were
-taken before this, from the forward as written.
+taken before this, from the forward as written. A branch that squares or multiplies values its
+region bounds between two numbers (a hardswish's ``u·(u + 3)/6`` where ``-3 < u < 3``) reads them
+clamped the same way, and is then bounded everywhere.
 
 Autograd's reference forward has the converse problem: ``torch.where`` sends a zero gradient to
 the branch not taken, and zero times an infinite or NaN derivative there (``sqrt`` of a negative
@@ -27,7 +29,8 @@ from .printer import is_constant
 
 def clamped(e: sympy.Expr) -> sympy.Expr:
     """``e`` with each ``exp`` in a ``Piecewise`` branch whose argument the branch's region bounds
-    above evaluated on the clamped argument (``exp(Min(u, 0))`` where ``u <= 0``).
+    above evaluated on the clamped argument (``exp(Min(u, 0))`` where ``u <= 0``), and each
+    polynomial branch of degree 2 or more read on values clamped between its region's bounds.
 
     Example:
         >>> u = sympy.Symbol("u", real=True)
