@@ -107,6 +107,13 @@ def hardtanh(x):
     return out
 
 
+@op(x="n d")
+def hardswish(x):
+    """The hardswish as a Piecewise: its middle branch u(u + 3)/6 squares."""
+    out = apply(lambda u: sympy.Piecewise((0, u <= -3), (u, u >= 3), (u * (u + 3) / 6, True)), x)
+    return out
+
+
 # -- the same computations in PyTorch's own ops ------------------------------------------------
 def _mlp_mse(x, W1, b1, W2, b2, y):  # noqa: ANN001, ANN202
     return ((F.relu(x @ W1 + b1) @ W2 + b2 - y) ** 2).mean()
@@ -146,6 +153,10 @@ def _elu(x, alpha=1.0):  # noqa: ANN001, ANN202
 
 def _hardtanh(x):  # noqa: ANN001, ANN202
     return F.hardtanh(x)
+
+
+def _hardswish(x):  # noqa: ANN001, ANN202
+    return F.hardswish(x)
 
 
 @dataclass(frozen=True)
@@ -190,6 +201,7 @@ COMPOSITIONS = {
         Composition("mish", mish, _mish, {"x": (2048, 1024)}),
         Composition("elu", elu, _elu, {"x": (2048, 1024)}, (("alpha", 1.0),)),
         Composition("hardtanh", hardtanh, _hardtanh, {"x": (2048, 1024)}),
+        Composition("hardswish", hardswish, _hardswish, {"x": (2048, 1024)}),
     ]
 }
 SMALL = {  # --quick: the same ops at small sizes
@@ -203,6 +215,7 @@ SMALL = {  # --quick: the same ops at small sizes
     "mish": {"x": (64, 32)},
     "elu": {"x": (64, 32)},
     "hardtanh": {"x": (64, 32)},
+    "hardswish": {"x": (64, 32)},
 }
 
 
