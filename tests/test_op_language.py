@@ -220,6 +220,41 @@ def test_a_quadratic_branch_bounded_by_its_region_selects_by_arithmetic_in_the_f
     )
 
 
+CLAMPS = {  # a Piecewise of a value and numbers, compared with numbers; the forward it prints
+    "hardtanh": ("sympy.Piecewise((-1, u < -1), (1, u > 1), (u, True))", "torch.clamp(x, -1, 1)"),
+    "hardtanh_le": ("sympy.Piecewise((-1, u <= -1), (1, u >= 1), (u, True))", "torch.clamp(x, -1, 1)"),
+    "relu": ("sympy.Piecewise((u, u > 0), (0, True))", "torch.relu(x)"),
+    "clip_above": (
+        "sympy.Piecewise((sympy.Rational(3, 2), u > sympy.Rational(3, 2)), (u, True))",
+        "torch.clamp_max(x, 3 / 2)",
+    ),
+    "nested": ("sympy.Piecewise((1, u > 1), (u, u > -2), (-2, True))", "torch.clamp(x, -2, 1)"),
+    # not clamps: a jump, a slope; they keep their selects
+    "jump": ("sympy.Piecewise((2, u > 1), (u, True))", None),
+    "leaky": ("sympy.Piecewise((u, u > 0), (u / 4, True))", None),
+}
+
+
+@pytest.mark.parametrize("name", list(CLAMPS))
+def test_a_piecewise_that_is_a_clamp_computes_its_forward_as_one(name: str):
+    """Four comparisons and their arithmetic, or one ``torch.clamp``: the values agree everywhere
+    (checked at the breaks and between them), and the backward is still the Piecewise's."""
+    body, expected = CLAMPS[name]
+    namespace = {"op": op, "apply": apply, "sympy": sympy}
+    exec(f'@op(x="n d")\ndef {name}(x):\n    out = apply(lambda u: {body}, x)\n    return out\n', namespace)
+    d, module = _generated(namespace[name])
+    forward = "\n".join(d.code.forward)
+    if expected is None:
+        assert "clamp" not in forward and "relu" not in forward, forward
+    else:
+        assert f"out = {expected}" in forward, forward
+    x = torch.tensor([[-3.0, -2.0, -1.5, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0]], dtype=torch.float64)
+    u = sympy.Symbol("u", real=True)
+    fn = sympy.lambdify(u, eval(body, {"sympy": sympy, "u": u}))  # noqa: S307
+    out, _ = getattr(module, f"{name}_forward")(x)
+    assert out.tolist() == [[float(fn(v)) for v in x[0].tolist()]]
+
+
 SINGULAR_BRANCHES = {  # a branch infinite or NaN where it is not taken; PyTorch's "double where" idiom
     "sqrt": (
         "sympy.Piecewise((sympy.sqrt(u), u > 0), (u, True))",

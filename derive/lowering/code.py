@@ -33,7 +33,7 @@ from ..indexalg import (
 from ..notation import text
 from ..program import Program, TensorInfo
 from ..simplify import recognize, stable_forward
-from . import regions, share
+from . import extrema, regions, share
 from .finite import finite_values, stays_finite
 from .lowerer import Lowerer, Sharding
 from .printer import FAITHFUL, MASKING, PRINTER
@@ -65,6 +65,10 @@ class ChainTerm:
     expr: sympy.Expr
 
 
+def _values(e: sympy.Expr) -> sympy.Expr:
+    return regions.clamped(extrema.as_extrema(e))
+
+
 def lower_program(
     program: Program,
     gradients: list[tuple[TensorInfo, sympy.Expr]],
@@ -79,9 +83,11 @@ def lower_program(
     """
     # autograd's forward: as written, but for a transcendental branch's value where it is not taken
     reference = tuple(replace(s, expr=regions.guarded(s.expr)) for s in program.statements)
-    program = replace(program, statements=tuple(replace(s, expr=regions.clamped(s.expr)) for s in program.statements))
-    gradients = [(wrt, regions.clamped(e)) for wrt, e in gradients]
-    chain = [replace(c, expr=regions.clamped(c.expr)) for c in chain]
+    # values only, after differentiation: a Piecewise that is a clamp as one, exps and squares in
+    # branches of values clamped to their regions
+    program = replace(program, statements=tuple(replace(s, expr=_values(s.expr)) for s in program.statements))
+    gradients = [(wrt, _values(e)) for wrt, e in gradients]
+    chain = [replace(c, expr=_values(c.expr)) for c in chain]
     tensors = program.tensors
     layouts = _layouts(program)
 
