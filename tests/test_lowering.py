@@ -986,6 +986,27 @@ def test_a_step_beside_a_subtraction_keeps_the_inputs_dtype():
     assert torch.equal(dx, torch.tensor([[-1.0, -1.0, 0.0]], dtype=torch.float16))
 
 
+@op(x="n d", t="n d")
+def bce_written_out(x, t):
+    out = apply(lambda u, v: sympy.Max(u, 0) - u * v + sympy.log(1 + sympy.exp(-sympy.Abs(u))), x, t)
+    return out
+
+
+def test_a_step_summand_beside_a_division_is_a_float_comparison():
+    """A backward that divides keeps bool masks in its products; a step that is a summand of its
+    own multiplies nothing, so it is one comparison into floats of x's dtype, not
+    torch.where(x > 0, 1.0, 0.0) (a scalar loop, in the default dtype)."""
+    d, module = generated(bce_written_out)
+    backward = "\n".join(d.code.backward)
+    assert "torch.gt(x, 0, out=torch.empty_like(x))" in backward and "1.0, 0.0" not in backward, backward
+    x = torch.tensor([[-2.0, 0.5, 3.0]], dtype=torch.float64)  # (at 0, relu'(0) = |u|'(0) = 0, as autograd's)
+    t = torch.tensor([[0.25, 0.5, 1.0]], dtype=torch.float64)
+    out, saved = module.bce_written_out_forward(x, t)
+    dx = module.bce_written_out_backward(torch.ones_like(out), saved).x
+    assert dx.dtype == torch.float64
+    torch.testing.assert_close(dx, torch.sigmoid(x) - t)
+
+
 @op(x="n d", y="d k", w="k")
 def max_of_relu(x, y, w):
     out = apply(sympy.Max, apply(lambda u: sympy.Max(u, 0), x @ y + w), w.rename(k="s"))

@@ -188,7 +188,10 @@ class TorchCodePrinter(TorchPrinter):
         arg, tie = expr.args[0], expr.args[1] if len(expr.args) > 1 else sympy.S.Half
         code = self._print(arg)
         if tie in (0, 1) and getattr(self, "_float_steps", False):
-            mask = self.float_mask(arg, tie)  # in the value's dtype; where(..., 1.0, 0.0) is the default one
+            # a step's own 0/1 value (a summand, a lerp's weight) multiplies nothing that may be
+            # infinite: a comparison into floats, in the value's dtype, whether or not products
+            # mask (where(..., 1.0, 0.0) is a scalar loop, in the default dtype)
+            mask = self.compare_into_floats(arg, tie)
             return mask if mask is not None else f"torch.where({comparison(self, arg, tie)}, 1.0, 0.0)"
         if tie in (0, 1):
             return f"({comparison(self, arg, tie)})"
