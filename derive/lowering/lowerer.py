@@ -252,6 +252,10 @@ class Lowerer:
             return None
         markers = {delta: sympy.Dummy(f"delta{k}") for k, (delta, _, _) in enumerate(picks)}
         linear = e.xreplace(markers)
+        if len(picks) > 1:
+            joint = self._put_at_positions(name, linear, picks, markers, target)
+            if joint is not None:
+                return joint
         parts = []
         for delta, v, p in picks:
             h = sympy.diff(linear, markers[delta])
@@ -295,6 +299,59 @@ class Lowerer:
             # one position per line along v: into zeros a plain scatter_ writes what scatter_add_ would add
             method = "scatter_" if g == 0 and len(parts) == 1 else "scatter_add_"
             lines.append(f"{out}.{method}({axis}, {index_code}, {src_code})")
+        if out != name:
+            idx = ", ".join("None" if d is None else ":" for d in target.layout)
+            lines.append(f"{name} = {out}[{idx}]")
+        return lines
+
+    def _put_at_positions(
+        self,
+        name: str,
+        linear: sympy.Expr,
+        picks: list[tuple[sympy.KroneckerDelta, sympy.Symbol, sympy.Expr]],
+        markers: dict[sympy.KroneckerDelta, sympy.Symbol],
+        target: TensorInfo,
+    ) -> list[str] | None:
+        """``h·δ(v1, p1)·δ(v2, p2)…`` (every delta in one product, nothing else): ``h`` put at the
+        positions ``(p1, p2, …)`` by one ``index_put_``, a position that reads another target's index
+        read at that target's position (a max of a max: ``δ(h, argmax_h x[h, w])·δ(w, argmax_w …)``).
+        None for any other shape."""
+        product = sympy.Mul(*markers.values())
+        h = linear.diff(*markers.values())
+        if h == 0 or h.free_symbols & set(markers.values()) or sympy.expand(linear - h * product) != 0:
+            return None
+        targets = {v: p for _, v, p in picks}
+        if len(targets) < len(picks):
+            return None
+        known: dict[sympy.Symbol, sympy.Expr] = {}
+        while len(known) < len(targets):  # positions free of the other targets first, then those reading them
+            ready = {v: substitute_indices(p, known) for v, p in targets.items() if v not in known}
+            ready = {v: p for v, p in ready.items() if not free_indices(p) & (set(targets) - set(known))}
+            if not ready:
+                return None
+            known.update(ready)
+        batch = tuple(i for i in target.indices if i not in targets)
+        at = substitute_indices(h, known)
+        if any(free_indices(x) - set(batch) for x in [at, *known.values()]):
+            return None
+        values = self._elementwise(at, {})
+
+        def arange(a: sympy.Symbol) -> str:
+            rng = f"torch.arange({size_code(dim_of(a).size)}, device={self.ref}.device)"
+            return self.align(Val(rng, (a,)), batch, strip=False)
+
+        positions = [
+            self.align(self.lower(known[i]), batch, strip=False) if i in known else arange(i) for i in target.indices
+        ]
+        if values.axes:
+            src = self.align(values, batch, strip=False)
+        elif values.constant or not tensor_names(h):
+            src = f"torch.full((), {values.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
+        else:
+            src = values.code
+        shape = shape_tuple([size_code(d.size) for d in target.dims])
+        out = name if None not in target.layout else f"{name}_"
+        lines = [f"{out} = {self.ref}.new_zeros({shape}).index_put_(({', '.join(positions)},), {src}, accumulate=True)"]
         if out != name:
             idx = ", ".join("None" if d is None else ":" for d in target.layout)
             lines.append(f"{name} = {out}[{idx}]")
