@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from derive import apply, derive, exp, log, op, sqrt
 from derive.emit import render
 from derive.lowering import plan as planner
-from derive.verify import TensorSizes, default_sizes, example_inputs, load_module
+from derive.verify import TensorSizes, default_sizes, example_inputs, load_module, verify
 
 from .conftest import OPS, REPO, derived
 from .test_simplify import focal
@@ -1023,6 +1023,29 @@ def test_a_max_of_a_max_puts_its_values_at_both_positions(the_op):
     assert torch.equal(getattr(module, f"{the_op.name}_backward")(g, saved).x, want)
 
 
+@op(x="n d k")
+def max_times_max_of_max(x):
+    out = x.max("d") @ x.max("d").max("n")
+    return out
+
+
+@op(x="n d", idx="int k")
+def max_of_a_gather(x, idx):
+    out = x.take(idx, "d").max("k")
+    return out
+
+
+@pytest.mark.parametrize("the_op", [max_times_max_of_max, max_of_a_gather], ids=lambda o: o.name)
+def test_maxima_the_property_tests_found_scatter_values(the_op):
+    """Found by the property tests' one-hot check: a delta beside a product of two
+    (``(dact1 + dact2·δ(n, B))·δ(d, A)``), and a position read at an argmax
+    (``δ(d, idx[argmax_k x[n, idx[k]]])``), each multiplied a one-hot of the input's size."""
+    d, module = generated(the_op)
+    backward = "\n".join(d.code.backward)
+    assert "1.0)" not in backward and ("scatter" in backward or "index_put_" in backward), backward
+    assert verify(d, module).ok
+
+
 @op(x="n d", t="n d")
 def bce_written_out(x, t):
     out = apply(lambda u, v: sympy.Max(u, 0) - u * v + sympy.log(1 + sympy.exp(-sympy.Abs(u))), x, t)
@@ -1195,7 +1218,6 @@ FOUND = {  # compositions the property tests found failing, with what was wrong
 @pytest.mark.parametrize("name", list(FOUND))
 def test_compositions_the_property_tests_found_verify(name: str, tmp_path):
     from derive.api import load_user_op
-    from derive.verify import verify
 
     path = tmp_path / "found.py"
     path.write_text("import sympy\nfrom derive import op, apply, exp\n\n" + FOUND[name])

@@ -886,6 +886,11 @@ def check_composition(c: Composition, values: dict[str, torch.Tensor], grad_seed
         COUNTS["compositions selecting by a product of float masks (And, Or)"] += 1
     if re.search(r"\.(gt|ge|lt|le)_\(", code):
         COUNTS["compositions comparing into floats in place"] += 1
+    # a max's or a gather's gradient is its values scattered (item 4): no one-hot of two or more
+    # dims, the size of an input, is made to be multiplied (one along a single dim may be)
+    for shape in _ONE_HOT.findall("\n".join(d.code.backward)):
+        assert "," not in shape.strip().rstrip(","), f"a one-hot of shape ({shape}) in:\n" + "\n".join(d.code.backward)
+        COUNTS["compositions with a one-hot along one dim"] += 1
     inputs = [values[t.name] for t in d.program.inputs]
 
     out, _ = module.comp_forward(*inputs)
@@ -909,6 +914,9 @@ def check_composition(c: Composition, values: dict[str, torch.Tensor], grad_seed
                 continue  # v - v: derive proves this gradient is identically 0 and skips the intermediate
             assert name in steps, f"backward_steps has no gradient for the intermediate {name}"
             _close(f"chain d{name} vs torch evaluation", steps[name], memo[node_id].grad)
+
+
+_ONE_HOT = re.compile(r"new_zeros\(\(([^()]*)\)\)\.scatter_\([^()]*(?:\([^()]*\))?[^()]*, 1\.0\)")
 
 
 def _run_composition(data: st.DataObject, style: str, first: str = "") -> None:

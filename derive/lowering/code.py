@@ -154,15 +154,15 @@ def lower_program(
         printer=MASKING if all(stays_finite(e) for e in fused) else PRINTER,
         finite=finite,
     )
-    negations = [
-        _negation_of(e, wrt, [(w, f) for (w, _), f in zip(gradients[:k], fused)])
+    reuses = [
+        _reuse_of(e, wrt, [(w, f) for (w, _), f in zip(gradients[:k], fused)])
         for k, ((wrt, _), e) in enumerate(zip(gradients, fused))
     ]
-    # what the formulas share, less those written as another's negative (their values are read, not made)
-    computed = [e for e, negated in zip(fused, negations) if negated is None]
+    # what the formulas share, less those written as another's value (their values are read, not made)
+    computed = [e for e, reused in zip(fused, reuses) if reused is None]
     bwd.repeated = share.repeated(computed, steps=bwd.printer is MASKING, cheap=True)
-    for (wrt, _), e, negated in zip(gradients, fused, negations):
-        bwd.assign(grad_name(wrt.name), e if negated is None else -negated, wrt)
+    for (wrt, _), e, reused in zip(gradients, fused, reuses):
+        bwd.assign(grad_name(wrt.name), e if reused is None else reused, wrt)
     returned = {grad_name(t.name) for t in program.differentiable_inputs}
     large = {n for n, r in bwd.rank.items() if r >= 2} | {grad_name(w.name) for w, _ in gradients if len(w.dims) >= 2}
     ranks = {**{n: len(t.layout) for n, t in layouts.items()}, **bwd.rank}
@@ -265,16 +265,17 @@ def lower_terms(program: Program, terms: list[tuple[str, sympy.Expr, TensorInfo]
     return lowerer.lines
 
 
-def _negation_of(e: sympy.Expr, wrt: TensorInfo, earlier: list[tuple[TensorInfo, sympy.Expr]]) -> sympy.Expr | None:
-    """An earlier gradient of the same layout that ``e`` is the negative of, as its entry at ``wrt``'s
-    indices: ``dy = -dpred`` for ``r = pred - y`` is one pass, not a second chain.
+def _reuse_of(e: sympy.Expr, wrt: TensorInfo, earlier: list[tuple[TensorInfo, sympy.Expr]]) -> sympy.Expr | None:
+    """An earlier gradient of the same layout that ``e`` equals or is the negative of, as (minus)
+    its entry at ``wrt``'s indices: ``dy = -dpred`` for ``r = pred - y`` is one pass, not a second
+    chain, and ``dx = dw`` for ``w + x`` none.
 
     Example:
         >>> n = Dim("n", sympy.Symbol("N", positive=True, integer=True))
         >>> a, b = TensorInfo("a", (n,)), TensorInfo("b", (n,))
         >>> (i,) = a.indices
-        >>> str(_negation_of(-(2 + entry("x", [i])) * entry("g", [i]), b, [(a, (entry("x", [i]) + 2) * entry("g", [i]))]))
-        'da(n)'
+        >>> str(_reuse_of(-(2 + entry("x", [i])) * entry("g", [i]), b, [(a, (entry("x", [i]) + 2) * entry("g", [i]))]))
+        '-da(n)'
     """
     if sympy.count_ops(e) > 200:
         return None  # a large formula: not worth expanding to compare
@@ -282,11 +283,12 @@ def _negation_of(e: sympy.Expr, wrt: TensorInfo, earlier: list[tuple[TensorInfo,
         if w.dims != wrt.dims or w.is_int:
             continue
         f = substitute_indices(f, dict(zip(w.indices, wrt.indices)))
-        total = sympy.expand(e + f)
-        if total != 0 and total.has(sympy.Piecewise):  # branches that cancel under the same conditions
-            total = sympy.expand(sympy.piecewise_fold(total))
-        if total == 0:
-            return entry(grad_name(w.name), list(wrt.indices))
+        for sign in (-1, 1):
+            total = sympy.expand(e - sign * f)
+            if total != 0 and total.has(sympy.Piecewise):  # branches that cancel under the same conditions
+                total = sympy.expand(sympy.piecewise_fold(total))
+            if total == 0:
+                return sign * entry(grad_name(w.name), list(wrt.indices))
     return None
 
 

@@ -244,35 +244,33 @@ class Lowerer:
 
         ``p_k`` is a position: a gather's integer index or an argmax. So ``(probs - onehot)/n``
         becomes ``probs/n`` with ``-1/n`` added at the targets, and a max's gradient is ``dout``
-        scattered to the argmax: no one-hot tensor is ever built. None when ``e`` has no such
-        delta (or a product of two).
+        scattered to the argmax: no one-hot tensor is ever built. A product of deltas (a max of a
+        max) is put at all its positions at once (:meth:`_put_at_positions`). None when ``e`` has
+        no such delta.
         """
         picks = _positional_deltas(e, target.indices, self.layouts)
         if not picks:
             return None
         markers = {delta: sympy.Dummy(f"delta{k}") for k, (delta, _, _) in enumerate(picks)}
         linear = e.xreplace(markers)
-        if len(picks) > 1:
-            joint = self._put_at_positions(name, linear, picks, markers, target)
-            if joint is not None:
-                return joint
-        parts = []
-        for delta, v, p in picks:
-            h = sympy.diff(linear, markers[delta])
-            if h == 0 or h.free_symbols & set(markers.values()):
-                return None
-            parts.append((v, p, substitute_indices(h, {v: p})))
-        g = linear.xreplace({m: 0 for m in markers.values()})
+        split = _delta_terms(linear, picks, markers)
+        if split is None:
+            return None
+        g, singles, joints = split
+        parts = [(v, p, substitute_indices(h, {v: p})) for h, ((_, v, p),) in singles]
         flat = TensorInfo(name, tuple(target.dims))
         out = name if None not in target.layout else f"{name}_"
         lines: list[str] = []
         known: dict[str, Val] = {}
-        common = set.intersection(*(set(sympy.Mul.make_args(h)) for _, _, h in parts))
+        common = set.intersection(*(set(sympy.Mul.make_args(h)) for _, _, h in parts)) if parts else set()
         common = {f for f in common & set(sympy.Mul.make_args(g)) if not f.is_number}
         if common and g != 0:
             shared, stand_in = self._share(common, known)
             g = g / shared * stand_in
             parts = [(v, p, h / shared * stand_in) for v, p, h in parts]
+        puts = [self._put_at_positions(out, h, group, flat) for h, group in joints]
+        if any(put is None for put in puts):
+            return None
         sizes = [size_code(d.size) for d in target.dims]
         if g == 0:
             dense = f"{self.ref}.new_zeros({shape_tuple(sizes)})"
@@ -297,8 +295,9 @@ class Lowerer:
             else:
                 src_code = f"torch.full({shape}, {src.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
             # one position per line along v: into zeros a plain scatter_ writes what scatter_add_ would add
-            method = "scatter_" if g == 0 and len(parts) == 1 else "scatter_add_"
+            method = "scatter_" if g == 0 and len(parts) == 1 and not joints else "scatter_add_"
             lines.append(f"{out}.{method}({axis}, {index_code}, {src_code})")
+        lines += [put for put in puts if put is not None]
         if out != name:
             idx = ", ".join("None" if d is None else ":" for d in target.layout)
             lines.append(f"{name} = {out}[{idx}]")
@@ -306,22 +305,17 @@ class Lowerer:
 
     def _put_at_positions(
         self,
-        name: str,
-        linear: sympy.Expr,
-        picks: list[tuple[sympy.KroneckerDelta, sympy.Symbol, sympy.Expr]],
-        markers: dict[sympy.KroneckerDelta, sympy.Symbol],
-        target: TensorInfo,
-    ) -> list[str] | None:
-        """``h·δ(v1, p1)·δ(v2, p2)…`` (every delta in one product, nothing else): ``h`` put at the
-        positions ``(p1, p2, …)`` by one ``index_put_``, a position that reads another target's index
-        read at that target's position (a max of a max: ``δ(h, argmax_h x[h, w])·δ(w, argmax_w …)``).
-        None for any other shape."""
-        product = sympy.Mul(*markers.values())
-        h = linear.diff(*markers.values())
-        if h == 0 or h.free_symbols & set(markers.values()) or sympy.expand(linear - h * product) != 0:
-            return None
-        targets = {v: p for _, v, p in picks}
-        if len(targets) < len(picks):
+        out: str,
+        h: sympy.Expr,
+        group: list[_Pick],
+        flat: TensorInfo,
+    ) -> str | None:
+        """``out[…, p1, …, p2, …] += h`` for ``h·δ(v1, p1)·δ(v2, p2)…``, by one ``index_put_``: a
+        position that reads another target's index is read at that target's position (a max of a
+        max: ``δ(h, argmax_h x[h, w])·δ(w, argmax_w max_h x)``). None when a position or ``h``
+        reads a target no delta pins."""
+        targets = {v: p for _, v, p in group}
+        if len(targets) < len(group):
             return None
         known: dict[sympy.Symbol, sympy.Expr] = {}
         while len(known) < len(targets):  # positions free of the other targets first, then those reading them
@@ -330,7 +324,7 @@ class Lowerer:
             if not ready:
                 return None
             known.update(ready)
-        batch = tuple(i for i in target.indices if i not in targets)
+        batch = tuple(i for i in flat.indices if i not in targets)
         at = substitute_indices(h, known)
         if any(free_indices(x) - set(batch) for x in [at, *known.values()]):
             return None
@@ -341,21 +335,15 @@ class Lowerer:
             return self.align(Val(rng, (a,)), batch, strip=False)
 
         positions = [
-            self.align(self.lower(known[i]), batch, strip=False) if i in known else arange(i) for i in target.indices
+            self.align(self.lower(known[i]), batch, strip=False) if i in known else arange(i) for i in flat.indices
         ]
         if values.axes:
             src = self.align(values, batch, strip=False)
-        elif values.constant or not tensor_names(h):
+        elif values.constant or not tensor_names(at):
             src = f"torch.full((), {values.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
         else:
             src = values.code
-        shape = shape_tuple([size_code(d.size) for d in target.dims])
-        out = name if None not in target.layout else f"{name}_"
-        lines = [f"{out} = {self.ref}.new_zeros({shape}).index_put_(({', '.join(positions)},), {src}, accumulate=True)"]
-        if out != name:
-            idx = ", ".join("None" if d is None else ":" for d in target.layout)
-            lines.append(f"{name} = {out}[{idx}]")
-        return lines
+        return f"{out}.index_put_(({', '.join(positions)},), {src}, accumulate=True)"
 
     def _share(self, factors: set[sympy.Expr], known: dict[str, Val]) -> tuple[sympy.Expr, sympy.Symbol]:
         """Compute a factor common to several terms once, into a temporary ``s<k>``.
@@ -1704,22 +1692,60 @@ def _steps_or_constants(e: sympy.Expr) -> bool:
     return isinstance(e, (sympy.Mul, sympy.Add)) and all(_steps_or_constants(a) for a in e.args)
 
 
-def _positional_deltas(
-    e: sympy.Expr, indices: tuple[sympy.Symbol, ...], layouts: dict[str, TensorInfo]
-) -> list[tuple[sympy.KroneckerDelta, sympy.Symbol, sympy.Expr]]:
+_Pick = tuple[sympy.KroneckerDelta, sympy.Symbol, sympy.Expr]  # a delta, the axis it pins, the position
+
+
+def _delta_terms(
+    linear: sympy.Expr, picks: list[_Pick], markers: dict[sympy.KroneckerDelta, sympy.Symbol]
+) -> tuple[sympy.Expr, list[tuple[sympy.Expr, list[_Pick]]], list[tuple[sympy.Expr, list[_Pick]]]] | None:
+    """``linear`` (deltas replaced by markers) as ``g`` free of them, terms ``h·δ`` of one delta and
+    terms ``h·δ1·δ2…`` of several, each with its deltas; None when a delta is squared.
+
+    Where every term has one delta, each ``h`` is the derivative in its marker, as written."""
+    by_marker = {markers[d]: (d, v, p) for d, v, p in picks}
+    singles: list[tuple[sympy.Expr, list[_Pick]]] = [(sympy.diff(linear, markers[d]), [(d, v, p)]) for d, v, p in picks]
+    if all(h != 0 and not h.free_symbols & set(by_marker) for h, _ in singles):
+        return linear.xreplace({m: 0 for m in by_marker}), singles, []
+    try:
+        poly = sympy.Poly(linear, *by_marker)
+    except sympy.PolynomialError:
+        return None
+    g = sympy.S.Zero
+    singles = []
+    joints: list[tuple[sympy.Expr, list[_Pick]]] = []
+    for monom, coeff in poly.terms():
+        used = [by_marker[m] for m, k in zip(by_marker, monom) if k]
+        if any(k > 1 for k in monom):
+            return None
+        if not used:
+            g += coeff
+        else:
+            (singles if len(used) == 1 else joints).append((coeff, used))
+    return g, singles, joints
+
+
+def _positional_deltas(e: sympy.Expr, indices: tuple[sympy.Symbol, ...], layouts: dict[str, TensorInfo]) -> list[_Pick]:
     """Deltas ``δ(v, p)`` among the elementwise leaves of ``e`` that pin axis ``v`` to a position ``p``.
 
-    ``p`` is an integer tensor's entry (a gather) or an argmax, over other axes of the target.
+    ``p`` is an integer tensor's entry (a gather) or an argmax, over other axes of the target, or
+    an integer tensor's entry at such positions (``idx[argmax_k x[n, idx[k]]]``, a max of a gather).
     """
+
+    def positional(p: sympy.Expr) -> bool:
+        if isinstance(p, ArgMax):
+            return True
+        return (
+            is_entry(p)
+            and layouts[entry_name(p)].is_int
+            and all(is_index(i) or positional(i) for i in entry_indices(p))
+        )
+
     out = []
     for leaf in _value_leaves(e):
         if not isinstance(leaf, sympy.KroneckerDelta):
             continue
         for v, p in (leaf.args, leaf.args[::-1]):
-            positional = isinstance(p, ArgMax) or (
-                is_entry(p) and layouts[entry_name(p)].is_int and all(is_index(i) for i in entry_indices(p))
-            )
-            if is_index(v) and v in indices and positional and free_indices(p) <= set(indices) - {v}:
+            if is_index(v) and v in indices and positional(p) and free_indices(p) <= set(indices) - {v}:
                 out.append((leaf, v, p))
                 break
     return out
