@@ -478,6 +478,37 @@ def drop_implied_steps(e: sympy.Expr) -> sympy.Expr:
     return _bottom_up(e, drop)
 
 
+def steps_in_their_region(e: sympy.Expr) -> sympy.Expr:
+    """Beside ``step(a - c)``, another step reads ``max(a, c)`` as ``a`` and ``min(a, c)`` as ``c``
+    (``step(c - a)`` the other way): where the first step is 0 the product is 0 whatever the second
+    is, and both are finite. relu6's ``step(6 - max(x, 0))·step(x)`` is ``step(6 - x)·step(x)``, two
+    comparisons of ``x``, not one of a relu made for it."""
+
+    def known(step: sympy.Heaviside) -> dict[sympy.Expr, sympy.Expr]:
+        arg = step.args[0]
+        c = -sympy.Add(*(t for t in sympy.Add.make_args(arg) if t.is_number))
+        a = arg + c
+        if a.is_number:
+            return {}
+        if a.could_extract_minus_sign():  # step(c' - a'): a' <= c'
+            return {sympy.Min(-a, -c): -a, sympy.Max(-a, -c): -c}
+        return {sympy.Max(a, c): a, sympy.Min(a, c): c}
+
+    def rewrite(node: sympy.Expr) -> sympy.Expr:
+        if not isinstance(node, sympy.Mul):
+            return node
+        steps = [f for f in node.args if isinstance(f, sympy.Heaviside)]
+        if len(steps) < 2:
+            return node
+        out = list(node.args)
+        for s in steps:
+            rules = known(s)
+            out = [f if f is s or not isinstance(f, sympy.Heaviside) else f.xreplace(rules) for f in out]
+        return sympy.Mul(*out) if out != list(node.args) else node
+
+    return _bottom_up(e, rewrite)
+
+
 def hyperbolic_ratios(e: sympy.Expr) -> sympy.Expr:
     """``sinh(a)**k / cosh(a)**k = tanh(a)**k``: log(cosh(r))'s derivative is one bounded function,
     not a ratio of two that overflow (inf/inf at |r| > 89 in float32)."""
@@ -742,6 +773,11 @@ class Simplifier:
                 "drop implied steps",
                 "max(a, 0)^k · step(a) = max(a, 0)^k: the max is 0 where the step is",
                 drop_implied_steps,
+            ),
+            (
+                "steps in their region",
+                "step(a)·step(b - max(a, 0)) = step(a)·step(b - a): the max is a where the first step is 1",
+                steps_in_their_region,
             ),
             (
                 "bounded exponentials",

@@ -1035,15 +1035,55 @@ def max_of_a_gather(x, idx):
     return out
 
 
-@pytest.mark.parametrize("the_op", [max_times_max_of_max, max_of_a_gather], ids=lambda o: o.name)
+@op(x="n d", idx="int k")
+def max_of_a_gather_in_a_divisor(x, idx):
+    out = x.take(idx, "n") / (x.take(idx, "n").max("k", keepdim=True) ** 2 + 1)
+    return out
+
+
+@op(x="n d", y="j m", idx="int k")
+def max_of_a_gathered_convolution(x, y, idx):
+    conv = lambda: (x.pad("n", 0, 4).unfold("n", 3, 1, "j", dilation=2) * y).sum("j")  # noqa: E731
+    return conv().take(idx, "n").max("m", keepdim=True) + conv().take(idx, "n"), conv()
+
+
+@pytest.mark.parametrize(
+    "the_op",
+    [max_times_max_of_max, max_of_a_gather, max_of_a_gather_in_a_divisor, max_of_a_gathered_convolution],
+    ids=lambda o: o.name,
+)
 def test_maxima_the_property_tests_found_scatter_values(the_op):
     """Found by the property tests' one-hot check: a delta beside a product of two
-    (``(dact1 + dact2·δ(n, B))·δ(d, A)``), and a position read at an argmax
-    (``δ(d, idx[argmax_k x[n, idx[k]]])``), each multiplied a one-hot of the input's size."""
+    (``(dact1 + dact2·δ(n, B))·δ(d, A)``), a position read at an argmax
+    (``δ(d, idx[argmax_k x[n, idx[k]]])``), and a delta inside a sum it does not vary along
+    (``Σ_k dout·out·δ(n, idx[argmax])``), and a max's position routing a sum over the positions'
+    own indices (``Σ_k Σ_d win[idx[k], d, j]·δ(m, argmax[k, d])``), each multiplied a one-hot of the
+    input's size."""
     d, module = generated(the_op)
     backward = "\n".join(d.code.backward)
-    assert "1.0)" not in backward and ("scatter" in backward or "index_put_" in backward), backward
+    assert "1.0)" not in backward and any(f in backward for f in ("scatter", "index_put_", "index_add_")), backward
     assert verify(d, module).ok
+
+
+@op(x="n d")
+def relu6_written_out(x):
+    out = apply(lambda u: sympy.Min(sympy.Max(u, 0), 6), x)
+    return out
+
+
+def test_a_step_beside_another_reads_the_max_it_implies_as_its_argument():
+    """relu6's derivative step(6 - max(x, 0))·step(x): beside step(x), max(x, 0) is x, so the
+    backward compares x twice into one float mask, and makes no relu for it; exact against
+    autograd through torch.clamp_max(torch.relu(x), 6), ties at 0 and 6 included."""
+    d, module = generated(relu6_written_out)
+    backward = "\n".join(d.code.backward)
+    assert "relu" not in backward and "torch.le(x, 6, out=torch.empty_like(x))" in backward, backward
+    x = torch.tensor([[-1.0, 0.0, 3.0, 6.0, 7.0]], dtype=torch.float64)
+    leaf = x.clone().requires_grad_()
+    g = torch.arange(1.0, 6.0, dtype=torch.float64)[None]
+    (want,) = torch.autograd.grad(torch.clamp_max(torch.relu(leaf), 6), leaf, g)
+    out, saved = module.relu6_written_out_forward(x)
+    assert torch.equal(module.relu6_written_out_backward(g, saved).x, want)
 
 
 @op(x="n d", t="n d")

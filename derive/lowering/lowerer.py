@@ -179,6 +179,8 @@ class Lowerer:
             code = f"torch.full({shape}, {value}, dtype={self.ref}.dtype, device={self.ref}.device)"
             self.lines.append(f"{name} = {name} + {code}" if accumulate else f"{name} = {code}")
             return
+        if target.dims and e.has(ISum) and e.has(sympy.KroneckerDelta):
+            e = _deltas_out_of_sums(e)  # Σ_k f(k)·δ(n, p) = δ(n, p)·Σ_k f(k): a position to scatter at
         if target.dims and _positional_deltas(e, target.indices, self.layouts):
             temp = self._fresh_name("g") if accumulate else name
             lines = self._scatter_values(temp, e, target)
@@ -952,10 +954,11 @@ class Lowerer:
             if not isinstance(f, sympy.KroneckerDelta):
                 continue
             for pick, v in (f.args, f.args[::-1]):
-                if not (is_index(v) and v not in indices and self._gathered_position(pick)):
+                argmax = isinstance(pick, ArgMax)  # a max's position, routed like a gathered one
+                if not (is_index(v) and v not in indices and (argmax or self._gathered_position(pick))):
                     continue
-                lead = tuple(entry_indices(pick.args[0] if isinstance(pick, Flat) else pick))
-                if not all(is_index(i) for i in lead):  # a gather of a gather, idx[jdx[m, d]]: its axes
+                lead = () if argmax else tuple(entry_indices(pick.args[0] if isinstance(pick, Flat) else pick))
+                if argmax or not all(is_index(i) for i in lead):  # a gather of a gather, idx[jdx[m, d]]: its axes
                     lead = self.lower(pick).axes
                 summed = tuple(i for i in lead if i in indices)
                 if not all(is_index(i) for i in lead) or not summed or len(set(lead)) != len(lead):
@@ -1690,6 +1693,19 @@ def _steps_or_constants(e: sympy.Expr) -> bool:
     if isinstance(e, sympy.Pow):  # 1/D, a size's power
         return _steps_or_constants(e.base) and _steps_or_constants(e.exp)
     return isinstance(e, (sympy.Mul, sympy.Add)) and all(_steps_or_constants(a) for a in e.args)
+
+
+def _deltas_out_of_sums(e: sympy.Expr) -> sympy.Expr:
+    """Each delta factor of a sum's body that does not read the summed index, moved out of the sum."""
+
+    def pull(node: ISum) -> sympy.Expr:
+        factors = sympy.Mul.make_args(node.body)
+        out = [f for f in factors if isinstance(f, sympy.KroneckerDelta) and node.var not in free_indices(f)]
+        if not out:
+            return node
+        return sympy.Mul(*out) * ISum(sympy.Mul(*(f for f in factors if f not in out)), node.var)
+
+    return e.replace(lambda n: isinstance(n, ISum), pull)
 
 
 _Pick = tuple[sympy.KroneckerDelta, sympy.Symbol, sympy.Expr]  # a delta, the axis it pins, the position

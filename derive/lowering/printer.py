@@ -152,8 +152,9 @@ class TorchCodePrinter(TorchPrinter):
         if not masks or is_constant(rest):
             return super()._print_Mul(expr)
         floats = [self.float_mask(arg, tie) for arg, tie in masks]
-        if all(m is not None for m in floats):
-            return " * ".join([self.parenthesize(rest, PRECEDENCE["Mul"]), *floats])  # type: ignore[list-item]
+        if all(m is not None for m in floats):  # (each a fresh buffer: the first takes the others in place)
+            mask = str(floats[0]) + "".join(f".mul_({m})" for m in floats[1:])
+            return f"{self.parenthesize(rest, PRECEDENCE['Mul'])} * {mask}"
         # a product with a step selects (PyTorch's threshold_backward does the same): no float mask
         condition = " & ".join(
             f"({comparison(self, arg, tie)})" if len(masks) > 1 else comparison(self, arg, tie) for arg, tie in masks
