@@ -180,7 +180,8 @@ class Lowerer:
             self.lines.append(f"{name} = {name} + {code}" if accumulate else f"{name} = {code}")
             return
         if target.dims and e.has(ISum) and e.has(sympy.KroneckerDelta):
-            e = _deltas_out_of_sums(e)  # Σ_k f(k)·δ(n, p) = δ(n, p)·Σ_k f(k): a position to scatter at
+            pulled = _deltas_out_of_sums(e)  # Σ_k f(k)·δ(n, p) = δ(n, p)·Σ_k f(k): a position to scatter at
+            e = pulled if _positional_deltas(pulled, target.indices, self.layouts) else e
         if target.dims and _positional_deltas(e, target.indices, self.layouts):
             temp = self._fresh_name("g") if accumulate else name
             lines = self._scatter_values(temp, e, target)
