@@ -279,12 +279,14 @@ def _reuse_of(e: sympy.Expr, wrt: TensorInfo, earlier: list[tuple[TensorInfo, sy
     """
     if sympy.count_ops(e) > 200:
         return None  # a large formula: not worth expanding to compare
+    expanded: sympy.Expr | None = None  # e expanded once, for every earlier gradient it meets
     for w, f in earlier:
         if w.dims != wrt.dims or w.is_int:
             continue
-        f = substitute_indices(f, dict(zip(w.indices, wrt.indices)))
+        f = sympy.expand(substitute_indices(f, dict(zip(w.indices, wrt.indices))))
+        expanded = expanded if expanded is not None else sympy.expand(e)
         for sign in (-1, 1):
-            total = sympy.expand(e - sign * f)
+            total = expanded - sign * f  # (sums of expanded terms: like terms cancel as they are added)
             if total != 0 and total.has(sympy.Piecewise):  # branches that cancel under the same conditions
                 total = sympy.expand(sympy.piecewise_fold(total))
             if total == 0:

@@ -19,6 +19,8 @@ clamped to its region's bounds: the same function, so autograd's gradient of it 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import sympy
 from sympy.core.function import AppliedUndef
 
@@ -37,22 +39,31 @@ def clamped(e: sympy.Expr) -> sympy.Expr:
         >>> clamped(sympy.Piecewise((u, u > 0), (sympy.exp(u) - 1, True)))
         Piecewise((u, u > 0), (exp(Min(0, u)) - 1, True))
     """
+    return _each_branch(e, lambda value, bounds: _clamp_polynomial(_clamp_exps(value, bounds), bounds))
+
+
+_Bounds = list[tuple[sympy.Expr, sympy.Expr, bool]]  # (value, bound, whether it is an upper one)
+
+
+def _each_branch(e: sympy.Expr, rewrite: Callable[[sympy.Expr, _Bounds], sympy.Expr]) -> sympy.Expr:
+    """``e`` with each ``Piecewise`` branch's value rewritten given the bounds its region sets
+    (its own condition, and the negations of the conditions before it)."""
+
+    def branches(node: sympy.Piecewise) -> sympy.Expr:
+        args: list[tuple[sympy.Expr, sympy.Basic]] = []
+        earlier: list[sympy.Basic] = []
+        for value, cond in node.args:
+            bounds = _bounds(cond, True) + [b for c in earlier for b in _bounds(c, False)]
+            args.append((rewrite(value, bounds), cond))
+            earlier.append(cond)
+        return sympy.Piecewise(*args)
+
     if not e.has(sympy.Piecewise):
         return e
-    return e.replace(lambda n: isinstance(n, sympy.Piecewise), _branches_clamped)
+    return e.replace(lambda n: isinstance(n, sympy.Piecewise), branches)
 
 
-def _branches_clamped(node: sympy.Piecewise) -> sympy.Expr:
-    args: list[tuple[sympy.Expr, sympy.Basic]] = []
-    earlier: list[sympy.Basic] = []
-    for value, cond in node.args:
-        bounds = _bounds(cond, True) + [b for c in earlier for b in _bounds(c, False)]
-        args.append((_clamp_polynomial(_clamp_exps(value, bounds), bounds), cond))
-        earlier.append(cond)
-    return sympy.Piecewise(*args)
-
-
-def _clamp_polynomial(value: sympy.Expr, bounds: list[tuple[sympy.Expr, sympy.Expr, bool]]) -> sympy.Expr:
+def _clamp_polynomial(value: sympy.Expr, bounds: _Bounds) -> sympy.Expr:
     """A branch of degree 2 or more in values its region bounds on both sides (a hardswish's
     ``u·(u + 3)/6`` where ``-3 < u < 3``), read on those values clamped: bounded everywhere."""
     clamps = _two_sided(bounds)
@@ -66,7 +77,7 @@ def _clamp_polynomial(value: sympy.Expr, bounds: list[tuple[sympy.Expr, sympy.Ex
     return value if unclamped else inside
 
 
-def _two_sided(bounds: list[tuple[sympy.Expr, sympy.Expr, bool]]) -> dict[sympy.Expr, sympy.Expr]:
+def _two_sided(bounds: _Bounds) -> dict[sympy.Expr, sympy.Expr]:
     """Each value with a numeric bound on both sides, clamped between them."""
     out: dict[sympy.Expr, sympy.Expr] = {}
     for u in dict.fromkeys(b[0] for b in bounds):
@@ -86,19 +97,7 @@ def guarded(e: sympy.Expr) -> sympy.Expr:
         >>> guarded(sympy.Piecewise((sympy.sqrt(u), u > 0), (u, True)))
         Piecewise((sqrt(Max(0, u)), u > 0), (u, True))
     """
-    if not e.has(sympy.Piecewise):
-        return e
-    return e.replace(lambda n: isinstance(n, sympy.Piecewise), _branches_guarded)
-
-
-def _branches_guarded(node: sympy.Piecewise) -> sympy.Expr:
-    args: list[tuple[sympy.Expr, sympy.Basic]] = []
-    earlier: list[sympy.Basic] = []
-    for value, cond in node.args:
-        bounds = _bounds(cond, True) + [b for c in earlier for b in _bounds(c, False)]
-        args.append((value.xreplace(_clamps(bounds)) if _singular(value) else value, cond))
-        earlier.append(cond)
-    return sympy.Piecewise(*args)
+    return _each_branch(e, lambda value, bounds: value.xreplace(_clamps(bounds)) if _singular(value) else value)
 
 
 def _singular(value: sympy.Expr) -> bool:
@@ -110,7 +109,7 @@ def _singular(value: sympy.Expr) -> bool:
     )
 
 
-def _clamps(bounds: list[tuple[sympy.Expr, sympy.Expr, bool]]) -> dict[sympy.Expr, sympy.Expr]:
+def _clamps(bounds: _Bounds) -> dict[sympy.Expr, sympy.Expr]:
     """Each bounded value, clamped to its bounds: ``Max(u, c)`` for ``u >= c``, ``Min(u, c)`` for ``u <= c``."""
     out: dict[sympy.Expr, sympy.Expr] = {}
     for u, c, upper in bounds:
@@ -119,7 +118,7 @@ def _clamps(bounds: list[tuple[sympy.Expr, sympy.Expr, bool]]) -> dict[sympy.Exp
     return out
 
 
-def _bounds(cond: sympy.Basic, holds: bool) -> list[tuple[sympy.Expr, sympy.Expr, bool]]:
+def _bounds(cond: sympy.Basic, holds: bool) -> _Bounds:
     """What ``cond`` (or its negation) says about values: ``(u, c, True)`` for ``u <= c``, ``False`` for ``u >= c``."""
     if isinstance(cond, (sympy.And, sympy.Or)):
         if isinstance(cond, sympy.And) == holds:  # every part holds, or every part fails
@@ -140,7 +139,7 @@ def _bounds(cond: sympy.Basic, holds: bool) -> list[tuple[sympy.Expr, sympy.Expr
     return []
 
 
-def _clamp_exps(value: sympy.Expr, bounds: list[tuple[sympy.Expr, sympy.Expr, bool]]) -> sympy.Expr:
+def _clamp_exps(value: sympy.Expr, bounds: _Bounds) -> sympy.Expr:
     """Each ``exp(arg)`` in ``value`` that may exceed 1, of the bounded values clamped if that makes it at most 1."""
     if not bounds or not value.has(sympy.exp):
         return value
