@@ -193,7 +193,8 @@ def render(d: Derivation, command: str | None = None, formatted: bool = True) ->
     seed_lines = _seed_lines(program, keys)
     # the forward keeps what the fused backward reads, plus the inputs (references, no copies)
     # so that the atom-by-atom chain can recompute what only it needs
-    wanted = set(_used(code.backward, keys)) | {t.name for t in program.inputs} | set(size_vars)
+    backward = code.backward + (code.in_blocks.lines if code.in_blocks else [])
+    wanted = set(_used(backward, keys)) | {t.name for t in program.inputs} | set(size_vars)
     wanted |= {p.name for p in program.params} | ({out.name} if not out.layout else set())
     wanted |= set(program.outputs) if program.several_outputs else set()  # zeros for an unused one
     kept = [k for k in dict.fromkeys([t.name for t in program.inputs] + keys) if k in wanted]
@@ -247,6 +248,13 @@ def render(d: Derivation, command: str | None = None, formatted: bool = True) ->
             grad_param="grad_outputs" if program.several_outputs else "grad_output",
             n_outputs=len(program.outputs),
             unpack=_used(code.backward, keys),
+            backward_keys=_used(backward, keys),
+            blocked=code.in_blocks,
+            unpack_blocked=(
+                [k for k in _used(code.in_blocks.lines, keys) if k not in code.in_blocks.rebound]
+                if code.in_blocks
+                else []
+            ),
             unpack_steps=_used(code.backward_steps, keys),
             seed_lines=seed_lines,
             backward=code.backward,

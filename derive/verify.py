@@ -440,6 +440,10 @@ def verify(
     fused = getattr(module, f"{program.name}_backward")(g, saved)._asdict()
     for name, got in fused.items():
         result.fused.append(compare(name, got, want[name], atol=FLOAT32_ATOL * _scale(want[name])))
+    for rows, blocked in in_row_blocks(module, program, g, saved):
+        for name, got in blocked.items():
+            label = f"{name} (blocks of {rows} row{'s' if rows > 1 else ''})"
+            result.fused.append(compare(label, got, want[name], atol=FLOAT32_ATOL * _scale(want[name])))
     steps = getattr(module, f"{program.name}_backward_steps")(g, saved)
     for name in _ordered(program, steps):
         if name in want:
@@ -448,6 +452,24 @@ def verify(
     if exact:
         result.exact = exact_check(d, domain=result.domain)
     return result
+
+
+def in_row_blocks(
+    module: types.ModuleType, program: Program, grad_output: Any, saved: dict[str, Any], rows: tuple[int, ...] = (1, 3)
+) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    """The fused backward's gradients with its batch cut into blocks of each of ``rows`` rows, on any
+    device and size (the module's ``ROWS_PER_BLOCK``); none where the module has no row blocks."""
+    if not hasattr(module, "ROWS_PER_BLOCK"):
+        return []
+    backward = getattr(module, f"{program.name}_backward")
+    out = []
+    try:
+        for k in rows:
+            vars(module)["ROWS_PER_BLOCK"] = k
+            out.append((k, backward(grad_output, saved)._asdict()))
+    finally:
+        vars(module)["ROWS_PER_BLOCK"] = None
+    return out
 
 
 def _ordered(program: Program, steps: dict[str, torch.Tensor]) -> list[str]:

@@ -27,6 +27,40 @@ _STEPS_ONLY_KEYS = (
 )
 
 
+# The fused backward reads a large batch on a CPU a block of rows at a time, so that every pass
+# after a block's first finds it in the cache. Set ROWS_PER_BLOCK to fix the rows of a block.
+BLOCK_BYTES = 1 << 20
+ROWS_PER_BLOCK = None
+
+
+def _in_blocks(t):
+    """Whether a backward reading `t` (its largest tensor along the batch) cuts the batch in blocks."""
+    if ROWS_PER_BLOCK is not None:
+        return True
+    return t.device.type == "cpu" and t.numel() * t.element_size() > BLOCK_BYTES
+
+
+def _row_blocks(rows, *tensors):
+    """(first row, row count) of each block of `rows` rows, the largest of `tensors` BLOCK_BYTES a block."""
+    step = ROWS_PER_BLOCK
+    if step is None:
+        step = max(1, rows * BLOCK_BYTES // max(t.numel() * t.element_size() for t in tensors))
+    return tuple((start, min(step, rows - start)) for start in range(0, rows, step)) or ((0, rows),)
+
+
+def _put_rows(whole, block, axis, start, rows):
+    """`block` written into rows `start`.. (along `axis`) of `whole`, a tensor of `rows` rows made
+    at the first block; a block of every row is returned as it is."""
+    if block.shape[axis] == rows:
+        return block
+    if whole is None:
+        shape = list(block.shape)
+        shape[axis] = rows
+        whole = block.new_empty(shape)
+    whole.narrow(axis, start, block.shape[axis]).copy_(block)
+    return whole
+
+
 class batchnorm_biased_Grads(NamedTuple):
     """Gradients of the output of `batchnorm_biased` w.r.t. each differentiable input."""
 
@@ -102,12 +136,48 @@ def batchnorm_biased_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("batchnorm_biased: grad_output is required for a non-scalar output")
     dout = grad_output
+    if _in_blocks(grad_output):  # a large batch on a CPU: a block of rows at a time
+        return _batchnorm_biased_backward_in_blocks(grad_output, saved)
     dbeta = dout.sum(0)
     dgamma = (dout * xhat).sum(0)
     s3 = gamma * var_inv[0, :]
     dx = torch.addcmul(torch.mul(dbeta, s3).mul_(-1 / N), dout, s3).addcmul_(
         xhat, torch.mul(dgamma, s3).mul_(-1 / N)
     )
+    return batchnorm_biased_Grads(
+        x=dx,
+        gamma=dgamma,
+        beta=dbeta,
+    )
+
+
+def _batchnorm_biased_backward_in_blocks(grad_output, saved):
+    """`batchnorm_biased_backward` a block of rows at a time, so that each pass after a block's first reads
+    it from the cache: a sum over the batch adds up one partial sum per block."""
+    gamma = saved["gamma"]
+    var_inv = saved["var_inv"]
+    N = saved["N"]
+    dout = grad_output
+    N_all = N
+    dbeta = 0
+    dgamma = 0
+    for start, N in _row_blocks(N_all, grad_output, saved["xhat"]):
+        dout = grad_output.narrow(0, start, N)
+        xhat = saved["xhat"].narrow(0, start, N)
+        t1 = dout.sum(0)
+        dbeta = dbeta + t1
+        t2 = (dout * xhat).sum(0)
+        dgamma = dgamma + t2
+    dx_all = None
+    s1 = gamma * var_inv[0, :]
+    for start, N in _row_blocks(N_all, grad_output, saved["xhat"]):
+        dout = grad_output.narrow(0, start, N)
+        xhat = saved["xhat"].narrow(0, start, N)
+        dx = torch.addcmul(torch.mul(dbeta, s1).mul_(-1 / N_all), dout, s1).addcmul_(
+            xhat, torch.mul(dgamma, s1).mul_(-1 / N_all)
+        )
+        dx_all = _put_rows(dx_all, dx, 0, start, N_all)
+    dx = dx_all
     return batchnorm_biased_Grads(
         x=dx,
         gamma=dgamma,

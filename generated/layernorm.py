@@ -27,6 +27,40 @@ _STEPS_ONLY_KEYS = (
 )
 
 
+# The fused backward reads a large batch on a CPU a block of rows at a time, so that every pass
+# after a block's first finds it in the cache. Set ROWS_PER_BLOCK to fix the rows of a block.
+BLOCK_BYTES = 1 << 20
+ROWS_PER_BLOCK = None
+
+
+def _in_blocks(t):
+    """Whether a backward reading `t` (its largest tensor along the batch) cuts the batch in blocks."""
+    if ROWS_PER_BLOCK is not None:
+        return True
+    return t.device.type == "cpu" and t.numel() * t.element_size() > BLOCK_BYTES
+
+
+def _row_blocks(rows, *tensors):
+    """(first row, row count) of each block of `rows` rows, the largest of `tensors` BLOCK_BYTES a block."""
+    step = ROWS_PER_BLOCK
+    if step is None:
+        step = max(1, rows * BLOCK_BYTES // max(t.numel() * t.element_size() for t in tensors))
+    return tuple((start, min(step, rows - start)) for start in range(0, rows, step)) or ((0, rows),)
+
+
+def _put_rows(whole, block, axis, start, rows):
+    """`block` written into rows `start`.. (along `axis`) of `whole`, a tensor of `rows` rows made
+    at the first block; a block of every row is returned as it is."""
+    if block.shape[axis] == rows:
+        return block
+    if whole is None:
+        shape = list(block.shape)
+        shape[axis] = rows
+        whole = block.new_empty(shape)
+    whole.narrow(axis, start, block.shape[axis]).copy_(block)
+    return whole
+
+
 class layernorm_Grads(NamedTuple):
     """Gradients of the output of `layernorm` w.r.t. each differentiable input."""
 
@@ -98,6 +132,8 @@ def layernorm_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("layernorm: grad_output is required for a non-scalar output")
     dout = grad_output
+    if _in_blocks(grad_output):  # a large batch on a CPU: a block of rows at a time
+        return _layernorm_backward_in_blocks(grad_output, saved)
     dbeta = dout.sum(0)
     t2 = dout * xhat
     dgamma = t2.sum(0)
@@ -109,6 +145,43 @@ def layernorm_backward(grad_output, saved):
         .addcmul_((-t5 / D)[:, None], xhat)
         .mul_(var_inv)
     )
+    return layernorm_Grads(
+        x=dx,
+        gamma=dgamma,
+        beta=dbeta,
+    )
+
+
+def _layernorm_backward_in_blocks(grad_output, saved):
+    """`layernorm_backward` a block of rows at a time, so that each pass after a block's first reads
+    it from the cache: a sum over the batch adds up one partial sum per block."""
+    gamma = saved["gamma"]
+    N = saved["N"]
+    D = saved["D"]
+    dout = grad_output
+    N_all = N
+    dbeta = 0
+    dgamma = 0
+    dx_all = None
+    for start, N in _row_blocks(N_all, grad_output, saved["var_inv"], saved["xhat"]):
+        dout = grad_output.narrow(0, start, N)
+        var_inv = saved["var_inv"].narrow(0, start, N)
+        xhat = saved["xhat"].narrow(0, start, N)
+        t1 = dout.sum(0)
+        dbeta = dbeta + t1
+        t2 = dout * xhat
+        t3 = t2.sum(0)
+        dgamma = dgamma + t3
+        t4 = dout @ gamma
+        t5 = t2 @ gamma
+        del t2
+        dx = (
+            torch.addcmul((t4[:, None] / D) * (-1), dout, gamma)
+            .addcmul_((-t5 / D)[:, None], xhat)
+            .mul_(var_inv)
+        )
+        dx_all = _put_rows(dx_all, dx, 0, start, N_all)
+    dx = dx_all
     return layernorm_Grads(
         x=dx,
         gamma=dgamma,
@@ -175,6 +248,7 @@ _BACKWARD_KEYS = (
     "gamma",
     "var_inv",
     "xhat",
+    "N",
     "D",
 )
 

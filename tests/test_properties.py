@@ -50,7 +50,15 @@ from hypothesis.extra import numpy as hnp
 import derive as derive_pkg
 from derive import apply, derive, op
 from derive.emit import render
-from derive.verify import TensorSizes, _forward_function, autograd_grads, index_ranges, load_module, verify
+from derive.verify import (
+    TensorSizes,
+    _forward_function,
+    autograd_grads,
+    in_row_blocks,
+    index_ranges,
+    load_module,
+    verify,
+)
 
 from .conftest import COUNTS, OPS, derived
 
@@ -151,6 +159,13 @@ def _check_module(
     assert set(fused) == {t.name for t in d.program.differentiable_inputs}, sorted(fused)
     for k, v in fused.items():
         _close(f"fused d{k}", v, want[k])
+    with TensorSizes() as sizes:  # a batch cut into blocks of rows, as a large one on a CPU is
+        blocked = in_row_blocks(module, d.program, g, saved, rows=(1, 2))
+    _no_blow_up("fused backward in blocks of rows", sizes, bound)
+    for rows, grads in blocked:
+        COUNTS[f"backwards checked in blocks of {rows} row(s)"] += 1
+        for k, v in grads.items():
+            _close(f"fused d{k} in blocks of {rows} row(s)", v, want[k])
     with TensorSizes() as sizes:
         steps = getattr(module, f"{name}_backward_steps")(g, saved)
     _no_blow_up("atom-by-atom backward", sizes, bound)

@@ -195,3 +195,13 @@ def test_quoted_mlp_backward_is_what_derive_generates(tmp_path: Path):
     body = source.split("def mlp_mse_backward(", 1)[1].split("    dloss = grad_output\n", 1)[1]
     lines = [line[4:] for line in body.split("    return mlp_mse_Grads(", 1)[0].splitlines()]
     assert quoted.strip().splitlines() == lines
+
+
+def test_quoted_row_block_loop_is_the_generated_layer_norms():
+    section = README.split("### A large batch, a block of rows at a time", 1)[1].split("\n## ", 1)[0]
+    quoted = [body for lang, body in (m.groups() for m in FENCE.finditer(section)) if lang == "text"][0]
+    generated = (REPO / "generated" / "layernorm.py").read_text(encoding="utf-8")
+    blocked = generated.split("def _layernorm_backward_in_blocks(", 1)[1]
+    lines = [line[4:] for line in blocked.splitlines() if line.startswith("    ")]
+    start = lines.index(quoted.splitlines()[0])
+    assert lines[start : start + len(quoted.splitlines())] == quoted.splitlines()

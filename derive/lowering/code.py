@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import sympy
@@ -33,10 +34,10 @@ from ..indexalg import (
 from ..notation import text
 from ..program import Program, TensorInfo
 from ..simplify import recognize, stable_forward
-from . import extrema, regions, share
+from . import blocks, extrema, regions, share
 from .finite import finite_values, stays_finite
 from .lowerer import Lowerer, Sharding
-from .printer import FAITHFUL, MASKING, PRINTER
+from .printer import FAITHFUL, MASKING, PRINTER, size_code
 
 
 @dataclass
@@ -54,6 +55,19 @@ class Code:
     saved_values: list[tuple[str, str, str]] = field(default_factory=list)
     # sharded: (local size variable, global size variable), e.g. ("N", "N_all"); None when not
     shard: tuple[str, str] | None = None
+    # the fused backward on blocks of rows (lowering.blocks), for a large batch on a CPU; None when
+    # its batch cannot be cut
+    in_blocks: InBlocks | None = None
+
+
+@dataclass(frozen=True)
+class InBlocks:
+    """The fused backward's lines on blocks of rows, the names a block rebinds, and the code of the
+    tensor whose size decides whether to cut the batch (the largest along it)."""
+
+    lines: list[str]
+    rebound: list[str]
+    probe: str
 
 
 @dataclass(frozen=True)
@@ -142,32 +156,39 @@ def lower_program(
         plain.assign(stmt.name, stmt.expr, stmt.target)
 
     seed = program.seed_name(program.output)
-    bwd = Lowerer(
-        layouts,
-        ref=seed,
-        names=names,
-        single_assignment=True,
-        fuse_arithmetic=True,
-        admissible=fits,
-        positions=positions,
-        shard=distributed,
-        printer=MASKING if all(stays_finite(e) for e in fused) else PRINTER,
-        finite=finite,
-    )
+
+    def backward_lowerer() -> Lowerer:
+        return Lowerer(
+            layouts,
+            ref=seed,
+            names=names,
+            single_assignment=True,
+            fuse_arithmetic=True,
+            admissible=fits,
+            positions=positions,
+            shard=distributed,
+            printer=MASKING if all(stays_finite(e) for e in fused) else PRINTER,
+            finite=finite,
+        )
+
     reuses = [
         _reuse_of(e, wrt, [(w, f) for (w, _), f in zip(gradients[:k], fused)])
         for k, ((wrt, _), e) in enumerate(zip(gradients, fused))
     ]
-    # what the formulas share, less those written as another's value (their values are read, not made)
-    computed = [e for e, reused in zip(fused, reuses) if reused is None]
-    bwd.repeated = share.repeated(computed, steps=bwd.printer is MASKING, cheap=True)
-    for (wrt, _), e, reused in zip(gradients, fused, reuses):
-        bwd.assign(grad_name(wrt.name), e if reused is None else reused, wrt)
+    values = [
+        blocks.Value(grad_name(wrt.name), e if reused is None else reused, wrt)
+        for (wrt, _), e, reused in zip(gradients, fused, reuses)
+    ]
     returned = {grad_name(t.name) for t in program.differentiable_inputs}
-    large = {n for n, r in bwd.rank.items() if r >= 2} | {grad_name(w.name) for w, _ in gradients if len(w.dims) >= 2}
-    ranks = {**{n: len(t.layout) for n, t in layouts.items()}, **bwd.rank}
-    backward = release_dead(fold_products(bwd.lines, bwd.products, ranks), large - returned)
-
+    reads = {v.name for v, reused in zip(values, reuses) if reused is not None}
+    backward = _backward_lines(backward_lowerer(), values, frozenset(), returned, reads)
+    blocking = None
+    if distributed is None and not program.several_outputs:
+        blocking = blocks.plan(values, layouts, _batch_dim(program, gradients), names | set(layouts), returned)
+    in_blocks = None
+    if blocking is not None:
+        layouts.update(blocking.sums)  # the sums over the batch: tensors the sweeps after read
+        in_blocks = _blocked_lines(backward_lowerer, blocking, program, layouts, returned, reads)
     steps = Lowerer(
         layouts, ref=seed, names=names, admissible=fits, positions=positions, printer=FAITHFUL, shard=distributed
     )
@@ -204,7 +225,121 @@ def lower_program(
         [o for o in tensors if o in outputs],
         described,
         None if distributed is None else (str(distributed.dim.size), str(distributed.total)),
+        in_blocks,
     )
+
+
+def _backward_lines(
+    bwd: Lowerer, values: list[blocks.Value], sums: frozenset[str], kept: set[str], reads: set[str]
+) -> list[str]:
+    """Lines computing ``values`` in order with ``bwd``; a name in ``sums`` is added to its value so far.
+
+    A value named in ``reads`` is another gradient's entry (``dx = -dw``): read, not computed; what
+    the other formulas share is computed once. Large temporaries are deleted after their last
+    reader, but for the names in ``kept`` and ``sums``.
+    """
+    bwd.repeated = share.repeated(
+        [v.expr for v in values if v.name not in reads], steps=bwd.printer is MASKING, cheap=True
+    )
+    for v in values:
+        bwd.assign(v.name, v.expr, v.target, accumulate=v.name in sums)
+    large = {n for n, r in bwd.rank.items() if r >= 2} | {v.name for v in values if len(v.target.dims) >= 2}
+    ranks = {**{n: len(t.layout) for n, t in bwd.layouts.items()}, **bwd.rank}
+    return release_dead(fold_products(bwd.lines, bwd.products, ranks), large - kept - sums)
+
+
+def _batch_dim(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr]]) -> Dim | None:
+    """The dim row blocks would cut: the output's first axis, or for a scalar output the first axis
+    of the first gradient's input (a block of it is then contiguous); None where that axis is size 1."""
+    out = program.tensors[program.output]
+    for t in [out] + [wrt for wrt, _ in gradients]:
+        if t.layout:
+            return t.layout[0]
+    return None
+
+
+def _blocked_lines(
+    make: Callable[[], Lowerer],
+    blocking: blocks.Blocking,
+    program: Program,
+    layouts: dict[str, TensorInfo],
+    returned: set[str],
+    reads: set[str],
+) -> InBlocks | None:
+    """The fused backward as sweeps over blocks of rows (:mod:`.blocks`).
+
+    Each sweep is a loop over ``_row_blocks``: the tensors along the batch dim are read a block at
+    a time, under their own names (so the lines inside are the backward's own), and the batch
+    size's variable is the block's row count; ``N_all`` is the whole batch's.
+    """
+    dim, size = blocking.dim, size_code(blocking.dim.size)
+    seed = program.seed_name(program.output)
+    # a group's lines delete their own temporaries only: a value may be read by a later group
+    returned = returned | {v.name for s in blocking.sweeps for v in s.values}
+    returned |= {v.name for group in blocking.between for v in group}
+    lines = [f"{size}_all = {size}"]
+    rebound: set[str] = set()
+    whole: dict[str, str] = {}  # a tensor along the batch -> the code of all its rows
+    lines += _backward_lines(make(), list(blocking.between[0]), frozenset(), returned, reads)
+    for sweep, after in zip(blocking.sweeps, blocking.between[1:]):
+        body = _backward_lines(make(), list(sweep.values), sweep.sums, returned | sweep.whole, reads)
+        made = {v.name for v in sweep.values}
+        read = sorted(
+            {n for v in sweep.values for n in blocks.tensor_names_of(v.expr) if n not in made}
+            & {n for n, t in layouts.items() if dim in t.dims and n not in blocking.sums},
+            key=lambda n: (n != seed, n),
+        )
+        for n in read:
+            whole.setdefault(n, "grad_output" if n == seed else f'saved["{n}"]')
+        lines += [f"{v.name} = 0" for v in sweep.values if v.name in sweep.sums]
+        lines += [f"{n}_all = None" for n in sorted(sweep.whole)]
+        before, body = loop_invariant(body, set(read) | set(sweep.sums) | {size, "start"})
+        lines += before
+        lines.append(f"for start, {size} in _row_blocks({size}_all, {', '.join(whole[n] for n in read)}):")
+        for n in read:
+            lines.append(f"    {n} = {whole[n]}.narrow({layouts[n].layout.index(dim)}, start, {size})")
+        lines += ["    " + line for line in body]
+        for v in sweep.values:
+            if v.name in sweep.whole:
+                axis = v.target.layout.index(dim)
+                lines.append(f"    {v.name}_all = _put_rows({v.name}_all, {v.name}, {axis}, start, {size}_all)")
+        whole.update({n: f"{n}_all" for n in sweep.whole})
+        rebound |= set(read)
+        lines += _backward_lines(make(), list(after), frozenset(), returned, reads)
+    lines += [f"{n} = {n}_all" for s in blocking.sweeps for n in sorted(s.whole)]
+    given = [n for n, code in whole.items() if not code.endswith("_all")]  # the seed first
+    if not given:
+        return None  # nothing along the batch to read a block of
+    largest = max(given, key=lambda n: len(layouts[n].dims))
+    return InBlocks([f"{seed} = grad_output"] + lines, sorted(rebound), whole[largest])
+
+
+def loop_invariant(body: list[str], varying: set[str]) -> tuple[list[str], list[str]]:
+    """``body`` (a loop's lines) split into the lines that read nothing ``varying`` (nor what such a
+    line computes), to run once before the loop, and the rest, in order. A value changed in place
+    or assigned twice in the loop varies; a ``del`` of a value computed before the loop is dropped.
+
+    Example:
+        >>> loop_invariant(["s1 = g * v", "t2 = x * s1", "del s1", "dx = t2.mul_(2)"], {"x"})
+        (['s1 = g * v'], ['t2 = x * s1', 'dx = t2.mul_(2)'])
+    """
+    assigned = Counter(m.group(1) for line in body if (m := _ASSIGNMENT.fullmatch(line)))
+    changed = {name for name in assigned if any(re.search(rf"\b{name}\.\w+_\(|out={name}\b", line) for line in body)}
+    varying = set(varying) | changed | {name for name, count in assigned.items() if count > 1}
+    before: list[str] = []
+    inside: list[str] = []
+    for line in body:
+        m = _ASSIGNMENT.fullmatch(line)
+        words = set(re.findall(r"[A-Za-z_]\w*", m.group(2) if m else line))
+        if m and m.group(1) not in varying and not words & varying:
+            before.append(line)
+        elif m:
+            varying.add(m.group(1))
+            inside.append(line)
+        else:
+            inside.append(line)
+    hoisted = {_ASSIGNMENT.fullmatch(line).group(1) for line in before}  # type: ignore[union-attr]
+    return before, [line for line in inside if not (line.startswith("del ") and line[4:] in hoisted)]
 
 
 def sharding(program: Program, dim: Dim | None) -> Sharding | None:
