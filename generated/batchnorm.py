@@ -27,24 +27,30 @@ _STEPS_ONLY_KEYS = (
 )
 
 
-# The fused backward reads a large batch on a CPU a block of rows at a time, so that every pass
-# after a block's first finds it in the cache. Set ROWS_PER_BLOCK to fix the rows of a block.
+# A backward whose tensors along the batch outgrow the CPU's last-level cache (CACHE_BYTES, 32 MiB
+# as on many server CPUs: set it to yours) reads them a block of rows (BLOCK_BYTES of the largest)
+# at a time, so that every pass after a block's first finds it in the cache. Set ROWS_PER_BLOCK to
+# fix the rows of a block on any device and size.
+CACHE_BYTES = 32 << 20
 BLOCK_BYTES = 1 << 20
 ROWS_PER_BLOCK = None
 
 
-def _in_blocks(t):
-    """Whether a backward reading `t` (its largest tensor along the batch) cuts the batch in blocks."""
+def _in_blocks(*tensors):
+    """Whether a backward reading `tensors` (those along the batch) cuts the batch in blocks: on a
+    CPU, where together they outgrow the cache, from which their passes would read otherwise."""
     if ROWS_PER_BLOCK is not None:
         return True
-    return t.device.type == "cpu" and t.numel() * t.element_size() > BLOCK_BYTES
+    on_cpu = all(t.device.type == "cpu" for t in tensors)
+    return on_cpu and sum(t.numel() * t.element_size() for t in tensors) > CACHE_BYTES
 
 
 def _row_blocks(rows, *tensors):
     """(first row, row count) of each block of `rows` rows, the largest of `tensors` BLOCK_BYTES a block."""
     step = ROWS_PER_BLOCK
     if step is None:
-        step = max(1, rows * BLOCK_BYTES // max(t.numel() * t.element_size() for t in tensors))
+        largest = max((t.numel() * t.element_size() for t in tensors), default=0)
+        step = max(1, rows * BLOCK_BYTES // largest if largest else rows)
     return tuple((start, min(step, rows - start)) for start in range(0, rows, step)) or ((0, rows),)
 
 
@@ -134,7 +140,8 @@ def batchnorm_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("batchnorm: grad_output is required for a non-scalar output")
     dout = grad_output
-    if _in_blocks(grad_output):  # a large batch on a CPU: a block of rows at a time
+    # a batch larger than the CPU's cache: a block of rows at a time
+    if _in_blocks(grad_output, saved["xhat"]):
         return _batchnorm_backward_in_blocks(grad_output, saved)
     dbeta = dout.sum(0)
     dgamma = (dout * xhat).sum(0)
@@ -162,9 +169,10 @@ def _batchnorm_backward_in_blocks(grad_output, saved):
     for start, N in _row_blocks(N_all, grad_output, saved["xhat"]):
         dout = grad_output.narrow(0, start, N)
         xhat = saved["xhat"].narrow(0, start, N)
-        t1 = dout.sum(0)
+        ones = dout.new_ones(N)
+        t1 = dout.T @ ones
         dbeta = dbeta + t1
-        t2 = (dout * xhat).sum(0)
+        t2 = (dout * xhat).T @ ones
         dgamma = dgamma + t2
     dx_all = None
     s1 = gamma * var_inv[0, :]

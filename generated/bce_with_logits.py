@@ -20,40 +20,6 @@ import torch
 _STEPS_ONLY_KEYS = ()
 
 
-# The fused backward reads a large batch on a CPU a block of rows at a time, so that every pass
-# after a block's first finds it in the cache. Set ROWS_PER_BLOCK to fix the rows of a block.
-BLOCK_BYTES = 1 << 20
-ROWS_PER_BLOCK = None
-
-
-def _in_blocks(t):
-    """Whether a backward reading `t` (its largest tensor along the batch) cuts the batch in blocks."""
-    if ROWS_PER_BLOCK is not None:
-        return True
-    return t.device.type == "cpu" and t.numel() * t.element_size() > BLOCK_BYTES
-
-
-def _row_blocks(rows, *tensors):
-    """(first row, row count) of each block of `rows` rows, the largest of `tensors` BLOCK_BYTES a block."""
-    step = ROWS_PER_BLOCK
-    if step is None:
-        step = max(1, rows * BLOCK_BYTES // max(t.numel() * t.element_size() for t in tensors))
-    return tuple((start, min(step, rows - start)) for start in range(0, rows, step)) or ((0, rows),)
-
-
-def _put_rows(whole, block, axis, start, rows):
-    """`block` written into rows `start`.. (along `axis`) of `whole`, a tensor of `rows` rows made
-    at the first block; a block of every row is returned as it is."""
-    if block.shape[axis] == rows:
-        return block
-    if whole is None:
-        shape = list(block.shape)
-        shape[axis] = rows
-        whole = block.new_empty(shape)
-    whole.narrow(axis, start, block.shape[axis]).copy_(block)
-    return whole
-
-
 class bce_with_logits_Grads(NamedTuple):
     """Gradients of the output of `bce_with_logits` w.r.t. each differentiable input."""
 
@@ -116,35 +82,8 @@ def bce_with_logits_backward(grad_output, saved):
     if grad_output is None:
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
-    if _in_blocks(saved["exp_z"]):  # a large batch on a CPU: a block of rows at a time
-        return _bce_with_logits_backward_in_blocks(grad_output, saved)
     dy = (-dloss / (D * N)) * z
     dz = (exp_z + 1).reciprocal_().add_(y, alpha=-1).mul_((dloss / (D * N)))
-    return bce_with_logits_Grads(
-        z=dz,
-        y=dy,
-    )
-
-
-def _bce_with_logits_backward_in_blocks(grad_output, saved):
-    """`bce_with_logits_backward` a block of rows at a time, so that each pass after a block's first reads
-    it from the cache: a sum over the batch adds up one partial sum per block."""
-    N = saved["N"]
-    D = saved["D"]
-    dloss = grad_output
-    N_all = N
-    dy_all = None
-    dz_all = None
-    for start, N in _row_blocks(N_all, saved["exp_z"], saved["y"], saved["z"]):
-        exp_z = saved["exp_z"].narrow(0, start, N)
-        y = saved["y"].narrow(0, start, N)
-        z = saved["z"].narrow(0, start, N)
-        dy = (-dloss / (D * N_all)) * z
-        dz = (exp_z + 1).reciprocal_().add_(y, alpha=-1).mul_((dloss / (D * N_all)))
-        dy_all = _put_rows(dy_all, dy, 0, start, N_all)
-        dz_all = _put_rows(dz_all, dz, 0, start, N_all)
-    dy = dy_all
-    dz = dz_all
     return bce_with_logits_Grads(
         z=dz,
         y=dy,

@@ -18,40 +18,6 @@ import torch
 _STEPS_ONLY_KEYS = ()
 
 
-# The fused backward reads a large batch on a CPU a block of rows at a time, so that every pass
-# after a block's first finds it in the cache. Set ROWS_PER_BLOCK to fix the rows of a block.
-BLOCK_BYTES = 1 << 20
-ROWS_PER_BLOCK = None
-
-
-def _in_blocks(t):
-    """Whether a backward reading `t` (its largest tensor along the batch) cuts the batch in blocks."""
-    if ROWS_PER_BLOCK is not None:
-        return True
-    return t.device.type == "cpu" and t.numel() * t.element_size() > BLOCK_BYTES
-
-
-def _row_blocks(rows, *tensors):
-    """(first row, row count) of each block of `rows` rows, the largest of `tensors` BLOCK_BYTES a block."""
-    step = ROWS_PER_BLOCK
-    if step is None:
-        step = max(1, rows * BLOCK_BYTES // max(t.numel() * t.element_size() for t in tensors))
-    return tuple((start, min(step, rows - start)) for start in range(0, rows, step)) or ((0, rows),)
-
-
-def _put_rows(whole, block, axis, start, rows):
-    """`block` written into rows `start`.. (along `axis`) of `whole`, a tensor of `rows` rows made
-    at the first block; a block of every row is returned as it is."""
-    if block.shape[axis] == rows:
-        return block
-    if whole is None:
-        shape = list(block.shape)
-        shape[axis] = rows
-        whole = block.new_empty(shape)
-    whole.narrow(axis, start, block.shape[axis]).copy_(block)
-    return whole
-
-
 class silu_Grads(NamedTuple):
     """Gradients of the output of `silu` w.r.t. each differentiable input."""
 
@@ -90,29 +56,7 @@ def silu_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("silu: grad_output is required for a non-scalar output")
     dout = grad_output
-    if _in_blocks(grad_output):  # a large batch on a CPU: a block of rows at a time
-        return _silu_backward_in_blocks(grad_output, saved)
     dx = (x - out).add_(1).mul_(dout).mul_(inv_x)
-    return silu_Grads(
-        x=dx,
-    )
-
-
-def _silu_backward_in_blocks(grad_output, saved):
-    """`silu_backward` a block of rows at a time, so that each pass after a block's first reads
-    it from the cache: a sum over the batch adds up one partial sum per block."""
-    N = saved["N"]
-    dout = grad_output
-    N_all = N
-    dx_all = None
-    for start, N in _row_blocks(N_all, grad_output, saved["inv_x"], saved["out"], saved["x"]):
-        dout = grad_output.narrow(0, start, N)
-        inv_x = saved["inv_x"].narrow(0, start, N)
-        out = saved["out"].narrow(0, start, N)
-        x = saved["x"].narrow(0, start, N)
-        dx = (x - out).add_(1).mul_(dout).mul_(inv_x)
-        dx_all = _put_rows(dx_all, dx, 0, start, N_all)
-    dx = dx_all
     return silu_Grads(
         x=dx,
     )
@@ -138,7 +82,6 @@ _BACKWARD_KEYS = (
     "x",
     "out",
     "inv_x",
-    "N",
 )
 
 

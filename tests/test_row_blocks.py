@@ -51,15 +51,15 @@ def _inputs(module, name: str, shapes: list[tuple[int, ...]], seed: int = 0):
     return grad, saved
 
 
-def _blocks(module, rows: int | None, block_bytes: int | None = None):
-    """Set the module's block size; returns a restore function."""
-    old = (module.ROWS_PER_BLOCK, module.BLOCK_BYTES)
+def _blocks(module, rows: int | None, cache_bytes: int | None = None):
+    """Set the module's block size (and the cache it compares a batch with); returns a restore function."""
+    old = (module.ROWS_PER_BLOCK, module.CACHE_BYTES)
     module.ROWS_PER_BLOCK = rows
-    if block_bytes is not None:
-        module.BLOCK_BYTES = block_bytes
+    if cache_bytes is not None:
+        module.CACHE_BYTES = cache_bytes
 
     def restore() -> None:
-        module.ROWS_PER_BLOCK, module.BLOCK_BYTES = old
+        module.ROWS_PER_BLOCK, module.CACHE_BYTES = old
 
     return restore
 
@@ -67,8 +67,7 @@ def _blocks(module, rows: int | None, block_bytes: int | None = None):
 CASES = [
     ("layernorm", [(11, 6), (6,), (6,)], 1),
     ("batchnorm", [(11, 6), (6,), (6,)], 2),  # dx reads the sums over the batch: a second sweep
-    ("log_softmax", [(11, 6)], 1),
-    ("mse_loss", [(11, 6), (11, 6)], 1),
+    ("rmsnorm", [(11, 6), (6,)], 1),
 ]
 
 
@@ -123,7 +122,7 @@ def test_a_mean_over_the_batch_divides_by_the_whole_batch_not_a_block():
         torch.testing.assert_close(blocked[k], v, rtol=1e-12, atol=1e-12)
 
 
-def test_only_a_batch_larger_than_block_bytes_on_a_cpu_is_cut():
+def test_only_a_batch_larger_than_the_cache_on_a_cpu_is_cut():
     _, module = derived("layernorm")
     grad, saved = _inputs(module, "layernorm", [(64, 32), (32,), (32,)])
     cuts: list[int] = []
@@ -134,19 +133,28 @@ def test_only_a_batch_larger_than_block_bytes_on_a_cpu_is_cut():
         cuts.append(len(blocks))
         return blocks
 
-    module._row_blocks = counted
+    module._row_blocks, block_bytes = counted, module.BLOCK_BYTES
     try:
-        module.layernorm_backward(grad, saved)  # 16 KB: at most BLOCK_BYTES, done whole
+        module.layernorm_backward(grad, saved)  # 16 KB a tensor: within CACHE_BYTES, done whole
         assert cuts == []
-        restore = _blocks(module, None, block_bytes=64 * 32 * 8 // 5)
+        module.BLOCK_BYTES = 64 * 32 * 8 // 5  # 12 rows of the largest tensor
+        read = sum(t.numel() * t.element_size() for t in (grad, saved["var_inv"], saved["xhat"]))
+        restore = _blocks(module, None, cache_bytes=read - 1)  # what the backward reads: 1 byte over
         try:
-            plain_free = module.layernorm_backward(grad, saved)
+            blocked = module.layernorm_backward(grad, saved)
         finally:
             restore()
-        assert cuts == [6]  # 12 rows a block: 5 full blocks and one of 4
+        assert cuts == [6]  # 5 blocks of 12 rows and one of 4
     finally:
-        module._row_blocks = real
-    torch.testing.assert_close(plain_free.x, module.layernorm_backward(grad, saved).x, rtol=1e-12, atol=1e-12)
+        module._row_blocks, module.BLOCK_BYTES = real, block_bytes
+    torch.testing.assert_close(blocked.x, module.layernorm_backward(grad, saved).x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["log_softmax", "mse_loss", "gelu"])
+def test_a_backward_with_no_sum_over_the_batch_is_not_cut(name):
+    """Each row apart in a few passes: blocks would only add a copy of each block into the whole."""
+    d, _ = derived(name)
+    assert d.code.in_blocks is None
 
 
 @pytest.mark.parametrize("the_op", [mlp_mse, max_middle])
@@ -178,14 +186,32 @@ def value_between_sweeps_read_by_a_row(x, y, w):
     return apply(lambda u: sympy.Max(u, 0), (x @ (((w @ y) + v3) ** 2)))
 
 
+@op(x="n d", y="d")
+def sweep_that_reads_no_tensor_along_the_batch(x, y):
+    """dy is constant along the batch (d here): its sweep reads no tensor a block of (and its code's
+    `torch.ones` is no vector of ones to sum with)."""
+    return (((1.5 + x).flatten("n", "d")).sum("nd")) / ((y.sum("d")) ** 2 + 1)
+
+
 @pytest.mark.parametrize(
-    "the_op", [value_read_by_a_later_sweep, sum_read_outside_the_sweeps, value_between_sweeps_read_by_a_row]
+    "the_op",
+    [
+        value_read_by_a_later_sweep,
+        sum_read_outside_the_sweeps,
+        value_between_sweeps_read_by_a_row,
+        sweep_that_reads_no_tensor_along_the_batch,
+    ],
 )
 def test_compositions_the_property_tests_found_give_the_plain_gradients_in_blocks(the_op):
     d, module = generated(the_op)
     assert d.code.in_blocks is not None
     sizes = {"n": 5, "d": 3, "k": 4}
     shapes = [tuple(1 if dim is None else sizes[dim.name] for dim in t.layout) for t in d.program.inputs]
+    module.BLOCK_BYTES, block_bytes = 1, module.BLOCK_BYTES  # as a large batch: one row a block
+    try:
+        assert module._row_blocks(3) == ((0, 3),)  # no tensor to size a block by: one block
+    finally:
+        module.BLOCK_BYTES = block_bytes
     name = d.program.name
     grad, saved = _inputs(module, name, shapes)
     backward = getattr(module, f"{name}_backward")

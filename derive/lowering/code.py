@@ -21,6 +21,7 @@ from ..indexalg import (
     ArgMax,
     Dim,
     IMax,
+    ISum,
     dim_of,
     entry,
     entry_indices,
@@ -63,7 +64,7 @@ class Code:
 @dataclass(frozen=True)
 class InBlocks:
     """The fused backward's lines on blocks of rows, the names a block rebinds, and the code of the
-    tensor whose size decides whether to cut the batch (the largest along it)."""
+    tensors along the batch it reads, whose bytes decide whether to cut the batch."""
 
     lines: list[str]
     rebound: list[str]
@@ -281,8 +282,15 @@ def _blocked_lines(
     rebound: set[str] = set()
     whole: dict[str, str] = {}  # a tensor along the batch -> the code of all its rows
     lines += _backward_lines(make(), list(blocking.between[0]), frozenset(), returned, reads)
+    ones = next(name for name in ("ones", "ones_", "ones__") if name not in layouts)
+    layouts[ones] = TensorInfo(ones, (dim,))
     for sweep, after in zip(blocking.sweeps, blocking.between[1:]):
-        body = _backward_lines(make(), list(sweep.values), sweep.sums, returned | sweep.whole, reads)
+        # a sum over a block's rows as a matrix-vector product with ones: on a CPU about twice as
+        # fast as a column sum, and within a block's rows as accurate
+        values = [replace(v, expr=_by_ones(v.expr, ones)) if v.name in sweep.sums else v for v in sweep.values]
+        body = _backward_lines(make(), values, sweep.sums, returned | sweep.whole, reads)
+        if any(re.search(rf"(?<![\w.]){ones}\b", line) for line in body):
+            body.insert(0, f"{ones} = {seed}.new_ones({size})")
         made = {v.name for v in sweep.values}
         read = sorted(
             {n for v in sweep.values for n in blocks.tensor_names_of(v.expr) if n not in made}
@@ -307,11 +315,17 @@ def _blocked_lines(
         rebound |= set(read)
         lines += _backward_lines(make(), list(after), frozenset(), returned, reads)
     lines += [f"{n} = {n}_all" for s in blocking.sweeps for n in sorted(s.whole)]
-    given = [n for n, code in whole.items() if not code.endswith("_all")]  # the seed first
+    given = [code for code in whole.values() if not code.endswith("_all")]  # the seed first
     if not given:
         return None  # nothing along the batch to read a block of
-    largest = max(given, key=lambda n: len(layouts[n].dims))
-    return InBlocks([f"{seed} = grad_output"] + lines, sorted(rebound), whole[largest])
+    return InBlocks([f"{seed} = grad_output"] + lines, sorted(rebound), ", ".join(given))
+
+
+def _by_ones(e: sympy.Expr, ones: str) -> sympy.Expr:
+    """``Σ_n body`` as ``Σ_n ones[n]·body``: the planner contracts it with a vector of ones."""
+    if not isinstance(e, ISum):
+        return e
+    return ISum(entry(ones, [e.var]) * e.body, e.var)
 
 
 def loop_invariant(body: list[str], varying: set[str]) -> tuple[list[str], list[str]]:
