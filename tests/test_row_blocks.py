@@ -207,11 +207,7 @@ def test_compositions_the_property_tests_found_give_the_plain_gradients_in_block
     assert d.code.in_blocks is not None
     sizes = {"n": 5, "d": 3, "k": 4}
     shapes = [tuple(1 if dim is None else sizes[dim.name] for dim in t.layout) for t in d.program.inputs]
-    module.BLOCK_BYTES, block_bytes = 1, module.BLOCK_BYTES  # as a large batch: one row a block
-    try:
-        assert module._row_blocks(3) == ((0, 3),)  # no tensor to size a block by: one block
-    finally:
-        module.BLOCK_BYTES = block_bytes
+    assert module._row_blocks(3) == ((0, 3),)  # a sweep with no tensor to size a block by: one block
     name = d.program.name
     grad, saved = _inputs(module, name, shapes)
     backward = getattr(module, f"{name}_backward")

@@ -240,14 +240,16 @@ def _blockable(values: list[Value], layouts: dict[str, TensorInfo], dim: Dim) ->
         if v.expr.has(sympy.KroneckerDelta, IMax, ArgMax, Pack, Flat) or not _indices_only_at_entries(v.expr, dim):
             return False
         dims = list(v.target.dims)
+        if dims.count(dim) > 1:
+            return False
         for node in sympy.preorder_traversal(v.expr):
             if isinstance(node, ISum):
                 dims.append(dim_of(node.var))
             if not is_entry(node):
                 continue
             info = layouts.get(entry_name(node))
-            if info is None or info.is_int or len(info.dims) != len(node.args):
-                return False
+            if info is None or info.is_int or len(info.dims) != len(node.args) or info.dims.count(dim) > 1:
+                return False  # (a tensor along the batch twice: a block of one axis is not one of both)
             dims += info.dims
             for d, i in zip(info.dims, entry_indices(node)):
                 if (d == dim) != (is_index(i) and dim_of(i) == dim):
