@@ -54,16 +54,24 @@ def _row_blocks(rows, *tensors):
     return tuple((start, min(step, rows - start)) for start in range(0, rows, step)) or ((0, rows),)
 
 
+def _rows_out(whole, axis, start, rows):
+    """Rows `start`.. of `whole` along `axis`, for a block's value to be computed in (`out=`); None
+    (a fresh tensor) before `whole` is made."""
+    return None if whole is None else whole.narrow(axis, start, rows)
+
+
 def _put_rows(whole, block, axis, start, rows):
     """`block` written into rows `start`.. (along `axis`) of `whole`, a tensor of `rows` rows made
-    at the first block; a block of every row is returned as it is."""
+    at the first block (unless it was computed there); a block of every row is returned as it is."""
     if block.shape[axis] == rows:
         return block
     if whole is None:
         shape = list(block.shape)
         shape[axis] = rows
         whole = block.new_empty(shape)
-    whole.narrow(axis, start, block.shape[axis]).copy_(block)
+    target = whole.narrow(axis, start, block.shape[axis])
+    if block.data_ptr() != target.data_ptr() or block.stride() != target.stride():
+        target.copy_(block)
     return whole
 
 
@@ -179,9 +187,9 @@ def _batchnorm_backward_in_blocks(grad_output, saved):
     for start, N in _row_blocks(N_all, grad_output, saved["xhat"]):
         dout = grad_output.narrow(0, start, N)
         xhat = saved["xhat"].narrow(0, start, N)
-        dx = torch.addcmul(torch.mul(dbeta, s1).mul_(-1 / N_all), dout, s1).addcmul_(
-            xhat, torch.mul(dgamma, s1).mul_(-1 / (N_all - 1))
-        )
+        dx = torch.addcmul(
+            torch.mul(dbeta, s1).mul_(-1 / N_all), dout, s1, out=_rows_out(dx_all, 0, start, N)
+        ).addcmul_(xhat, torch.mul(dgamma, s1).mul_(-1 / (N_all - 1)))
         dx_all = _put_rows(dx_all, dx, 0, start, N_all)
     dx = dx_all
     return batchnorm_Grads(

@@ -54,16 +54,24 @@ def _row_blocks(rows, *tensors):
     return tuple((start, min(step, rows - start)) for start in range(0, rows, step)) or ((0, rows),)
 
 
+def _rows_out(whole, axis, start, rows):
+    """Rows `start`.. of `whole` along `axis`, for a block's value to be computed in (`out=`); None
+    (a fresh tensor) before `whole` is made."""
+    return None if whole is None else whole.narrow(axis, start, rows)
+
+
 def _put_rows(whole, block, axis, start, rows):
     """`block` written into rows `start`.. (along `axis`) of `whole`, a tensor of `rows` rows made
-    at the first block; a block of every row is returned as it is."""
+    at the first block (unless it was computed there); a block of every row is returned as it is."""
     if block.shape[axis] == rows:
         return block
     if whole is None:
         shape = list(block.shape)
         shape[axis] = rows
         whole = block.new_empty(shape)
-    whole.narrow(axis, start, block.shape[axis]).copy_(block)
+    target = whole.narrow(axis, start, block.shape[axis])
+    if block.data_ptr() != target.data_ptr() or block.stride() != target.stride():
+        target.copy_(block)
     return whole
 
 
@@ -184,7 +192,7 @@ def _layernorm_backward_in_blocks(grad_output, saved):
         t5 = t2 @ gamma
         del t2
         dx = (
-            torch.addcmul((t4[:, None] / D) * (-1), dout, gamma)
+            torch.addcmul(t4[:, None] / D * -1, dout, gamma, out=_rows_out(dx_all, 0, start, N))
             .addcmul_((-t5 / D)[:, None], xhat)
             .mul_(var_inv)
         )

@@ -20,7 +20,7 @@ from derive import apply, op
 from derive.verify import TensorSizes
 
 from .conftest import derived
-from .test_lowering import generated, max_middle, mlp_mse
+from .test_lowering import AtenOps, generated, max_middle, mlp_mse
 
 
 def gelu(u):
@@ -236,3 +236,19 @@ def test_the_differentiable_op_passes_gradcheck_in_blocks(name):
         assert torch.autograd.gradcheck(getattr(module, name), (x, gamma, beta))
     finally:
         restore()
+
+
+def test_a_blocks_gradient_is_computed_in_the_rows_of_the_whole_not_copied_there():
+    """After the first block (which makes the whole tensor), dx's chain starts with out=its rows."""
+    d, module = derived("layernorm")
+    assert "out=_rows_out(dx_all, 0, start, N)" in "\n".join(d.code.in_blocks.lines)
+    grad, saved = _inputs(module, "layernorm", [(11, 6), (6,), (6,)])
+    plain = module.layernorm_backward(grad, saved)
+    restore = _blocks(module, 3)  # 4 blocks: 3, 3, 3 and 2 rows
+    try:
+        with AtenOps() as ops:
+            blocked = module.layernorm_backward(grad, saved)
+    finally:
+        restore()
+    assert ops.counts["copy_"] == 1  # the first block, into the whole it makes
+    torch.testing.assert_close(blocked.x, plain.x, rtol=1e-12, atol=1e-12)

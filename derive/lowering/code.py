@@ -291,6 +291,7 @@ def _blocked_lines(
         body = _backward_lines(make(), values, sweep.sums, returned | sweep.whole, reads)
         if any(re.search(rf"(?<![\w.]){ones}\b", line) for line in body):
             body.insert(0, f"{ones} = {seed}.new_ones({size})")
+        body = _written_into_rows(body, sweep, dim, size)
         made = {v.name for v in sweep.values}
         read = sorted(
             {n for v in sweep.values for n in blocks.tensor_names_of(v.expr) if n not in made}
@@ -319,6 +320,76 @@ def _blocked_lines(
     if not given:
         return None  # nothing along the batch to read a block of
     return InBlocks([f"{seed} = grad_output"] + lines, sorted(rebound), ", ".join(given))
+
+
+# torch functions that take ``out=``: a block's value whose chain starts with one is computed in
+# the rows of its whole tensor, not copied there
+_WITH_OUT = {
+    "abs",
+    "add",
+    "addcdiv",
+    "addcmul",
+    "clamp",
+    "div",
+    "erf",
+    "exp",
+    "lerp",
+    "log",
+    "maximum",
+    "minimum",
+    "mul",
+    "neg",
+    "pow",
+    "rsqrt",
+    "sigmoid",
+    "sign",
+    "sqrt",
+    "square",
+    "sub",
+    "tanh",
+    "where",
+}
+
+
+def _written_into_rows(body: list[str], sweep: blocks.Sweep, dim: Dim, size: str) -> list[str]:
+    """``body`` with the last line computing each value kept whole writing into its rows of it."""
+    out = list(body)
+    for v in sweep.values:
+        if v.name not in sweep.whole:
+            continue
+        at = [k for k, line in enumerate(out) if line.startswith(f"{v.name} = ")]
+        if at:
+            rows = f"_rows_out({v.name}_all, {v.target.layout.index(dim)}, start, {size})"
+            out[at[-1]] = f"{v.name} = {into(out[at[-1]][len(v.name) + 3 :], rows)}"
+    return out
+
+
+def into(code: str, out: str) -> str:
+    """``code`` with the call that makes its buffer, the first of a chain of in-place methods, given
+    ``out=``; ``code`` itself where that is no torch function that takes one.
+
+    Example:
+        >>> into("torch.addcmul(a, b, c).addcmul_(d, e).mul_(f)", "o")
+        'torch.addcmul(a, b, c, out=o).addcmul_(d, e).mul_(f)'
+        >>> into("(a * b).add_(c)", "o")
+        '(a * b).add_(c)'
+    """
+    tree = ast.parse(code, mode="eval")
+    node = tree.body
+    while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.endswith("_"):
+        node = node.func.value  # the receiver of an in-place method
+    made = (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "torch"
+        and node.func.attr in _WITH_OUT
+        and not any(k.arg == "out" for k in node.keywords)
+    )
+    if not made or not isinstance(node, ast.Call):
+        return code
+    node.keywords.append(ast.keyword(arg="out", value=ast.parse(out, mode="eval").body))
+    return ast.unparse(tree)
 
 
 def _by_ones(e: sympy.Expr, ones: str) -> sympy.Expr:
