@@ -9,8 +9,12 @@ is computed.
 - A sum over ``n`` (``dgamma[d] = Σ_n dout[n, d]·xhat[n, d]``) is a partial sum per block, added
   up; a value that reads the whole sum waits for the next sweep (batch norm's ``dx`` reads the
   sums of ``dout`` and ``dout·xhat`` over the batch: two sweeps).
-- A gradient along ``n`` is computed block by block and written into its rows.
-- Any other value (a gradient that reads only whole sums) is computed after the sweeps.
+- A gradient along ``n`` is computed block by block, into its rows of the whole.
+- Any other value (a gradient that reads only whole sums) is computed between the sweeps, once
+  the sums it reads are whole.
+
+The generated backward cuts the batch only on a CPU, and only where its tensors along ``n``
+outgrow the last-level cache (``CACHE_BYTES``): below it the plain code's passes read the cache.
 
 Blocking is planned only for a backward that sums over the batch: a column sum of a batch larger
 than the cache (``dout.sum(0)``) is the slowest pass of the plain code, and as partial sums of
@@ -44,6 +48,7 @@ from ..indexalg import (
     is_entry,
     is_index,
     substitute_indices,
+    tensor_names,
 )
 from ..program import TensorInfo
 from .share import canonical_key
@@ -151,7 +156,7 @@ def plan(
     for k in range(1, count + 1):
         inner = tuple(v for v in placed if sweep_of[v.name] == k)
         later = [v.expr for v in placed if sweep_of[v.name] > k] + [v.expr for v in after if sweep_of[v.name] >= k]
-        read = set().union(*map(tensor_names_of, later))
+        read = set().union(*map(tensor_names, later))
         whole = frozenset(v.name for v in inner if v.name not in sums and (v.name in returned or v.name in read))
         sweeps.append(Sweep(inner, frozenset(v.name for v in inner if v.name in sums), whole))
     between = tuple(tuple(v for v in after if min(sweep_of[v.name], count) == k) for k in range(count + 1))
@@ -161,13 +166,8 @@ def plan(
 def _sweep(e: sympy.Expr, sweep_of: dict[str, int], done: set[str]) -> int:
     """The first sweep that can compute ``e``: after the sweeps that make whole the sums and values
     free of the batch it reads (``done``), in or after those of the values along the batch it reads."""
-    read = tensor_names_of(e)
+    read = tensor_names(e)
     return max([1] + [sweep_of[n] + (n in done) for n in read if n in sweep_of])
-
-
-def tensor_names_of(e: sympy.Expr) -> set[str]:
-    """Names of the tensors ``e`` reads (entries)."""
-    return {entry_name(a) for a in sympy.preorder_traversal(e) if is_entry(a)}
 
 
 def _over(e: sympy.Expr, dim: Dim) -> bool:
@@ -175,7 +175,7 @@ def _over(e: sympy.Expr, dim: Dim) -> bool:
 
 
 def _read(e: sympy.Expr, sums: dict[str, TensorInfo]) -> set[str]:
-    return {name for name in tensor_names_of(e) if name in sums}
+    return {name for name in tensor_names(e) if name in sums}
 
 
 def _hoist(

@@ -294,7 +294,7 @@ def _blocked_lines(
         body = _written_into_rows(body, sweep, dim, size)
         made = {v.name for v in sweep.values}
         read = sorted(
-            {n for v in sweep.values for n in blocks.tensor_names_of(v.expr) if n not in made}
+            {n for v in sweep.values for n in tensor_names(v.expr) if n not in made}
             & {n for n, t in layouts.items() if dim in t.dims and n not in blocking.sums},
             key=lambda n: (n != seed, n),
         )
