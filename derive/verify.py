@@ -463,12 +463,13 @@ def in_row_blocks(
         return []
     backward = getattr(module, f"{program.name}_backward")
     out = []
+    before = vars(module)["ROWS_PER_BLOCK"]  # a user's setting, put back afterwards
     try:
         for k in rows:
             vars(module)["ROWS_PER_BLOCK"] = k
             out.append((k, backward(grad_output, saved)._asdict()))
     finally:
-        vars(module)["ROWS_PER_BLOCK"] = None
+        vars(module)["ROWS_PER_BLOCK"] = before
     return out
 
 

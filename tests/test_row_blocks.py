@@ -252,3 +252,16 @@ def test_a_blocks_gradient_is_computed_in_the_rows_of_the_whole_not_copied_there
         restore()
     assert ops.counts["copy_"] == 1  # the first block, into the whole it makes
     torch.testing.assert_close(blocked.x, plain.x, rtol=1e-12, atol=1e-12)
+
+
+def test_checking_in_blocks_puts_back_the_users_block_size():
+    from derive.verify import in_row_blocks
+
+    d, module = derived("layernorm")
+    grad, saved = _inputs(module, "layernorm", [(5, 4), (4,), (4,)])
+    restore = _blocks(module, 2)
+    try:
+        assert [rows for rows, _ in in_row_blocks(module, d.program, grad, saved)] == [1, 3]
+        assert module.ROWS_PER_BLOCK == 2
+    finally:
+        restore()
