@@ -56,7 +56,7 @@ def relu_backward(grad_output, saved):
     if grad_output is None:
         raise ValueError("relu: grad_output is required for a non-scalar output")
     dout = grad_output
-    dx = dout * torch.gt(x, 0, out=torch.empty_like(x))
+    dx = torch.gt(x, 0, out=torch.empty_like(x)).mul_(dout)
     return relu_Grads(
         x=dx,
     )

@@ -8,6 +8,7 @@ test_properties.py.)
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 
@@ -20,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from derive import apply, derive, exp, log, op, sqrt
 from derive.emit import render
 from derive.lowering import plan as planner
+from derive.lowering.saturate import saturated
 from derive.verify import TensorSizes, default_sizes, example_inputs, load_module, verify
 
 from .conftest import OPS, REPO, derived
@@ -104,8 +106,9 @@ def test_two_layer_mlp_in_one_expression_lowers_to_matmuls_with_transposes_and_o
     for line in ("dW1 = x.T @ dpre1", "dx = dpre1 @ W1.T", "dW2 = act1.T @ dpre2", "dact1 = dpre2 @ W2.T"):
         assert line in code, code
     assert code.count("@") == 4 and "einsum" not in code
-    # one mask, relu'(0) = 0, as 0/1 floats (a bool mask and torch.where are scalar loops on a CPU)
-    assert "dpre1 = dact1 * torch.gt(pre1, 0, out=torch.empty_like(pre1))" in code
+    # one mask, relu'(0) = 0, as 0/1 floats (a bool mask and torch.where are scalar loops on a CPU),
+    # which takes the product in place (one buffer, not two)
+    assert "dpre1 = torch.gt(pre1, 0, out=torch.empty_like(pre1)).mul_(dact1)" in code
     assert not re.search(r"\bx @ W1\b|^pre1 = ", code, re.M)  # the pre-activation is saved, not recomputed
 
 
@@ -466,21 +469,48 @@ def test_a_value_one_expression_writes_twice_is_computed_once():
         assert ops.counts["sub"] == 1 and ops.counts["abs"] + ops.counts["abs_"] <= 1, ops.counts
 
 
-def test_a_piecewise_of_two_finite_values_selects_by_a_lerp_exact_at_its_switch_points():
-    """A bool mask makes ``torch.where`` a scalar loop on a CPU; a lerp on a 0/1 float mask is one
-    vectorised pass, and exact: ``b + 0·(a - b)`` is ``b``, ``a - (a - b)·0`` is ``a``."""
+def test_the_huber_derivative_is_one_clamp_exact_at_its_switch_points():
+    """``Piecewise((u/β, |u| < β), (sign(u), True))`` is ``clamp(u, -β, β)/β``: one pass, no select,
+    no sign and no comparison, and the same values at ``|u| = β`` and at 0."""
     d, module = generated(smooth_l1)
-    assert "torch.where" not in "\n".join(d.code.backward)
+    code = "\n".join(d.code.backward)
+    assert "clamp_(min=-beta, max=beta)" in code and not re.search(r"where|lerp|sign|abs", code), code
     x, y = _smooth_l1_inputs()
     out, saved = module.smooth_l1_forward(x, y)
     with AtenOps() as ops:
         (dx,) = module.smooth_l1_backward(None, saved)
-    assert ops.counts["lerp_"] + ops.counts["lerp"] == 1 and ops.counts["where"] == 0, ops.counts
+    assert ops.counts["clamp_"] == 1 and ops.counts["sub"] == 1, ops.counts
     leaf = x.clone().requires_grad_()
     F.smooth_l1_loss(leaf, y).backward()
     torch.testing.assert_close(out, F.smooth_l1_loss(x, y))
     torch.testing.assert_close(dx, leaf.grad, rtol=1e-6, atol=1e-9)
     assert torch.equal(dx[0, :3] * x.numel(), torch.tensor([1.0, -1.0, 0.0]))  # the switch points' sides
+
+
+@op(x="n d", y="const n d")
+def quadratic_then_cosine(x, y):
+    """A loss of ``u = x - y``, ``u²/2`` within 1 and ``1 - cos(u)`` beyond: its derivative selects
+    between ``u`` and ``sin(u)``, both finite everywhere, and is no clamp."""
+    loss = apply(lambda u: sympy.Piecewise((u**2 / 2, sympy.Abs(u) < 1), (1 - sympy.cos(u), True)), x - y)
+    return loss.mean(("n", "d"))
+
+
+def test_a_piecewise_of_two_finite_values_selects_by_a_lerp_exact_at_its_switch_points():
+    """A bool mask makes ``torch.where`` a scalar loop on a CPU; a lerp on a 0/1 float mask is one
+    vectorised pass, and exact: ``b + 0·(a - b)`` is ``b``, ``a - (a - b)·0`` is ``a``."""
+    d, module = generated(quadratic_then_cosine)
+    assert "torch.where" not in "\n".join(d.code.backward)
+    x, y = _smooth_l1_inputs()
+    _, saved = module.quadratic_then_cosine_forward(x, y)
+    with AtenOps() as ops:
+        (dx,) = module.quadratic_then_cosine_backward(None, saved)
+    assert ops.counts["lerp_"] + ops.counts["lerp"] == 1 and ops.counts["where"] == 0, ops.counts
+    leaf = x.clone().requires_grad_()
+    u = leaf - y
+    torch.where(u.abs() < 1, u**2 / 2, 1 - torch.cos(u)).mean().backward()
+    torch.testing.assert_close(dx, leaf.grad, rtol=1e-6, atol=1e-9)
+    at_switch = dx[0, :4] * x.numel()  # |u| = 1 takes the second branch; 0 and 0.5 the first
+    torch.testing.assert_close(at_switch, torch.tensor([math.sin(1.0), -math.sin(1.0), 0.0, 0.5]), rtol=1e-6, atol=0)
 
 
 @op(x="n d", y="n d")
@@ -619,7 +649,7 @@ def test_a_piecewise_with_a_number_branch_multiplies_by_the_complement_mask():
     """Zero gradient above ``lim``: ``dout * (x <= lim)`` as floats, in one comparison, at the tie as
     ``torch.clamp_max`` (which passes the gradient at ``x == lim``)."""
     d, module = generated(clip_above)
-    assert d.code.backward == ["dx = (dout*torch.le(x, lim, out=torch.empty_like(x)))"], d.code.backward
+    assert d.code.backward == ["dx = torch.le(x, lim, out=torch.empty_like(x)).mul_(dout)"], d.code.backward
     x, dout = _randn(6, 8, seed=1) * 3, _randn(6, 8, seed=2)
     x[0, :2] = 2.0  # the tie
     out, saved = module.clip_above_forward(x)
@@ -1274,3 +1304,71 @@ def test_compositions_the_property_tests_found_verify(name: str, tmp_path):
         grads = backward(seed, saved)
         values = grads._asdict().values() if hasattr(grads, "_asdict") else grads.values()
         assert all(g.dtype == torch.float64 for g in values if isinstance(g, torch.Tensor))
+
+
+# -- a Piecewise that is a clamp -----------------------------------------------------------------
+_U, _V = sympy.Symbol("u", real=True), sympy.Symbol("v", real=True)
+_BETA = sympy.Symbol("beta", positive=True)
+
+
+@pytest.mark.parametrize(
+    "piecewise, clamp",
+    [
+        (
+            sympy.Piecewise((_U / _BETA, sympy.Abs(_U) < _BETA), (sympy.sign(_U), True)),
+            sympy.Min(_BETA, sympy.Max(-_BETA, _U)) / _BETA,
+        ),
+        (sympy.Piecewise((2 * _U + 1, _U < 0.5), (2.0, True)), 2 * sympy.Min(_U, 0.5) + 1),
+        (sympy.Piecewise((3.0, _U >= 1), (3 * _U, True)), 3 * sympy.Min(_U, 1)),
+        (sympy.Piecewise((-_U - _V, _U - _V > 1), (-2 * _V - 1, True)), -sympy.Max(_U - _V, 1) - 2 * _V),
+    ],
+)
+def test_a_linear_branch_held_at_its_bound_is_a_clamp(piecewise, clamp):
+    """Exact wherever the branches meet at the bound, at the bound itself too."""
+    got = saturated(piecewise)
+    assert sympy.expand(got - clamp) == 0, got
+    for u in (-3.0, -1.0, -0.25, 0.0, 0.5, 1.0, 2.5):
+        point = {_U: u, _V: 0.25, _BETA: 1.0}
+        assert float(got.subs(point)) == pytest.approx(float(piecewise.subs(point)), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "piecewise",
+    [
+        sympy.Piecewise((2 * _U + 1, _U < 0.5), (1.0, True)),  # jumps at the bound
+        sympy.Piecewise((_U**2, sympy.Abs(_U) < 1), (sympy.Abs(_U), True)),  # not linear
+        sympy.Piecewise((_U, sympy.Abs(_U) < 1), (2 * sympy.sign(_U), True)),  # not the value at the bound
+        sympy.Piecewise((_U, (_U > -1) & (_U < 2)), (0, True)),  # two bounds not ±c: two branches outside
+        sympy.Piecewise((_U * _V, _U < 1), (_V, True)),  # held at the bound, but its slope is a value
+    ],
+)
+def test_a_piecewise_that_is_no_clamp_is_left(piecewise):
+    got = saturated(piecewise)
+    if got != piecewise:  # (a slope that is a value is still exact, and allowed)
+        for u in (-3.0, -1.0, 0.0, 0.5, 1.0, 2.5):
+            point = {_U: u, _V: 0.25}
+            assert float(got.subs(point)) == pytest.approx(float(piecewise.subs(point)), abs=1e-12)
+    else:
+        assert got == piecewise
+
+
+@op(x="n d")
+def clip_both_ways(x):
+    """A clip to [-1, 1] as a Piecewise of three branches: its derivative is a closed interval's mask."""
+    return apply(lambda u: sympy.Piecewise((-1, u < -1), (1, u > 1), (u, True)), x)
+
+
+def test_a_closed_interval_masks_by_one_clamp_and_takes_the_product_in_its_buffer():
+    """Two comparisons and a product are three passes and two buffers; ``clamp(x, lo, hi).eq_(x)``
+    two and one, and ``dout`` multiplies into it. 1 at the bounds, as ``torch.clamp``'s backward."""
+    d, module = generated(clip_both_ways)
+    assert d.code.backward == ["dx = torch.clamp(x, -1, 1).eq_(x).mul_(dout)"], d.code.backward
+    x = torch.tensor([[-2.0, -1.0, -0.5, 0.0, 1.0, 1.5, float("nan")]])
+    _, saved = module.clip_both_ways_forward(x)
+    with AtenOps() as ops:
+        (dx,) = module.clip_both_ways_backward(torch.full_like(x, 3.0), saved)
+    assert sum(ops.counts[k] for k in ("empty_like", "empty", "clamp", "empty_strided")) <= 2, ops.counts
+    assert dx.tolist() == [[0.0, 3.0, 3.0, 3.0, 3.0, 0.0, 0.0]]
+    leaf = x[:, :-1].clone().requires_grad_()
+    torch.clamp(leaf, -1, 1).backward(torch.full_like(leaf, 3.0))
+    assert torch.equal(dx[:, :-1], leaf.grad)

@@ -170,12 +170,13 @@ PIECEWISE = {  # body, PyTorch's function, how the backward selects
     "softshrink": (
         "sympy.Piecewise((u - sympy.Rational(1, 2), u > sympy.Rational(1, 2)), (u + sympy.Rational(1, 2), u < -sympy.Rational(1, 2)), (0, True))",
         F.softshrink,
-        ".mul_(torch.le(x, 1 / 2",
+        "dx = torch.clamp(x, -1 / 2, 1 / 2).ne_(x).mul_(dout)",  # outside a closed interval: one buffer
     ),
+    # its derivative is a linear branch held at its bounds: clamp(u, -1, 1), one pass
     "huber": (
         "sympy.Piecewise((u**2 / 2, sympy.Abs(u) <= 1), (sympy.Abs(u) - sympy.Rational(1, 2), True))",
         None,
-        "lerp",
+        "dx = torch.clamp(x, min=-1, max=1).mul_(dout)",
     ),
     # conditions as PyTorch's kernel has them: hardswish'(-3) = 0 and hardswish'(3) = 1
     "hardswish": ("sympy.Piecewise((0, u <= -3), (u, u >= 3), (u * (u + 3) / 6, True))", F.hardswish, "lerp"),

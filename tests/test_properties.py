@@ -348,6 +348,30 @@ UNARY = [
         ("apply(lambda u: sympy.Piecewise((u**2 / 2, sympy.Abs(u) < 1), (sympy.Abs(u) - 0.5, True)), {a})",),
         lambda t: torch.where(t.abs() < 1, t**2 / 2, t.abs() - 0.5),
     ),
+    # a Huber of width alpha: its derivative is clamp(u, -alpha, alpha)/alpha (derive.lowering.saturate)
+    Fn(
+        "param_huber",
+        (
+            "apply(lambda u: sympy.Piecewise((u**2 / (2 * alpha), sympy.Abs(u) < alpha),"
+            " (sympy.Abs(u) - alpha / 2, True)), {a})",
+        ),
+        lambda t: torch.where(t.abs() < PARAM[1], t**2 / (2 * PARAM[1]), t.abs() - PARAM[1] / 2),
+        kink=lambda t: (t.abs() - PARAM[1]).abs(),
+    ),
+    # a linear branch held at its value beyond a bound (continuous: one clamp), and one that jumps
+    # there (no clamp: the other branch is not the linear one's value at the bound)
+    Fn(
+        "ramp_pw",
+        ("apply(lambda u: sympy.Piecewise((2 * u + 1, u < 0.5), (2.0, True)), {a})",),
+        lambda t: torch.where(t < 0.5, 2 * t + 1, 2.0),
+        kink=lambda t: (t - 0.5).abs(),
+    ),
+    Fn(
+        "jump_pw",
+        ("apply(lambda u: sympy.Piecewise((2 * u + 1, u < 0.5), (1.0, True)), {a})",),
+        lambda t: torch.where(t < 0.5, 2 * t + 1, 1.0),
+        kink=lambda t: (t - 0.5).abs(),
+    ),
     Fn("abs", ("apply(sympy.Abs, {a})",), torch.abs, kink=lambda t: t.abs()),
     Fn(
         "clamp_min",
@@ -901,6 +925,10 @@ def check_composition(c: Composition, values: dict[str, torch.Tensor], grad_seed
         COUNTS["compositions selecting by a product of float masks (And, Or)"] += 1
     if re.search(r"\.(gt|ge|lt|le)_\(", code):
         COUNTS["compositions comparing into floats in place"] += 1
+    if re.search(r"clamp\(\w+, [^,()]+, [^,()]+\)\.(eq|ne)_\(", code):
+        COUNTS["compositions masking a closed interval by a clamp"] += 1
+    if re.search(r"clamp_?\(.*(min|max)=", code):
+        COUNTS["compositions with a branch clamped (a Piecewise as a clamp)"] += 1
     # a max's or a gather's gradient is its values scattered (item 4): no one-hot of two or more
     # dims, the size of an input, is made to be multiplied (one along a single dim may be)
     for shape in _ONE_HOT.findall("\n".join(d.code.backward)):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from .printer import PRINTER, Select, TorchCodePrinter, atom, comparison, is_name, split_masks
+from .printer import PRINTER, Select, TorchCodePrinter, atom, comparison, is_conjunction, is_name, split_masks
 
 # SymPy function -> (torch function, in-place method)
 _UNARY = {
@@ -91,6 +91,10 @@ class _Chain:
         if isinstance(e, sympy.Max) and len(e.args) == 2 and 0 in e.args:
             (argument,) = (a for a in e.args if a != 0)  # Max(0, a): relu(a), however a is built
             return self._unary(argument, "torch.relu", "relu_")
+        if isinstance(e, (sympy.Min, sympy.Max)):
+            clamp = self._clamp(e)
+            if clamp is not None:
+                return clamp
         return Piece(self.printer.doprint(e), self._axes_of(e), fresh=False)  # compares, Max of values...
 
     def _one_operation(self, e: sympy.Expr) -> bool:
@@ -250,6 +254,9 @@ class _Chain:
                 return Piece(
                     f"{atom(r.code)}.masked_fill_({comparison(self.printer, arg, tie, negated=True)}, 0.0)", full, True
                 )
+            masked = self._times_mask(r, masks, full, self.printer.float_masks)
+            if masked is not None:
+                return masked
             return Piece(self.printer.doprint(e), full, fresh=True)  # torch.where(step, rest, 0.0)
         e = self._factor_sums(e, full)
         constant = sympy.Mul(*(f for f in e.args if not (f.free_symbols & set(self.axes))))
@@ -292,6 +299,24 @@ class _Chain:
             if constant != 1:
                 acc, constant = f"{acc}.mul_({self.printer.doprint(constant)})", sympy.S.One
         return self._finish_mul(acc, axes, rest, denominators, constant, full)
+
+    def _times_mask(
+        self,
+        value: Piece,
+        steps: list[tuple[sympy.Expr, sympy.Expr]],
+        full: frozenset,
+        floats: bool,
+        complement: bool = False,
+    ) -> Piece | None:
+        """``value`` times the product of ``steps`` (or its complement) into the steps' fresh float
+        mask, when the mask spans the result (no new buffer for the product) and masks may be
+        floats; None otherwise."""
+        mask = self.printer.steps_into_floats(steps, complement) if floats else None
+        if mask is None or not value.tensor or frozenset().union(*(self._axes_of(arg) for arg, _ in steps)) != full:
+            return None
+        if value.fresh and value.axes == full:
+            return Piece(f"{atom(value.code)}.mul_({mask})", full, True)
+        return Piece(f"{atom(mask)}.mul_({value.code})", full, True)
 
     def _factor_sums(self, e: sympy.Mul, full: frozenset[sympy.Symbol]) -> sympy.Expr:
         """``s·(X·a + X·b)`` as ``s·X·(a + b)`` for a full-size ``X``, so that ``s`` meets the small sum
@@ -376,6 +401,15 @@ class _Chain:
         """``b.lerp_(a, mask)`` into ``b``'s buffer when the chain made it, else ``torch.lerp(b, a, mask)``."""
         a, b, step = e.args
         x, y, full = self.emit(a), self.emit(b), self._axes_of(e)
+        steps = [s.args for s in step.args] if is_conjunction(step) else [step.args] if _mask_step(step) else []
+        if b == 0 and steps and not _bare_step(a):  # a·mask: no buffer for the product (a select's are floats)
+            masked = self._times_mask(x, steps, full, floats=True)
+            if masked is not None:
+                return masked
+        if a == 0 and is_conjunction(step) and not _bare_step(b):  # b outside an interval
+            masked = self._times_mask(y, steps, full, floats=True, complement=True)
+            if masked is not None:
+                return masked
         mask = self.printer.select_mask(step)
         if mask is None or not (x.tensor and y.tensor) or _bare_step(a) or _bare_step(b):
             code = self.printer.doprint(e)  # (the printer's lerp reads steps as floats)
@@ -383,6 +417,28 @@ class _Chain:
         if y.fresh and y.axes == full:
             return Piece(f"{atom(y.code)}.lerp_({x.code}, {mask})", full, True)
         return Piece(f"torch.lerp({y.code}, {x.code}, {mask})", full, True)
+
+    def _clamp(self, e: sympy.Min | sympy.Max) -> Piece | None:
+        """``Min(Max(a, lo), hi)``, ``Max(a, lo)`` or ``Min(a, hi)`` with number bounds as one clamp of
+        ``a``, in place when the chain made ``a``'s buffer; None for an extremum of two values."""
+        bounds = {sympy.Min: None, sympy.Max: None}
+        while isinstance(e, (sympy.Min, sympy.Max)) and bounds[type(e)] is None:
+            constants = [a for a in e.args if not (a.free_symbols & set(self.axes))]
+            values = [a for a in e.args if a.free_symbols & set(self.axes)]
+            if len(values) != 1 or not constants:
+                return None
+            bounds[type(e)] = e.func(*constants)
+            e = values[0]
+        if isinstance(e, (sympy.Min, sympy.Max)):
+            return None
+        x = self.emit(e)
+        low, high = (bounds[f] for f in (sympy.Max, sympy.Min))
+        limits = ", ".join(
+            f"{name}={self.printer.doprint(b)}" for name, b in (("min", low), ("max", high)) if b is not None
+        )
+        return Piece(
+            f"{atom(x.code)}.clamp_({limits})" if x.fresh else f"torch.clamp({x.code}, {limits})", x.axes, True
+        )
 
     def _unary(self, argument: sympy.Expr, function: str, method: str) -> Piece:
         x = self.emit(argument)
@@ -406,12 +462,24 @@ def _terms(e: sympy.Add, leaves: set[sympy.Symbol]) -> list[tuple[sympy.Expr, sy
 def _steps_only(e: sympy.Expr) -> bool:
     """Whether ``e`` reads values only through steps (``Heaviside(x) + 1``): its code is bool or integer."""
     steps = e.atoms(sympy.Heaviside, sympy.Piecewise)
-    return bool(steps) and not e.xreplace({h: sympy.Integer(1) for h in steps}).free_symbols
+    if not steps:
+        return False
+    # a select reads both its branches (with its step set to 1, Select(0, dout, 1) would be 0)
+    branches = e.replace(lambda n: isinstance(n, Select), lambda n: _BRANCHES(*n.args[:2]))
+    return not branches.xreplace({h: sympy.Integer(1) for h in steps}).free_symbols
+
+
+_BRANCHES = sympy.Function("branches")
 
 
 def _bare_step(e: sympy.Expr) -> bool:
     """Whether ``e`` holds a step outside a ``Select`` (whose mask prints as floats, not bools)."""
     return e.xreplace({s: sympy.Dummy() for s in e.atoms(Select)}).has(sympy.Heaviside)
+
+
+def _mask_step(e: sympy.Expr) -> bool:
+    """Whether ``e`` is one step that is 0 or 1 at its tie (a comparison, not ``torch.maximum``'s 1/2)."""
+    return isinstance(e, sympy.Heaviside) and len(e.args) > 1 and e.args[1] in (0, 1)
 
 
 def _value(coefficient: sympy.Expr) -> str:

@@ -42,6 +42,7 @@ from ..program import Layout, TensorInfo, is_window_index
 from . import inplace
 from . import plan as planner
 from .finite import Finite
+from .saturate import saturated
 from .printer import PRINTER, Select, TorchCodePrinter, atom, is_constant, is_fresh, shape_tuple, size_code
 from .share import (
     as_step,
@@ -1251,6 +1252,8 @@ class Lowerer:
 
     def _elementwise(self, e: sympy.Expr, known: dict[str, Val] | None = None, want: Axes = ()) -> Val:
         known = dict(known or {})
+        if self.fuse_arithmetic:  # the fused backward (the forward and the chain keep the forms as written)
+            e = saturated(e)
         e = self._share_within(_selects(_fold_piecewise(e), self.finite), known)
         leaves: list[tuple[sympy.Expr, Val]] = []
         stand_ins: dict[sympy.Expr, sympy.Expr] = {}

@@ -111,16 +111,44 @@ class TorchCodePrinter(TorchPrinter):
             return f"{atom(u)}.{name}_({self._print(bound)})"
         return None
 
+    def steps_into_floats(self, steps: list[tuple[sympy.Expr, sympy.Expr]], complement: bool = False) -> str | None:
+        """The product of steps ``(arg, tie)`` (or its complement, 1 minus it) as one fresh 0/1 float
+        mask: each compared into floats, the first taking the others in place; a closed interval of a
+        named value, ``lo <= u <= hi``, as ``torch.clamp(u, lo, hi).eq_(u)`` (two passes and one
+        buffer, where two comparisons and a product take three and two), and outside it as
+        ``.ne_(u)``. None where a step does not compare into floats (a complement: unless an interval)."""
+        box = self._closed_interval(steps, "ne_" if complement else "eq_")
+        if box is not None or complement:
+            return box
+        masks = [self.compare_into_floats(arg, tie) for arg, tie in steps]
+        if not masks or any(m is None for m in masks):
+            return None
+        return str(masks[0]) + "".join(f".mul_({m})" for m in masks[1:])
+
+    def _closed_interval(self, steps: list[tuple[sympy.Expr, sympy.Expr]], compare: str) -> str | None:
+        """``torch.clamp(u, lo, hi).eq_(u)`` for the steps of ``u - lo`` and ``hi - u`` (``lo < hi``
+        numbers, both 1 at the tie): 1 exactly where ``lo <= u <= hi``, 0 elsewhere and at NaN
+        (``ne_``: the complement)."""
+        if len(steps) != 2 or any(tie != 1 for _, tie in steps):
+            return None
+        (a, _), (b, _) = steps
+        width = sympy.expand(a + b)
+        if not (is_constant(width) and width.is_positive):
+            return None
+        low = -sympy.Add(*(t for t in sympy.Add.make_args(a) if is_constant(t)))
+        value = a + low
+        u = self._print(value)
+        if is_constant(value) or not _NAMED_VIEW.fullmatch(u):
+            return None
+        return f"torch.clamp({u}, {self._print(low)}, {self._print(low + width)}).{compare}({u})"
+
     def select_mask(self, step: sympy.Expr) -> str | None:
         """A select's 0/1 float mask: its step compared into floats, a product of steps (an ``And``) as
-        one mask multiplied by the others in place, or a mask made already (a name)."""
+        one mask (:meth:`steps_into_floats`), or a mask made already (a name)."""
         if isinstance(step, sympy.Heaviside):
             return self.compare_into_floats(*step.args)
         if is_conjunction(step):
-            masks = [self.compare_into_floats(*s.args) for s in step.args]
-            if any(m is None for m in masks):
-                return None
-            return str(masks[0]) + "".join(f".mul_({m})" for m in masks[1:])
+            return self.steps_into_floats([s.args for s in step.args])
         return self._print(step)
 
     def _print_Select(self, expr: sympy.Expr) -> str:
@@ -131,7 +159,11 @@ class TorchCodePrinter(TorchPrinter):
         heaviside = isinstance(step, sympy.Heaviside)
         mask = self.select_mask(step)
         if mask is not None and (is_constant(a) or is_constant(b)):
-            other = self.compare_into_floats(-step.args[0], 1 - step.args[1]) if heaviside else f"(1 - {atom(mask)})"
+            other = (
+                self.compare_into_floats(-step.args[0], 1 - step.args[1])
+                if heaviside
+                else self.steps_into_floats([s.args for s in step.args], complement=True) or f"(1 - {atom(mask)})"
+            )
             if b == 0 or other is not None:  # (parenthesised: a Select prints as an atom inside others)
                 with self.steps_as_floats():
                     return f"({self._print(a * sympy.Symbol(mask) + b * sympy.Symbol(other or '0'))})"
@@ -151,9 +183,8 @@ class TorchCodePrinter(TorchPrinter):
         masks, rest = split_masks(expr)
         if not masks or is_constant(rest):
             return super()._print_Mul(expr)
-        floats = [self.float_mask(arg, tie) for arg, tie in masks]
-        if all(m is not None for m in floats):  # (each a fresh buffer: the first takes the others in place)
-            mask = str(floats[0]) + "".join(f".mul_({m})" for m in floats[1:])
+        mask = self.steps_into_floats(masks) if self.float_masks else None
+        if mask is not None:
             return f"{self.parenthesize(rest, PRECEDENCE['Mul'])} * {mask}"
         # a product with a step selects (PyTorch's threshold_backward does the same): no float mask
         condition = " & ".join(

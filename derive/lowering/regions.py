@@ -42,10 +42,10 @@ def clamped(e: sympy.Expr) -> sympy.Expr:
     return _each_branch(e, lambda value, bounds: _clamp_polynomial(_clamp_exps(value, bounds), bounds))
 
 
-_Bounds = list[tuple[sympy.Expr, sympy.Expr, bool]]  # (value, bound, whether it is an upper one)
+Bounds = list[tuple[sympy.Expr, sympy.Expr, bool]]  # (value, bound, whether it is an upper one)
 
 
-def _each_branch(e: sympy.Expr, rewrite: Callable[[sympy.Expr, _Bounds], sympy.Expr]) -> sympy.Expr:
+def _each_branch(e: sympy.Expr, rewrite: Callable[[sympy.Expr, Bounds], sympy.Expr]) -> sympy.Expr:
     """``e`` with each ``Piecewise`` branch's value rewritten given the bounds its region sets
     (its own condition, and the negations of the conditions before it)."""
 
@@ -53,7 +53,7 @@ def _each_branch(e: sympy.Expr, rewrite: Callable[[sympy.Expr, _Bounds], sympy.E
         args: list[tuple[sympy.Expr, sympy.Basic]] = []
         earlier: list[sympy.Basic] = []
         for value, cond in node.args:
-            bounds = _bounds(cond, True) + [b for c in earlier for b in _bounds(c, False)]
+            bounds = condition_bounds(cond, True) + [b for c in earlier for b in condition_bounds(c, False)]
             args.append((rewrite(value, bounds), cond))
             earlier.append(cond)
         return sympy.Piecewise(*args)
@@ -63,7 +63,7 @@ def _each_branch(e: sympy.Expr, rewrite: Callable[[sympy.Expr, _Bounds], sympy.E
     return e.replace(lambda n: isinstance(n, sympy.Piecewise), branches)
 
 
-def _clamp_polynomial(value: sympy.Expr, bounds: _Bounds) -> sympy.Expr:
+def _clamp_polynomial(value: sympy.Expr, bounds: Bounds) -> sympy.Expr:
     """A branch of degree 2 or more in values its region bounds on both sides (a hardswish's
     ``u·(u + 3)/6`` where ``-3 < u < 3``), read on those values clamped: bounded everywhere."""
     clamps = _two_sided(bounds)
@@ -77,7 +77,7 @@ def _clamp_polynomial(value: sympy.Expr, bounds: _Bounds) -> sympy.Expr:
     return value if unclamped else inside
 
 
-def _two_sided(bounds: _Bounds) -> dict[sympy.Expr, sympy.Expr]:
+def _two_sided(bounds: Bounds) -> dict[sympy.Expr, sympy.Expr]:
     """Each value with a numeric bound on both sides, clamped between them."""
     out: dict[sympy.Expr, sympy.Expr] = {}
     for u in dict.fromkeys(b[0] for b in bounds):
@@ -109,7 +109,7 @@ def _singular(value: sympy.Expr) -> bool:
     )
 
 
-def _clamps(bounds: _Bounds) -> dict[sympy.Expr, sympy.Expr]:
+def _clamps(bounds: Bounds) -> dict[sympy.Expr, sympy.Expr]:
     """Each bounded value, clamped to its bounds: ``Max(u, c)`` for ``u >= c``, ``Min(u, c)`` for ``u <= c``."""
     out: dict[sympy.Expr, sympy.Expr] = {}
     for u, c, upper in bounds:
@@ -118,11 +118,11 @@ def _clamps(bounds: _Bounds) -> dict[sympy.Expr, sympy.Expr]:
     return out
 
 
-def _bounds(cond: sympy.Basic, holds: bool) -> _Bounds:
+def condition_bounds(cond: sympy.Basic, holds: bool) -> Bounds:
     """What ``cond`` (or its negation) says about values: ``(u, c, True)`` for ``u <= c``, ``False`` for ``u >= c``."""
     if isinstance(cond, (sympy.And, sympy.Or)):
         if isinstance(cond, sympy.And) == holds:  # every part holds, or every part fails
-            return [b for c in cond.args for b in _bounds(c, holds)]
+            return [b for c in cond.args for b in condition_bounds(c, holds)]
         return []
     if not isinstance(cond, (sympy.StrictGreaterThan, sympy.GreaterThan, sympy.StrictLessThan, sympy.LessThan)):
         return []
@@ -139,7 +139,7 @@ def _bounds(cond: sympy.Basic, holds: bool) -> _Bounds:
     return []
 
 
-def _clamp_exps(value: sympy.Expr, bounds: _Bounds) -> sympy.Expr:
+def _clamp_exps(value: sympy.Expr, bounds: Bounds) -> sympy.Expr:
     """Each ``exp(arg)`` in ``value`` that may exceed 1, of the bounded values clamped if that makes it at most 1."""
     if not bounds or not value.has(sympy.exp):
         return value
@@ -155,4 +155,4 @@ def _clamp_exps(value: sympy.Expr, bounds: _Bounds) -> sympy.Expr:
     return value.replace(lambda n: isinstance(n, sympy.exp), clamp)
 
 
-__all__ = ["clamped", "guarded"]
+__all__ = ["Bounds", "clamped", "condition_bounds", "guarded"]
