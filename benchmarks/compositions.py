@@ -114,6 +114,13 @@ def hardswish(x):
     return out
 
 
+@op(x="n d")
+def celu(x, alpha=1.0):
+    """The CELU written with max and min: max(0, u) + min(0, alpha·(exp(u/alpha) - 1))."""
+    out = apply(lambda u: sympy.Max(0, u) + sympy.Min(0, alpha * (sympy.exp(u / alpha) - 1)), x)
+    return out
+
+
 # -- the same computations in PyTorch's own ops ------------------------------------------------
 def _mlp_mse(x, W1, b1, W2, b2, y):  # noqa: ANN001, ANN202
     return ((F.relu(x @ W1 + b1) @ W2 + b2 - y) ** 2).mean()
@@ -159,6 +166,10 @@ def _hardswish(x):  # noqa: ANN001, ANN202
     return F.hardswish(x)
 
 
+def _celu(x, alpha=1.0):  # noqa: ANN001, ANN202
+    return F.celu(x, alpha)
+
+
 @dataclass(frozen=True)
 class Composition:
     """One benchmarked composition: the op, its PyTorch twin, and input shapes by input name."""
@@ -202,6 +213,7 @@ COMPOSITIONS = {
         Composition("elu", elu, _elu, {"x": (2048, 1024)}, (("alpha", 1.0),)),
         Composition("hardtanh", hardtanh, _hardtanh, {"x": (2048, 1024)}),
         Composition("hardswish", hardswish, _hardswish, {"x": (2048, 1024)}),
+        Composition("celu", celu, _celu, {"x": (2048, 1024)}, (("alpha", 1.0),)),
     ]
 }
 SMALL = {  # --quick: the same ops at small sizes
@@ -216,6 +228,7 @@ SMALL = {  # --quick: the same ops at small sizes
     "elu": {"x": (64, 32)},
     "hardtanh": {"x": (64, 32)},
     "hardswish": {"x": (64, 32)},
+    "celu": {"x": (64, 32)},
 }
 
 

@@ -1372,3 +1372,23 @@ def test_a_closed_interval_masks_by_one_clamp_and_takes_the_product_in_its_buffe
     leaf = x[:, :-1].clone().requires_grad_()
     torch.clamp(leaf, -1, 1).backward(torch.full_like(leaf, 3.0))
     assert torch.equal(dx[:, :-1], leaf.grad)
+
+
+@op(x="n d")
+def celu_written_out(x, alpha=1.0):
+    """CELU as max(0, u) + min(0, alpha·(exp(u/alpha) - 1)): its derivative adds a bare step."""
+    return apply(lambda u: sympy.Max(0, u) + sympy.Min(0, alpha * (sympy.exp(u / alpha) - 1)), x)
+
+
+def test_a_step_added_to_float_values_is_a_float_mask():
+    """``... .add_((x > 0))`` adds a bool tensor (a scalar loop with a type promotion on a CPU);
+    the step compares into floats instead, in one pass."""
+    d, module = generated(celu_written_out)
+    code = "\n".join(d.code.backward)
+    assert "torch.gt(x, 0, out=torch.empty_like(x))" in code and "(x > 0)" not in code, code
+    x = torch.tensor([[-3.0, -1.0, 0.0, 0.5, 2.0]], dtype=torch.float64)
+    _, saved = module.celu_written_out_forward(x)
+    (dx,) = module.celu_written_out_backward(torch.ones_like(x), saved)
+    leaf = x.clone().requires_grad_()
+    F.celu(leaf).backward(torch.ones_like(x))
+    torch.testing.assert_close(dx, leaf.grad)

@@ -76,6 +76,10 @@ class _Chain:
             return Piece(self.printer.doprint(e), frozenset(), tensor=False)
         if e in self.axes:
             return Piece(e.name, self.axes[e])  # type: ignore[attr-defined]
+        if _mask_step(e) and self.printer.float_masks:  # a step among float values: 0/1 floats, one pass
+            mask = self.printer.compare_into_floats(*e.args)
+            if mask is not None:
+                return Piece(mask, self._axes_of(e), fresh=True)
         if _steps_only(e):  # (x > 0) + 1 is a bool or integer tensor: no in-place float arithmetic on it
             return Piece(self.printer.doprint(e), self._axes_of(e), fresh=False)
         if isinstance(e, sympy.Add):
