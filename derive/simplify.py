@@ -509,6 +509,38 @@ def steps_in_their_region(e: sympy.Expr) -> sympy.Expr:
     return _bottom_up(e, rewrite)
 
 
+def plain_step_arguments(e: sympy.Expr) -> sympy.Expr:
+    """``step(c·w) = step(w)`` for a positive constant ``c``, and ``step(a - exp(v)) = step(log(a) - v)``
+    for a positive constant ``a`` (``exp`` is increasing): the same 0, 1 and tie points, so the
+    mask compares the value itself. A CELU's ``step(α·(1 - exp(u/α)))`` is ``step(-u)``: one
+    comparison, not three passes."""
+
+    def plain(node: sympy.Expr) -> sympy.Expr:
+        if not isinstance(node, sympy.Heaviside) or not tensor_names(node.args[0]):
+            return node
+        coefficient, arg = sympy.factor_terms(node.args[0]).as_coeff_Mul()
+        rest = node.args[1:]
+        scale = [f for f in sympy.Mul.make_args(arg) if _positive_constant(f)]
+        arg = sympy.sign(coefficient) * sympy.Mul(*(f for f in sympy.Mul.make_args(arg) if not _positive_constant(f)))
+        scale += [abs(coefficient)] if abs(coefficient) != 1 else []
+        constant = sympy.Add(*(t for t in sympy.Add.make_args(arg) if not tensor_names(t)))
+        exps = [t for t in sympy.Add.make_args(arg) if tensor_names(t)]
+        if len(exps) == 1 and isinstance(exps[0], sympy.exp) and _positive_constant(-constant):
+            arg = exps[0].args[0] - sympy.log(-constant)  # exp(v) - a
+        elif len(exps) == 1 and isinstance(-exps[0], sympy.exp) and _positive_constant(constant):
+            arg = sympy.log(constant) - (-exps[0]).args[0]  # a - exp(v)
+        elif not scale:
+            return node
+        return sympy.Heaviside(plain(sympy.Heaviside(arg)).args[0], *rest)
+
+    return _bottom_up(e, plain) if e.has(sympy.Heaviside) else e
+
+
+def _positive_constant(f: sympy.Expr) -> bool:
+    """A number or scalar parameter known to be positive (no tensor read)."""
+    return not tensor_names(f) and bool(f.is_positive)
+
+
 def hyperbolic_ratios(e: sympy.Expr) -> sympy.Expr:
     """``sinh(a)**k / cosh(a)**k = tanh(a)**k``: log(cosh(r))'s derivative is one bounded function,
     not a ratio of two that overflow (inf/inf at |r| > 89 in float32)."""
@@ -773,6 +805,11 @@ class Simplifier:
                 "drop implied steps",
                 "max(a, 0)^k · step(a) = max(a, 0)^k: the max is 0 where the step is",
                 drop_implied_steps,
+            ),
+            (
+                "plain step arguments",
+                "step(c·w) = step(w) for c > 0;  step(a - exp(v)) = step(log(a) - v) for a > 0: exp increases",
+                plain_step_arguments,
             ),
             (
                 "steps in their region",

@@ -372,6 +372,13 @@ UNARY = [
         lambda t: torch.where(t < 0.5, 2 * t + 1, 1.0),
         kink=lambda t: (t - 0.5).abs(),
     ),
+    # a CELU written with max and min: its derivative's step of alpha·(1 - exp(u/alpha)) compares u
+    Fn(
+        "param_celu",
+        ("apply(lambda u: sympy.Max(0, u) + sympy.Min(0, alpha * (sympy.exp(u / alpha) - 1)), {a})",),
+        lambda t: torch.relu(t) + torch.clamp_max(PARAM[1] * (torch.exp(t / PARAM[1]) - 1), 0),
+        kink=lambda t: t.abs(),
+    ),
     Fn("abs", ("apply(sympy.Abs, {a})",), torch.abs, kink=lambda t: t.abs()),
     Fn(
         "clamp_min",

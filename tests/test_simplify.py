@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from derive import apply, derive, exp, log, op
+from derive import apply, derive, exp, log, op, simplify
 from derive.emit import render
 from derive.indexalg import IMax, ISum
 from derive.notation import text
@@ -470,3 +470,28 @@ def test_a_softplus_written_as_log_one_plus_exp_is_finite_with_a_stable_forward(
     ref.backward(g)
     torch.testing.assert_close(xs.grad, xr.grad)
     torch.testing.assert_close(as_.grad, ar.grad)
+
+
+# -- step arguments ---------------------------------------------------------------------------
+_n = sympy.Symbol("n", integer=True)  # stands for an index: entries below are tensor reads
+_X, _Y = sympy.Function("x")(_n), sympy.Function("y")(_n)
+_ALPHA = sympy.Symbol("alpha", positive=True)
+
+
+@pytest.mark.parametrize(
+    "step, plain",
+    [
+        (sympy.Heaviside(2 * _X - 2 * _Y, 0), sympy.Heaviside(_X - _Y, 0)),
+        (sympy.Heaviside(-3 * _X, 1), sympy.Heaviside(-_X, 1)),
+        (sympy.Heaviside(_ALPHA * (1 - sympy.exp(_X / _ALPHA)), 1), sympy.Heaviside(-_X, 1)),
+        (sympy.Heaviside(sympy.exp(_X) - 2, 0), sympy.Heaviside(_X - sympy.log(2), 0)),
+        (sympy.Heaviside(_X - sympy.exp(_Y), 0), sympy.Heaviside(_X - sympy.exp(_Y), 0)),  # not a constant
+        (sympy.Heaviside(sympy.exp(_X) + 1, 0), sympy.Heaviside(sympy.exp(_X) + 1, 0)),  # no log of -1
+    ],
+)
+def test_a_step_compares_the_value_itself(step, plain):
+    """A positive scale and an exp leave a step's 0, 1 and tie points where they were."""
+    assert simplify.plain_step_arguments(step) == plain
+    for x, y in ((-1.5, 0.25), (0.0, 0.0), (0.6931471805599453, 1.0), (2.0, -1.0)):
+        point = {_X: x, _Y: y, _ALPHA: 0.5}
+        assert float(step.subs(point)) == float(plain.subs(point))
