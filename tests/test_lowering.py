@@ -1392,3 +1392,21 @@ def test_a_step_added_to_float_values_is_a_float_mask():
     leaf = x.clone().requires_grad_()
     F.celu(leaf).backward(torch.ones_like(x))
     torch.testing.assert_close(dx, leaf.grad)
+
+
+def test_an_exp_beside_a_step_or_in_a_min_is_of_its_argument_clamped_to_where_it_counts():
+    """``step(-u)·exp(u/α)`` is NaN where ``exp`` overflows and the step is 0 (``0·inf``): it reads
+    ``exp(min(u, 0)/α)``, the same where the step is 1. The forward's ``min(0, α·(exp(u/α) - 1))``
+    takes the same clamped ``exp``, which it keeps for the backward: one ``exp`` in all."""
+    d, module = generated(celu_written_out)
+    assert "torch.exp(" not in "\n".join(d.code.backward)
+    x = torch.tensor([[-100.0, -1.0, 0.0, 1.0, 100.0]])
+    with AtenOps() as ops:
+        out, saved = module.celu_written_out_forward(x)
+    assert ops.counts["exp"] + ops.counts["exp_"] == 1, ops.counts
+    (dx,) = module.celu_written_out_backward(torch.ones_like(x), saved)
+    leaf = x.clone().requires_grad_()
+    want = F.celu(leaf)
+    want.backward(torch.ones_like(x))
+    torch.testing.assert_close(out, want.detach())
+    torch.testing.assert_close(dx, leaf.grad)

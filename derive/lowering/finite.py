@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import sympy
+from sympy.core.function import AppliedUndef
 
 from ..autodiff import grad_name
 from ..indexalg import ArgMax, IMax, ISum, entry_name, is_entry, is_index
@@ -158,8 +159,12 @@ def bound(e: sympy.Expr, up: bool) -> sympy.Expr | None:
         return None if any(b is None for b in bounds) else sympy.Add(*bounds)
     if isinstance(e, sympy.Mul):
         number, rest = e.as_coeff_Mul()
+        scales = [f for f in sympy.Mul.make_args(rest) if f.is_positive and not f.has(AppliedUndef)]
+        if scales:  # a positive parameter's value is the caller's: it keeps a bound of 0 only
+            inner = bound(rest / sympy.Mul(*scales), up if number > 0 else not up)
+            return sympy.S.Zero if inner == 0 else None
         if rest == e or not number.is_number:
-            return None  # a product of values, or of a value and a parameter
+            return None  # a product of values
         inner = bound(rest, up if number > 0 else not up)
         return None if inner is None else number * inner
     return None

@@ -25,18 +25,79 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from ..indexalg import is_entry
+from ..simplify import plain_step_arguments
 from .finite import at_most_one
 from .printer import is_constant
 
 
 def clamped(e: sympy.Expr) -> sympy.Expr:
+    """:func:`in_branches`, then each ``exp`` in a product with a step, or in the value a min or max
+    with a number takes, of its argument clamped to where that value counts (:func:`in_steps`)."""
+    return in_steps(in_branches(e))
+
+
+def in_steps(e: sympy.Expr) -> sympy.Expr:
+    """Each ``exp`` beside a step, of its argument clamped to the step's region, and each ``exp`` in
+    ``g`` of ``min(c, g)`` (``max(c, g)``) for a number ``c``, clamped to where ``g <= c`` (``>=``).
+
+    A CELU written ``max(0, u) + min(0, α·(exp(u/α) - 1))`` has the derivative
+    ``step(-u)·exp(u/α) + step(u)``, and ``0·exp(u/α)`` is NaN where ``exp(u/α)`` overflows (``u > 88α``
+    in float32). Where the step is 1, ``u <= 0``, so ``exp(min(u, 0)/α)`` is the same value, and it
+    is at most 1 everywhere. The min takes ``g`` only where ``g <= 0``, which is ``u <= 0`` too
+    (:func:`derive.simplify.plain_step_arguments`), and elsewhere ``g`` clamped is ``g`` at the
+    bound, 0: the same value again, so the forward and the backward share one ``exp``.
+
+    Example:
+        >>> u, a = sympy.Symbol("u", real=True), sympy.Symbol("alpha", positive=True)
+        >>> in_steps(sympy.Heaviside(-u, 1) * sympy.exp(u / a))
+        exp(Min(0, u)/alpha)*Heaviside(-u, 1)
+    """
+    if not e.has(sympy.exp) or not e.has(sympy.Heaviside, sympy.Min, sympy.Max):
+        return e
+
+    def rewrite(node: sympy.Expr) -> sympy.Expr:
+        if isinstance(node, sympy.Mul):
+            steps = [f for f in node.args if _is_mask_step(f)]
+            bounds = [b for s in steps for b in _step_bounds(s)]
+            if not bounds:
+                return node
+            return sympy.Mul(*(f if f in steps else _clamp_exps(f, bounds) for f in node.args))
+        constants = [a for a in node.args if is_constant(a)]
+        values = [a for a in node.args if not is_constant(a)]
+        if len(constants) != 1 or len(values) != 1 or not values[0].has(sympy.exp):
+            return node
+        (c,), (g,) = constants, values
+        below = isinstance(node, sympy.Min)  # the min takes g where g <= c
+        region = plain_step_arguments(sympy.Heaviside(c - g if below else g - c, 1))
+        return node.func(c, _clamp_exps(g, _step_bounds(region)))
+
+    return e.replace(lambda n: isinstance(n, (sympy.Mul, sympy.Min, sympy.Max)), rewrite)
+
+
+def _is_mask_step(f: sympy.Basic) -> bool:
+    return isinstance(f, sympy.Heaviside) and len(f.args) > 1 and f.args[1] in (0, 1)
+
+
+def _step_bounds(step: sympy.Expr) -> Bounds:
+    """What a step being 1 says about values: ``step(u - c)`` is ``u >= c``; ``step(c - u)``, ``u <= c``."""
+    if not _is_mask_step(step):
+        return []
+    arg = step.args[0]
+    c = -sympy.Add(*(t for t in sympy.Add.make_args(arg) if is_constant(t)))
+    u = arg + c
+    if is_constant(u):
+        return []
+    return [(-u, -c, True)] if u.could_extract_minus_sign() else [(u, c, False)]
+
+
+def in_branches(e: sympy.Expr) -> sympy.Expr:
     """``e`` with each ``exp`` in a ``Piecewise`` branch whose argument the branch's region bounds
     above evaluated on the clamped argument (``exp(Min(u, 0))`` where ``u <= 0``), and each
     polynomial branch of degree 2 or more read on values clamped between its region's bounds.
 
     Example:
         >>> u = sympy.Symbol("u", real=True)
-        >>> clamped(sympy.Piecewise((u, u > 0), (sympy.exp(u) - 1, True)))
+        >>> in_branches(sympy.Piecewise((u, u > 0), (sympy.exp(u) - 1, True)))
         Piecewise((u, u > 0), (exp(Min(0, u)) - 1, True))
     """
     return _each_branch(e, lambda value, bounds: _clamp_polynomial(_clamp_exps(value, bounds), bounds))
@@ -155,4 +216,4 @@ def _clamp_exps(value: sympy.Expr, bounds: Bounds) -> sympy.Expr:
     return value.replace(lambda n: isinstance(n, sympy.exp), clamp)
 
 
-__all__ = ["Bounds", "clamped", "condition_bounds", "guarded"]
+__all__ = ["Bounds", "clamped", "condition_bounds", "guarded", "in_branches", "in_steps"]
