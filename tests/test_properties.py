@@ -379,6 +379,13 @@ UNARY = [
         lambda t: torch.relu(t) + torch.clamp_max(PARAM[1] * (torch.exp(t / PARAM[1]) - 1), 0),
         kink=lambda t: t.abs(),
     ),
+    # a leaky relu written with max and min: steps of u and -u, one mask in floats
+    Fn(
+        "leaky_mm",
+        ("apply(lambda u: sympy.Max(u, 0) + 0.01 * sympy.Min(u, 0), {a})",),
+        lambda t: torch.relu(t) + 0.01 * torch.clamp_max(t, 0),
+        kink=lambda t: t.abs(),
+    ),
     Fn("abs", ("apply(sympy.Abs, {a})",), torch.abs, kink=lambda t: t.abs()),
     Fn(
         "clamp_min",

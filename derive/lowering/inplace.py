@@ -80,7 +80,11 @@ class _Chain:
             mask = self.printer.compare_into_floats(*e.args)
             if mask is not None:
                 return Piece(mask, self._axes_of(e), fresh=True)
-        if _steps_only(e):  # (x > 0) + 1 is a bool or integer tensor: no in-place float arithmetic on it
+        if _steps_only(e) and self._float_steps(e):
+            e = _one_step_per_pair(e)  # 0.01·step(-x) + step(x) is 0.01 + 0.99·step(x): one mask
+            if not isinstance(e, (sympy.Add, sympy.Mul)):
+                return self.emit(e)
+        elif _steps_only(e):  # (x > 0) + 1 is a bool or integer tensor: no in-place float arithmetic on it
             return Piece(self.printer.doprint(e), self._axes_of(e), fresh=False)
         if isinstance(e, sympy.Add):
             return self._add(e)
@@ -100,6 +104,15 @@ class _Chain:
             if clamp is not None:
                 return clamp
         return Piece(self.printer.doprint(e), self._axes_of(e), fresh=False)  # compares, Max of values...
+
+    def _float_steps(self, e: sympy.Expr) -> bool:
+        """Whether ``e``, a sum or product of steps and numbers (``0.01·step(-x) + step(x)``), is
+        computed in 0/1 float masks: each step compares into floats, so no bool arithmetic (a
+        scalar loop, and a type promotion per operation, on a CPU) is left."""
+        if not self.printer.float_masks or not isinstance(e, (sympy.Add, sympy.Mul)) or e.has(sympy.Piecewise, Select):
+            return False
+        steps = e.atoms(sympy.Heaviside)
+        return all(_mask_step(h) and self.printer.compare_into_floats(*h.args) is not None for h in steps)
 
     def _one_operation(self, e: sympy.Expr) -> bool:
         """``a + b``, ``1 - a``, ``c*a``, ``a*b``, ``a/b`` of values: printed as written (one new buffer anyway)."""
@@ -479,6 +492,25 @@ _BRANCHES = sympy.Function("branches")
 def _bare_step(e: sympy.Expr) -> bool:
     """Whether ``e`` holds a step outside a ``Select`` (whose mask prints as floats, not bools)."""
     return e.xreplace({s: sympy.Dummy() for s in e.atoms(Select)}).has(sympy.Heaviside)
+
+
+def _one_step_per_pair(e: sympy.Expr) -> sympy.Expr:
+    """``e`` with ``step(-w)`` written ``1 - step(w)`` where ``e`` reads both (ties ``1 - t`` and
+    ``t``): exactly the same 0/1 values, tie included, and one comparison fewer."""
+    steps = [h for h in e.atoms(sympy.Heaviside) if _mask_step(h)]
+    for h in steps:
+        for g in steps:
+            if h.args[0] == -g.args[0] and h.args[1] == 1 - g.args[1]:
+                # keep the step whose coefficient stays positive: no subtraction beside a mask
+                one = min(
+                    (sympy.expand(e.xreplace({h: 1 - g})), sympy.expand(e.xreplace({g: 1 - h}))), key=_subtractions
+                )
+                return _one_step_per_pair(one)
+    return e
+
+
+def _subtractions(e: sympy.Expr) -> int:
+    return sum(1 for t in sympy.Add.make_args(e) if t.could_extract_minus_sign())
 
 
 def _mask_step(e: sympy.Expr) -> bool:
