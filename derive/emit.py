@@ -109,6 +109,11 @@ def prologue(d: Derivation) -> list[str]:
                 f"if not {t.name}.is_floating_point():\n"
                 f'    raise TypeError(f"{name}: {t.name} must be a floating-point tensor, got {{{t.name}.dtype}}")'
             )
+    for p in program.params:  # the derivation took them positive (Param.symbol)
+        lines.append(
+            f"if not {p.name} > 0:\n"
+            f'    raise ValueError(f"{name}: {p.name} must be positive (derive derived it as a positive symbol), got {{{p.name}!r}}")'
+        )
     defined = {var: src for var, src in d.code.sizes}
     lines += [f"{var} = {src}" for var, src in d.code.sizes]
     for t in program.inputs:

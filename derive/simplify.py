@@ -531,7 +531,8 @@ def plain_step_arguments(e: sympy.Expr) -> sympy.Expr:
             arg = sympy.log(constant) - (-exps[0]).args[0]  # a - exp(v)
         elif not scale:
             return node
-        return sympy.Heaviside(plain(sympy.Heaviside(arg)).args[0], *rest)
+        step = sympy.Heaviside(arg, *rest)  # (a number where SymPy knows the sign of arg)
+        return plain(step) if isinstance(step, sympy.Heaviside) else step
 
     return _bottom_up(e, plain) if e.has(sympy.Heaviside) else e
 

@@ -683,6 +683,11 @@ def trace_op(the_op: Op, fixed: dict[str, int] | None = None) -> Program:
             args.append(t)
             inputs.append(TensorInfo(p.name, spec.layout, spec.is_int, spec.const))
         elif p.default is not inspect.Parameter.empty and isinstance(p.default, (int, float)):
+            if not p.default > 0:  # SymPy would read sqrt(s**2) as s, and derive a step of s*u as one of u
+                raise OpDefinitionError(
+                    f"op '{name}': parameter '{p.name}' defaults to {p.default!r}, but scalar parameters must be "
+                    f"positive (derive treats them as positive symbols); write a negative one as -{p.name}"
+                )
             param = Param(p.name, float(p.default))
             params.append(param)
             args.append(param.symbol)

@@ -108,6 +108,10 @@ def attention_block_forward(
         raise ValueError(f"attention_block: mask must be [T, S], got shape {tuple(mask.shape)}")
     if mask.dtype != x.dtype:
         raise TypeError(f"attention_block: mask is {mask.dtype} but x is {x.dtype}")
+    if not eps > 0:
+        raise ValueError(
+            f"attention_block: eps must be positive (derive derived it as a positive symbol), got {eps!r}"
+        )
     N = x.shape[0]
     T = x.shape[1]
     C = x.shape[2]

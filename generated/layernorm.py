@@ -101,6 +101,10 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-05, _keep_all=False):
         raise ValueError(f"layernorm: beta must be [D], got shape {tuple(beta.shape)}")
     if beta.dtype != x.dtype:
         raise TypeError(f"layernorm: beta is {beta.dtype} but x is {x.dtype}")
+    if not eps > 0:
+        raise ValueError(
+            f"layernorm: eps must be positive (derive derived it as a positive symbol), got {eps!r}"
+        )
     N = x.shape[0]
     D = x.shape[1]
     if gamma.shape[0] != D:

@@ -108,6 +108,10 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
         raise ValueError(f"makemore_mlp: Yb must be [N], got shape {tuple(Yb.shape)}")
     if Yb.dtype != torch.int64:
         raise TypeError(f"makemore_mlp: Yb must be an int64 index tensor, got {Yb.dtype}")
+    if not eps > 0:
+        raise ValueError(
+            f"makemore_mlp: eps must be positive (derive derived it as a positive symbol), got {eps!r}"
+        )
     V = C.shape[0]
     E = C.shape[1]
     J = W1.shape[1]

@@ -80,6 +80,10 @@ def mlp_block_forward(x, gamma, beta, W1, b1, W2, b2, *, eps=1e-05, _keep_all=Fa
         raise ValueError(f"mlp_block: b2 must be [C], got shape {tuple(b2.shape)}")
     if b2.dtype != x.dtype:
         raise TypeError(f"mlp_block: b2 is {b2.dtype} but x is {x.dtype}")
+    if not eps > 0:
+        raise ValueError(
+            f"mlp_block: eps must be positive (derive derived it as a positive symbol), got {eps!r}"
+        )
     N = x.shape[0]
     T = x.shape[1]
     C = x.shape[2]

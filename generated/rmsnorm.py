@@ -90,6 +90,10 @@ def rmsnorm_forward(x, gamma, *, eps=1e-06, _keep_all=False):
         raise ValueError(f"rmsnorm: gamma must be [D], got shape {tuple(gamma.shape)}")
     if gamma.dtype != x.dtype:
         raise TypeError(f"rmsnorm: gamma is {gamma.dtype} but x is {x.dtype}")
+    if not eps > 0:
+        raise ValueError(
+            f"rmsnorm: eps must be positive (derive derived it as a positive symbol), got {eps!r}"
+        )
     N = x.shape[0]
     D = x.shape[1]
     if gamma.shape[0] != D:

@@ -61,6 +61,10 @@ BAD_OPS = {
         'import torch\n\n\n@op(x="n d")\ndef f(x):\n    out = torch.sigmoid(x)\n    return out\n',
         ["torch.sigmoid", "derive tensor", "apply(f, x)", "f.py:"],
     ),
+    "negative_parameter": (
+        '@op(x="n d")\ndef f(x, s=-1.0):\n    out = apply(lambda u: sympy.Max(0, s * (u - 1)), x)\n    return out\n',
+        ["'s'", "-1.0", "positive", "-s"],
+    ),
     "user_code_error": (
         '@op(x="n d")\ndef f(x):\n    out = x * undefined_name\n    return out\n',
         ["NameError", "undefined_name", "f.py:"],
@@ -150,6 +154,10 @@ def test_generated_functions_reject_wrong_shapes_and_dtypes():
         batchnorm_forward(torch.randn(1, 3), torch.randn(3), torch.randn(3))
     with pytest.raises(TypeError, match="float64"):
         batchnorm_forward(torch.randn(4, 3), torch.randn(3, dtype=torch.float64), torch.randn(3))
+    # the derivation took eps positive (SymPy reads sqrt(eps**2) as eps): another value is refused
+    for eps in (0.0, -1e-5, float("nan")):
+        with pytest.raises(ValueError, match="eps must be positive"):
+            batchnorm_forward(torch.randn(4, 3), torch.randn(3), torch.randn(3), eps=eps)
 
 
 DOMAIN_OPS = {  # a log of an input: checked where the forward is finite, not at normal inputs

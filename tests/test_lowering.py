@@ -1432,3 +1432,71 @@ def test_a_sum_of_steps_is_float_masks_with_one_step_per_complementary_pair():
     leaf = x.clone().requires_grad_()
     F.leaky_relu(leaf, 0.01).backward(torch.ones_like(x))
     torch.testing.assert_close(dx, leaf.grad)
+
+
+# -- found by a review: each rewrite only where it is exact -----------------------------------
+_XE, _YE = sympy.Function("x")(_U), sympy.Function("y")(_U)  # tensor entries (the index is a stand-in)
+
+
+@pytest.mark.parametrize(
+    "piecewise",
+    [
+        sympy.Piecewise((_XE, (_XE < 1) & (_YE > 0)), (1, True)),  # an And bounds another value too
+        sympy.Piecewise((1, (_XE > 1) | (_YE < 0)), (_XE, True)),  # and so does an Or
+        sympy.Piecewise((_XE**2 / 2, _XE < _YE), (_XE * _YE - _YE**2 / 2, True)),  # a shift by y: x - y + y is not x
+    ],
+)
+def test_a_piecewise_whose_clamp_would_not_be_exact_is_left(piecewise):
+    assert saturated(piecewise) == piecewise
+
+
+@op(x="n d")
+def max_of_a_min(x, a=1.0, b=2.0):
+    """max(b, min(a, x)): not torch.clamp(x, b, a), which is a where b > a."""
+    return apply(lambda u: sympy.Max(b, sympy.Min(a, u)), x) * x
+
+
+@op(x="n d")
+def exp_of_abs_in_a_relu(x, a=1.0):
+    """A step whose argument SymPy knows the sign of once the exp is gone: step(|u| + a) is 1."""
+    return apply(lambda u: sympy.Max(0, sympy.exp(sympy.Abs(u) + a) - 1) * u, x)
+
+
+@op(x="n d")
+def min_of_an_exp_with_a_bound_off_zero(x):
+    """min(0, 2·exp(u) - 2/3) is 0 for u > log(1/3); exp clamped there would be 2·exp(log(1/3)) - 2/3, not 0 in floats."""
+    return apply(lambda u: sympy.Min(0, 2 * sympy.exp(u) - sympy.Rational(2, 3)), x)
+
+
+@op(x="n d", y="n", z="d")
+def masked_by_two_vectors(x, y, z):
+    """A mask of y along n and one of z along d: their product is a new buffer, not one grown in place."""
+    return apply(lambda u, a, b: sympy.Piecewise((u * u / 2, (a > 0) & (b > 0)), (0, True)), x, y, z)
+
+
+@pytest.mark.parametrize("the_op", [max_of_a_min, exp_of_abs_in_a_relu, masked_by_two_vectors])
+def test_compositions_a_review_found_verify(the_op):
+    d, module = generated(the_op)
+    assert verify(d, module).ok
+
+
+def test_a_min_of_an_exp_bounded_off_zero_keeps_its_exact_zero():
+    _, module = generated(min_of_an_exp_with_a_bound_off_zero)
+    x = torch.tensor([[-3.0, -1.0, 0.0, 5.0]])
+    out, _ = module.min_of_an_exp_with_a_bound_off_zero_forward(x)
+    assert out[0, 2:].tolist() == [0.0, 0.0]
+
+
+@op(x="n d")
+def clip_to_a_parameter(x, b=1.0):
+    """A clip to [-b, b]: a parameter's bound may not fit float16, so its mask is two comparisons."""
+    return apply(lambda u: sympy.Piecewise((-b, u < -b), (b, u > b), (u, True)), x)
+
+
+def test_a_closed_interval_with_a_parameter_bound_compares_and_takes_any_value_in_float16():
+    d, module = generated(clip_to_a_parameter)
+    assert "clamp(x, -b" not in "\n".join(d.code.backward), d.code.backward
+    x = torch.tensor([[-2.0, 0.5, 3.0]], dtype=torch.float16)
+    _, saved = module.clip_to_a_parameter_forward(x, b=1e5)
+    (dx,) = module.clip_to_a_parameter_backward(torch.ones_like(x), saved)
+    assert dx.tolist() == [[1.0, 1.0, 1.0]]

@@ -328,8 +328,11 @@ class _Chain:
         """``value`` times the product of ``steps`` (or its complement) into the steps' fresh float
         mask, when the mask spans the result (no new buffer for the product) and masks may be
         floats; None otherwise."""
+        steps = sorted(steps, key=lambda s: -len(self._axes_of(s[0])))  # the first mask takes the others in place
+        if not value.tensor or not steps or self._axes_of(steps[0][0]) != full:
+            return None
         mask = self.printer.steps_into_floats(steps, complement) if floats else None
-        if mask is None or not value.tensor or frozenset().union(*(self._axes_of(arg) for arg, _ in steps)) != full:
+        if mask is None:
             return None
         if value.fresh and value.axes == full:
             return Piece(f"{atom(value.code)}.mul_({mask})", full, True)
@@ -427,7 +430,11 @@ class _Chain:
             masked = self._times_mask(y, steps, full, floats=True, complement=True)
             if masked is not None:
                 return masked
-        mask = self.printer.select_mask(step)
+        ordered = sorted(steps, key=lambda s: -len(self._axes_of(s[0])))  # the widest mask first
+        if is_conjunction(step) and self._axes_of(ordered[0][0]) == self._axes_of(step):
+            mask = self.printer.steps_into_floats(ordered)
+        else:
+            mask = self.printer.select_mask(step)
         if mask is None or not (x.tensor and y.tensor) or _bare_step(a) or _bare_step(b):
             code = self.printer.doprint(e)  # (the printer's lerp reads steps as floats)
             return Piece(code, full, fresh=not is_name(code))  # Select(1, 0, mask) is the mask: a name
@@ -438,8 +445,10 @@ class _Chain:
     def _clamp(self, e: sympy.Min | sympy.Max) -> Piece | None:
         """``Min(Max(a, lo), hi)``, ``Max(a, lo)`` or ``Min(a, hi)`` with number bounds as one clamp of
         ``a``, in place when the chain made ``a``'s buffer; None for an extremum of two values."""
-        bounds = {sympy.Min: None, sympy.Max: None}
-        while isinstance(e, (sympy.Min, sympy.Max)) and bounds[type(e)] is None:
+        bounds: dict[type, sympy.Expr | None] = {sympy.Min: None, sympy.Max: None}
+        # torch.clamp(a, lo, hi) is min(max(a, lo), hi): a max inside a min, never the other way
+        # (max(min(a, hi), lo) is lo where lo > hi, and a parameter's order is the caller's)
+        while isinstance(e, (sympy.Min, sympy.Max)) and bounds[type(e)] is None and bounds[sympy.Max] is None:
             constants = [a for a in e.args if not (a.free_symbols & set(self.axes))]
             values = [a for a in e.args if a.free_symbols & set(self.axes)]
             if len(values) != 1 or not constants:

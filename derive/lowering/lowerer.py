@@ -1300,15 +1300,12 @@ class Lowerer:
             # t1 - (x + t1) is -x: the axes only t1 had are gone, so lower what is left on its own
             back = {mapping[leaf]: leaf for leaf in alive}
             return self._elementwise(reduced.xreplace(back), known, want)
-        if chained:  # the fused backward: one fresh buffer, updated in place
-            code = inplace.chain(
-                e.xreplace(mapping),
-                {mapping[leaf]: frozenset(v.axes) for leaf, v in leaves},
-                self.printer,
-                inner=axes[-1] if axes else None,
-            )
-        else:
-            code = self.printer.doprint(e.xreplace(mapping))
+        leaf_axes = {mapping[leaf]: frozenset(v.axes) for leaf, v in leaves}
+        with self.printer.reading(leaf_axes):  # (a product of masks starts with one of the whole size)
+            if chained:  # the fused backward: one fresh buffer, updated in place
+                code = inplace.chain(e.xreplace(mapping), leaf_axes, self.printer, inner=axes[-1] if axes else None)
+            else:
+                code = self.printer.doprint(e.xreplace(mapping))
         lone = e.xreplace(mapping)
         mask = (
             self.printer.float_mask(*lone.args) if isinstance(lone, sympy.Heaviside) and len(lone.args) == 2 else None

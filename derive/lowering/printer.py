@@ -120,10 +120,31 @@ class TorchCodePrinter(TorchPrinter):
         box = self._closed_interval(steps, "ne_" if complement else "eq_")
         if box is not None or complement:
             return box
+        steps = sorted(steps, key=lambda s: -len(self._axes_read(s[0])))
         masks = [self.compare_into_floats(arg, tie) for arg, tie in steps]
         if not masks or any(m is None for m in masks):
             return None
-        return str(masks[0]) + "".join(f".mul_({m})" for m in masks[1:])
+        whole = frozenset().union(*(self._axes_read(arg) for arg, _ in steps))
+        first = str(masks[0])
+        if len(masks) > 1 and self._axes_read(steps[0][0]) != whole:  # y[:, None] > 0 and z > 0: a new buffer
+            first, masks = f"torch.mul({first}, {masks[1]})", masks[1:]
+        return first + "".join(f".mul_({m})" for m in masks[1:])
+
+    leaf_axes: dict[sympy.Basic, frozenset] | None = None  # the axes of the symbols being printed, when known
+
+    @contextlib.contextmanager
+    def reading(self, leaf_axes: dict[sympy.Basic, frozenset]) -> Iterator[None]:
+        """Within the block, the printer knows the axes of the symbols it prints (which mask is widest)."""
+        saved, self.leaf_axes = self.leaf_axes, leaf_axes
+        try:
+            yield
+        finally:
+            self.leaf_axes = saved
+
+    def _axes_read(self, e: sympy.Expr) -> frozenset:
+        """The axes of the symbols ``e`` reads (empty where the printer was not told them)."""
+        known = self.leaf_axes or {}
+        return frozenset().union(*(known.get(s, frozenset()) for s in e.free_symbols))
 
     def _closed_interval(self, steps: list[tuple[sympy.Expr, sympy.Expr]], compare: str) -> str | None:
         """``torch.clamp(u, lo, hi).eq_(u)`` for the steps of ``u - lo`` and ``hi - u`` (``lo < hi``
@@ -137,6 +158,8 @@ class TorchCodePrinter(TorchPrinter):
             return None
         low = -sympy.Add(*(t for t in sympy.Add.make_args(a) if is_constant(t)))
         value = a + low
+        if not all(b.is_number and abs(b) <= _HALF_MAX for b in (low, low + width)):
+            return None  # torch.clamp refuses a bound its dtype cannot hold (a parameter's may be any)
         u = self._print(value)
         if is_constant(value) or not _NAMED_VIEW.fullmatch(u):
             return None
@@ -362,6 +385,7 @@ class FaithfulPrinter(TorchCodePrinter):
         return f"({self._print(scale)}) * {body}"
 
 
+_HALF_MAX = 65504  # the largest float16: a bound torch.clamp takes in every floating dtype
 _NAMED_VIEW = re.compile(r"[A-Za-z_]\w*(\[(\s*(:|None|0)\s*,?)*\])?")  # pre1, var[:, None]; not x[idx]
 
 

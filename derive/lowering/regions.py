@@ -68,8 +68,10 @@ def in_steps(e: sympy.Expr) -> sympy.Expr:
             return node
         (c,), (g,) = constants, values
         below = isinstance(node, sympy.Min)  # the min takes g where g <= c
-        region = plain_step_arguments(sympy.Heaviside(c - g if below else g - c, 1))
-        return node.func(c, _clamp_exps(g, _step_bounds(region)))
+        bounds = _step_bounds(plain_step_arguments(sympy.Heaviside(c - g if below else g - c, 1)))
+        if not all(bound == 0 for _, bound, _ in bounds):
+            return node  # g at a bound of 0 reads exp(0) = 1, exactly c in floats too (2·exp(log(1/3)) - 2/3 is not 0)
+        return node.func(c, _clamp_exps(g, bounds))
 
     return e.replace(lambda n: isinstance(n, (sympy.Mul, sympy.Min, sympy.Max)), rewrite)
 

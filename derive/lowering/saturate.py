@@ -16,6 +16,7 @@ from collections.abc import Callable
 import sympy
 from sympy.core.function import AppliedUndef
 
+from ..indexalg import tensor_names
 from .printer import is_constant
 from .regions import Bounds, condition_bounds
 
@@ -40,6 +41,8 @@ def _two_branches(node: sympy.Basic) -> bool:
 
 def _as_clamp(node: sympy.Piecewise) -> sympy.Expr:
     (a, cond), (b, _) = node.args
+    if not isinstance(cond, sympy.core.relational.Relational):  # an And or Or bounds other values too
+        return node
     for linear, edge, holds in ((a, b, True), (b, a, False)):  # the linear branch where cond holds, or fails
         for value, low, high in _intervals(condition_bounds(cond, holds)):
             clamp = _clamp(linear, edge, value, low, high)
@@ -70,8 +73,8 @@ def _clamp(
     on, off = at_z(linear), at_z(edge)
     k = sympy.diff(on, z)
     m = sympy.expand(on - k * z)
-    if k == 0 or k.has(z) or m.has(z):
-        return None
+    if k == 0 or k.has(z) or m.has(z) or tensor_names(k) or tensor_names(m):
+        return None  # (k·clamp(x - y) + y for x is not x in floating point: the slope and shift are constants)
     if low is not None and high is not None:
         if not (high.is_positive and sympy.expand(low + high) == 0):  # |u| < c only: one branch outside
             return None
