@@ -121,6 +121,13 @@ def celu(x, alpha=1.0):
     return out
 
 
+@op(x="n d")
+def leaky_mm(x):
+    """A leaky relu written with max and min: max(u, 0) + 0.01·min(u, 0)."""
+    out = apply(lambda u: sympy.Max(u, 0) + 0.01 * sympy.Min(u, 0), x)
+    return out
+
+
 # -- the same computations in PyTorch's own ops ------------------------------------------------
 def _mlp_mse(x, W1, b1, W2, b2, y):  # noqa: ANN001, ANN202
     return ((F.relu(x @ W1 + b1) @ W2 + b2 - y) ** 2).mean()
@@ -170,6 +177,10 @@ def _celu(x, alpha=1.0):  # noqa: ANN001, ANN202
     return F.celu(x, alpha)
 
 
+def _leaky_mm(x):  # noqa: ANN001, ANN202
+    return F.leaky_relu(x, 0.01)
+
+
 @dataclass(frozen=True)
 class Composition:
     """One benchmarked composition: the op, its PyTorch twin, and input shapes by input name."""
@@ -214,6 +225,7 @@ COMPOSITIONS = {
         Composition("hardtanh", hardtanh, _hardtanh, {"x": (2048, 1024)}),
         Composition("hardswish", hardswish, _hardswish, {"x": (2048, 1024)}),
         Composition("celu", celu, _celu, {"x": (2048, 1024)}, (("alpha", 1.0),)),
+        Composition("leaky_mm", leaky_mm, _leaky_mm, {"x": (2048, 1024)}),
     ]
 }
 SMALL = {  # --quick: the same ops at small sizes
@@ -229,6 +241,7 @@ SMALL = {  # --quick: the same ops at small sizes
     "hardtanh": {"x": (64, 32)},
     "hardswish": {"x": (64, 32)},
     "celu": {"x": (64, 32)},
+    "leaky_mm": {"x": (64, 32)},
 }
 
 
