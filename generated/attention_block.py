@@ -304,7 +304,7 @@ def attention_block_backward(grad_output, saved):
     dx = (
         torch.addcmul(dout, (gamma * pow_var[:, :, None]), dln)
         .addcmul_(diff, torch.pow(pow_var, 3).mul_(t19).mul_(-1 / C)[:, :, None])
-        .add_(torch.mul(pow_var[:, :, None], t18[:, :, None]).mul_(1 / C), alpha=-1)
+        .add_(torch.mul(pow_var[:, :, None], t18[:, :, None]).div_(C), alpha=-1)
     )
     return attention_block_Grads(
         x=dx,

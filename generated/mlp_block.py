@@ -194,7 +194,7 @@ def mlp_block_backward(grad_output, saved):
     dx = (
         torch.addcmul(dout, (gamma * pow_var[:, :, None]), dln)
         .addcmul_(diff, torch.pow(pow_var, 3).mul_(t11).mul_(-1 / C)[:, :, None])
-        .add_(torch.mul(pow_var[:, :, None], t10[:, :, None]).mul_(1 / C), alpha=-1)
+        .add_(torch.mul(pow_var[:, :, None], t10[:, :, None]).div_(C), alpha=-1)
     )
     return mlp_block_Grads(
         x=dx,

@@ -470,11 +470,11 @@ def test_a_value_one_expression_writes_twice_is_computed_once():
 
 
 def test_the_huber_derivative_is_one_clamp_exact_at_its_switch_points():
-    """``Piecewise((u/β, |u| < β), (sign(u), True))`` is ``clamp(u, -β, β)/β``: one pass, no select,
+    """``Piecewise((u/β, |u| < β), (sign(u), True))`` is ``clamp(u/β, -1, 1)``: one pass, no select,
     no sign and no comparison, and the same values at ``|u| = β`` and at 0."""
     d, module = generated(smooth_l1)
     code = "\n".join(d.code.backward)
-    assert "clamp_(min=-beta, max=beta)" in code and not re.search(r"where|lerp|sign|abs", code), code
+    assert "div_(beta).clamp_(min=-1, max=1)" in code and not re.search(r"where|lerp|sign|abs", code), code
     x, y = _smooth_l1_inputs()
     out, saved = module.smooth_l1_forward(x, y)
     with AtenOps() as ops:
@@ -1316,11 +1316,11 @@ _BETA = sympy.Symbol("beta", positive=True)
     [
         (
             sympy.Piecewise((_U / _BETA, sympy.Abs(_U) < _BETA), (sympy.sign(_U), True)),
-            sympy.Min(_BETA, sympy.Max(-_BETA, _U)) / _BETA,
+            sympy.Min(1, sympy.Max(-1, _U / _BETA)),
         ),
-        (sympy.Piecewise((2 * _U + 1, _U < 0.5), (2.0, True)), 2 * sympy.Min(_U, 0.5) + 1),
-        (sympy.Piecewise((3.0, _U >= 1), (3 * _U, True)), 3 * sympy.Min(_U, 1)),
-        (sympy.Piecewise((-_U - _V, _U - _V > 1), (-2 * _V - 1, True)), -sympy.Max(_U - _V, 1) - 2 * _V),
+        (sympy.Piecewise((2 * _U + 1, _U < 0.5), (2.0, True)), sympy.Min(2 * _U + 1, 2.0)),
+        (sympy.Piecewise((3.0, _U >= 1), (3 * _U, True)), sympy.Min(3 * _U, 3)),
+        (sympy.Piecewise((1 - 2 * _U, _U < 1), (-1, True)), sympy.Max(1 - 2 * _U, -1)),  # a negative slope
     ],
 )
 def test_a_linear_branch_held_at_its_bound_is_a_clamp(piecewise, clamp):
@@ -1343,13 +1343,19 @@ def test_a_linear_branch_held_at_its_bound_is_a_clamp(piecewise, clamp):
     ],
 )
 def test_a_piecewise_that_is_no_clamp_is_left(piecewise):
-    got = saturated(piecewise)
-    if got != piecewise:  # (a slope that is a value is still exact, and allowed)
-        for u in (-3.0, -1.0, 0.0, 0.5, 1.0, 2.5):
-            point = {_U: u, _V: 0.25}
-            assert float(got.subs(point)) == pytest.approx(float(piecewise.subs(point)), abs=1e-12)
-    else:
-        assert got == piecewise
+    assert saturated(piecewise) == piecewise
+
+
+def test_a_huber_derivative_is_exactly_one_beyond_its_bound_whatever_beta():
+    """``clamp(u/β, -1, 1)``: u/β >= 1 for u >= β (a division is monotone), so beyond the bound the
+    gradient is ±1 exactly, as the select gave; ``clamp(u, -β, β)·(1/β)`` was 0.99999994 at β = 41."""
+    _, module = generated(smooth_l1)
+    x = torch.tensor([[41.0, -41.0, 100.0, 3.0], [0.0, -0.5, 40.0, -1e6]])
+    y = torch.zeros_like(x)
+    _, saved = module.smooth_l1_forward(x, y, beta=41.0)
+    (dx,) = module.smooth_l1_backward(torch.tensor(float(x.numel())), saved)  # dloss/(D·N) = 1 exactly
+    assert dx[0, :3].tolist() == [1.0, -1.0, 1.0] and dx[1, 3] == -1.0
+    assert dx[0, 3] == torch.tensor(3.0) / 41.0 and dx[1, 2] == torch.tensor(40.0) / 41.0
 
 
 @op(x="n d")
@@ -1500,3 +1506,33 @@ def test_a_closed_interval_with_a_parameter_bound_compares_and_takes_any_value_i
     _, saved = module.clip_to_a_parameter_forward(x, b=1e5)
     (dx,) = module.clip_to_a_parameter_backward(torch.ones_like(x), saved)
     assert dx.tolist() == [[1.0, 1.0, 1.0]]
+
+
+@op(x="n d k", y="n", z="d", w="k")
+def masked_by_three_vectors(x, y, z, w):
+    """Masks along n, d and k: each widens the product, so none is grown in place."""
+    return apply(lambda u, a, b, c: sympy.Piecewise((u, (a > 0) & (b > 0) & (c > 0)), (0, True)), x, y, z, w)
+
+
+@op(x="n d")
+def steps_that_cancel(x):
+    """max(u, 0) + min(u, 0) is u: its derivative step(u) + step(-u) is 1, still of x's shape."""
+    return apply(lambda u: sympy.Max(u, 0) + sympy.Min(u, 0), x).sum(("n", "d"))
+
+
+@op(x="n d")
+def max_of_two_parameters(x, a=1.0, b=2.0):
+    """max(u, a, b): both parameters bound it (the printer once dropped b)."""
+    return apply(lambda u: sympy.Max(u, a, b), x)
+
+
+@pytest.mark.parametrize("the_op", [masked_by_three_vectors, steps_that_cancel, max_of_two_parameters])
+def test_compositions_a_second_review_found_verify(the_op):
+    d, module = generated(the_op)
+    assert verify(d, module).ok
+
+
+def test_a_max_of_two_parameters_and_a_value_reads_both():
+    _, module = generated(max_of_two_parameters)
+    out, _ = module.max_of_two_parameters_forward(torch.tensor([[0.5, 1.5, 3.0]]))
+    assert out.tolist() == [[2.0, 2.0, 3.0]]

@@ -81,7 +81,9 @@ class _Chain:
             if mask is not None:
                 return Piece(mask, self._axes_of(e), fresh=True)
         if _steps_only(e) and self._float_steps(e):
-            e = _one_step_per_pair(e)  # 0.01·step(-x) + step(x) is 0.01 + 0.99·step(x): one mask
+            paired = _one_step_per_pair(e)  # 0.01·step(-x) + step(x) is 0.01 + 0.99·step(x): one mask
+            if self._axes_of(paired) == self._axes_of(e):  # (step(x) + step(-x) is 1, of no axes)
+                e = paired
             if not isinstance(e, (sympy.Add, sympy.Mul)):
                 return self.emit(e)
         elif _steps_only(e):  # (x > 0) + 1 is a bool or integer tensor: no in-place float arithmetic on it
@@ -400,7 +402,9 @@ class _Chain:
         for p in denominators:
             acc = f"{atom(acc)}.div_({p.code})" if p.axes <= axes else f"{atom(acc)}.div({p.code})"
             axes |= p.axes
-        if constant != 1:
+        if constant != 1 and constant.is_Pow and constant.exp == -1:  # u/β divides: β/β is 1, β·(1/β) may not be
+            acc = f"{atom(acc)}.div_({self.printer.doprint(constant.base)})"
+        elif constant != 1:
             acc = f"{atom(acc)}.mul_({self.printer.doprint(constant)})"
         return Piece(acc, full, fresh=True)
 
@@ -505,16 +509,16 @@ def _bare_step(e: sympy.Expr) -> bool:
 
 def _one_step_per_pair(e: sympy.Expr) -> sympy.Expr:
     """``e`` with ``step(-w)`` written ``1 - step(w)`` where ``e`` reads both (ties ``1 - t`` and
-    ``t``): exactly the same 0/1 values, tie included, and one comparison fewer."""
-    steps = [h for h in e.atoms(sympy.Heaviside) if _mask_step(h)]
+    ``t``): the same 0/1 values, tie included, and one comparison fewer. Not at NaN: there both
+    comparisons are false, so ``1 - step(w)`` is 1 where ``step(-w)`` was 0 (PyTorch's
+    ``leaky_relu`` backward, too, gives the slope's value at NaN)."""
+    steps = sorted((h for h in e.atoms(sympy.Heaviside) if _mask_step(h)), key=sympy.default_sort_key)
     for h in steps:
         for g in steps:
             if h.args[0] == -g.args[0] and h.args[1] == 1 - g.args[1]:
                 # keep the step whose coefficient stays positive: no subtraction beside a mask
-                one = min(
-                    (sympy.expand(e.xreplace({h: 1 - g})), sympy.expand(e.xreplace({g: 1 - h}))), key=_subtractions
-                )
-                return _one_step_per_pair(one)
+                ways = (sympy.expand(e.xreplace({h: 1 - g})), sympy.expand(e.xreplace({g: 1 - h})))
+                return _one_step_per_pair(min(ways, key=lambda w: (_subtractions(w), sympy.default_sort_key(w))))
     return e
 
 

@@ -124,11 +124,12 @@ class TorchCodePrinter(TorchPrinter):
         masks = [self.compare_into_floats(arg, tie) for arg, tie in steps]
         if not masks or any(m is None for m in masks):
             return None
-        whole = frozenset().union(*(self._axes_read(arg) for arg, _ in steps))
-        first = str(masks[0])
-        if len(masks) > 1 and self._axes_read(steps[0][0]) != whole:  # y[:, None] > 0 and z > 0: a new buffer
-            first, masks = f"torch.mul({first}, {masks[1]})", masks[1:]
-        return first + "".join(f".mul_({m})" for m in masks[1:])
+        code, axes = str(masks[0]), self._axes_read(steps[0][0])
+        for (arg, _), mask in zip(steps[1:], masks[1:]):  # y[:, None] > 0 and z > 0: a new buffer
+            more = self._axes_read(arg)
+            code = f"{atom(code)}.mul_({mask})" if more <= axes else f"torch.mul({code}, {mask})"
+            axes |= more
+        return code
 
     leaf_axes: dict[sympy.Basic, frozenset] | None = None  # the axes of the symbols being printed, when known
 
@@ -271,8 +272,9 @@ class TorchCodePrinter(TorchPrinter):
     def _print_extremum(self, expr: sympy.Expr, between: str, clamp: str) -> str:
         bounds = [a for a in expr.args if is_constant(a)]
         values = [a for a in expr.args if not is_constant(a)]
-        if not values:
-            return repr(float(expr)) if expr.is_number else self._print(expr.args[0])
+        if not values:  # numbers and parameters (Python floats when the code runs): Python's max or min
+            name = "max" if isinstance(expr, sympy.Max) else "min"
+            return repr(float(expr)) if expr.is_number else f"{name}({', '.join(self._print(a) for a in expr.args)})"
         value = values[0] if len(values) == 1 else expr.func(*values)
         code = (
             self._print(value)

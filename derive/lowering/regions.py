@@ -67,13 +67,26 @@ def in_steps(e: sympy.Expr) -> sympy.Expr:
         if len(constants) != 1 or len(values) != 1 or not values[0].has(sympy.exp):
             return node
         (c,), (g,) = constants, values
+        if c != 0 or not _k_times_exp_minus_one(g):
+            return node  # k·(exp(v) - 1) at v = 0 is 0 in floats too; 2·exp(log(1/3)) - 2/3 and 0.3 + 1 - 1 are not
         below = isinstance(node, sympy.Min)  # the min takes g where g <= c
         bounds = _step_bounds(plain_step_arguments(sympy.Heaviside(c - g if below else g - c, 1)))
         if not all(bound == 0 for _, bound, _ in bounds):
-            return node  # g at a bound of 0 reads exp(0) = 1, exactly c in floats too (2·exp(log(1/3)) - 2/3 is not 0)
+            return node
         return node.func(c, _clamp_exps(g, bounds))
 
     return e.replace(lambda n: isinstance(n, (sympy.Mul, sympy.Min, sympy.Max)), rewrite)
+
+
+def _k_times_exp_minus_one(g: sympy.Expr) -> bool:
+    """Whether ``g`` is ``k·exp(v) - k`` for a ``k`` that reads no tensor."""
+    terms = sympy.Add.make_args(sympy.expand(g))
+    exps = [t for t in terms if t.has(sympy.exp)]
+    if len(terms) != 2 or len(exps) != 1:
+        return False
+    k, power = exps[0].as_independent(sympy.exp)
+    (rest,) = (t for t in terms if t is not exps[0])
+    return isinstance(power, sympy.exp) and k != 0 and is_constant(k) and sympy.expand(rest + k) == 0
 
 
 def _is_mask_step(f: sympy.Basic) -> bool:

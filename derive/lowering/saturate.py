@@ -1,6 +1,6 @@
 """Two-branch ``Piecewise`` values that are one linear function held between bounds, as a clamp.
 
-The derivative of a Huber loss, ``Piecewise((u/β, |u| < β), (sign(u), True))``, is ``clamp(u, -β, β)/β``:
+The derivative of a Huber loss, ``Piecewise((u/β, |u| < β), (sign(u), True))``, is ``clamp(u/β, -1, 1)``:
 the linear branch where ``u`` is within its bounds, and that branch's value at the bound outside.
 As a select it costs a comparison, a sign, a division and a lerp over the full size; as a clamp,
 one pass. The rewrite is exact, at the bounds too: it is made only where SymPy finds the other
@@ -23,12 +23,12 @@ from .regions import Bounds, condition_bounds
 
 def saturated(e: sympy.Expr) -> sympy.Expr:
     """``e`` with each two-branch ``Piecewise`` that is a linear function of one value clamped
-    between constant bounds written as that clamp (``k·Min(Max(u, -c), c) + m``).
+    between constant bounds written as that clamp (``Min(Max(k·u + m, m - k·c), m + k·c)``).
 
     Example:
         >>> u, beta = sympy.Symbol("u", real=True), sympy.Symbol("beta", positive=True)
         >>> saturated(sympy.Piecewise((u / beta, sympy.Abs(u) < beta), (sympy.sign(u), True)))
-        Min(beta, Max(-beta, u))/beta
+        Min(1, Max(-1, u/beta))
     """
     if not e.has(sympy.Piecewise):
         return e
@@ -73,19 +73,24 @@ def _clamp(
     on, off = at_z(linear), at_z(edge)
     k = sympy.diff(on, z)
     m = sympy.expand(on - k * z)
-    if k == 0 or k.has(z) or m.has(z) or tensor_names(k) or tensor_names(m):
+    if k == 0 or k.has(z) or m.has(z) or not all(is_constant(c) and not tensor_names(c) for c in (k, m)):
         return None  # (k·clamp(x - y) + y for x is not x in floating point: the slope and shift are constants)
     if low is not None and high is not None:
         if not (high.is_positive and sympy.expand(low + high) == 0):  # |u| < c only: one branch outside
             return None
-        target, clamped = k * high * sympy.sign(z) + m, sympy.Min(sympy.Max(value, low), high)
-    elif high is not None:
-        target, clamped = k * high + m, sympy.Min(value, high)
+        target = k * high * sympy.sign(z) + m
     else:
-        target, clamped = k * low + m, sympy.Max(value, low)
-    if sympy.expand(off - target) != 0:
+        target = k * (high if high is not None else low) + m
+    if sympy.expand(off - target) != 0 or not (k.is_positive or k.is_negative):
         return None
-    return k * clamped + m
+    # the linear branch as written, held between its own values at the bounds: where it is taken the
+    # same operations, and beyond a bound exactly that value (β·(1/β) would be 0.99999994 at β = 41)
+    line = linear
+    ends = [None if b is None else sympy.expand(k * b + m) for b in (low, high)]
+    lowest, highest = ends if k.is_positive else ends[::-1]
+    if lowest is not None:
+        line = sympy.Max(line, lowest)
+    return line if highest is None else sympy.Min(line, highest)
 
 
 def _in_terms_of(value: sympy.Expr, z: sympy.Dummy) -> Callable[[sympy.Expr], sympy.Expr] | None:
