@@ -14,7 +14,17 @@ from dataclasses import dataclass
 
 import sympy
 
-from .printer import PRINTER, Select, TorchCodePrinter, atom, comparison, is_conjunction, is_name, split_masks
+from .printer import (
+    PRINTER,
+    Select,
+    TorchCodePrinter,
+    atom,
+    comparison,
+    is_conjunction,
+    is_mask_step,
+    is_name,
+    split_masks,
+)
 
 # SymPy function -> (torch function, in-place method)
 _UNARY = {
@@ -76,7 +86,7 @@ class _Chain:
             return Piece(self.printer.doprint(e), frozenset(), tensor=False)
         if e in self.axes:
             return Piece(e.name, self.axes[e])  # type: ignore[attr-defined]
-        if _mask_step(e) and self.printer.float_masks:  # a step among float values: 0/1 floats, one pass
+        if is_mask_step(e) and self.printer.float_masks:  # a step among float values: 0/1 floats, one pass
             mask = self.printer.compare_into_floats(*e.args)
             if mask is not None:
                 return Piece(mask, self._axes_of(e), fresh=True)
@@ -114,7 +124,7 @@ class _Chain:
         if not self.printer.float_masks or not isinstance(e, (sympy.Add, sympy.Mul)) or e.has(sympy.Piecewise, Select):
             return False
         steps = e.atoms(sympy.Heaviside)
-        return all(_mask_step(h) and self.printer.compare_into_floats(*h.args) is not None for h in steps)
+        return all(is_mask_step(h) and self.printer.compare_into_floats(*h.args) is not None for h in steps)
 
     def _one_operation(self, e: sympy.Expr) -> bool:
         """``a + b``, ``1 - a``, ``c*a``, ``a*b``, ``a/b`` of values: printed as written (one new buffer anyway)."""
@@ -425,7 +435,7 @@ class _Chain:
         """``b.lerp_(a, mask)`` into ``b``'s buffer when the chain made it, else ``torch.lerp(b, a, mask)``."""
         a, b, step = e.args
         x, y, full = self.emit(a), self.emit(b), self._axes_of(e)
-        steps = [s.args for s in step.args] if is_conjunction(step) else [step.args] if _mask_step(step) else []
+        steps = [s.args for s in step.args] if is_conjunction(step) else [step.args] if is_mask_step(step) else []
         if b == 0 and steps and not _bare_step(a):  # a·mask: no buffer for the product (a select's are floats)
             masked = self._times_mask(x, steps, full, floats=True)
             if masked is not None:
@@ -512,7 +522,7 @@ def _one_step_per_pair(e: sympy.Expr) -> sympy.Expr:
     ``t``): the same 0/1 values, tie included, and one comparison fewer. Not at NaN: there both
     comparisons are false, so ``1 - step(w)`` is 1 where ``step(-w)`` was 0 (PyTorch's
     ``leaky_relu`` backward, too, gives the slope's value at NaN)."""
-    steps = sorted((h for h in e.atoms(sympy.Heaviside) if _mask_step(h)), key=sympy.default_sort_key)
+    steps = sorted((h for h in e.atoms(sympy.Heaviside) if is_mask_step(h)), key=sympy.default_sort_key)
     for h in steps:
         for g in steps:
             if h.args[0] == -g.args[0] and h.args[1] == 1 - g.args[1]:
@@ -524,11 +534,6 @@ def _one_step_per_pair(e: sympy.Expr) -> sympy.Expr:
 
 def _subtractions(e: sympy.Expr) -> int:
     return sum(1 for t in sympy.Add.make_args(e) if t.could_extract_minus_sign())
-
-
-def _mask_step(e: sympy.Expr) -> bool:
-    """Whether ``e`` is one step that is 0 or 1 at its tie (a comparison, not ``torch.maximum``'s 1/2)."""
-    return isinstance(e, sympy.Heaviside) and len(e.args) > 1 and e.args[1] in (0, 1)
 
 
 def _value(coefficient: sympy.Expr) -> str:

@@ -324,18 +324,21 @@ def split_masks(expr: sympy.Expr) -> tuple[list[tuple[sympy.Expr, sympy.Expr]], 
     """The steps ``Heaviside(x, 0)`` and ``Heaviside(x, 1)`` among a product's factors as ``(x, tie)``, and the rest."""
     masks, rest = [], []
     for f in sympy.Mul.make_args(expr):
-        if isinstance(f, sympy.Heaviside) and len(f.args) > 1 and f.args[1] in (0, 1):
+        if is_mask_step(f):
             masks.append((f.args[0], f.args[1]))
         else:
             rest.append(f)
     return masks, sympy.Mul(*rest)
 
 
+def is_mask_step(e: sympy.Basic) -> bool:
+    """Whether ``e`` is one step that is 0 or 1 at its tie (a comparison, not ``torch.maximum``'s 1/2)."""
+    return isinstance(e, sympy.Heaviside) and len(e.args) > 1 and e.args[1] in (0, 1)
+
+
 def is_conjunction(step: sympy.Expr) -> bool:
     """Whether ``step`` is a product of comparisons' steps (an ``And``), each 0 or 1 at its tie."""
-    return isinstance(step, sympy.Mul) and all(
-        isinstance(s, sympy.Heaviside) and len(s.args) > 1 and s.args[1] in (0, 1) for s in step.args
-    )
+    return isinstance(step, sympy.Mul) and all(is_mask_step(s) for s in step.args)
 
 
 def comparison(printer: TorchCodePrinter, arg: sympy.Expr, tie: sympy.Expr, negated: bool = False) -> str:

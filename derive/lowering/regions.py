@@ -27,7 +27,7 @@ from sympy.core.function import AppliedUndef
 from ..indexalg import is_entry
 from ..simplify import plain_step_arguments
 from .finite import at_most_one
-from .printer import is_constant
+from .printer import is_constant, is_mask_step
 
 
 def clamped(e: sympy.Expr) -> sympy.Expr:
@@ -57,7 +57,7 @@ def in_steps(e: sympy.Expr) -> sympy.Expr:
 
     def rewrite(node: sympy.Expr) -> sympy.Expr:
         if isinstance(node, sympy.Mul):
-            steps = [f for f in node.args if _is_mask_step(f)]
+            steps = [f for f in node.args if is_mask_step(f)]
             bounds = [b for s in steps for b in _step_bounds(s)]
             if not bounds:
                 return node
@@ -89,13 +89,9 @@ def _k_times_exp_minus_one(g: sympy.Expr) -> bool:
     return isinstance(power, sympy.exp) and k != 0 and is_constant(k) and sympy.expand(rest + k) == 0
 
 
-def _is_mask_step(f: sympy.Basic) -> bool:
-    return isinstance(f, sympy.Heaviside) and len(f.args) > 1 and f.args[1] in (0, 1)
-
-
 def _step_bounds(step: sympy.Expr) -> Bounds:
     """What a step being 1 says about values: ``step(u - c)`` is ``u >= c``; ``step(c - u)``, ``u <= c``."""
-    if not _is_mask_step(step):
+    if not is_mask_step(step):
         return []
     arg = step.args[0]
     c = -sympy.Add(*(t for t in sympy.Add.make_args(arg) if is_constant(t)))
