@@ -1536,3 +1536,25 @@ def test_a_max_of_two_parameters_and_a_value_reads_both():
     _, module = generated(max_of_two_parameters)
     out, _ = module.max_of_two_parameters_forward(torch.tensor([[0.5, 1.5, 3.0]]))
     assert out.tolist() == [[2.0, 2.0, 3.0]]
+
+
+@op(x="n d")
+def soft_threshold(x, lam=0.5):
+    """Soft thresholding by a parameter: its derivative is 1 outside [-lam, lam]."""
+    return apply(lambda u: sympy.Piecewise((u - lam, u > lam), (u + lam, u < -lam), (0, True)), x)
+
+
+def test_outside_an_interval_of_parameter_bounds_is_two_masks_that_never_overlap():
+    """A parameter's bound may not fit float16, so no clamp: ``u < -lam`` plus ``u > lam`` into one
+    buffer, where ``(1 - ge·le)·dout`` made four; the same values at the bounds and inside."""
+    d, module = generated(soft_threshold)
+    code = "\n".join(d.code.backward)
+    assert code == (
+        "dx = torch.lt(x, -lam, out=torch.empty_like(x)).add_(torch.gt(x, lam, out=torch.empty_like(x))).mul_(dout)"
+    ), code
+    x = torch.tensor([[-2.0, -0.5, -0.25, 0.0, 0.5, 0.75]], dtype=torch.float64)
+    _, saved = module.soft_threshold_forward(x)
+    (dx,) = module.soft_threshold_backward(torch.full_like(x, 3.0), saved)
+    leaf = x.clone().requires_grad_()
+    F.softshrink(leaf, 0.5).backward(torch.full_like(x, 3.0))
+    assert torch.equal(dx, leaf.grad)

@@ -116,10 +116,17 @@ class TorchCodePrinter(TorchPrinter):
         mask: each compared into floats, the first taking the others in place; a closed interval of a
         named value, ``lo <= u <= hi``, as ``torch.clamp(u, lo, hi).eq_(u)`` (two passes and one
         buffer, where two comparisons and a product take three and two), and outside it as
-        ``.ne_(u)``. None where a step does not compare into floats (a complement: unless an interval)."""
+        ``.ne_(u)``, or where the clamp cannot be used (a parameter's bound), as ``u < lo`` plus
+        ``u > hi``, two masks that never overlap. None where a step does not compare into floats
+        (a complement: unless an interval)."""
         box = self._closed_interval(steps, "ne_" if complement else "eq_")
-        if box is not None or complement:
+        if box is not None:
             return box
+        if complement:
+            if not _is_interval(steps):
+                return None
+            below, above = (self.compare_into_floats(-arg, 0) for arg, _ in steps)
+            return None if below is None or above is None else f"{atom(below)}.add_({above})"
         steps = sorted(steps, key=lambda s: -len(self._axes_read(s[0])))
         masks = [self.compare_into_floats(arg, tie) for arg, tie in steps]
         if not masks or any(m is None for m in masks):
@@ -151,12 +158,10 @@ class TorchCodePrinter(TorchPrinter):
         """``torch.clamp(u, lo, hi).eq_(u)`` for the steps of ``u - lo`` and ``hi - u`` (``lo < hi``
         numbers, both 1 at the tie): 1 exactly where ``lo <= u <= hi``, 0 elsewhere and at NaN
         (``ne_``: the complement)."""
-        if len(steps) != 2 or any(tie != 1 for _, tie in steps):
+        if not _is_interval(steps):
             return None
         (a, _), (b, _) = steps
         width = sympy.expand(a + b)
-        if not (is_constant(width) and width.is_positive):
-            return None
         low = -sympy.Add(*(t for t in sympy.Add.make_args(a) if is_constant(t)))
         value = a + low
         if not all(b.is_number and abs(b) <= _HALF_MAX for b in (low, low + width)):
@@ -329,6 +334,15 @@ def split_masks(expr: sympy.Expr) -> tuple[list[tuple[sympy.Expr, sympy.Expr]], 
         else:
             rest.append(f)
     return masks, sympy.Mul(*rest)
+
+
+def _is_interval(steps: list[tuple[sympy.Expr, sympy.Expr]]) -> bool:
+    """Whether ``steps`` are those of ``u - lo`` and ``hi - u``, both 1 at the tie, with ``hi - lo`` a
+    positive constant: ``lo <= u <= hi``."""
+    if len(steps) != 2 or any(tie != 1 for _, tie in steps):
+        return False
+    width = sympy.expand(steps[0][0] + steps[1][0])
+    return is_constant(width) and bool(width.is_positive)
 
 
 def is_mask_step(e: sympy.Basic) -> bool:
