@@ -1010,6 +1010,26 @@ def test_random_composition_built_on_a_given_construct_matches_autograd(first: s
     _run_composition(data, "inline", first)
 
 
+KINKED = [f.name for f in UNARY if f.kink is not None]
+JOINS = ("{a} * {b}", "{a} + {b}", "{a} - {b}", "apply(sympy.Max, {a}, {b})")
+
+
+@settings(PROFILE, max_examples=PROFILE.max_examples)
+@given(fn=st.sampled_from(KINKED), join=st.sampled_from(JOINS), seed=st.integers(0, 10_000))
+def test_the_exact_check_passes_a_kinked_function_of_two_inputs_at_any_draw(fn: str, join: str, seed: int):
+    """The exact check draws rationals, some 0 or equal: an entry at a kink (relu of x·w where
+    w = 0) is drawn again, not compared with SymPy's own convention there (Heaviside(0) = 1/2)."""
+    from derive.verify import exact_check
+
+    inner = join.format(a="x", b="w")
+    body = FNS[fn].templates[0].format(a=f"({inner})")
+    source = f'@op(x="n d", w="d")\ndef kinked(x, w, alpha=0.75):\n    out = {body}\n    return out\n'
+    note(source)
+    statuses = dict(exact_check(derive(build_op(source)), seed=seed))
+    assert "FAILED" not in statuses.values(), statuses
+    COUNTS["kinked functions checked exactly"] += 1
+
+
 # == 3. regression tests: bugs the properties found (minimal repros) ===========================
 # Each is strict: when the bug is fixed the test XPASSes, fails, and its marker must go.
 def _generated(source: str) -> tuple[Any, Any]:

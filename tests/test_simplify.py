@@ -159,6 +159,41 @@ def test_exact_check_catches_a_wrong_formula(op_name: str, wrt: str, error: symp
 
 
 @op(x="n d", w="d")
+def relu6_scaled(x, w):
+    """relu6 of a product: the exact check's first point has w[0] = 0, so pre[0, d] = 0, a kink."""
+    out = apply(lambda u: sympy.Min(sympy.Max(u, 0), 6), x * w)
+    return out
+
+
+def test_the_exact_check_draws_its_point_off_the_kinks():
+    """At a kink SymPy's derivative is its own convention (Heaviside(0) = 1/2), not PyTorch's that
+    the formulas follow: the check draws again until no entry sits at one."""
+    d = derive(relu6_scaled)
+    assert dict(exact_check(d)) == {"x": "exact", "w": "exact"}
+    broken = [type(g)(g.wrt, g.raw, g.steps, g.result * 2) if g.wrt.name == "w" else g for g in d.gradients]
+    assert dict(exact_check(type(d)(d.op, d.program, d.chain, broken, d.code)))["w"] == "FAILED"
+
+
+@pytest.mark.parametrize(
+    "expr, at_kink",
+    [
+        (sympy.Max(sympy.Symbol("a") - 1, 0), True),
+        (sympy.Max(sympy.Symbol("a"), 0), False),
+        (sympy.Min(sympy.Symbol("a"), sympy.Symbol("b"), 3), True),
+        (sympy.Abs(sympy.Symbol("a") - sympy.Symbol("b")), True),
+        (sympy.Piecewise((1, sympy.Symbol("a") > 1), (0, True)), True),
+        (sympy.Piecewise((1, sympy.Symbol("a") > 2), (0, True)), False),
+        (sympy.exp(sympy.Symbol("a") - 1), False),
+    ],
+)
+def test_a_kink_is_a_tie_of_a_max_or_min_or_a_comparison_or_zero_under_abs(expr, at_kink):
+    from derive.verify import _at_kink
+
+    a, b = sympy.Symbol("a"), sympy.Symbol("b")
+    assert _at_kink(expr, {a: sympy.S.One, b: sympy.S.One}) is at_kink
+
+
+@op(x="n d", w="d")
 def weighted_spread(x, w):
     """A weighted sum of squared deviations, normalised by its own mean (in no catalogue)."""
     centred = x - x.mean("n", keepdim=True)
