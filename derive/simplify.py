@@ -568,6 +568,26 @@ def _cost(e: sympy.Expr) -> int:
     return int(sympy.count_ops(e)) + len([a for a in sympy.preorder_traversal(e) if is_entry(a)])
 
 
+def _nested_sum(s: ISum) -> tuple[list[sympy.Symbol], sympy.Expr]:
+    """``Σ_a g[a]·Σ_b f[a, b]`` as ``([a, b], g·f)``: the indices of the sums nested in ``s`` (alone or
+    beside factors), outermost first, and the product under them all."""
+    summed: list[sympy.Symbol] = []
+    body: sympy.Expr = s
+    while True:
+        if isinstance(body, ISum):
+            summed.append(body.var)
+            body = body.body
+            continue
+        inner = [f for f in sympy.Mul.make_args(body) if isinstance(f, ISum)]
+        if len(inner) != 1 or not isinstance(body, sympy.Mul):
+            return summed, body
+        others = [f for f in body.args if f is not inner[0]]
+        if inner[0].var in free_indices(sympy.Mul(*others)):
+            return summed, body
+        summed.append(inner[0].var)
+        body = sympy.Mul(*others, inner[0].body)
+
+
 def absorb_into_sums(e: sympy.Expr, statements: list[Statement]) -> sympy.Expr:
     """``c · Σ_k f(k)`` -> ``Σ_k (c · f(k))`` when that forms a forward value inside the sum.
 
@@ -590,13 +610,16 @@ def absorb_into_sums(e: sympy.Expr, statements: list[Statement]) -> sympy.Expr:
                     if f_pos == s_pos or not tensor_names(f):
                         continue
                     base, exp = f.as_base_exp()
-                    if not exp.is_number or s.var in free_indices(base):
+                    summed, body = _nested_sum(s)  # Σ_c Σ_s: a value normalised over two dims
+                    if not exp.is_number or set(summed) & free_indices(base):
                         continue
                     for unit in _units(exp, powers):
-                        candidate = recognize(s.body * base**unit, statements)
-                        if _cost(candidate) < _cost(s.body * base**unit):
+                        candidate = recognize(body * base**unit, statements)
+                        if _cost(candidate) < _cost(body * base**unit):
                             rest = [g for i, g in enumerate(factors) if i not in (s_pos, f_pos)]
-                            node = sympy.Mul(*rest, base ** (exp - unit), ISum(candidate, s.var))
+                            for var in reversed(summed):
+                                candidate = ISum(candidate, var)
+                            node = sympy.Mul(*rest, base ** (exp - unit), candidate)
                             changed = True
                             break
                     if changed:
@@ -736,22 +759,25 @@ class SumIdentities:
     def _rewrite(self, node: sympy.Expr) -> sympy.Expr:
         if not isinstance(node, ISum):
             return node
-        value_of = node.body if is_entry(node.body) else _function_of_an_entry(node.body)
+        summed, inner = _nested_sum(node)  # Σ_c Σ_s v[n, c, s]: a value centred over two dims at once
+        value_of = inner if is_entry(inner) else _function_of_an_entry(inner)
         if value_of is None:
             return node
         name = entry_name(value_of)
         stmt = self.program.definitions.get(name)
         if stmt is None:
             return node
-        body = node.body.xreplace({value_of: stmt.at(entry_indices(value_of))})
-        expanded = ISum(body if is_entry(node.body) else sympy.expand(body), node.var)  # exp(a - b) = exp(a)/exp(b)
+        body = inner.xreplace({value_of: stmt.at(entry_indices(value_of))})
+        expanded = body if is_entry(inner) else sympy.expand(body)  # exp(a - b) = exp(a)/exp(b)
+        for var in reversed(summed):
+            expanded = ISum(expanded, var)
         value = simplify_plain(expanded, self.program)
         if value.is_number:
             from .notation import text
 
-            indices = list(entry_indices(node.body))
-            if node.var in indices:  # state the identity on the tensor's own indices
-                canonical = stmt.target.indices[indices.index(node.var)]
+            indices = list(entry_indices(value_of))
+            if all(var in indices for var in summed):  # state the identity on the tensor's own indices
+                canonical = ",".join(str(stmt.target.indices[indices.index(var)]) for var in summed)
                 self.found[name] = f"Σ_{canonical} {text(stmt.target.at())} = {value}"
             else:
                 self.found[name] = f"{text(node)} = {value}"

@@ -261,6 +261,34 @@ def test_a_fractional_power_is_shared_between_the_values_it_forms():
     assert v.ok, v
 
 
+@op(x="n g c s", gamma="g c", beta="g c")
+def group_norm(x, gamma, beta, eps=1e-5):
+    """Group norm: statistics over two dims at once (c, s), an affine per channel (g, c)."""
+    diff = x - x.mean(("c", "s"), keepdim=True)
+    var = (diff**2).mean(("c", "s"), keepdim=True)
+    xhat = diff * (var + eps) ** -0.5
+    out = xhat * gamma + beta
+    return out
+
+
+def test_a_value_centred_over_two_dims_sums_to_zero_and_the_norm_backward_is_compact():
+    """Σ_c Σ_s diff = 0 as Σ_d diff = 0, and (eps + var)**-0.5 moves into the nested sums to form
+    xhat: dx reads xhat, dout and gamma only, as a layer norm's does, and the forward keeps no diff."""
+    d = derive(group_norm)
+    steps = d.gradient("x").steps
+    assert any(s.rule == "sum identities" and "diff" in s.identity and "= 0" in s.identity for s in steps)
+    dx = text(d.gradient("x").result)
+    assert "diff" not in dx and dx.count("xhat[") == 2, dx
+    module = load_module(render(d), "group_norm")
+    x = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    gamma, beta = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    assert "diff" not in module.group_norm_forward(x, gamma, beta)[1]
+    expected = F.group_norm(x.reshape(3, 8, 5), 2, gamma.reshape(-1), beta.reshape(-1), 1e-5).reshape(x.shape)
+    torch.testing.assert_close(module.group_norm_forward(x, gamma, beta)[0], expected)
+    v = verify(d, module)
+    assert v.ok, v
+
+
 @op(s="n c", y="const n c")
 def squared_hinge(s, y):
     loss = (apply(lambda u: sympy.Max(u, 0), 1 - y * s) ** 2).mean("c").mean("n")
