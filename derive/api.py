@@ -316,7 +316,7 @@ def report_text(result: RunResult, fmt: str = "text", small: bool = False) -> st
 def summary_line(result: RunResult, total: float) -> str:
     d = result.derivation
     v = result.verification
-    status = "not verified" if v is None else ("verified" if v.ok else "VERIFICATION FAILED")
+    status = "not verified" if v is None else ("verified" if v.ok else f"VERIFICATION FAILED ({v.failure})")
     parts = ", ".join(f"{k} {t:.2f}" for k, t in d.timings.items())
     return f"{d.name}: {status}; took {total:.2f} s in all, imports included ({parts} s)"
 

@@ -208,6 +208,8 @@ def render(d: Derivation, command: str | None = None, formatted: bool = True) ->
     keep_all = steps_only + [s.name for s in program.statements if s.name not in wanted and s.name not in steps_only]
     forward, keep_all_lines = values_only_maxes(code.forward, wanted | set(program.outputs))
     uses_math = any(re.search(r"\bmath\.", line) for line in code.forward + code.backward + code.backward_steps)
+    every_line = code.forward + code.backward + code.backward_steps + (code.in_blocks.lines if code.in_blocks else [])
+    uses_windows = any("_add_windows(" in line for line in every_line)
     source = (
         _environment()
         .get_template("module.py.j2")
@@ -243,6 +245,7 @@ def render(d: Derivation, command: str | None = None, formatted: bool = True) ->
             steps_only=steps_only,
             keep_all=keep_all,
             uses_math=uses_math,
+            uses_windows=uses_windows,
             recompute_args=", ".join(
                 [f'saved["{t.name}"]' for t in program.inputs]
                 + [f'{p.name}=saved["{p.name}"]' for p in program.params]

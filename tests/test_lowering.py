@@ -144,6 +144,30 @@ def test_gated_unit_keeps_both_matmuls_and_evaluates_no_exp_in_the_backward():
     assert "inv_mm1[n, h] = 1/(1 + exp(-mm1[n, h]))" in module.__doc__
 
 
+@op(x="n d", w="d")
+def relu6_scaled(x, w):
+    out = apply(lambda u: sympy.Min(sympy.Max(u, 0), 6), x * w)
+    return out
+
+
+def test_a_product_two_gradients_hold_as_parts_is_computed_once():
+    """``dx = dout·mask·w`` and ``dw = Σ_n dout·mask·x`` share ``dout·mask`` (the gradient at
+    ``x*w``): one product with dout, read by both, not one per gradient."""
+    d, module = generated(relu6_scaled)
+    backward = "\n".join(d.code.backward)
+    assert backward.count("dout") == 1, backward
+    assert not any(re.fullmatch(r"\s*(\w+) = (\w+)", line) for line in d.code.backward), backward  # no alias
+    x, w = _randn(16, 8, seed=1) * 4, _randn(8, seed=2)
+    x[0, 0] = 0.0  # at the kink: relu'(0) = 0, as PyTorch's
+    out, saved = module.relu6_scaled_forward(x, w)
+    dout = _randn(16, 8, seed=3)
+    grads = module.relu6_scaled_backward(dout, saved)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.autograd.backward(F.relu6(xr * wr), dout)
+    torch.testing.assert_close(grads.x, xr.grad)
+    torch.testing.assert_close(grads.w, wr.grad)
+
+
 @op(x="n i", Wq="i h", Wk="i h", Wv="i h")
 def three_projections(x, Wq, Wk, Wv):
     out = (x @ Wq) * (x @ Wk) + apply(relu, x @ Wv)

@@ -704,6 +704,7 @@ FIRST_INPUTS = {
     "contract": [("n", "d"), ("d", "k"), ("d",)],  # (x * y * w).sum("d"): three factors
     "middle_max": [("n", "d", "k")],  # x.max("d"): a max over a middle dim
     "conv": [("n", "d"), (WINDOW, "m")],  # a padded window of x contracted with a weight over j
+    "pool": [("n", "d")],  # a padded window of x reduced over its offsets j: sum, mean or max pooling
     "shared": [("n", "d"), ("d", "k"), ("d", "k")],  # f(x @ W) op (x @ V): x's gradient sums two matmuls
     "select": [("n", "d"), ("n", "d")],  # a Piecewise of two inputs: linear branches, a lerp both ways
 }
@@ -718,6 +719,11 @@ def _first(draw: st.DrawFn, first: str, pool: list[Node], ints: list[Node], size
             "binary", broadcast_layout([window.layout, w.layout]), (window, w), fn="mul", template="{a} * {b}"
         )
         return Node("reduce", tuple(a for a in product.layout if a != WINDOW), (product,), fn="sum", dim=WINDOW)
+    if first == "pool":  # the gradient of a sum or mean is one value per window: not copied per offset
+        window = _make(draw, "window", pool, ints, sizes)
+        assert window is not None
+        how = draw(st.sampled_from(["sum", "mean", "max"]))
+        return Node("reduce", tuple(a for a in window.layout if a != WINDOW), (window,), fn=how, dim=WINDOW)
     if first == "shared":
         x, w, v = pool
         fn = FNS[draw(st.sampled_from(ACTIVATIONS))]

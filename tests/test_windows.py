@@ -76,12 +76,14 @@ def test_windows_match_torch_conv1d_forward_and_backward(generated, n, t, c, o):
         torch.testing.assert_close(getattr(got, name), w, msg=name)
 
 
-def test_the_backward_of_a_window_is_one_scatter_add_no_loop_no_one_hot(generated):
+def test_the_backward_of_a_window_adds_views_back_no_copy_no_one_hot(generated):
+    """col2im as one strided add of a view per window offset (``_add_windows``): no one-hot, no
+    index tensor, and no copy of the windows (a permuted reshape for ``index_add_`` copied them)."""
     d, module, _ = generated
     source = render(d, formatted=False)
     backward = source[source.index(f"def {d.program.name}_backward(") :]
     backward = backward[: backward.index("\ndef ")]
-    assert "index_add_" in backward and "scatter_(" not in backward
+    assert "_add_windows(" in backward and "scatter_(" not in backward and "index_add_" not in backward
     assert not re.search(r"^\s*(for|while) ", backward, re.MULTILINE)
     x, W, b = torch.randn(4, 40, 8), torch.randn(3, 8, 16), torch.randn(16)
     with TensorSizes() as forward:
@@ -205,9 +207,28 @@ def test_pooling_written_as_a_window_matches_torch(pool):
         want = F.max_pool1d(x.transpose(1, 2), 2).transpose(1, 2)
     else:
         want = F.avg_pool1d(x.transpose(1, 2), 3, 1, padding=1, count_include_pad=True).transpose(1, 2)
-    out, saved = module.pooled_forward(x.detach())
+    with TensorSizes() as forward:
+        out, saved = module.pooled_forward(x.detach())
     torch.testing.assert_close(out, want.detach())
     dout = torch.randn(want.shape, dtype=torch.float64)
     (dx,) = torch.autograd.grad(want, x, dout)
-    torch.testing.assert_close(module.pooled_backward(dout, saved).x, dx)
+    with TensorSizes() as sizes:
+        torch.testing.assert_close(module.pooled_backward(dout, saved).x, dx)
+    # the mean's gradient, one value per window, is not copied once per offset
+    assert sizes.largest <= max(forward.largest, x.numel()), (sizes.largest, sizes.largest_op)
     assert verify(d, module).ok
+
+
+@pytest.mark.parametrize("kernel", [5, 8])
+def test_a_window_wider_than_four_verifies(kernel: int):
+    """gradcheck runs at small sizes: a dim cut into windows of 5 or more is lengthened there to
+    keep two windows (it was capped at 4, and an unpadded conv of kernel 5 failed its own check)."""
+
+    @op(x="n t c", W="k c o", b="o")
+    def wide_conv(x, W, b):
+        out = x.unfold("t", kernel, 1, "k").matmul(W, over=("k", "c")) + b
+        return out
+
+    d = derive(wide_conv)
+    v = verify(d, load_module(render(d, formatted=False), "wide_conv"))
+    assert v.ok and v.gradcheck, v.failure

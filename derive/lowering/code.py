@@ -189,6 +189,7 @@ def lower_program(
     in_blocks = None
     if blocking is not None:
         layouts.update(blocking.sums)  # the sums over the batch: tensors the sweeps after read
+        names.update(blocking.sums)  # and names no temporary of theirs may take
         in_blocks = _blocked_lines(backward_lowerer, blocking, program, layouts, returned, reads)
     steps = Lowerer(
         layouts, ref=seed, names=names, admissible=fits, positions=positions, printer=FAITHFUL, shard=distributed

@@ -53,6 +53,7 @@ from .share import (
     flatten_sums,
     is_step,
     repeated_within,
+    sub_products,
     shareable,
     up_to_factor,
 )
@@ -357,7 +358,7 @@ class Lowerer:
         """
         shared = sympy.Mul(*sorted(factors, key=sympy.default_sort_key))
         val = self._elementwise(shared)
-        var = self._temp(val.code, "s")
+        var = val.code if val.code.isidentifier() else self._temp(val.code, "s")  # a name is read as it is
         stand_in = sympy.Symbol(f"__val_{var}")
         known[stand_in.name] = Val(var, val.axes)
         return shared, stand_in
@@ -490,6 +491,20 @@ class Lowerer:
             return Val(f"torch.arange({size_code(dim_of(e).size)}, device={self.ref}.device)", (e,), True)
         if isinstance(e, sympy.Mul) and self.share and canonical_key(e)[0] in self.repeated:
             return self._cached(e, self._elementwise)  # a product a sum elsewhere reads too
+        if isinstance(e, sympy.Mul) and self.share:
+            return self._with_shared_part(e)
+        return self._elementwise(e)
+
+    def _with_shared_part(self, e: sympy.Mul) -> Val:
+        """``e`` as the largest part another formula computes too (computed once) times the rest."""
+        for key, part in sub_products(e):
+            if key in self.repeated:
+                rest = list(e.args)
+                for f in part:
+                    rest.remove(f)
+                shared = self._cached(sympy.Mul(*part), self._elementwise)
+                stand_in = f"__val_{id(shared)}"
+                return self._elementwise(sympy.Mul(*rest) * sympy.Symbol(stand_in), {stand_in: shared})
         return self._elementwise(e)
 
     def _flat_part(self, e: Flat) -> Val:
@@ -1011,7 +1026,8 @@ class Lowerer:
 
     def _fold(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
         """``Σ_{t,k} f[t, k, R] δ(v, 2*t + k)``: each window's values added back at the positions
-        they were read from (col2im), one ``index_add_`` along ``v``, no one-hot."""
+        they were read from (col2im), no one-hot: a strided add of a view per offset ``k``
+        (``_add_windows``) for ``t*step + k*dilation``, else one ``index_add_`` along ``v``."""
         summed = set(indices)
         for f in sympy.Mul.make_args(body):
             if not isinstance(f, sympy.KroneckerDelta):
@@ -1037,8 +1053,16 @@ class Lowerer:
                     rest = Val(code, axes)
                 pos = min(rest.axes.index(i) for i in lead)
                 others = [a for a in rest.axes if a not in lead]
-                order = tuple(others[:pos]) + lead + tuple(others[pos:])
                 sizes = [size_code(dim_of(a).size) for a in others]
+                strided = _strided_windows(pick, lead)
+                if strided is not None:  # one strided add of a view per offset: no copy of the windows
+                    (at, step), (offset, dilation) = strided
+                    order = tuple(others[:pos]) + (at,) + tuple(others[pos:]) + (offset,)
+                    shape = shape_tuple(sizes[:pos] + [size_code(dim_of(v).size)] + sizes[pos:])
+                    src = self.align(rest, order, strip=False)
+                    code = f"_add_windows({self.ref}.new_zeros({shape}), {pos}, {src}, {step}, {dilation})"
+                    return Val(code, tuple(others[:pos]) + (v,) + tuple(others[pos:]))
+                order = tuple(others[:pos]) + lead + tuple(others[pos:])
                 src = f"{atom(self.align(rest, order, strip=False))}.reshape({', '.join(sizes[:pos] + ['-1'] + sizes[pos:])})"
                 where = f"{atom(self.align(self.lower(pick), lead, strip=False))}.reshape(-1)"
                 shape = shape_tuple(sizes[:pos] + [size_code(dim_of(v).size)] + sizes[pos:])
@@ -1766,6 +1790,28 @@ def _positional_deltas(e: sympy.Expr, indices: tuple[sympy.Symbol, ...], layouts
                 out.append((leaf, v, p))
                 break
     return out
+
+
+def _strided_windows(
+    pick: sympy.Expr, lead: tuple[sympy.Symbol, ...]
+) -> tuple[tuple[sympy.Symbol, int], tuple[sympy.Symbol, int]] | None:
+    """``((t, step), (k, dilation))`` for a window position ``t*step + k*dilation`` read along one
+    dim, ``k`` the index of fewer values (the offsets, looped over); None for another form."""
+    if len(lead) != 2:
+        return None
+    coefficients = [pick.coeff(i) for i in lead]
+    if not all(c.is_Integer and c > 0 for c in coefficients) or sympy.expand(
+        pick - sum(c * i for c, i in zip(coefficients, lead))
+    ):
+        return None
+    (a, ca), (b, cb) = sorted(zip(lead, coefficients), key=lambda ic: (_fixed_size(ic[0]), str(ic[0])), reverse=True)
+    return (a, int(ca)), (b, int(cb))
+
+
+def _fixed_size(i: sympy.Symbol) -> int:
+    """0 for a dim of symbolic size; else minus its size (a smaller fixed size sorts later)."""
+    size = dim_of(i).size
+    return -int(size) if size.is_Integer else 0
 
 
 def _value_leaves(e: sympy.Expr, repeated: set[sympy.Expr] | None = None, top: bool = True) -> list[sympy.Expr]:

@@ -17,6 +17,7 @@ Sub-expressions are compared up to the names of their indices (:func:`canonical_
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -163,8 +164,11 @@ def repeated(expressions: Iterable[sympy.Expr], steps: bool = False, cheap: bool
     of two selects): where the code multiplies by masks, one mask serves both; where it selects
     with ``torch.where`` (a value that may be infinite), each select keeps its own comparison.
     """
+    expressions = list(expressions)
     counts: Counter[sympy.Expr] = Counter()
     sums: set[sympy.Expr] = set()
+    if cheap:  # a product part of which another formula computes too (dout·mask in dx and dw)
+        counts.update({key: 2 for key in common_products(_products(expressions))})
     for e in expressions:
         if isinstance(e, sympy.Mul) and tensor_names(e):  # a gradient that another sums (dpre and db)
             counts[canonical_key(e)[0]] += 1
@@ -183,6 +187,57 @@ def repeated(expressions: Iterable[sympy.Expr], steps: bool = False, cheap: bool
                     if isinstance(group, sympy.Mul):
                         counts[canonical_key(group)[0]] += 1
     return {k for k, n in counts.items() if n > 1}
+
+
+MAX_SHARED_FACTORS = 6  # a product with more factors of its layout is not searched for shared parts
+
+
+def sub_products(p: sympy.Expr) -> list[tuple[sympy.Expr, tuple[sympy.Expr, ...]]]:
+    """``(key, factors)`` of each product of two or more factors of ``p`` that read values along all
+    of ``p``'s indices (a part of ``p`` that costs passes of its size), the largest first."""
+    free = free_indices(p)
+    full = [f for f in sympy.Mul.make_args(p) if _reads_values(f) and free_indices(f) == free]
+    if not 2 <= len(full) <= MAX_SHARED_FACTORS:
+        return []
+    return [
+        (canonical_key(sympy.Mul(*part))[0], part)
+        for r in range(len(full), 1, -1)
+        for part in itertools.combinations(full, r)
+    ]
+
+
+def common_products(products: Iterable[sympy.Expr]) -> set[sympy.Expr]:
+    """Keys of the largest products of one layout that two or more of ``products`` hold as parts:
+    ``relu6(x·w)``'s ``dx = dout·mask·w`` and ``dw = Σ_n dout·mask·x`` share ``dout·mask``,
+    which computed once saves a pass per factor to each other reader."""
+    holders: dict[sympy.Expr, set[int]] = {}
+    size: dict[sympy.Expr, int] = {}
+    for k, p in enumerate(products):
+        for key, part in sub_products(p):
+            holders.setdefault(key, set()).add(k)
+            size[key] = len(part)
+    shared = {key: ks for key, ks in holders.items() if len(ks) > 1}
+    return {
+        key
+        for key, ks in shared.items()
+        if not any(size[other] > size[key] and ks <= others for other, others in shared.items())
+    }
+
+
+def _products(expressions: list[sympy.Expr]) -> list[sympy.Expr]:
+    """The products of one layout the lowering computes: formulas that are products, and the
+    factor groups of their sums (each distinct sum once)."""
+    out: list[sympy.Expr] = []
+    sums: set[sympy.Expr] = set()
+    for e in expressions:
+        if isinstance(e, sympy.Mul):
+            out.append(e)
+        for node in sympy.preorder_traversal(e):
+            if isinstance(node, ISum) and canonical_key(node)[0] not in sums:
+                sums.add(canonical_key(node)[0])
+                indices, body = flatten_sums(node)
+                out += [g for g in factor_groups(body, frozenset(indices))[1] if isinstance(g, sympy.Mul)]
+    return out
 
 
 def repeated_within(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Expr, sympy.Expr]] | None:
@@ -314,7 +369,7 @@ def canonical_key(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Symbol, sympy.S
     Returns the key and the map from ``e``'s free indices to the placeholders that replaced them.
     """
     order = _free_in_order(e)
-    placeholders = {s: sympy.Symbol(f"_p{k}_{dim_of(s).name}", integer=True) for k, s in enumerate(order)}
+    placeholders = {s: sympy.Symbol(f"_p{k}_{_extent(s)}", integer=True) for k, s in enumerate(order)}
     return _rename_bound_canonically(e).xreplace(placeholders), placeholders
 
 
@@ -415,10 +470,16 @@ def _bottom_up(e: sympy.Expr, fn) -> sympy.Expr:  # noqa: ANN001
     return fn(e) if isinstance(e, sympy.Expr) and not is_entry(e) else e
 
 
+def _extent(index: sympy.Symbol) -> str:
+    """The size of ``index``'s dim, by which keys name it: a dim renamed from another (``h``'s ``i``
+    from ``x``'s ``d``) has its size, and a value read along either is the same value."""
+    return str(dim_of(index).size)
+
+
 def _rename_bound_canonically(e: sympy.Expr, depth: int = 0) -> sympy.Expr:
     """Bound indices renamed by nesting depth, so alpha-equivalent sums share one key."""
     if isinstance(e, (ISum, IMax, ArgMax)):
-        new = sympy.Symbol(f"_b{depth}_{dim_of(e.var).name}", integer=True)
+        new = sympy.Symbol(f"_b{depth}_{_extent(e.var)}", integer=True)
         inner = _rename_bound_canonically(e.body, depth + 1)  # inner binders first: shadowing is safe
         return type(e)(inner.xreplace({e.var: new}), new)
     if not e.args or is_entry(e):
@@ -446,6 +507,7 @@ __all__ = [
     "host_expression",
     "repeated",
     "repeated_within",
+    "sub_products",
     "shareable",
     "up_to_factor",
     "cheap_key",
