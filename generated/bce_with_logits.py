@@ -52,7 +52,7 @@ def bce_with_logits_forward(z, y, *, _keep_all=False):
             f"bce_with_logits: y must be [N, D] with N={N}, D={D}, got shape {tuple(y.shape)}"
         )
     exp_z = torch.exp(-z)
-    per = z * (1 - y) + torch.log(exp_z + 1)
+    per = z * (1 - y) + torch.log1p(exp_z)
     t1 = per.sum()
     loss = (1 / (D * N)) * t1
     saved = {

@@ -37,7 +37,7 @@ def softplus_forward(x, *, _keep_all=False):
     N = x.shape[0]
     D = x.shape[1]
     exp_x = torch.exp(x)
-    out = torch.log(exp_x + 1)
+    out = torch.log1p(exp_x)
     saved = {
         "x": x,
         "exp_x": exp_x,

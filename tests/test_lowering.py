@@ -880,7 +880,7 @@ def test_a_value_written_twice_inline_is_computed_once():
     x, y = _randn(3, 5, seed=1), _randn(3, 4, seed=2)
     with AtenOps() as ops:
         module.conv_inline_forward(x, y)
-    assert ops.counts["exp"] == 1 and ops.counts["log"] == 1 and ops.counts["constant_pad_nd"] == 1, ops.counts
+    assert ops.counts["exp"] == 1 and ops.counts["log1p"] == 1 and ops.counts["constant_pad_nd"] == 1, ops.counts
     assert ops.counts["bmm"] + ops.counts["mm"] == 1, ops.counts  # the contraction once, read twice
 
 
@@ -1582,3 +1582,18 @@ def test_outside_an_interval_of_parameter_bounds_is_two_masks_that_never_overlap
     leaf = x.clone().requires_grad_()
     F.softshrink(leaf, 0.5).backward(torch.full_like(x, 3.0))
     assert torch.equal(dx, leaf.grad)
+
+
+@op(x="n d")
+def mish_written(x):
+    out = x * apply(lambda u: sympy.tanh(sympy.log(1 + sympy.exp(u))), x)
+    return out
+
+
+def test_log_of_one_plus_a_value_is_log1p_exact_where_the_value_is_tiny():
+    """``log(1 + exp(u))`` far below 0: ``1 + exp(-20)`` rounds to 1 in float32, ``log1p`` does not."""
+    d, module = generated(mish_written)
+    assert "torch.log1p(" in "\n".join(d.code.forward)
+    x = torch.tensor([[-20.0, -10.0, -1.0, 0.0, 3.0]])
+    out, _ = module.mish_written_forward(x)
+    torch.testing.assert_close(out, F.mish(x), rtol=1e-6, atol=0)

@@ -51,6 +51,14 @@ class TorchCodePrinter(TorchPrinter):
             return _MATH.doprint(expr)  # a function of sizes and parameters: Python floats, not tensors
         return super()._print(expr, **kwargs)
 
+    def _print_log(self, expr: sympy.log) -> str:
+        """``torch.log1p(v)`` for ``log(1 + v)``: exact where ``v`` is tiny (a softplus far below 0),
+        where ``1 + v`` rounds to 1 first."""
+        arg = expr.args[0]
+        if isinstance(arg, sympy.Add) and sympy.S.One in arg.args:
+            return f"torch.log1p({self._print(arg - 1)})"
+        return f"torch.log({self._print(arg)})"
+
     def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
         base, exp = expr.as_base_exp()
         b = self.parenthesize(base, PRECEDENCE["Pow"])
@@ -377,6 +385,14 @@ class FaithfulPrinter(TorchCodePrinter):
     reciprocal (the op language's ``mean`` is exactly that): the same float operations as the
     user's program, so the forward and the atom-by-atom chain can agree with autograd bit for bit.
     """
+
+    def _print_log(self, expr: sympy.log) -> str:
+        """``torch.log1p(v)`` for ``log(1 + v)``: exact where ``v`` is tiny (a softplus far below 0),
+        where ``1 + v`` rounds to 1 first."""
+        arg = expr.args[0]
+        if isinstance(arg, sympy.Add) and sympy.S.One in arg.args:
+            return f"torch.log1p({self._print(arg - 1)})"
+        return f"torch.log({self._print(arg)})"
 
     def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
         base, exp = expr.as_base_exp()
