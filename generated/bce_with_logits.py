@@ -102,7 +102,7 @@ def bce_with_logits_backward_steps(grad_output, saved):
         grad_output = torch.ones_like(saved["loss"])
     dloss = grad_output
     # per <- loss
-    dper = ((1 / (D * N)) * dloss) * torch.ones((N, D), dtype=dloss.dtype, device=dloss.device)
+    dper = ((1 / (D * N)) * dloss).expand((N, D))
     # z <- per
     dz = dper * (-y + (exp_z + 1) ** (-1))
     # y <- per

@@ -25,7 +25,7 @@ from derive.lowering.saturate import saturated
 from derive.verify import TensorSizes, default_sizes, example_inputs, load_module, verify
 
 from .conftest import OPS, REPO, derived
-from .test_simplify import focal
+from .test_simplify import focal, group_norm
 
 
 class AtenOps(TorchDispatchMode):
@@ -1597,3 +1597,29 @@ def test_log_of_one_plus_a_value_is_log1p_exact_where_the_value_is_tiny():
     x = torch.tensor([[-20.0, -10.0, -1.0, 0.0, 3.0]])
     out, _ = module.mish_written_forward(x)
     torch.testing.assert_close(out, F.mish(x), rtol=1e-6, atol=0)
+
+
+def test_a_tensor_two_gradients_sum_alike_is_summed_once():
+    """A group norm's ``dbeta`` sums dout over (n, s), and dx's einsum reads dout summed over s: one
+    pass over dout (``r = dout.sum(3)``, ``dbeta = r.sum(0)``), and the same for ``dout * xhat``."""
+    d = derive(group_norm)
+    backward = "\n".join(d.code.backward)
+    assert backward.count("dout.sum(") == 1 and re.search(r"dbeta = r\d+\.sum\(0\)", backward), backward
+    module = load_module(render(d), "group_norm")
+    x = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    gamma, beta = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, gamma, beta)]
+    want = F.group_norm(leaves[0].reshape(3, 8, 5), 2, leaves[1].reshape(-1), leaves[2].reshape(-1), 1e-5)
+    dout = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    expected = torch.autograd.grad(want, leaves, dout.reshape(3, 8, 5))
+    _, saved = module.group_norm_forward(x, gamma, beta)
+    for got, w in zip(module.group_norm_backward(dout, saved), expected):
+        torch.testing.assert_close(got, w)
+
+
+def test_a_sum_is_not_shared_across_a_change_in_place():
+    from derive.lowering.reductions import share_reductions
+
+    lines = ["a = t.sum(1)", "t.mul_(2)", "b = t.sum(1)"]
+    assert share_reductions(lines, lambda: "r1") == lines
+    assert share_reductions(["a = t.sum(1)", "t = u * 2", "b = t.sum(1)"], lambda: "r1")[0] == "a = t.sum(1)"

@@ -39,6 +39,7 @@ from . import blocks, extrema, regions, share
 from .finite import finite_values, stays_finite
 from .lowerer import Lowerer, Sharding
 from .printer import FAITHFUL, MASKING, PRINTER, size_code
+from .reductions import share_reductions
 
 
 @dataclass
@@ -170,6 +171,7 @@ def lower_program(
             shard=distributed,
             printer=MASKING if all(stays_finite(e) for e in fused) else PRINTER,
             finite=finite,
+            returned=frozenset(t.name for t in program.differentiable_inputs),
         )
 
     reuses = [
@@ -192,7 +194,14 @@ def lower_program(
         names.update(blocking.sums)  # and names no temporary of theirs may take
         in_blocks = _blocked_lines(backward_lowerer, blocking, program, layouts, returned, reads)
     steps = Lowerer(
-        layouts, ref=seed, names=names, admissible=fits, positions=positions, printer=FAITHFUL, shard=distributed
+        layouts,
+        ref=seed,
+        names=names,
+        admissible=fits,
+        positions=positions,
+        printer=FAITHFUL,
+        shard=distributed,
+        returned=frozenset(t.name for t in program.differentiable_inputs),
     )
     steps.repeated = share.repeated(steps_exprs)
     assigned: set[str] = set()
@@ -247,7 +256,8 @@ def _backward_lines(
         bwd.assign(v.name, v.expr, v.target, accumulate=v.name in sums)
     large = {n for n, r in bwd.rank.items() if r >= 2} | {v.name for v in values if len(v.target.dims) >= 2}
     ranks = {**{n: len(t.layout) for n, t in bwd.layouts.items()}, **bwd.rank}
-    return release_dead(fold_products(bwd.lines, bwd.products, ranks), large - kept - sums)
+    lines = share_reductions(fold_products(bwd.lines, bwd.products, ranks), lambda: bwd.fresh_name("r"))
+    return release_dead(lines, large - kept - sums)
 
 
 def _batch_dim(program: Program, gradients: list[tuple[TensorInfo, sympy.Expr]]) -> Dim | None:

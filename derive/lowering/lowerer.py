@@ -128,6 +128,9 @@ class Lowerer:
     products: dict[str, tuple[str, str]] = field(default_factory=dict)
     # a dim split across processes: reductions over it are all-reduced (None: one process)
     shard: Sharding | None = None
+    # tensors whose gradients the backward returns (None: all): a gradient constant along its axes
+    # is made at their full shape (a caller may write into it); another is an expanded view
+    returned: frozenset[str] | None = None
     # the dim each integer input's values index (Program.index_dims): where a flattened one's parts are
     positions: dict[str, Dim] = field(default_factory=dict)
     # tensors finite wherever the inputs are (finite.finite_values): a Piecewise of them may select by lerp
@@ -163,7 +166,7 @@ class Lowerer:
         if unflattened is not None:
             # e reads the parts of a flattened index on their own (y[nd.1]): compute with the parts
             # as axes of their own, then flatten them (row-major, as flatten does)
-            temp = self._fresh_name("g") if accumulate else name
+            temp = self.fresh_name("g") if accumulate else name
             self.assign(temp, *unflattened, comment=comment, relaid=True)
             shape = ", ".join("1" if d is None else size_code(d.size) for d in target.layout)
             self.lines.append(f"{temp} = {temp}.reshape({shape})")
@@ -185,7 +188,7 @@ class Lowerer:
             pulled = _deltas_out_of_sums(e)  # Σ_k f(k)·δ(n, p) = δ(n, p)·Σ_k f(k): a position to scatter at
             e = pulled if _positional_deltas(pulled, target.indices, self.layouts) else e
         if target.dims and _positional_deltas(e, target.indices, self.layouts):
-            temp = self._fresh_name("g") if accumulate else name
+            temp = self.fresh_name("g") if accumulate else name
             lines = self._scatter_values(temp, e, target)
             if lines:
                 self.lines += ([f"# {comment}"] if comment else []) + lines
@@ -230,6 +233,8 @@ class Lowerer:
             return f"torch.full((), {aligned}, dtype={self.ref}.dtype, device={self.ref}.device)"
         if not val.axes and target.layout:  # a scalar (or a constant) at the target's full shape
             shape = shape_tuple(["1" if d is None else size_code(d.size) for d in target.layout])
+            if self.returned is not None and target.name not in self.returned and not val.constant:
+                return f"{atom(aligned)}.expand({shape})"
             return f"{atom(aligned)} * torch.ones({shape}, dtype={self.ref}.dtype, device={self.ref}.device)"
         if set(val.axes) != set(want):
             # the gradient of a broadcast is materialised at the tensor's full shape
@@ -526,7 +531,8 @@ class Lowerer:
             code = f"{atom(code)} % {atom(size_code(parts[int(p)].size))}"
         return Val(code, val.axes, True)
 
-    def _fresh_name(self, hint: str = "t") -> str:
+    def fresh_name(self, hint: str = "t") -> str:
+        """A name no tensor or temporary of this lowerer has: ``hint`` and a number."""
         self.counter += 1
         name = f"{hint}{self.counter}"
         while name in self.names:
@@ -535,7 +541,7 @@ class Lowerer:
         return name
 
     def _temp(self, code: str, hint: str = "t") -> str:
-        name = self._fresh_name(hint)
+        name = self.fresh_name(hint)
         self.lines.append(f"{name} = {code}")
         return name
 
