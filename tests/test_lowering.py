@@ -1623,3 +1623,14 @@ def test_a_sum_is_not_shared_across_a_change_in_place():
     lines = ["a = t.sum(1)", "t.mul_(2)", "b = t.sum(1)"]
     assert share_reductions(lines, lambda: "r1") == lines
     assert share_reductions(["a = t.sum(1)", "t = u * 2", "b = t.sum(1)"], lambda: "r1")[0] == "a = t.sum(1)"
+
+
+def test_the_exp_of_a_log_softmax_is_read_from_the_exps_its_sum_took():
+    """``exp(la)``, ``la = a - log(Σ exp(a))``, is ``exp(a)/Σ exp(a)``: one exp per softmax in the forward."""
+    d, module = generated(kl_of_softmaxes)
+    a, b = _randn(8, 5, seed=1) * 3, _randn(8, 5, seed=2) * 3
+    with AtenOps() as ops:
+        loss, _ = module.kl_of_softmaxes_forward(a, b)
+    assert ops.counts["exp"] == 2, ops.counts
+    want = F.kl_div(F.log_softmax(b, 1), F.log_softmax(a, 1), reduction="batchmean", log_target=True)
+    torch.testing.assert_close(loss, want)

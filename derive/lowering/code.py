@@ -148,10 +148,22 @@ def lower_program(
         forward, fused, steps_exprs = (
             [distributed.global_sizes(e) for e in es] for es in (forward, fused, steps_exprs)
         )
-    fwd.repeated = share.repeated(forward)
+    keeps = {
+        stmt.name: [
+            (s, value if distributed is None else distributed.global_sizes(value))
+            for s, value in share.saved_in_order(saved_values, stmt.name, stabler)
+        ]
+        for stmt in statements
+    }
+    # the exp of a log-softmax the forward keeps, from the exps its sum took (one exp, not two)
+    computed = share.exps_computed(forward)
+    keeps = {
+        name: [(s, share.exp_through_logs(value, statements, computed)) for s, value in values]
+        for name, values in keeps.items()
+    }
+    fwd.repeated = share.repeated(forward + [value for values in keeps.values() for _, value in values])
     for stmt, expr in zip(statements, forward):
-        for s, value in share.saved_in_order(saved_values, stmt.name, stabler):
-            value = value if distributed is None else distributed.global_sizes(value)
+        for s, value in keeps[stmt.name]:
             fwd.assign(s.name, value, s.statement.target)
         fwd.assign(stmt.name, expr, stmt.target)
     for stmt in reference:

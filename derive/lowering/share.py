@@ -33,6 +33,8 @@ from ..indexalg import (
     bound_indices,
     dim_of,
     entry,
+    entry_indices,
+    entry_name,
     free_indices,
     is_entry,
     positions_in_range,
@@ -114,6 +116,33 @@ def host_expression(
     for s, _ in reversed(saved_in_order(saved, host)):  # the same value read at other indices (a bound one)
         expr = _read_saved(expr, s.statement)
     return expr
+
+
+def exp_through_logs(e: sympy.Expr, statements: list[Statement], computed: set[sympy.Expr]) -> sympy.Expr:
+    """``exp(v)`` of a forward value ``v = a - log(b)`` (a log-softmax) as ``exp(a)/b`` where the
+    forward computes ``exp(a)`` anyway (inside ``b = Σ exp(a)``; ``computed`` holds the keys of the
+    exps it computes): the softmax from the exps already taken, not from a second exp."""
+    definitions = {s.name: s for s in statements}
+
+    def swap(node: sympy.Expr) -> sympy.Expr:
+        arg = node.args[0] if isinstance(node, sympy.exp) else None
+        if arg is None or not is_entry(arg) or entry_name(arg) not in definitions:
+            return node
+        value = definitions[entry_name(arg)].expr
+        if not any(isinstance(t, sympy.log) or (-t).func is sympy.log for t in sympy.Add.make_args(value)):
+            return node
+        through = sympy.exp(definitions[entry_name(arg)].at(entry_indices(arg)))
+        exps = through.atoms(sympy.exp)
+        if through.has(sympy.log) or not exps or any(canonical_key(x)[0] not in computed for x in exps):
+            return node
+        return through
+
+    return _bottom_up(e, swap)
+
+
+def exps_computed(expressions: Iterable[sympy.Expr]) -> set[sympy.Expr]:
+    """Keys of the exps ``expressions`` compute (:func:`exp_through_logs` reads them)."""
+    return {canonical_key(x)[0] for e in expressions for x in e.atoms(sympy.exp)}
 
 
 def saved_in_order(
@@ -501,6 +530,8 @@ __all__ = [
     "as_step",
     "canonical_key",
     "costly",
+    "exp_through_logs",
+    "exps_computed",
     "factor_groups",
     "flatten_sums",
     "forward_values",
