@@ -87,7 +87,7 @@ def derive(the_op: Op, shard: str | None = None) -> Derivation:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     program = the_op.program()
-    use_dims(program.dims)  # index symbols are found by name: this op's dims, not another op's of the same name
+    use_dims(program.dims, program.ties)  # index symbols are found by name: this op's dims, not another op's
     timings["trace"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

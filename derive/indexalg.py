@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 _DIMS: dict[str, Dim] = {}
+_TIES: dict[str, str] = {}  # the op being derived: dim -> the dim whose size it must have
 
 
 @dataclass(frozen=True)
@@ -89,17 +90,30 @@ class Dim:
         return f"Dim({self.name!r})"
 
 
-def use_dims(dims: Iterable[Dim]) -> None:
-    """Make index symbols named after ``dims`` (``k``, ``k2``...) mean these dims again.
+def use_dims(dims: Iterable[Dim], ties: Iterable[tuple[str, str]] = ()) -> None:
+    """Make index symbols named after ``dims`` (``k``, ``k2``...) mean these dims again, and
+    ``ties`` (``(s, t)``: dim ``s`` has ``t``'s size, checked at run time) the op's ties.
 
     Index symbols are found by name, so a later op with a dim of the same name but another size
     (``k`` of a window is 3, another op's ``k`` is ``K``) would change what an earlier
     derivation's symbols mean; checking that derivation afterwards calls this first.
     """
+    _TIES.clear()
+    _TIES.update(ties)
     for d in dims:
         for key in [k for k in _DIMS if k == d.name or (k.startswith(d.name) and k[len(d.name) :].isdigit())]:
             _DIMS[key] = d
         _DIMS[d.name] = d
+
+
+def tied_size(sym: sympy.Basic) -> sympy.Expr:
+    """The size of the dim index ``sym`` ranges over, as the dim it is tied to names it: an input's
+    ``i`` renamed onto from ``d`` (``h.rename(d="i")`` beside ``W "i d"``) has ``D``."""
+    name, seen = dim_of(sym).name, set()
+    while name in _TIES and name not in seen:
+        seen.add(name)
+        name = _TIES[name]
+    return _DIMS[name].size
 
 
 def dim_of(sym: sympy.Basic) -> Dim:

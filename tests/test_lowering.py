@@ -1634,3 +1634,21 @@ def test_the_exp_of_a_log_softmax_is_read_from_the_exps_its_sum_took():
     assert ops.counts["exp"] == 2, ops.counts
     want = F.kl_div(F.log_softmax(b, 1), F.log_softmax(a, 1), reduction="batchmean", log_target=True)
     torch.testing.assert_close(loss, want)
+
+
+@op(x="n d", gamma="d", beta="d", W="i d", b="d")
+def prenorm_residual(x, gamma, beta, W, b, eps=1e-5):
+    """x + Linear(LayerNorm(x)): the norm's d renamed onto the weight's i, which ties I to D."""
+    diff = x - x.mean("d", keepdim=True)
+    var = (diff**2).mean("d", keepdim=True)
+    h = (diff * (var + eps) ** -0.5 * gamma + beta).rename(d="i")
+    out = x + h @ W + b
+    return out
+
+
+def test_a_product_read_along_a_dim_and_along_the_dim_tied_to_it_is_computed_once():
+    """dgamma sums ``dh·diff`` over n along d, dx over d read as i (tied to d by the rename): one value."""
+    d, module = generated(prenorm_residual)
+    backward = "\n".join(d.code.backward)
+    assert len(re.findall(r"dh ?\* ?diff|diff ?\* ?dh", backward)) == 1, backward
+    assert verify(d, module).ok

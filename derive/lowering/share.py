@@ -40,6 +40,7 @@ from ..indexalg import (
     positions_in_range,
     substitute_indices,
     tensor_names,
+    tied_size,
 )
 from ..program import Program, Statement, TensorInfo
 
@@ -502,7 +503,7 @@ def _bottom_up(e: sympy.Expr, fn) -> sympy.Expr:  # noqa: ANN001
 def _extent(index: sympy.Symbol) -> str:
     """The size of ``index``'s dim, by which keys name it: a dim renamed from another (``h``'s ``i``
     from ``x``'s ``d``) has its size, and a value read along either is the same value."""
-    return str(dim_of(index).size)
+    return str(tied_size(index))
 
 
 def _rename_bound_canonically(e: sympy.Expr, depth: int = 0) -> sympy.Expr:
