@@ -1652,3 +1652,41 @@ def test_a_product_read_along_a_dim_and_along_the_dim_tied_to_it_is_computed_onc
     backward = "\n".join(d.code.backward)
     assert len(re.findall(r"dh ?\* ?diff|diff ?\* ?dh", backward)) == 1, backward
     assert verify(d, module).ok
+
+
+@op(x="n s", y="n s")
+def softmax_of_a_sum(x, y):
+    s = x + y
+    p = exp(s) / exp(s).sum("s", keepdim=True)
+    return p
+
+
+def test_a_value_kept_out_of_an_earlier_statement_is_read_by_a_later_one():
+    """``exp(s)`` is kept out of the sum's statement (``exp_s``): the softmax's own statement reads
+    it, not a second ``torch.exp``."""
+    d, module = generated(softmax_of_a_sum)
+    x, y = _randn(6, 5, seed=1), _randn(6, 5, seed=2)
+    with AtenOps() as ops:
+        p, _ = module.softmax_of_a_sum_forward(x, y)
+    assert ops.counts["exp"] == 1, ops.counts
+    torch.testing.assert_close(p, torch.softmax(x + y, 1))
+
+
+@op(E="v d", a="int n", p="int n", ng="int n")
+def cosine_triplet(E, a, p, ng, margin=0.2):
+    """A triplet loss on cosine similarities of gathered rows: 1/na stands in several terms of dE."""
+    ea, ep, en = E[a], E[p], E[ng]
+    na = sqrt((ea**2).sum("d"))
+    cap = (ea * ep).sum("d") / (na * sqrt((ep**2).sum("d")))
+    can = (ea * en).sum("d") / (na * sqrt((en**2).sum("d")))
+    loss = apply(lambda u: sympy.Max(u, 0), can - cap + margin).mean("n")
+    return loss
+
+
+def test_a_factor_shared_by_terms_reads_the_value_computed_before():
+    """A factor common to several terms (``_share``) that another formula computed already is read,
+    not computed again: one ``1 / na``."""
+    d, module = generated(cosine_triplet)
+    backward = "\n".join(d.code.backward)
+    assert len(re.findall(r"= 1 ?/ ?na$", backward, re.MULTILINE)) == 1, backward
+    assert verify(d, module).ok

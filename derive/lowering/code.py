@@ -144,6 +144,9 @@ def lower_program(
     read_again = [recognize(e, statements[:k], powers=False) for k, e in enumerate(written)]
     written = [e if is_entry(r) else r for e, r in zip(written, read_again)]
     forward = [share.host_expression(s.name, e, saved_values, stabler) for s, e in zip(statements, written)]
+    forward = [  # a value kept out of an earlier statement is read where a later one holds it too
+        share.read_earlier(e, saved_values, {s.name for s in statements[:k]}) for k, e in enumerate(forward)
+    ]
     if distributed is not None:
         forward, fused, steps_exprs = (
             [distributed.global_sizes(e) for e in es] for es in (forward, fused, steps_exprs)

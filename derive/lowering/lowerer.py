@@ -362,7 +362,8 @@ class Lowerer:
         line is written at once, before any temporary that reads it.
         """
         shared = sympy.Mul(*sorted(factors, key=sympy.default_sort_key))
-        val = self._elementwise(shared)
+        key = canonical_key(shared)[0]
+        val = self._cached(shared, self._elementwise) if key in self.memo else self._elementwise(shared)
         var = val.code if val.code.isidentifier() else self._temp(val.code, "s")  # a name is read as it is
         stand_in = sympy.Symbol(f"__val_{var}")
         known[stand_in.name] = Val(var, val.axes)

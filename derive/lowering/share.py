@@ -119,6 +119,15 @@ def host_expression(
     return expr
 
 
+def read_earlier(e: sympy.Expr, saved: list[SavedValue], before: set[str]) -> sympy.Expr:
+    """``e`` reading the values saved out of the statements in ``before`` (computed already)
+    where it holds them: ``p = exp(s)/Σ exp(s)`` reads the ``exp_s`` its sum's statement kept."""
+    for value in saved:
+        if value.host in before:
+            e = _read_saved(e, value.statement)
+    return e
+
+
 def exp_through_logs(e: sympy.Expr, statements: list[Statement], computed: set[sympy.Expr]) -> sympy.Expr:
     """``exp(v)`` of a forward value ``v = a - log(b)`` (a log-softmax) as ``exp(a)/b`` where the
     forward computes ``exp(a)`` anyway (inside ``b = Σ exp(a)``; ``computed`` holds the keys of the
@@ -538,6 +547,7 @@ __all__ = [
     "forward_values",
     "host_expression",
     "repeated",
+    "read_earlier",
     "repeated_within",
     "sub_products",
     "shareable",
