@@ -276,7 +276,12 @@ class batchnorm_Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, eps):
         out, saved = batchnorm_forward(x, gamma, beta, eps=eps)
-        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        kept = {key: saved[key] for key in _BACKWARD_KEYS}
+        # tensors through save_for_backward, so that autograd refuses a backward after any of them
+        # was changed in place (the gradient would be wrong); sizes and parameters as they are
+        ctx.tensor_keys = [key for key, value in kept.items() if isinstance(value, torch.Tensor)]
+        ctx.save_for_backward(*(kept[key] for key in ctx.tensor_keys))
+        ctx.others = {key: value for key, value in kept.items() if key not in ctx.tensor_keys}
         return out
 
     @staticmethod
@@ -286,7 +291,8 @@ class batchnorm_Function(torch.autograd.Function):
                 "batchnorm: double backward (create_graph=True) is not supported: the generated "
                 "backward treats saved forward values as constants; use plain autograd for it"
             )
-        grads = batchnorm_backward(grad_output, ctx.saved)
+        saved = {**ctx.others, **dict(zip(ctx.tensor_keys, ctx.saved_tensors))}
+        grads = batchnorm_backward(grad_output, saved)
         return (
             grads.x,
             grads.gamma,

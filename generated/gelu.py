@@ -109,7 +109,12 @@ class gelu_Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         out, saved = gelu_forward(x)
-        ctx.saved = {key: saved[key] for key in _BACKWARD_KEYS}
+        kept = {key: saved[key] for key in _BACKWARD_KEYS}
+        # tensors through save_for_backward, so that autograd refuses a backward after any of them
+        # was changed in place (the gradient would be wrong); sizes and parameters as they are
+        ctx.tensor_keys = [key for key, value in kept.items() if isinstance(value, torch.Tensor)]
+        ctx.save_for_backward(*(kept[key] for key in ctx.tensor_keys))
+        ctx.others = {key: value for key, value in kept.items() if key not in ctx.tensor_keys}
         return out
 
     @staticmethod
@@ -119,7 +124,8 @@ class gelu_Function(torch.autograd.Function):
                 "gelu: double backward (create_graph=True) is not supported: the generated "
                 "backward treats saved forward values as constants; use plain autograd for it"
             )
-        grads = gelu_backward(grad_output, ctx.saved)
+        saved = {**ctx.others, **dict(zip(ctx.tensor_keys, ctx.saved_tensors))}
+        grads = gelu_backward(grad_output, saved)
         return (grads.x,)
 
 

@@ -70,6 +70,22 @@ def test_double_backward_is_refused_clearly():
         torch.autograd.grad(tanh(x).sum(), x, create_graph=True)
 
 
+@pytest.mark.parametrize("changed", ["output", "input"])
+def test_a_saved_tensor_changed_in_place_is_refused_as_by_autograd(changed: str):
+    """The wrapper saves its tensors through save_for_backward: a backward after one of them was
+    changed in place raises, as autograd's own does, instead of giving a wrong gradient."""
+    x = torch.randn(4, 3, requires_grad=True)
+    y = x * 1.0
+    if changed == "output":
+        out = tanh(y)  # tanh's backward reads its output
+        out.mul_(2.0)
+    else:
+        out = linear(y, torch.randn(3, 5), torch.randn(5))  # linear's reads its input
+        y.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize(
     "dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)]
 )
