@@ -194,7 +194,7 @@ def run(
     d = derive_op(the_op, shard)
     t0 = time.perf_counter()
     spec_text = spec_of(the_op, spec) + (f" --shard {shard}" if shard else "")
-    key = cache.key(the_op, spec_text)
+    key = cache.key(the_op, spec_text, d.program)
     hit = cache.load(key)  # the same op, deriver and template render the same module
     source = str(hit["source"]) if hit else emit.render(d, command=f"python -m derive {spec_text}")
     d.timings["emit"] = time.perf_counter() - t0

@@ -34,3 +34,25 @@ def test_unchanged_op_comes_from_the_cache_and_a_change_misses(tmp_path, monkeyp
 def test_cache_can_be_turned_off(tmp_path, monkeypatch):
     monkeypatch.setenv("DERIVE_NO_CACHE", "1")
     assert cache.cache_dir() is None
+
+
+def test_an_edited_helper_in_another_file_is_a_miss(tmp_path, monkeypatch):
+    """The key covers the traced program: a helper the op imports from another file changes it."""
+    monkeypatch.setenv("DERIVE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    helper = tmp_path / "cache_helper_mod.py"
+    helper.write_text("from derive import tanh\n\ndef act(t):\n    return tanh(t)\n")
+    src = tmp_path / "ops_h.py"
+    src.write_text(
+        "from derive import op\nfrom cache_helper_mod import act\n\n"
+        "@op(x='n d')\ndef activated(x):\n    out = act(x)\n    return out\n"
+    )
+    spec = f"{src}:activated"
+    first = api.module_source(api.resolve(spec), spec=spec)
+    assert "torch.tanh(" in first
+    helper.write_text("from derive import exp\n\ndef act(t):\n    return exp(t)\n")
+    import sys
+
+    sys.modules.pop("cache_helper_mod", None)  # a new process would import the edited file
+    changed = api.module_source(api.resolve(spec), spec=spec)
+    assert "torch.exp(" in changed and "torch.tanh(" not in changed
