@@ -81,6 +81,8 @@ def resolve(spec: str) -> Op:
     if spec not in ops:
         near = difflib.get_close_matches(spec, list(ops), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(near)}?" if near else "; see --list"
+        if spec.endswith(".py"):  # a file without the function's name
+            hint = f"; to derive an op in a file, name it: {spec}:FUNCTION"
         raise UnknownOpError(f"unknown op '{spec}'{hint}")
     return ops[spec]
 

@@ -43,6 +43,18 @@ def _in_package(filename: str) -> bool:
     return str(Path(filename).resolve()).startswith(_PACKAGE_DIR)
 
 
+def _in_library(filename: str) -> bool:
+    """Whether ``filename`` is derive's, SymPy's or torch's: a user's line is found past them
+    (``sympy.exp(x)`` and ``F.relu(x)`` reach derive through their frames)."""
+    if _in_package(filename):
+        return True
+    for name in ("sympy", "torch"):
+        module = sys.modules.get(name)
+        if module is not None and module.__file__ and filename.startswith(str(Path(module.__file__).parent)):
+            return True
+    return False
+
+
 def _user_line() -> str:
     """``file:line: code`` of the innermost caller outside the derive package.
 
@@ -50,12 +62,24 @@ def _user_line() -> str:
     (about 14 ms with torch and sympy loaded), which made tracing an op slower than deriving it.
     """
     frame = sys._getframe(1)
-    while frame is not None and _in_package(frame.f_code.co_filename):
+    while frame is not None and _in_library(frame.f_code.co_filename):
         frame = frame.f_back  # type: ignore[assignment]
     if frame is None:
         return ""
     filename, lineno = frame.f_code.co_filename, frame.f_lineno
     return f"{Path(filename).name}:{lineno}: {linecache.getline(filename, lineno).strip()}"
+
+
+class _NotASymPyValue(OpDefinitionError, sympy.SympifyError):
+    """A derive tensor handed to SymPy: a user's mistake to SymPy's function calls, and to its
+    arithmetic the sign to try the other operand's method."""
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        self.expr, self.base_exc = message, None
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class _Trace:
@@ -165,6 +189,20 @@ class Tensor:
             "exp, log, tanh, sqrt or erf, or apply(f, x) with a SymPy function f"
         )
         raise found[0].trace.error(message) if found else OpDefinitionError(message)
+
+    def _sympy_(self) -> sympy.Expr:
+        """A SymPy function cannot take a symbolic tensor either (``sympy.exp(x)``): say what to write.
+
+        The error is a ``SympifyError`` too, so SymPy arithmetic (``alpha * x`` with a parameter
+        ``alpha``) gives way to the tensor's own (``Tensor.__rmul__``), as for any foreign type."""
+        raise _NotASymPyValue(
+            str(
+                self.trace.error(
+                    "a SymPy function cannot take a derive tensor: inside an op, write derive's exp, log, tanh, "
+                    "sqrt or erf, or apply(f, x) with the SymPy function f"
+                )
+            )
+        )
 
     # -- structure -------------------------------------------------------------------------
     @property
@@ -519,6 +557,10 @@ def apply(fn: Callable[..., Any], *tensors: Tensor) -> Tensor:
     if not isinstance(body, sympy.Expr):
         raise trace.error(f"elementwise function returned {type(body).__name__}, not a SymPy expression")
     body = body.xreplace({f: sympy.Rational(repr(float(f))) for f in body.atoms(sympy.Float)})
+    for f in body.atoms(sympy.core.function.AppliedUndef):
+        raise trace.error(f"elementwise function uses {f}, an undefined SymPy function: derive cannot differentiate it")
+    if body.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
+        raise trace.error(f"the expression is infinite or undefined ({body}: a division by zero?)")
     for f in body.atoms(sympy.Function):
         if isinstance(f, _NO_DERIVATIVE):
             raise NotDifferentiableError(
@@ -570,6 +612,12 @@ class InputSpec:
 
     @staticmethod
     def parse(op_name: str, name: str, text: str) -> InputSpec:
+        if not isinstance(text, str):
+            raise OpDefinitionError(
+                f"op '{op_name}': input '{name}' spec {text!r} is not a string: write its dims as one, like 'n d'"
+            )
+        if text.count("(") != text.count(")"):
+            raise OpDefinitionError(f"op '{op_name}': input '{name}' spec '{text}' has an unclosed '('")
         words = text.replace("(", " ( ").replace(")", " ) ").split()
         is_int = bool(words) and words[0] == "int"
         const = bool(words) and words[0] == "const"
@@ -595,6 +643,11 @@ class InputSpec:
         names = [d.name for d in layout if d is not None]
         if len(set(names)) != len(names):
             raise OpDefinitionError(f"op '{op_name}': input '{name}' spec '{text}' repeats a dim")
+        if len({n.upper() for n in names}) != len(names):  # the size of n is N: n and N would share one
+            raise OpDefinitionError(
+                f"op '{op_name}': input '{name}' spec '{text}' has dims that differ only in case; their sizes "
+                "would share one name: rename one"
+            )
         return InputSpec(name, tuple(layout), is_int, const)
 
 
@@ -621,7 +674,11 @@ class Op:
 
 
 def op(
-    *, sizes: dict[str, int] | None = None, stable_forward: bool = False, **specs: str
+    fn: Callable[..., Any] | None = None,
+    *,
+    sizes: dict[str, int] | None = None,
+    stable_forward: bool = False,
+    **specs: str,
 ) -> Callable[[Callable[..., Any]], Op]:
     """Declare a forward op; each keyword names an input and its dims.
 
@@ -638,6 +695,11 @@ def op(
         >>> [t.name for t in scale.program().inputs]
         ['x', 'w']
     """
+
+    if fn is not None:  # written @op with no parentheses: no input has dims
+        raise OpDefinitionError(
+            f"op '{getattr(fn, '__name__', fn)}': @op needs the dims of each input, like @op(x=\"n d\")"
+        )
 
     def wrap(fn: Callable[..., Any]) -> Op:
         return Op(fn, dict(specs), fn.__name__, dict(sizes or {}), stable_forward)
@@ -658,13 +720,23 @@ def trace_op(the_op: Op, fixed: dict[str, int] | None = None) -> Program:
     """
     name = the_op.name
     _check_identifier(name, "op name", name)
+    if name.startswith("__"):  # generated/__init__.py is the package's own
+        raise OpDefinitionError(f"op '{name}': a name starting with '__' is reserved (the module would be {name}.py)")
     sig = inspect.signature(the_op.fn)
     trace = _Trace(name)
     args: list[Any] = []
     inputs: list[TensorInfo] = []
     params: list[Param] = []
+    unknown = set(the_op.specs) - set(sig.parameters)
+    if unknown:
+        raise OpDefinitionError(f"op '{name}': @op declares {sorted(unknown)} but the function has no such parameter")
     for p in sig.parameters.values():
         _check_identifier(name, "parameter", p.name)
+        if p.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY):
+            raise OpDefinitionError(
+                f"op '{name}': parameter '{p.name}' is {'variadic' if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) else 'keyword-only'}; "
+                "declare each input and parameter as a plain positional parameter"
+            )
         if p.name in the_op.specs:
             spec = InputSpec.parse(name, p.name, the_op.specs[p.name])
             if fixed:
@@ -695,9 +767,12 @@ def trace_op(the_op: Op, fixed: dict[str, int] | None = None) -> Program:
             raise OpDefinitionError(
                 f"op '{name}': input '{p.name}' has no dims declared in @op(...) and no numeric default"
             )
-    unknown = set(the_op.specs) - set(sig.parameters)
-    if unknown:
-        raise OpDefinitionError(f"op '{name}': @op declares {sorted(unknown)} but the function has no such parameter")
+    declared = {p.name for t in inputs for d in t.layout if d is not None for p in (d.parts or (d,))}
+    if len({n.upper() for n in declared}) != len(declared):  # the size of n is N: n and N would share one
+        raise OpDefinitionError(
+            f"op '{name}': dims {sorted(declared)} include two that differ only in case; their sizes would share "
+            "one name: rename one"
+        )
     result, local_names = _run_capturing_locals(trace, the_op.fn, args)
     results = list(result) if isinstance(result, (tuple, list)) and result else [result]
     for r in results:
@@ -709,6 +784,10 @@ def trace_op(the_op: Op, fixed: dict[str, int] | None = None) -> Program:
             raise OpDefinitionError(f"op '{name}': returns its input '{r.name}' unchanged; nothing to differentiate")
     if len({id(r) for r in results}) != len(results):
         raise OpDefinitionError(f"op '{name}': returns the same tensor twice")
+    if not any(not (t.is_int or t.const) for t in inputs):
+        raise OpDefinitionError(
+            f"op '{name}': every input is 'int' or 'const', so nothing gets a gradient; declare one as a plain float input"
+        )
     if trace.windows and not fixed:
         return trace_op(the_op, trace.windows)
     return _build_program(the_op, trace, inputs, params, results, local_names)

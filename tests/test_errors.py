@@ -65,6 +65,40 @@ BAD_OPS = {
         '@op(x="n d")\ndef f(x, s=-1.0):\n    out = apply(lambda u: sympy.Max(0, s * (u - 1)), x)\n    return out\n',
         ["'s'", "-1.0", "positive", "-s"],
     ),
+    "no_differentiable_input": (
+        '@op(x="const n d", idx="int n")\ndef f(x, idx):\n    out = x.take(idx, "n")\n    return out\n',
+        ["every input is 'int' or 'const'", "nothing gets a gradient"],
+    ),
+    "division_by_zero": ('@op(x="n d")\ndef f(x):\n    out = x / 0\n    return out\n', ["division by zero", "f.py:"]),
+    "spec_not_a_string": ('@op(x=["n", "d"])\ndef f(x):\n    out = x * 2\n    return out\n', ["not a string", "'n d'"]),
+    "unclosed_parenthesis": ('@op(x="(n d")\ndef f(x):\n    out = x * 2\n    return out\n', ["unclosed '('"]),
+    "dims_differing_in_case": ('@op(x="n N")\ndef f(x):\n    out = x * 2\n    return out\n', ["differ only in case"]),
+    "dims_differing_in_case_across_inputs": (
+        '@op(x="n d", y="N d")\ndef f(x, y):\n    out = x * 2\n    return out\n',
+        ["differ only in case"],
+    ),
+    "bare_decorator": ("@op\ndef f(x):\n    out = x * 2\n    return out\n", ["@op needs the dims", '@op(x="n d")']),
+    "declared_name_differs_from_the_parameter": (
+        '@op(x="n d", W="d o")\ndef f(x, w):\n    out = x @ w\n    return out\n',
+        ["declares ['W']", "no such parameter"],
+    ),
+    "dunder_op_name": (
+        '@op(x="n d")\ndef __init__(x):\n    out = x * 2\n    return out\n\n\nf = __init__\n',
+        ["reserved"],
+    ),
+    "keyword_only_input": ('@op(x="n d")\ndef f(*, x):\n    out = x * 2\n    return out\n', ["keyword-only", "'x'"]),
+    "undefined_sympy_function": (
+        '@op(x="n d")\ndef f(x):\n    out = apply(lambda u: sympy.Function("g")(u), x)\n    return out\n',
+        ["undefined SymPy function", "g(", "f.py:"],
+    ),
+    "sympy_function_on_a_tensor": (
+        '@op(x="n d")\ndef f(x):\n    out = sympy.tanh(x)\n    return out\n',
+        ["SymPy function cannot take a derive tensor", "apply(f, x)", "f.py:6"],
+    ),
+    "torch_functional_on_a_tensor": (
+        'import torch.nn.functional as F\n\n\n@op(x="n d")\ndef f(x):\n    out = F.relu(x)\n    return out\n',
+        ["torch.relu", "derive tensor", "f.py:9"],
+    ),
     "user_code_error": (
         '@op(x="n d")\ndef f(x):\n    out = x * undefined_name\n    return out\n',
         ["NameError", "undefined_name", "f.py:"],
@@ -105,6 +139,7 @@ def test_malformed_op_exits_2_naming_the_problem(case, tmp_path, out_dir, capsys
         ("{dir}/plain.py:nothing", "has no function 'nothing'"),
         ("{dir}/plain.py:helper", "not declared with @derive.op"),
         ("softmx", "did you mean softmax"),
+        ("{dir}/plain.py", "plain.py:FUNCTION"),
         ('{dir}/we"ird.py:f', "cannot go into a generated file header"),
     ],
 )
@@ -161,6 +196,8 @@ def test_generated_functions_reject_wrong_shapes_and_dtypes():
 
 
 DOMAIN_OPS = {  # a log of an input: checked where the forward is finite, not at normal inputs
+    # finite in float64 at normal inputs, but not in float32, the dtype autograd is compared in
+    "unit (float32)": '@op(x="n d")\ndef f(x):\n    out = x**1000\n    return out\n',
     "positive": (
         '@op(logits="n c", target="int n", prior="const c")\ndef f(logits, target, prior, tau=1.0):\n'
         '    z = logits + tau * log(prior)\n    m = z.max("c", keepdim=True)\n'
@@ -178,7 +215,7 @@ def test_an_op_that_takes_the_log_of_an_input_verifies_where_its_forward_is_fini
     assert r.returncode == 0, r.stdout + r.stderr
     assert "verified" in r.stdout and "the forward is not finite at standard normal ones" in r.stdout, r.stdout
     result = api.run(api.resolve(f"{tmp_path / 'f.py'}:f"), write=False)
-    assert result.verification.domain == domain and result.verification.ok
+    assert result.verification.domain == domain.split()[0] and result.verification.ok
     assert all(status != "FAILED" for _, status in result.verification.exact)
 
 
