@@ -867,7 +867,7 @@ def _build_program(
     return program
 
 
-_GENERATED_NAMES = {"torch", "NamedTuple", "saved", "grad_output", "grads", "ctx", "register_custom_op"}
+_GENERATED_NAMES = {"torch", "NamedTuple", "saved", "grad_output", "grads", "_ctx", "register_custom_op"}
 
 
 def _check_generated_names(program: Program) -> None:

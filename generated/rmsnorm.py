@@ -230,24 +230,24 @@ class rmsnorm_Function(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gamma, eps):
+    def forward(_ctx, x, gamma, eps):
         out, saved = rmsnorm_forward(x, gamma, eps=eps)
-        kept = {key: saved[key] for key in _BACKWARD_KEYS}
+        saved = {key: saved[key] for key in _BACKWARD_KEYS}
         # tensors through save_for_backward, so that autograd refuses a backward after any of them
         # was changed in place (the gradient would be wrong); sizes and parameters as they are
-        ctx.tensor_keys = [key for key, value in kept.items() if isinstance(value, torch.Tensor)]
-        ctx.save_for_backward(*(kept[key] for key in ctx.tensor_keys))
-        ctx.others = {key: value for key, value in kept.items() if key not in ctx.tensor_keys}
+        _ctx.tensor_keys = [key for key, value in saved.items() if isinstance(value, torch.Tensor)]
+        _ctx.save_for_backward(*(saved[key] for key in _ctx.tensor_keys))
+        _ctx.others = {key: value for key, value in saved.items() if key not in _ctx.tensor_keys}
         return out
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(_ctx, grad_output):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "rmsnorm: double backward (create_graph=True) is not supported: the generated "
                 "backward treats saved forward values as constants; use plain autograd for it"
             )
-        saved = {**ctx.others, **dict(zip(ctx.tensor_keys, ctx.saved_tensors))}
+        saved = {**_ctx.others, **dict(zip(_ctx.tensor_keys, _ctx.saved_tensors))}
         grads = rmsnorm_backward(grad_output, saved)
         return (
             grads.x,

@@ -184,3 +184,23 @@ def test_custom_ops_pass_opcheck_and_compile_without_graph_breaks():
     F.cross_entropy(ref[1] * (ref[0] - mean) / torch.sqrt(var + 1e-5) + ref[2], y).backward()
     for got, want in zip((x, g, b), ref):
         torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_an_input_may_be_called_ctx():
+    """The wrapper's own context is `_ctx`: `ctx`, natural for a context vector, is the user's."""
+    from derive import apply, derive, op
+    from derive.emit import render
+    from derive.verify import load_module
+
+    @op(q="n d", ctx="n d")
+    def gate(q, ctx):
+        out = apply(lambda u, v: u * v / (1 + v**2), q, ctx)
+        return out
+
+    module = load_module(render(derive(gate)), "gate")
+    q, c = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    module.gate(q, c).sum().backward()
+    q0, c0 = q.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
+    (q0 * c0 / (1 + c0**2)).sum().backward()
+    torch.testing.assert_close(q.grad, q0.grad)
+    torch.testing.assert_close(c.grad, c0.grad)
