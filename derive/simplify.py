@@ -935,7 +935,31 @@ def cancel_deltas(e: sympy.Expr, most_terms: int = 64) -> sympy.Expr:
 
 def _collect(e: sympy.Expr) -> sympy.Expr:
     """Combine like terms and factor common factors out of a sum (keeps sums unexpanded)."""
-    return _tidy_signs(sympy.factor_terms(_combine_scalar_multiples(e)))
+    return _tidy_signs(_common_powers(sympy.factor_terms(_combine_scalar_multiples(e))))
+
+
+def _common_powers(e: sympy.Expr) -> sympy.Expr:
+    """A base every term divides by, factored out at its smallest power: ``a/sqrt(v) + b/v`` is
+    ``(a + b/sqrt(v))/sqrt(v)``, one scale of the whole sum (``factor_terms`` leaves it alone).
+    Only a base that reads a tensor (``eps + var[n]``): a size or a parameter stays a coefficient.
+    """
+    if not isinstance(e, sympy.Add):
+        return e
+    powers = [dict(_negative_powers(t)) for t in e.args]
+    common = set(powers[0]).intersection(*powers[1:])
+    if not common:
+        return e
+    scale = sympy.Mul(*(base ** max(p[base] for p in powers) for base in sorted(common, key=sympy.default_sort_key)))
+    return sympy.Mul(scale, sympy.Add(*(t / scale for t in e.args)), evaluate=False)
+
+
+def _negative_powers(term: sympy.Expr) -> list[tuple[sympy.Expr, sympy.Expr]]:
+    """``(base, exponent)`` of each factor of ``term`` that divides by a base that reads a tensor."""
+    return [
+        f.as_base_exp()
+        for f in sympy.Mul.make_args(term)
+        if isinstance(f, sympy.Pow) and f.exp.is_number and f.exp < 0 and tensor_names(f.base)
+    ]
 
 
 def _combine_scalar_multiples(e: sympy.Expr) -> sympy.Expr:

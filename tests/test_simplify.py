@@ -558,3 +558,23 @@ def test_a_step_compares_the_value_itself(step, plain):
     for x, y in ((-1.5, 0.25), (0.0, 0.0), (0.6931471805599453, 1.0), (2.0, -1.0)):
         point = {_X: x, _Y: y, _ALPHA: 0.5}
         assert float(step.subs(point)) == float(plain.subs(point))
+
+
+@op(x="n e", gamma="e")
+def layernorm_in_one_line(x, gamma, eps=1e-5):
+    """A layer norm as a user writes it: the normalised value never named, the scale in the same line."""
+    xc = x - x.mean("e", keepdim=True)
+    out = xc * ((xc**2).mean("e", keepdim=True) + eps) ** -0.5 * gamma
+    return out
+
+
+def test_a_power_every_term_divides_by_is_factored_out_of_the_sum():
+    """``dout·gamma/sqrt(v) - xc·S/(E·v) - S2/(E·sqrt(v))`` is ``(…)/sqrt(v)``: one scale of the
+    whole of dx, not an N x E outer product gamma/sqrt(v) for its first term."""
+    d = derive(layernorm_in_one_line)
+    dx = d.gradient("x").result
+    assert isinstance(dx, sympy.Mul) and any(
+        isinstance(f, sympy.Pow) and f.exp == sympy.Rational(-1, 2) for f in dx.args
+    ), text(dx)
+    assert not any("gamma * pow" in line or "gamma*pow" in line for line in d.code.backward), d.code.backward
+    assert verify(d, load_module(render(d), "layernorm_in_one_line")).ok
