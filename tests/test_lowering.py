@@ -1690,3 +1690,24 @@ def test_a_factor_shared_by_terms_reads_the_value_computed_before():
     backward = "\n".join(d.code.backward)
     assert len(re.findall(r"= 1 ?/ ?na$", backward, re.MULTILINE)) == 1, backward
     assert verify(d, module).ok
+
+
+@op(logits="n c", idx="int n k")
+def several_taken(logits, idx):
+    """The sum of k gathered logits per row: logits' gradient is dout scattered k times a row."""
+    out = logits.take(idx, "c").sum("k")
+    return out
+
+
+def test_a_factor_free_of_a_scatters_targets_is_scattered_not_multiplied_after():
+    """``dout[n]·Σ_k δ(c, idx[n, k])`` scatters dout's values (one pass), not ones into a count
+    tensor of the result's size that dout then multiplies (two passes, one more N x C tensor)."""
+    d, module = generated(several_taken)
+    backward = "\n".join(d.code.backward)
+    assert backward.count("scatter_add_(") == 1 and "torch.full(" not in backward, backward
+    logits = _randn(5, 7, seed=1).requires_grad_()
+    idx = torch.tensor([[0, 0, 3], [6, 1, 1], [2, 2, 2], [5, 4, 3], [0, 6, 0]])
+    dout = _randn(5, seed=2)
+    logits.gather(1, idx).sum(1).backward(dout)
+    _, saved = module.several_taken_forward(logits.detach(), idx)
+    torch.testing.assert_close(module.several_taken_backward(dout, saved).logits, logits.grad)

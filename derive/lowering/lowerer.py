@@ -501,6 +501,23 @@ class Lowerer:
             return self._with_shared_part(e)
         return self._elementwise(e)
 
+    def _scale_in_scatter(self, e: sympy.Mul) -> sympy.Expr | None:
+        """``a[n]·Σ_k δ(c, idx[n, k])`` as ``Σ_k a[n]·δ(c, idx[n, k])``: the values scattered are ``a``'s,
+        not ones scaled afterwards (a count tensor of the result's size, and one more pass over it).
+        Only factors free of the scatter's target indices and of the summed one move in."""
+        sums = [f for f in e.args if isinstance(f, ISum) and f.body.has(sympy.KroneckerDelta)]
+        if len(sums) != 1:
+            return None
+        s = sums[0]
+        others = [f for f in e.args if f is not s]
+        deltas = s.body.atoms(sympy.KroneckerDelta)
+        targets = {a for d in deltas for a in d.args if is_index(a)} & free_indices(s)  # where values land
+        moved = [f for f in others if tensor_names(f) and not free_indices(f) & (targets | {s.var})]
+        if not moved:
+            return None
+        rest = [f for f in others if f not in moved]
+        return sympy.Mul(*rest) * ISum(sympy.Mul(*moved) * s.body, s.var)
+
     def _with_shared_part(self, e: sympy.Mul) -> Val:
         """``e`` as the largest part another formula computes too (computed once) times the rest."""
         for key, part in sub_products(e):
@@ -1282,6 +1299,9 @@ class Lowerer:
         return Val(code, val.axes + parts)
 
     def _elementwise(self, e: sympy.Expr, known: dict[str, Val] | None = None, want: Axes = ()) -> Val:
+        scattered = self._scale_in_scatter(e) if isinstance(e, sympy.Mul) and not known else None
+        if scattered is not None:
+            return self.lower(scattered)
         known = dict(known or {})
         if self.fuse_arithmetic:  # the fused backward (the forward and the chain keep the forms as written)
             e = saturated(e)
