@@ -256,7 +256,7 @@ def render(d: Derivation, command: str | None = None, formatted: bool = True) ->
             grad_param="grad_outputs" if program.several_outputs else "grad_output",
             n_outputs=len(program.outputs),
             unpack=_used(code.backward, keys),
-            backward_keys=_used(backward, keys),
+            backward_keys=_used(backward + [seed_lines], keys),  # (the seed lines check the shape)
             blocked=code.in_blocks,
             unpack_blocked=(
                 [k for k in _used(code.in_blocks.lines, keys) if k not in code.in_blocks.rebound]
@@ -277,6 +277,20 @@ def render(d: Derivation, command: str | None = None, formatted: bool = True) ->
     return black.format_str(source, mode=black.Mode(line_length=100))
 
 
+def _saved_shape(layout) -> str:
+    """Code for the shape of a tensor of ``layout``, its sizes read from ``saved`` (``(saved["N"], 1)``)."""
+    parts = []
+    for d in layout:
+        if d is None:
+            parts.append("1")
+            continue
+        code = size_code(d.size)
+        for sym in sorted(d.size.free_symbols, key=str):
+            code = re.sub(rf"\b{sym}\b", f'saved["{sym}"]', code)
+        parts.append(code)
+    return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
+
+
 def _seed_lines(program, keys: list[str]) -> str:
     """The backward's first lines: the gradients the caller gives, one per output.
 
@@ -288,11 +302,18 @@ def _seed_lines(program, keys: list[str]) -> str:
         seed = program.seed_name(out.name)
         if out.layout:
             missing = f'raise ValueError("{program.name}: grad_output is required for a non-scalar output")'
+            shape = _saved_shape(out.layout)
+            check = (
+                f"\n    _shape = {shape}\n    if tuple(grad_output.shape) != _shape:\n        raise ValueError("
+                f"f\"{program.name}: grad_output must have the output's shape {{_shape}}, "
+                f'got {{tuple(grad_output.shape)}}")'
+            )
         else:
             missing = f'grad_output = torch.ones_like(saved["{out.name}"])'
+            check = ""
             if out.name not in keys:
                 keys.append(out.name)
-        return f"    if grad_output is None:\n        {missing}\n    {seed} = grad_output"
+        return f"    if grad_output is None:\n        {missing}{check}\n    {seed} = grad_output"
     seeds = [program.seed_name(o) for o in program.outputs]
     lines = [f"    {', '.join(seeds)} = grad_outputs"]
     for o, seed in zip(program.outputs, seeds):

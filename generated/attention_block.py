@@ -260,6 +260,11 @@ def attention_block_backward(grad_output, saved):
     D = saved["D"]
     if grad_output is None:
         raise ValueError("attention_block: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["T"], saved["C"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"attention_block: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     dy = torch.einsum("abc,dec->deab", Wo, dout)
     datt = torch.einsum("abcd,aecd->abce", dy, v)
@@ -358,6 +363,11 @@ def attention_block_backward_steps(grad_output, saved):
     D = saved["D"]
     if grad_output is None:
         raise ValueError("attention_block: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["T"], saved["C"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"attention_block: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # x <- out
     dx = dout
@@ -472,6 +482,8 @@ _BACKWARD_KEYS = (
     "att",
     "y",
     "pow_var",
+    "N",
+    "T",
     "C",
     "D",
 )

@@ -151,6 +151,11 @@ def batchnorm_backward(grad_output, saved):
     N = saved["N"]
     if grad_output is None:
         raise ValueError("batchnorm: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"batchnorm: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # a batch larger than the CPU's cache: a block of rows at a time
     if _in_blocks(grad_output, saved["xhat"]):
@@ -220,6 +225,11 @@ def batchnorm_backward_steps(grad_output, saved):
     eps = saved["eps"]
     if grad_output is None:
         raise ValueError("batchnorm: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"batchnorm: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     t1 = (dout * xhat).sum(0)
     # gamma <- out
@@ -263,6 +273,7 @@ _BACKWARD_KEYS = (
     "var_inv",
     "xhat",
     "N",
+    "D",
 )
 
 

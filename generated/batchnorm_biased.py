@@ -153,6 +153,11 @@ def batchnorm_biased_backward(grad_output, saved):
     N = saved["N"]
     if grad_output is None:
         raise ValueError("batchnorm_biased: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"batchnorm_biased: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # a batch larger than the CPU's cache: a block of rows at a time
     if _in_blocks(grad_output, saved["xhat"]):
@@ -222,6 +227,11 @@ def batchnorm_biased_backward_steps(grad_output, saved):
     eps = saved["eps"]
     if grad_output is None:
         raise ValueError("batchnorm_biased: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"batchnorm_biased: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     t1 = (dout * xhat).sum(0)
     # gamma <- out
@@ -265,6 +275,7 @@ _BACKWARD_KEYS = (
     "var_inv",
     "xhat",
     "N",
+    "D",
 )
 
 

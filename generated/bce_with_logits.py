@@ -121,6 +121,7 @@ _BACKWARD_KEYS = (
     "exp_z",
     "N",
     "D",
+    "loss",
 )
 
 

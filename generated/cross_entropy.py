@@ -167,6 +167,7 @@ _BACKWARD_KEYS = (
     "target",
     "probs",
     "N",
+    "loss",
 )
 
 

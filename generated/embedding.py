@@ -66,6 +66,11 @@ def embedding_backward(grad_output, saved):
     E = saved["E"]
     if grad_output is None:
         raise ValueError("embedding: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["T"], saved["E"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"embedding: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     demb = grad_output
     dC = demb.new_zeros((V, E)).index_add_(0, X.reshape(-1), demb.reshape(-1, E))
     return embedding_Grads(
@@ -80,6 +85,11 @@ def embedding_backward_steps(grad_output, saved):
     E = saved["E"]
     if grad_output is None:
         raise ValueError("embedding: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["T"], saved["E"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"embedding: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     demb = grad_output
     t1 = demb.new_zeros((V, E)).index_add_(0, X.reshape(-1), demb.reshape(-1, E))
     # C <- emb
@@ -94,6 +104,8 @@ _BACKWARD_KEYS = (
     "X",
     "V",
     "E",
+    "N",
+    "T",
 )
 
 

@@ -55,6 +55,11 @@ def gelu_backward(grad_output, saved):
     x = saved["x"]
     if grad_output is None:
         raise ValueError("gelu: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"gelu: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     t2 = x**2
     t4 = torch.mul(t2, 0.035677408136300125).add_(0.7978845608028654).mul_(x).tanh_()
@@ -77,6 +82,11 @@ def gelu_backward_steps(grad_output, saved):
     x = saved["x"]
     if grad_output is None:
         raise ValueError("gelu: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"gelu: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     t2 = x**2
     t4 = torch.tanh((0.7978845608028654) * x * ((8943 / 200000) * t2 + 1))
@@ -96,7 +106,11 @@ def gelu_backward_steps(grad_output, saved):
     }
 
 
-_BACKWARD_KEYS = ("x",)
+_BACKWARD_KEYS = (
+    "x",
+    "N",
+    "D",
+)
 
 
 class gelu_Function(torch.autograd.Function):

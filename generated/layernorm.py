@@ -149,6 +149,11 @@ def layernorm_backward(grad_output, saved):
     D = saved["D"]
     if grad_output is None:
         raise ValueError("layernorm: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"layernorm: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # a batch larger than the CPU's cache: a block of rows at a time
     if _in_blocks(grad_output, saved["var_inv"], saved["xhat"]):
@@ -226,6 +231,11 @@ def layernorm_backward_steps(grad_output, saved):
     eps = saved["eps"]
     if grad_output is None:
         raise ValueError("layernorm: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"layernorm: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     t1 = (dout * xhat).sum(0)
     # gamma <- out

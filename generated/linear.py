@@ -77,6 +77,11 @@ def linear_backward(grad_output, saved):
     W = saved["W"]
     if grad_output is None:
         raise ValueError("linear: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["O"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"linear: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     db = dout.sum(0)
     dW = x.T @ dout
@@ -94,6 +99,11 @@ def linear_backward_steps(grad_output, saved):
     W = saved["W"]
     if grad_output is None:
         raise ValueError("linear: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["O"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"linear: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     t1 = dout @ W.T
     # x <- out
@@ -115,6 +125,8 @@ def linear_backward_steps(grad_output, saved):
 _BACKWARD_KEYS = (
     "x",
     "W",
+    "N",
+    "O",
 )
 
 

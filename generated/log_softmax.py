@@ -72,6 +72,11 @@ def log_softmax_backward(grad_output, saved):
     total = saved["total"]
     if grad_output is None:
         raise ValueError("log_softmax: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"log_softmax: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     t1 = dout.sum(1)
     dx = (e * torch.mul(t1, -1).div_(total[:, 0])[:, None]).add_(dout)
@@ -92,6 +97,11 @@ def log_softmax_backward_steps(grad_output, saved):
     D = saved["D"]
     if grad_output is None:
         raise ValueError("log_softmax: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"log_softmax: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # shifted <- out
     dshifted = dout
@@ -124,6 +134,8 @@ def log_softmax_backward_steps(grad_output, saved):
 _BACKWARD_KEYS = (
     "e",
     "total",
+    "N",
+    "D",
 )
 
 

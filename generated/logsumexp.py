@@ -69,6 +69,11 @@ def logsumexp_backward(grad_output, saved):
     total = saved["total"]
     if grad_output is None:
         raise ValueError("logsumexp: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], 1)
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"logsumexp: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     dx = (dout[:, 0] / total[:, 0])[:, None] * e
     return logsumexp_Grads(
@@ -88,6 +93,11 @@ def logsumexp_backward_steps(grad_output, saved):
     D = saved["D"]
     if grad_output is None:
         raise ValueError("logsumexp: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], 1)
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"logsumexp: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # maxes <- out
     dmaxes = dout[:, 0][:, None]
@@ -117,6 +127,7 @@ def logsumexp_backward_steps(grad_output, saved):
 _BACKWARD_KEYS = (
     "e",
     "total",
+    "N",
 )
 
 

@@ -449,6 +449,7 @@ _BACKWARD_KEYS = (
     "E",
     "N",
     "T",
+    "loss",
 )
 
 

@@ -166,6 +166,11 @@ def mlp_block_backward(grad_output, saved):
     C = saved["C"]
     if grad_output is None:
         raise ValueError("mlp_block: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["T"], saved["C"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"mlp_block: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     dhidden = torch.einsum("ab,cdb->cda", W2, dout)
     dpre1 = (
@@ -223,6 +228,11 @@ def mlp_block_backward_steps(grad_output, saved):
     C = saved["C"]
     if grad_output is None:
         raise ValueError("mlp_block: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["T"], saved["C"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"mlp_block: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # x <- out
     dx = dout
@@ -299,6 +309,8 @@ _BACKWARD_KEYS = (
     "hidden",
     "pow_var",
     "erf_pre1",
+    "N",
+    "T",
     "C",
 )
 

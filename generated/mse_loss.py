@@ -107,6 +107,7 @@ _BACKWARD_KEYS = (
     "diff",
     "N",
     "D",
+    "loss",
 )
 
 

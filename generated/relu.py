@@ -55,6 +55,11 @@ def relu_backward(grad_output, saved):
     x = saved["x"]
     if grad_output is None:
         raise ValueError("relu: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"relu: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     dx = torch.gt(x, 0, out=torch.empty_like(x)).mul_(dout)
     return relu_Grads(
@@ -67,6 +72,11 @@ def relu_backward_steps(grad_output, saved):
     x = saved["x"]
     if grad_output is None:
         raise ValueError("relu: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"relu: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # x <- out
     dx = torch.where(x > 0, dout, 0.0)
@@ -76,7 +86,11 @@ def relu_backward_steps(grad_output, saved):
     }
 
 
-_BACKWARD_KEYS = ("x",)
+_BACKWARD_KEYS = (
+    "x",
+    "N",
+    "D",
+)
 
 
 class relu_Function(torch.autograd.Function):

@@ -131,6 +131,11 @@ def rmsnorm_backward(grad_output, saved):
     D = saved["D"]
     if grad_output is None:
         raise ValueError("rmsnorm: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"rmsnorm: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # a batch larger than the CPU's cache: a block of rows at a time
     if _in_blocks(grad_output, saved["out"], saved["rms_inv"], saved["xhat"]):
@@ -187,6 +192,11 @@ def rmsnorm_backward_steps(grad_output, saved):
     eps = saved["eps"]
     if grad_output is None:
         raise ValueError("rmsnorm: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"rmsnorm: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     t1 = (dout * xhat).sum(0)
     # gamma <- out

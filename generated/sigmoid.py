@@ -50,6 +50,11 @@ def sigmoid_backward(grad_output, saved):
     out = saved["out"]
     if grad_output is None:
         raise ValueError("sigmoid: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"sigmoid: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     dx = (1 - out).mul_(dout).mul_(out)
     return sigmoid_Grads(
@@ -62,6 +67,11 @@ def sigmoid_backward_steps(grad_output, saved):
     out = saved["out"]
     if grad_output is None:
         raise ValueError("sigmoid: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"sigmoid: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # x <- out
     dx = dout * out * (1 - out)
@@ -71,7 +81,11 @@ def sigmoid_backward_steps(grad_output, saved):
     }
 
 
-_BACKWARD_KEYS = ("out",)
+_BACKWARD_KEYS = (
+    "out",
+    "N",
+    "D",
+)
 
 
 class sigmoid_Function(torch.autograd.Function):

@@ -55,6 +55,11 @@ def silu_backward(grad_output, saved):
     inv_x = saved["inv_x"]
     if grad_output is None:
         raise ValueError("silu: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"silu: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     dx = (x - out).add_(1).mul_(dout).mul_(inv_x)
     return silu_Grads(
@@ -69,6 +74,11 @@ def silu_backward_steps(grad_output, saved):
     inv_x = saved["inv_x"]
     if grad_output is None:
         raise ValueError("silu: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"silu: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # x <- out
     dx = dout * inv_x * (-out + x + 1)
@@ -82,6 +92,8 @@ _BACKWARD_KEYS = (
     "x",
     "out",
     "inv_x",
+    "N",
+    "D",
 )
 
 

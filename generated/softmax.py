@@ -72,6 +72,11 @@ def softmax_backward(grad_output, saved):
     out = saved["out"]
     if grad_output is None:
         raise ValueError("softmax: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"softmax: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     t1 = (dout * out).sum(1)
     dx = (dout - t1[:, None]).mul_(out)
@@ -93,6 +98,11 @@ def softmax_backward_steps(grad_output, saved):
     D = saved["D"]
     if grad_output is None:
         raise ValueError("softmax: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"softmax: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # e <- out
     de = dout / total
@@ -120,7 +130,11 @@ def softmax_backward_steps(grad_output, saved):
     }
 
 
-_BACKWARD_KEYS = ("out",)
+_BACKWARD_KEYS = (
+    "out",
+    "N",
+    "D",
+)
 
 
 class softmax_Function(torch.autograd.Function):

@@ -58,6 +58,11 @@ def softplus_backward(grad_output, saved):
     exp_x = saved["exp_x"]
     if grad_output is None:
         raise ValueError("softplus: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"softplus: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     dx = (exp_x + 1).reciprocal_().mul_(-1).add_(1).mul_(dout)
     return softplus_Grads(
@@ -70,6 +75,11 @@ def softplus_backward_steps(grad_output, saved):
     exp_x = saved["exp_x"]
     if grad_output is None:
         raise ValueError("softplus: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"softplus: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # x <- out
     dx = dout * (1 - (exp_x + 1) ** (-1))
@@ -79,7 +89,11 @@ def softplus_backward_steps(grad_output, saved):
     }
 
 
-_BACKWARD_KEYS = ("exp_x",)
+_BACKWARD_KEYS = (
+    "exp_x",
+    "N",
+    "D",
+)
 
 
 class softplus_Function(torch.autograd.Function):

@@ -50,6 +50,11 @@ def tanh_backward(grad_output, saved):
     out = saved["out"]
     if grad_output is None:
         raise ValueError("tanh: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"tanh: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     dx = torch.square(out).mul_(-1).add_(1).mul_(dout)
     return tanh_Grads(
@@ -62,6 +67,11 @@ def tanh_backward_steps(grad_output, saved):
     out = saved["out"]
     if grad_output is None:
         raise ValueError("tanh: grad_output is required for a non-scalar output")
+    _shape = (saved["N"], saved["D"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"tanh: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     # x <- out
     dx = dout * (1 - out**2)
@@ -71,7 +81,11 @@ def tanh_backward_steps(grad_output, saved):
     }
 
 
-_BACKWARD_KEYS = ("out",)
+_BACKWARD_KEYS = (
+    "out",
+    "N",
+    "D",
+)
 
 
 class tanh_Function(torch.autograd.Function):

@@ -89,6 +89,11 @@ def token_position_embedding_backward(grad_output, saved):
         raise ValueError(
             "token_position_embedding: grad_output is required for a non-scalar output"
         )
+    _shape = (saved["N"], saved["T"], saved["C"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"token_position_embedding: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
+        )
     dout = grad_output
     dpos = dout.sum(0)
     dtok = dout.new_zeros((V, C)).index_add_(0, X.reshape(-1), dout.reshape(-1, C))
@@ -106,6 +111,11 @@ def token_position_embedding_backward_steps(grad_output, saved):
     if grad_output is None:
         raise ValueError(
             "token_position_embedding: grad_output is required for a non-scalar output"
+        )
+    _shape = (saved["N"], saved["T"], saved["C"])
+    if tuple(grad_output.shape) != _shape:
+        raise ValueError(
+            f"token_position_embedding: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
         )
     dout = grad_output
     t1 = dout.new_zeros((V, C)).index_add_(0, X.reshape(-1), dout.reshape(-1, C))
@@ -125,6 +135,8 @@ _BACKWARD_KEYS = (
     "X",
     "V",
     "C",
+    "T",
+    "N",
 )
 
 

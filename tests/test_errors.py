@@ -237,3 +237,13 @@ def test_a_failed_verification_says_which_check_failed_and_writes_nothing(tmp_pa
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "failed verification (forward: out is not finite at inputs drawn" in r.stderr, r.stderr
     assert _snapshot(out_dir) == before
+
+
+def test_a_grad_output_of_the_wrong_shape_is_refused_naming_the_shape():
+    import torch
+
+    from generated.linear import linear_backward, linear_forward
+
+    out, saved = linear_forward(torch.randn(4, 3), torch.randn(3, 5), torch.randn(5))
+    with pytest.raises(ValueError, match=r"linear: grad_output must have the output's shape \(4, 5\), got \(5,\)"):
+        linear_backward(torch.randn(5), saved)
