@@ -675,6 +675,7 @@ class Op:
 
 def op(
     fn: Callable[..., Any] | None = None,
+    /,
     *,
     sizes: dict[str, int] | None = None,
     stable_forward: bool = False,
@@ -696,7 +697,7 @@ def op(
         ['x', 'w']
     """
 
-    if fn is not None:  # written @op with no parentheses: no input has dims
+    if callable(fn):  # written @op with no parentheses: no input has dims
         raise OpDefinitionError(
             f"op '{getattr(fn, '__name__', fn)}': @op needs the dims of each input, like @op(x=\"n d\")"
         )

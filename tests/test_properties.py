@@ -1463,6 +1463,17 @@ REPROS = {
         '@op(x="k", idx="int d n")\ndef comp(x, idx):\n',
         lambda: [_x(2), _ints(2, 7, 1)],
     ),
+    "a relu's select in row blocks (torch.where(c, a, 0.0) given out=, which torch refuses)": (
+        "v1 = apply(lambda u: sympy.log(1 + sympy.exp(u)), y @ w)\n"
+        "    return apply(lambda u: sympy.Max(u, 0), x @ v1 + w)",
+        '@op(x="k d", y="d k", w="k")\ndef comp(x, y, w):\n',
+        lambda: [_x(3, 4), _x(4, 3, seed=1), _x(3, seed=2)],
+    ),
+    "a leaky relu of a max over a dim (0.01 * mask was float32 beside float64 values)": (
+        'return (y + apply(lambda u: sympy.Max(u, 0) + 0.01 * sympy.Min(u, 0), x.max("n"))).sum("j").sum("m").sum("d")',
+        '@op(x="n d", y="j m")\ndef comp(x, y):\n',
+        lambda: [_x(3, 4), _x(2, 5, seed=1)],
+    ),
     "a max over a flattened dim beside a term reading its parts apart (`arange(D*K).1`)": (
         'return y.flatten("d", "k").max("dk"), ((x * y) * w).sum("d")',
         '@op(x="n d", y="d k", w="d")\ndef comp(x, y, w):\n',

@@ -578,3 +578,26 @@ def test_a_power_every_term_divides_by_is_factored_out_of_the_sum():
     ), text(dx)
     assert not any("gamma * pow" in line or "gamma*pow" in line for line in d.code.backward), d.code.backward
     assert verify(d, load_module(render(d), "layernorm_in_one_line")).ok
+
+
+@op(x="n d", y="n d")
+def ratio(x, y):
+    out = x / y
+    return out
+
+
+def test_the_exact_check_draws_its_point_off_a_pole():
+    """The draw puts 0 in y at seed 0: x / y is infinite there; the point is drawn again (the
+    comparison had crashed: 'Invalid NaN comparison')."""
+    assert dict(exact_check(derive(ratio))) == {"x": "exact", "y": "exact"}
+
+
+@op(fn="n d")
+def squared(fn):
+    """An input may be called fn (op's own first parameter is positional-only)."""
+    out = fn * fn
+    return out
+
+
+def test_an_input_may_be_called_fn():
+    assert [t.name for t in squared.program().inputs] == ["fn"]

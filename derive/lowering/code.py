@@ -399,6 +399,8 @@ def into(code: str, out: str) -> str:
         'torch.addcmul(a, b, c, out=o).addcmul_(d, e).mul_(f)'
         >>> into("(a * b).add_(c)", "o")
         '(a * b).add_(c)'
+        >>> into("torch.where(m, a, 0.0).add_(b)", "o")
+        'torch.where(m, a, 0.0).add_(b)'
     """
     tree = ast.parse(code, mode="eval")
     node = tree.body
@@ -414,8 +416,17 @@ def into(code: str, out: str) -> str:
     )
     if not made or not isinstance(node, ast.Call):
         return code
+    if getattr(node.func, "attr", "") == "where" and any(_number_literal(a) for a in node.args[1:]):
+        return code  # torch.where(c, a, 0.0, out=...) is refused: with out=, both values must be tensors
     node.keywords.append(ast.keyword(arg="out", value=ast.parse(out, mode="eval").body))
     return ast.unparse(tree)
+
+
+def _number_literal(node: ast.expr) -> bool:
+    """``0.0``, ``-1``: a number written in the code (not a tensor)."""
+    if isinstance(node, ast.UnaryOp):
+        node = node.operand
+    return isinstance(node, ast.Constant) and isinstance(node.value, (int, float))
 
 
 def _by_ones(e: sympy.Expr, ones: str) -> sympy.Expr:

@@ -38,6 +38,15 @@ class Select(sympy.Function):
         return a if a == b else None
 
 
+def is_tensor_code(symbol: sympy.Symbol) -> bool:
+    """Whether a symbol the printer writes verbatim is a tensor's code (``x``, ``t1.values``,
+    ``var[:, None]``): no assumptions, where a size or a parameter is positive."""
+    return symbol.is_positive is None and bool(_TENSOR_CODE.fullmatch(symbol.name))
+
+
+_TENSOR_CODE = re.compile(r"[A-Za-z_][\w.]*(\[[^\]]*\])?")
+
+
 class TorchCodePrinter(TorchPrinter):
     """SymPy's torch printer, with Python operators for powers and PyTorch's kink conventions."""
 
@@ -237,8 +246,10 @@ class TorchCodePrinter(TorchPrinter):
             arg, tie = (-steps[0]).args
             if tie in (0, 1):
                 return self._print(sympy.Heaviside(-arg, 1 - tie))
-        if any(t.has(sympy.Heaviside) for t in expr.args) and any(t.could_extract_minus_sign() for t in expr.args):
-            # a subtraction next to a mask: torch refuses `mask - t` and `t - mask`, so 0/1 values
+        if any(t.has(sympy.Heaviside) for t in expr.args):
+            # a sum next to a mask: torch refuses `mask - t`, `mask + mask` is a logical or, and
+            # `0.01 * mask` is in the default dtype (float32 beside float64 values): 0/1 values
+            # compared into floats of the values' dtype
             with self.steps_as_floats():
                 return super()._print_Add(expr, order)
         return super()._print_Add(expr, order)
@@ -261,7 +272,12 @@ class TorchCodePrinter(TorchPrinter):
             # infinite: a comparison into floats, in the value's dtype, whether or not products
             # mask (where(..., 1.0, 0.0) is a scalar loop, in the default dtype)
             mask = self.compare_into_floats(arg, tie)
-            return mask if mask is not None else f"torch.where({comparison(self, arg, tie)}, 1.0, 0.0)"
+            if mask is not None:
+                return mask
+            named = sorted((s.name for s in arg.free_symbols if is_tensor_code(s)), key=len)
+            if named:  # in a value's dtype (a float64 step beside float64 values, not the default float32)
+                return f"({comparison(self, arg, tie)}).to({named[0]}.dtype)"
+            return f"torch.where({comparison(self, arg, tie)}, 1.0, 0.0)"
         if tie in (0, 1):
             return f"({comparison(self, arg, tie)})"
         if tie == sympy.S.Half:
