@@ -1711,3 +1711,15 @@ def test_a_factor_free_of_a_scatters_targets_is_scattered_not_multiplied_after()
     logits.gather(1, idx).sum(1).backward(dout)
     _, saved = module.several_taken_forward(logits.detach(), idx)
     torch.testing.assert_close(module.several_taken_backward(dout, saved).logits, logits.grad)
+
+
+@op(x="n d", w="d")
+def named_like_temporaries(x, w, t1=2.0, t2=3.0, r1=1.5, r2=0.5, s1=1.25):
+    """Parameters named as derive's temporaries are (t<k>, r<k>, s<k>): no temporary takes them."""
+    out = r1 * t1 * exp(x * w) + (t2 * x).sum("d", keepdim=True) * s1 + r2 * w
+    return out
+
+
+def test_a_parameter_named_like_a_temporary_keeps_its_value():
+    d, module = generated(named_like_temporaries)
+    assert verify(d, module).ok

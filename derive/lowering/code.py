@@ -115,7 +115,9 @@ def lower_program(
         layouts[s.name] = s.statement.target
     fits = _admissible(program)
     positions = program.index_dims
-    names = set(layouts)
+    names = set(layouts) | {
+        p.name for p in program.params
+    }  # a temporary takes neither a tensor's nor a parameter's name
 
     sizes = _size_lines(program)
     ref = program.differentiable_inputs[0].name
