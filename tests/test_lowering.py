@@ -1504,12 +1504,6 @@ def masked_by_two_vectors(x, y, z):
     return apply(lambda u, a, b: sympy.Piecewise((u * u / 2, (a > 0) & (b > 0)), (0, True)), x, y, z)
 
 
-@pytest.mark.parametrize("the_op", [max_of_a_min, exp_of_abs_in_a_relu, masked_by_two_vectors])
-def test_compositions_a_review_found_verify(the_op):
-    d, module = generated(the_op)
-    assert verify(d, module).ok
-
-
 def test_a_min_of_an_exp_bounded_off_zero_keeps_its_exact_zero():
     _, module = generated(min_of_an_exp_with_a_bound_off_zero)
     x = torch.tensor([[-3.0, -1.0, 0.0, 5.0]])
@@ -1550,8 +1544,18 @@ def max_of_two_parameters(x, a=1.0, b=2.0):
     return apply(lambda u: sympy.Max(u, a, b), x)
 
 
-@pytest.mark.parametrize("the_op", [masked_by_three_vectors, steps_that_cancel, max_of_two_parameters])
-def test_compositions_a_second_review_found_verify(the_op):
+@pytest.mark.parametrize(
+    "the_op",
+    [
+        max_of_a_min,
+        exp_of_abs_in_a_relu,
+        masked_by_two_vectors,
+        masked_by_three_vectors,
+        steps_that_cancel,
+        max_of_two_parameters,
+    ],
+)
+def test_compositions_the_reviews_found_verify(the_op):
     d, module = generated(the_op)
     assert verify(d, module).ok
 

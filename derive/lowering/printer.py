@@ -402,14 +402,6 @@ class FaithfulPrinter(TorchCodePrinter):
     user's program, so the forward and the atom-by-atom chain can agree with autograd bit for bit.
     """
 
-    def _print_log(self, expr: sympy.log) -> str:
-        """``torch.log1p(v)`` for ``log(1 + v)``: exact where ``v`` is tiny (a softplus far below 0),
-        where ``1 + v`` rounds to 1 first."""
-        arg = expr.args[0]
-        if isinstance(arg, sympy.Add) and sympy.S.One in arg.args:
-            return f"torch.log1p({self._print(arg - 1)})"
-        return f"torch.log({self._print(arg)})"
-
     def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
         base, exp = expr.as_base_exp()
         if exp.is_negative and exp.is_Rational and not is_constant(base):
