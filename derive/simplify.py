@@ -663,11 +663,22 @@ def _divides(p: sympy.Pow, E: sympy.Expr) -> bool:
     return p.exp.is_negative and isinstance(p.base, sympy.Add) and set(p.base.args) == {sympy.S.One, E}
 
 
+def _guarded_division(term: sympy.Expr) -> bool:
+    """``step(a)·g/d``: a division the printed code guards by its step (``where(a > 0, g/d, 0)``, 0
+    where ``d`` is 0 as autograd's is). Over a common denominator the step would guard only the
+    numerator, and ``0/0`` is NaN: ``sqrt(h) + step(u)·x/sqrt(h)`` at ``h = relu(u) = 0``."""
+    factors = sympy.Mul.make_args(term)
+    stepped = any(f.has(sympy.Heaviside, sympy.Piecewise) for f in factors)
+    return stepped and any(isinstance(f, sympy.Pow) and f.exp.is_negative and tensor_names(f.base) for f in factors)
+
+
 def combine_fractions(e: sympy.Expr) -> sympy.Expr:
     """Put elementwise sub-expressions (no sums inside) over a common denominator when that is shorter."""
 
     def rewrite(node: sympy.Expr) -> sympy.Expr:
         if not isinstance(node, sympy.Add) or node.has(ISum, IMax, sympy.KroneckerDelta):
+            return node
+        if any(_guarded_division(t) for t in node.args):
             return node
         best = node
         for candidate in (sympy.together(node), sympy.cancel(sympy.together(node))):

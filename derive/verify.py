@@ -394,8 +394,9 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol:
         return Comparison(name, False, False, False, float("inf"))
     got_, want_ = got.to(want.dtype), want
     diff = (got_ - want_).abs().max().item() if got_.numel() else 0.0
-    equal, close = bool(torch.equal(got_, want_)), bool(torch.allclose(got_, want_, rtol=rtol, atol=atol))
-    finite = bool(got_.isfinite().all()) or close  # (an inf both sides give is no failure)
+    equal = bool(torch.equal(got_, want_))
+    close = bool(torch.allclose(got_, want_, rtol=rtol, atol=atol, equal_nan=True))
+    finite = bool(got_.isfinite().all()) or close  # (an inf or NaN both sides give is no failure)
     return Comparison(name, True, equal, close, diff, finite, bool(want_.isfinite().all()) or close)
 
 

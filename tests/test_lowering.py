@@ -1544,9 +1544,25 @@ def max_of_two_parameters(x, a=1.0, b=2.0):
     return apply(lambda u: sympy.Max(u, a, b), x)
 
 
+@op(x="n d", w="d", v="d")
+def sqrt_of_a_relu_times_x(x, w, v):
+    """sqrt(relu(x·w))·v·x: over a common denominator, sqrt(h) + step·x/sqrt(h) was 0/0 (NaN) at h = 0."""
+    return apply(lambda u: sympy.sqrt(sympy.Max(u, 0)), x * w) * v * x
+
+
+@op(x="n d", y="n d", w="d")
+def product_of_two_sqrt_relus(x, y, w):
+    """The chain's gradient of each sqrt's argument is NaN where both are 0, autograd's too: no failure."""
+    h = apply(lambda u: sympy.Max(u, 0), x * w)
+    g = apply(lambda u: sympy.Max(u, 0), y * w)
+    return apply(sympy.sqrt, h) * apply(sympy.sqrt, g) * x
+
+
 @pytest.mark.parametrize(
     "the_op",
     [
+        sqrt_of_a_relu_times_x,
+        product_of_two_sqrt_relus,
         max_of_a_min,
         exp_of_abs_in_a_relu,
         masked_by_two_vectors,
