@@ -1558,9 +1558,32 @@ def product_of_two_sqrt_relus(x, y, w):
     return apply(sympy.sqrt, h) * apply(sympy.sqrt, g) * x
 
 
+@op(x="n d", idx="int k m")
+def a_condition_over_m_beside_a_scatter_over_m(x, idx):
+    """A property test's find: the scatter over (k, m) took in a step whose condition sums over
+    its own m, and the lowering read that inner m as the outer one (dx was off by 161)."""
+
+    def s():  # unnamed: written out at each use, as the property test wrote it
+        return x.unfold("d", 1, 1, "j", dilation=1).sum("j")
+
+    def v():
+        return (s().take(idx, "n") * ((s().take(idx, "n") * s().take(idx, "n")) * s().take(idx, "n")).sum("k")).sum("m")
+
+    return apply(lambda u, w: sympy.Piecewise((2 * u - w, u > w), (u - w / 2, True)), x, v()), s()
+
+
+@op(x="n k", idx="int d m")
+def max_of_a_sum_of_gathered_rows(x, idx):
+    """max_k Σ_m x[idx[d, m], k]: the gather's position reads the summed m, so it is no position to
+    take the max at first (that left m free: "free indices ['m'] left")."""
+    return x.take(idx, "n").sum("m").max("k")
+
+
 @pytest.mark.parametrize(
     "the_op",
     [
+        max_of_a_sum_of_gathered_rows,
+        a_condition_over_m_beside_a_scatter_over_m,
         sqrt_of_a_relu_times_x,
         product_of_two_sqrt_relus,
         max_of_a_min,

@@ -35,6 +35,7 @@ from ..indexalg import (
     fresh_indices,
     is_entry,
     is_index,
+    rename_bound,
     substitute_indices,
     tensor_names,
 )
@@ -733,6 +734,9 @@ class Lowerer:
             sharded = self.shard is not None and self.shard.reduces([e.var])
             return self.lower(e.body * (self.shard.total if self.shard and sharded else dim_of(e.var).size))
         indices, body = flatten_sums(e)
+        shadowed = [i for i in indices if i in bound_indices(body)]
+        if shadowed:  # Σ_m f·Σ_m g: the inner m renamed, so that no pass reads it as the outer one
+            return self.lower(_unshadowed(body, indices))
         absent = [i for i in indices if i not in free_indices(body)]
         if absent:  # Σ_n Σ_d f(n) with f free of d: D·Σ_n f(n)
             inner = [i for i in indices if i not in absent]
@@ -1230,6 +1234,8 @@ class Lowerer:
             for d, p in zip(info.dims, entry_indices(leaf)):
                 if is_index(p) or e.var in free_indices(p) or not free_indices(p):
                     continue
+                if not free_indices(p) <= free_indices(e):
+                    continue  # a position that reads an index summed inside the body (Σ_m x[idx[d, m], k])
                 if isinstance(p, Flat) and is_index(p.args[0]):
                     continue  # a part of a flattened index (read as a run by a reshape), not a gather
                 k = fresh_index(d, free_indices(e) | bound_indices(e) | {e.var})
@@ -1758,6 +1764,15 @@ def _deltas_out_of_sums(e: sympy.Expr) -> sympy.Expr:
         return sympy.Mul(*out) * ISum(sympy.Mul(*(f for f in factors if f not in out)), node.var)
 
     return e.replace(lambda n: isinstance(n, ISum), pull)
+
+
+def _unshadowed(body: sympy.Expr, indices: list[sympy.Symbol]) -> sympy.Expr:
+    """``Σ_indices body`` with each sum inside ``body`` over one of ``indices`` (or over a free
+    index) renamed to a fresh index: no pass then reads an inner ``m`` as the outer one."""
+    body = rename_bound(body, set(indices) | free_indices(body))
+    for i in reversed(indices):
+        body = ISum(body, i)
+    return body
 
 
 _Pick = tuple[sympy.KroneckerDelta, sympy.Symbol, sympy.Expr]  # a delta, the axis it pins, the position
