@@ -1572,6 +1572,31 @@ def a_condition_over_m_beside_a_scatter_over_m(x, idx):
     return apply(lambda u, w: sympy.Piecewise((2 * u - w, u > w), (u - w / 2, True)), x, v()), s()
 
 
+@op(x="d", y="n d k", idx="int m d")
+def clipped_squares_summed_then_gathered(x, y, idx):
+    """Σ_k of a function of x - y, read at m gathered rows: the forward sums over k first (N x D),
+    so dx must too, not read y at M x D x K gathered positions (M > N: larger than y)."""
+    diff = x - y
+    clipped = apply(lambda u: sympy.Piecewise((-1.5, u < -1.5), (1.5, u > 1.5), (u, True)), diff)
+    return (y * clipped * y).sum("k")[idx].mean("m")
+
+
+def test_a_function_read_at_gathered_rows_is_summed_before_it_is_gathered():
+    d, module = generated(clipped_squares_summed_then_gathered)
+    x, y = _randn(4, seed=1), _randn(5, 4, 6, seed=2) * 2
+    idx = torch.randint(0, 5, (12, 4), generator=torch.Generator().manual_seed(3))
+    with TensorSizes() as forward:
+        out, saved = module.clipped_squares_summed_then_gathered_forward(x, y, idx)
+    with TensorSizes() as backward:
+        grads = module.clipped_squares_summed_then_gathered_backward(torch.ones_like(out), saved)
+    assert backward.largest <= max(forward.largest, y.numel()), backward.largest_op
+    leaves = [x.clone().requires_grad_(), y.clone().requires_grad_()]
+    a, b = leaves
+    (b * (a[:, None] - b).clamp(-1.5, 1.5) * b).sum(2)[idx, torch.arange(4)].mean(0).sum().backward()
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad)
+
+
 @op(x="n k", idx="int d m")
 def max_of_a_sum_of_gathered_rows(x, idx):
     """max_k Σ_m x[idx[d, m], k]: the gather's position reads the summed m, so it is no position to

@@ -798,25 +798,56 @@ class Lowerer:
             factors = sympy.Mul.make_args(read_at_target)
             inside = _summed(sympy.Mul(*(f for f in factors if free_indices(f) & summed)), indices)
             return self.lower(sympy.Mul(*(f for f in factors if not free_indices(f) & summed)) * inside)
-        wide = [f for f in wide if is_entry(f)]  # the moves below read a gathered tensor itself
-        if not wide:
-            return None
         taken = set(free_indices(body)) | set(bound_indices(body)) | summed
-        plain, picks = [], {}
-        for f in wide:
-            idx = list(entry_indices(f))
-            for j, i in enumerate(idx):
-                if self._position(i):
-                    k = fresh_index(self.layouts[entry_name(f)].dims[j], taken)
-                    taken.add(k)
-                    idx[j], picks[k] = k, i
-            plain.append(entry(entry_name(f), idx))
-        others = [g for g in factors if not any(g is f for f in wide)]
+        plain, picks, moved = [], {}, []
+        for f in wide:  # the moves below read a gathered tensor itself, or a function of such reads
+            if is_entry(f):
+                idx = list(entry_indices(f))
+                for j, i in enumerate(idx):
+                    if self._position(i):
+                        k = fresh_index(self.layouts[entry_name(f)].dims[j], taken)
+                        taken.add(k)
+                        idx[j], picks[k] = k, i
+                plain.append(entry(entry_name(f), idx))
+                moved.append(f)
+            elif (read_whole := self._read_whole(f, taken, picks)) is not None:
+                plain.append(read_whole)
+                moved.append(f)
+        if not moved:
+            return None
+        others = [g for g in factors if not any(g is f for f in moved)]
         by_sum = set().union(*(free_indices(p) & summed for p in picks.values()))
         move = _Ungather(plain, others, picks, by_sum, indices)
         if by_sum:
             return self._scatter_positions(move) or self._bag(move)
         return self._gather_last(move)
+
+    def _read_whole(self, f: sympy.Expr, taken: set, picks: dict[sympy.Symbol, sympy.Expr]) -> sympy.Expr | None:
+        """An elementwise function of reads at gathered positions (``step(v0[p, d])·y[p, d]**2``) with
+        each position ``p`` read at an index of its dim (recorded in ``picks``, shared by the factors);
+        None when a position stands along two dims or the function sums inside."""
+        if f.has(ISum, IMax):
+            return None
+        mine: dict[sympy.Expr, tuple[sympy.Symbol, Dim]] = {}
+        for leaf in sympy.preorder_traversal(f):
+            if not is_entry(leaf) or entry_name(leaf) not in self.layouts:
+                continue
+            for d, i in zip(self.layouts[entry_name(leaf)].dims, entry_indices(leaf)):
+                if not self._position(i):
+                    continue
+                if i in mine and mine[i][1] != d:
+                    return None
+                if i not in mine:  # the index another factor reads this position at, or a fresh one
+                    known = [k for k, p in picks.items() if p == i and dim_of(k) == d]
+                    mine[i] = (known[0] if known else fresh_index(d, taken), d)
+                    taken.add(mine[i][0])
+        if not mine:
+            return None
+        whole = f.xreplace({p: k for p, (k, _) in mine.items()})
+        if self._gathers(whole):
+            return None
+        picks.update({k: p for p, (k, _) in mine.items()})
+        return whole
 
     def _gathers(self, f: sympy.Expr) -> bool:
         """Whether ``f`` reads some tensor at gathered positions (``x[d, idx[m]]``, ``x[argmax, d] ** 2``)."""
@@ -883,6 +914,8 @@ class Lowerer:
         if len(plain) != 1 or len(picks) != 1:
             return None
         (k, p), table = next(iter(picks.items())), plain[0]
+        if not is_entry(table):
+            return None
         bag = tuple(i for i in indices if i in by_sum)
         batch = tuple(sorted(free_indices(p) - by_sum, key=str))
         rows = tuple(i for i in entry_indices(table) if i != k)
