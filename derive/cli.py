@@ -249,6 +249,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
             return 1
         print("generated/ is current")
         return 0
+    if args.latex and args.format not in ("text", "latex"):
+        parser.print_usage(sys.stderr)
+        print(f"derive: error: --latex and --format {args.format} ask for two formats: give one", file=sys.stderr)
+        return 2
     if args.graph is not None:
         graph_target(args.graph)
     if args.shard and args.out is None and not args.no_write:

@@ -163,7 +163,8 @@ def _size_values_all(d: Derivation) -> str:
 
 
 def _size_denominators(d: Derivation) -> list[str]:
-    """Size expressions such as ``N - 1`` that the forward or backward divides by."""
+    """Size expressions such as ``N`` or ``N - 1`` that the forward or backward divides by (a mean
+    over an empty batch would otherwise stop on Python's ZeroDivisionError)."""
     import sympy
 
     from .indexalg import tensor_names
@@ -171,14 +172,14 @@ def _size_denominators(d: Derivation) -> list[str]:
     exprs = [s.expr for s in d.program.statements] + [g.result for g in d.gradients] + [c.result for c in d.chain]
     found: dict[str, None] = {}
     for e in exprs:
-        for p in e.atoms(sympy.Pow):
+        for p in sorted(e.atoms(sympy.Pow), key=sympy.default_sort_key):  # a set: sorted, for one text
             base = p.base
             if (
                 p.exp.is_negative
                 and base.free_symbols
                 and all(s.is_positive and s.is_integer for s in base.free_symbols)
                 and not tensor_names(base)  # a scalar tensor's entry (out2()) has no free symbols
-            ) and not base.is_Symbol:
+            ):
                 found[str(base).replace(" ", "")] = None
     return list(found)
 

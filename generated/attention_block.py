@@ -176,6 +176,14 @@ def attention_block_forward(
         raise ValueError(
             f"attention_block: dim s is dim t renamed, so S must equal T, got S={S}, T={T}"
         )
+    if C == 0:
+        raise ValueError(
+            f"attention_block: needs C != 0 (the formulas divide by it), got N={N}, T={T}, C={C}, H={H}, D={D}, S={S}"
+        )
+    if D == 0:
+        raise ValueError(
+            f"attention_block: needs D != 0 (the formulas divide by it), got N={N}, T={T}, C={C}, H={H}, D={D}, S={S}"
+        )
     t1 = x.sum(2)
     mean = (1 / C) * t1[:, :, None]
     diff = -mean + x

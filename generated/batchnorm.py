@@ -111,6 +111,8 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-05, _keep_all=False):
         raise ValueError(f"batchnorm: gamma must be [D] with D={D}, got shape {tuple(gamma.shape)}")
     if beta.shape[0] != D:
         raise ValueError(f"batchnorm: beta must be [D] with D={D}, got shape {tuple(beta.shape)}")
+    if N == 0:
+        raise ValueError(f"batchnorm: needs N != 0 (the formulas divide by it), got N={N}, D={D}")
     if N - 1 == 0:
         raise ValueError(f"batchnorm: needs N-1 != 0 (the formulas divide by it), got N={N}, D={D}")
     t1 = x.sum(0)

@@ -115,6 +115,10 @@ def batchnorm_biased_forward(x, gamma, beta, *, eps=1e-05, _keep_all=False):
         raise ValueError(
             f"batchnorm_biased: beta must be [D] with D={D}, got shape {tuple(beta.shape)}"
         )
+    if N == 0:
+        raise ValueError(
+            f"batchnorm_biased: needs N != 0 (the formulas divide by it), got N={N}, D={D}"
+        )
     t1 = x.sum(0)
     mean = (1 / N) * t1[None]
     diff = -mean + x

@@ -51,6 +51,14 @@ def bce_with_logits_forward(z, y, *, _keep_all=False):
         raise ValueError(
             f"bce_with_logits: y must be [N, D] with N={N}, D={D}, got shape {tuple(y.shape)}"
         )
+    if D == 0:
+        raise ValueError(
+            f"bce_with_logits: needs D != 0 (the formulas divide by it), got N={N}, D={D}"
+        )
+    if N == 0:
+        raise ValueError(
+            f"bce_with_logits: needs N != 0 (the formulas divide by it), got N={N}, D={D}"
+        )
     exp_z = torch.exp(-z)
     per = z * (1 - y) + torch.log1p(exp_z)
     t1 = per.sum()

@@ -57,6 +57,10 @@ def cross_entropy_forward(logits, target, *, _keep_all=False):
         raise ValueError(
             f"cross_entropy: target must be [N] with N={N}, got shape {tuple(target.shape)}"
         )
+    if N == 0:
+        raise ValueError(
+            f"cross_entropy: needs N != 0 (the formulas divide by it), got N={N}, C={C}"
+        )
     t1 = logits.amax(1)
     logit_maxes = t1[:, None]
     norm_logits = -logit_maxes + logits

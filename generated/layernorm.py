@@ -111,6 +111,8 @@ def layernorm_forward(x, gamma, beta, *, eps=1e-05, _keep_all=False):
         raise ValueError(f"layernorm: gamma must be [D] with D={D}, got shape {tuple(gamma.shape)}")
     if beta.shape[0] != D:
         raise ValueError(f"layernorm: beta must be [D] with D={D}, got shape {tuple(beta.shape)}")
+    if D == 0:
+        raise ValueError(f"layernorm: needs D != 0 (the formulas divide by it), got N={N}, D={D}")
     t1 = x.sum(1)
     mean = (1 / D) * t1[:, None]
     diff = -mean + x

@@ -148,6 +148,10 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
         )
     if Yb.shape[0] != N:
         raise ValueError(f"makemore_mlp: Yb must be [N] with N={N}, got shape {tuple(Yb.shape)}")
+    if N == 0:
+        raise ValueError(
+            f"makemore_mlp: needs N != 0 (the formulas divide by it), got V={V}, E={E}, J={J}, K={K}, N={N}, T={T}"
+        )
     if N - 1 == 0:
         raise ValueError(
             f"makemore_mlp: needs N-1 != 0 (the formulas divide by it), got V={V}, E={E}, J={J}, K={K}, N={N}, T={T}"

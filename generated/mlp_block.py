@@ -108,6 +108,10 @@ def mlp_block_forward(x, gamma, beta, W1, b1, W2, b2, *, eps=1e-05, _keep_all=Fa
         )
     if b2.shape[0] != C:
         raise ValueError(f"mlp_block: b2 must be [C] with C={C}, got shape {tuple(b2.shape)}")
+    if C == 0:
+        raise ValueError(
+            f"mlp_block: needs C != 0 (the formulas divide by it), got N={N}, T={T}, C={C}, F={F}"
+        )
     t1 = x.sum(2)
     mean = (1 / C) * t1[:, :, None]
     diff = -mean + x

@@ -50,6 +50,10 @@ def mse_loss_forward(x, y, *, _keep_all=False):
         raise ValueError(
             f"mse_loss: y must be [N, D] with N={N}, D={D}, got shape {tuple(y.shape)}"
         )
+    if D == 0:
+        raise ValueError(f"mse_loss: needs D != 0 (the formulas divide by it), got N={N}, D={D}")
+    if N == 0:
+        raise ValueError(f"mse_loss: needs N != 0 (the formulas divide by it), got N={N}, D={D}")
     diff = x - y
     t1 = (diff**2).sum()
     loss = (1 / (D * N)) * t1

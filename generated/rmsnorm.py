@@ -98,6 +98,8 @@ def rmsnorm_forward(x, gamma, *, eps=1e-06, _keep_all=False):
     D = x.shape[1]
     if gamma.shape[0] != D:
         raise ValueError(f"rmsnorm: gamma must be [D] with D={D}, got shape {tuple(gamma.shape)}")
+    if D == 0:
+        raise ValueError(f"rmsnorm: needs D != 0 (the formulas divide by it), got N={N}, D={D}")
     t1 = (x**2).sum(1)
     ms = (1 / D) * t1[:, None]
     rms_inv = (eps + ms) ** (-0.5)

@@ -170,6 +170,13 @@ def test_a_malformed_op_through_the_real_command_line(tmp_path, out_dir):
     assert r.returncode == 2 and "floor" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_latex_with_another_format_is_a_usage_error(capsys, out_dir):
+    before = _snapshot(out_dir)
+    r = cli(capsys, "relu", "--latex", "--format", "json", "--out", str(out_dir))
+    assert r.returncode == 2 and "--latex and --format json" in r.stderr and "Traceback" not in r.stderr
+    assert _snapshot(out_dir) == before
+
+
 def test_no_arguments_is_a_usage_error():
     r = derive_cli()
     assert r.returncode == 2 and "name an op" in r.stderr
@@ -187,6 +194,8 @@ def test_generated_functions_reject_wrong_shapes_and_dtypes():
         cross_entropy_forward(torch.randn(4, 3), torch.zeros(4))
     with pytest.raises(ValueError, match="N-1 != 0"):
         batchnorm_forward(torch.randn(1, 3), torch.randn(3), torch.randn(3))
+    with pytest.raises(ValueError, match="needs N != 0"):  # a mean over an empty batch
+        cross_entropy_forward(torch.randn(0, 3), torch.zeros(0, dtype=torch.int64))
     with pytest.raises(TypeError, match="float64"):
         batchnorm_forward(torch.randn(4, 3), torch.randn(3, dtype=torch.float64), torch.randn(3))
     # the derivation took eps positive (SymPy reads sqrt(eps**2) as eps): another value is refused
