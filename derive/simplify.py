@@ -652,7 +652,11 @@ def bounded_exponentials(e: sympy.Expr) -> sympy.Expr:
             _, denominator = sympy.fraction(candidate)
             if denominator.has(s) or candidate.has(E):
                 continue
-            node = candidate.xreplace({s: 1 / (1 + E)})
+            candidate = candidate.xreplace({s: 1 / (1 + E)})
+            bounded = not node.xreplace({1 + E: 1 / s}).has(E)  # a part below was rewritten already
+            if bounded and _cost(candidate) > _cost(node):
+                continue  # factor() multiplied it out (mish's tanh terms): longer, and it cancels
+            node = candidate
         return node
 
     return _bottom_up(e, rewrite)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from derive import apply, derive, exp, log, op, simplify
+from derive import apply, derive, exp, log, op, simplify, tanh
 from derive.emit import render
 from derive.indexalg import IMax, ISum
 from derive.notation import text
@@ -578,6 +578,21 @@ def test_a_power_every_term_divides_by_is_factored_out_of_the_sum():
     ), text(dx)
     assert not any("gamma * pow" in line or "gamma*pow" in line for line in d.code.backward), d.code.backward
     assert verify(d, load_module(render(d), "layernorm_in_one_line")).ok
+
+
+@op(x="n d")
+def mish(x):
+    return x * tanh(log(1 + exp(x)))
+
+
+def test_a_sum_already_in_the_bounded_exponential_is_not_multiplied_out():
+    """mish's ``tanh + x·(1 - tanh²)·e/(1 + e)``: its product goes to ``1/(1 + e)`` and stays a
+    product; factor() on the whole sum had multiplied it into five terms, two pairs that cancel."""
+    d = derive(mish)
+    dx = d.gradient("x").result
+    (inner,) = [f for f in sympy.Mul.make_args(dx) if isinstance(f, sympy.Add)]
+    assert len(inner.args) == 2, text(dx)
+    assert verify(d, load_module(render(d), "mish")).ok
 
 
 @op(x="n d", y="n d")
