@@ -662,6 +662,16 @@ def bounded_exponentials(e: sympy.Expr) -> sympy.Expr:
     return _bottom_up(e, rewrite)
 
 
+def _exp_over_one_plus_exp(e: sympy.Expr) -> bool:
+    """Whether ``e`` divides by ``1 + E`` (``E = exp(v)``) and reads ``E`` elsewhere: ``E/(1 + E)``,
+    inf/inf where ``E`` overflows, the form :func:`bounded_exponentials` rewrites."""
+    s = sympy.Dummy("s")
+    return any(
+        any(_divides(p, E) for p in e.atoms(sympy.Pow)) and e.xreplace({1 + E: 1 / s}).has(E)
+        for E in e.atoms(sympy.exp)
+    )
+
+
 def _divides(p: sympy.Pow, E: sympy.Expr) -> bool:
     """``p`` is ``(1 + E)**-k`` (or ``(E + 1)**-k``)."""
     return p.exp.is_negative and isinstance(p.base, sympy.Add) and set(p.base.args) == {sympy.S.One, E}
@@ -686,8 +696,10 @@ def combine_fractions(e: sympy.Expr) -> sympy.Expr:
             return node
         best = node
         for candidate in (sympy.together(node), sympy.cancel(sympy.together(node))):
-            if _cost(candidate) < _cost(best):
-                best = candidate
+            if _cost(candidate) < _cost(best) and not (
+                _exp_over_one_plus_exp(candidate) and not _exp_over_one_plus_exp(node)
+            ):
+                best = candidate  # (never back to the ratio bounded_exponentials took apart: they would take turns)
         return best
 
     return _bottom_up(e, rewrite)

@@ -233,12 +233,19 @@ def input_domain(d: Derivation, sizes: dict[str, int], seed: int = 0) -> str:
     """
     params = {p.name: p.default for p in d.program.params}
     forward = _forward_function(d)
-    for domain in DOMAINS:
+    for domain in DOMAINS:  # at the sizes the comparisons draw and at the gradcheck's
         if all(
-            _finite_forward(d, forward, params, sizes, seed, domain, dtype) for dtype in (torch.float64, torch.float32)
+            _finite_forward(d, forward, params, at, seed, domain, dtype)
+            for at in (sizes, gradcheck_sizes(d.program, sizes))
+            for dtype in (torch.float64, torch.float32)
         ):
             return domain
     return "real"
+
+
+def gradcheck_sizes(program: Program, sizes: dict[str, int]) -> dict[str, int]:
+    """The smaller sizes gradcheck runs at (each dim at most 4; a window keeps two positions)."""
+    return program.tie({k: min(v, 4) for k, v in sizes.items()})
 
 
 def _finite_forward(
@@ -511,8 +518,7 @@ def _gradcheck(
     domain: str = "real",
 ) -> tuple[bool, str]:
     fn = autograd_function(module, program, params)
-    small = program.tie({k: min(v, 4) for k, v in sizes.items()})  # a window keeps two positions
-    inputs = example_inputs(program, small, torch.float64, seed, device, domain)
+    inputs = example_inputs(program, gradcheck_sizes(program, sizes), torch.float64, seed, device, domain)
     inputs = [x.requires_grad_(info.differentiable) for x, info in zip(inputs, program.inputs)]
     try:
         ok = torch.autograd.gradcheck(lambda *xs: fn.apply(*xs), tuple(inputs), eps=1e-6, atol=1e-5, rtol=1e-4)

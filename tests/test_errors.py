@@ -214,6 +214,12 @@ DOMAIN_OPS = {  # a log of an input: checked where the forward is finite, not at
         '    loss = -logp.take(target, "c").mean("n")\n    return loss\n'
     ),
     "unit": '@op(p="n d")\ndef f(p):\n    loss = -(p * log(p) + (1 - p) * log(1 - p)).sum("d").mean("n")\n    return loss\n',
+    # a focal loss: finite at seed 0's normal inputs of the comparisons' sizes, not at the gradcheck's
+    "positive (at gradcheck's sizes)": (
+        '@op(z="n c", y="const n c")\ndef f(z, y, gamma=2.0):\n'
+        "    p = apply(lambda u: 1 / (1 + sympy.exp(-u)), z)\n    pt = y * p + (1 - y) * (1 - p)\n"
+        '    loss = (-((1 - pt) ** gamma) * log(pt)).mean("c").mean("n")\n    return loss\n'
+    ),
 }
 
 

@@ -595,6 +595,26 @@ def test_a_sum_already_in_the_bounded_exponential_is_not_multiplied_out():
     assert verify(d, load_module(render(d), "mish")).ok
 
 
+@op(stable_forward=True, z="n", y="const n", pw="const n")
+def bce_with_a_positive_weight(z, y, pw):
+    log_sigmoid = lambda t: apply(lambda u: -sympy.log(1 + sympy.exp(-u)), t)  # noqa: E731
+    return -(pw * y * log_sigmoid(z) + (1 - y) * log_sigmoid(-z)).mean("n")
+
+
+def test_a_ratio_of_exponentials_stays_bounded_when_the_rules_would_take_turns():
+    """``combine fractions`` had put ``1/(1 + e)`` terms back over ``1 + e`` (``e/(1 + e)``, inf/inf
+    past z = 88 in float32), and ``bounded exponentials`` took them apart again, to the last round."""
+    d = derive(bce_with_a_positive_weight)
+    module = load_module(render(d), "bce_with_a_positive_weight")
+    z = torch.tensor([-100.0, -20.0, 0.0, 20.0, 100.0])
+    y, pw = torch.tensor([1.0, 1.0, 0.5, 0.0, 0.0]), torch.full((5,), 2.0)
+    _, saved = module.bce_with_a_positive_weight_forward(z, y, pw)
+    (dz,) = module.bce_with_a_positive_weight_backward(None, saved)
+    leaf = z.clone().requires_grad_()
+    torch.nn.functional.binary_cross_entropy_with_logits(leaf, y, pos_weight=pw).backward()
+    torch.testing.assert_close(dz, leaf.grad)
+
+
 @op(x="n d", y="n d")
 def ratio(x, y):
     out = x / y
