@@ -822,7 +822,10 @@ def _build_program(
     taken = input_names | {p.name for p in params} | {n.name for n in trace.nodes if n.name}
     for k, r in enumerate(results, start=1):
         if r.name is None:
-            r.name = "out" if len(results) == 1 else next(f"out{j}" for j in range(k, k + 99) if f"out{j}" not in taken)
+            first = "out" if len(results) == 1 and "out" not in taken else f"out{k}"
+            r.name = (
+                first if first not in taken else next(f"out{j}" for j in range(k, k + 99) if f"out{j}" not in taken)
+            )
             taken.add(r.name)
     roles = boundaries(results)
     used = set(input_names)

@@ -7,7 +7,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from derive import apply, derive, op
+from derive import apply, derive, exp, op
 from derive.emit import render
 from derive.errors import OpDefinitionError
 from derive.indexalg import ISum
@@ -23,6 +23,16 @@ def test_locals_name_the_intermediates():
 
     p = f.program()
     assert [s.name for s in p.statements] == ["centred", "out"]
+
+
+def test_an_unnamed_result_beside_a_local_called_out_is_called_out1():
+    @op(x="n d")
+    def f(x):
+        out = x * 2
+        return exp(out)
+
+    p = f.program()
+    assert [s.name for s in p.statements] == ["out", "out1"] and p.outputs == ("out1",)
 
 
 def test_unnamed_temporaries_are_inlined_into_their_consumer():
