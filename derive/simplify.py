@@ -648,7 +648,8 @@ def bounded_exponentials(e: sympy.Expr) -> sympy.Expr:
             if not any(_divides(p, E) for p in node.atoms(sympy.Pow)):
                 continue
             s = sympy.Dummy("s")
-            candidate = sympy.factor(sympy.cancel(sympy.together(node.xreplace({E: (1 - s) / s}))))
+            masked, back = _exps_of_sums_masked(node.xreplace({E: (1 - s) / s}))
+            candidate = sympy.factor(sympy.cancel(sympy.together(masked))).xreplace(back)
             _, denominator = sympy.fraction(candidate)
             if denominator.has(s) or candidate.has(E):
                 continue
@@ -660,6 +661,15 @@ def bounded_exponentials(e: sympy.Expr) -> sympy.Expr:
         return node
 
     return _bottom_up(e, rewrite)
+
+
+def _exps_of_sums_masked(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Expr, sympy.Expr]]:
+    """``e`` with each ``exp(a + b)`` a positive stand-in, and the map back. SymPy's rational
+    functions split ``exp(a - b)`` into ``exp(a)·exp(-b)``, which overflows where the whole is finite
+    (``exp(s·ct - zmax)`` at s = 100); a stand-in keeps it whole."""
+    sums = sorted((a for a in e.atoms(sympy.exp) if isinstance(a.args[0], sympy.Add)), key=sympy.default_sort_key)
+    table = {a: sympy.Dummy(f"exp{k}", positive=True) for k, a in enumerate(sums)}
+    return e.xreplace(table), {v: k for k, v in table.items()}
 
 
 def _exp_over_one_plus_exp(e: sympy.Expr) -> bool:
@@ -695,7 +705,8 @@ def combine_fractions(e: sympy.Expr) -> sympy.Expr:
         if any(_guarded_division(t) for t in node.args):
             return node
         best = node
-        for candidate in (sympy.together(node), sympy.cancel(sympy.together(node))):
+        masked, back = _exps_of_sums_masked(node)
+        for candidate in (sympy.together(masked).xreplace(back), sympy.cancel(sympy.together(masked)).xreplace(back)):
             if _cost(candidate) < _cost(best) and not (
                 _exp_over_one_plus_exp(candidate) and not _exp_over_one_plus_exp(node)
             ):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from derive import apply, derive, exp, log, op, simplify, tanh
+from derive import apply, derive, exp, log, op, simplify, sqrt, tanh
 from derive.emit import render
 from derive.indexalg import IMax, ISum
 from derive.notation import text
@@ -613,6 +613,35 @@ def test_a_ratio_of_exponentials_stays_bounded_when_the_rules_would_take_turns()
     leaf = z.clone().requires_grad_()
     torch.nn.functional.binary_cross_entropy_with_logits(leaf, y, pos_weight=pw).backward()
     torch.testing.assert_close(dz, leaf.grad)
+
+
+@op(x="n d", y="int n", W="d c")
+def cosface(x, y, W, s=30.0, m=0.35):
+    xn = x / sqrt((x * x).sum("d", keepdim=True))
+    Wn = W / sqrt((W * W).sum("d", keepdim=True))
+    cos = xn @ Wn
+    ct = cos.take(y, "c")
+    z = s * cos
+    zmax = z.max("c")
+    denom = exp(z - z.max("c", keepdim=True)).sum("c") - exp(s * ct - zmax) + exp(s * (ct - m) - zmax)
+    return (-(s * (ct - m) - zmax) + log(denom)).mean("n")
+
+
+def test_an_exp_of_a_difference_stays_one_exp_through_rational_simplification():
+    """SymPy's rational functions split ``exp(s·ct - zmax)`` into ``exp(s·ct)·exp(-zmax)``: at s = 100
+    ``exp(91)`` overflowed float32 and dx was NaN where the forward, and autograd, are finite."""
+    d = derive(cosface)
+    module = load_module(render(d), "cosface")
+    x, y, W = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([1]), torch.tensor([[1.0, 1.0], [0.0, 0.45], [0.0, 0.0]])
+    _, saved = module.cosface_forward(x, y, W, s=100.0)
+    dx, dW = module.cosface_backward(None, saved)
+    leaves = [x.double().requires_grad_(), W.double().requires_grad_()]
+    xn = leaves[0] / leaves[0].norm(dim=1, keepdim=True)
+    cos = xn @ (leaves[1] / leaves[1].norm(dim=0, keepdim=True))
+    margin = 0.35 * torch.nn.functional.one_hot(y, 2).double()
+    torch.nn.functional.cross_entropy(100.0 * (cos - margin), y).backward()
+    for got, leaf in zip((dx, dW), leaves):
+        torch.testing.assert_close(got.double(), leaf.grad, atol=1e-4, rtol=1e-5)
 
 
 @op(x="n d", y="n d")
