@@ -206,7 +206,14 @@ def run(
         say(f"verifying {d.name} (autograd{'' if device == 'cpu' else ' on ' + device}, gradcheck, exact check)")
         t0 = time.perf_counter()
         module = load_module(source, d.name)
-        verification = verify_module(d, module, sizes=sizes, device=device)
+        try:
+            verification = verify_module(d, module, sizes=sizes, device=device)
+        except (RuntimeError, IndexError, TypeError, ValueError) as exc:  # the generated code's own failure
+            first = (str(exc).splitlines() or [""])[0]
+            raise VerificationError(
+                f"op '{d.name}': the generated code raised {type(exc).__name__} while being verified ({first}); "
+                "nothing written. This is derive's bug: please report it with the op"
+            ) from exc
         d.timings["verify"] = time.perf_counter() - t0
     if hit is None or (verification is not None and verification.ok and not hit.get("verified")):
         cache.store(key, {"source": source, "verified": verification is not None and verification.ok})

@@ -177,17 +177,21 @@ def chain_steps(program: Program) -> list[Contribution]:
 def cut_tensors(program: Program) -> list[str]:
     """Tensors whose adjoint the fused backward materialises, output first.
 
-    Contractions, windows and paddings, and layers (statements reading two or more of the op's
-    inputs) are natural boundaries: they get named adjoints (``dlogits``, ``dh``), and everything between two
-    boundaries (a loss, a normalisation) is differentiated as one expression and simplified.
+    Contractions, what windows and contractions read (a padding), windows a contraction reads (a
+    convolution's), and layers (statements reading two or more of the op's inputs) are natural
+    boundaries: they get named adjoints (``dlogits``, ``dh``), and everything between two boundaries
+    (a loss, a normalisation, a pool's window) is differentiated as one expression and simplified.
+    A pool's window is a view, and its adjoint would be the window's size, larger than the input.
     """
     inputs = {t.name for t in program.differentiable_inputs}
     cuts = set(program.outputs) | inputs
+    contracted = {n for s in program.statements if s.kind == "contraction" for n in tensor_names(s.expr)}
     for stmt in program.statements:
         reads = tensor_names(stmt.expr)
         if stmt.kind in ("contraction", "window"):
-            cuts.add(stmt.name)
-            cuts |= reads
+            cuts |= reads  # (a padding a window reads among them)
+            if stmt.kind == "contraction" or stmt.name in contracted:
+                cuts.add(stmt.name)  # a window only a contraction reads: a pool's is never made
         elif len(reads & inputs) >= 2 and reads - inputs - {t.name for t in program.inputs}:
             cuts.add(stmt.name)  # a layer: parameters meet activations (gamma * xhat + beta)
     order = [t.name for t in program.inputs] + [s.name for s in program.statements]

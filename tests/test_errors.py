@@ -170,6 +170,19 @@ def test_a_malformed_op_through_the_real_command_line(tmp_path, out_dir):
     assert r.returncode == 2 and "floor" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_generated_code_that_crashes_in_verification_is_one_line_that_says_whose_bug(monkeypatch, capsys, out_dir):
+    def crash(*args, **kwargs):
+        raise IndexError("too many indices for tensor of dimension 1")
+
+    monkeypatch.setattr(api, "verify_module", crash)
+    monkeypatch.setenv("DERIVE_NO_CACHE", "1")
+    before = _snapshot(out_dir)
+    r = cli(capsys, "relu", "--out", str(out_dir))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "raised IndexError while being verified (too many indices" in r.stderr and "derive's bug" in r.stderr
+    assert _snapshot(out_dir) == before
+
+
 def test_latex_with_another_format_is_a_usage_error(capsys, out_dir):
     before = _snapshot(out_dir)
     r = cli(capsys, "relu", "--latex", "--format", "json", "--out", str(out_dir))

@@ -1604,9 +1604,18 @@ def max_of_a_sum_of_gathered_rows(x, idx):
     return x.take(idx, "n").sum("m").max("k")
 
 
+@op(x="d k")
+def max_of_a_flattened_window(x):
+    """The argmax over j of v[(d, k), j] read at (d, k): a reshape, not a gather (it printed an
+    unsupported Pack index, and the backward crashed)."""
+    v = x.pad("d", 0, 1).unfold("d", 2, 1, "j", dilation=1).flatten("d", "k")
+    return v.max("j")
+
+
 @pytest.mark.parametrize(
     "the_op",
     [
+        max_of_a_flattened_window,
         max_of_a_sum_of_gathered_rows,
         a_condition_over_m_beside_a_scatter_over_m,
         sqrt_of_a_relu_times_x,

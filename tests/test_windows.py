@@ -187,17 +187,22 @@ def test_two_windows_make_a_conv2d():
     assert verify(d, module).ok
 
 
-@pytest.mark.parametrize("pool", ["max", "mean"])
+@pytest.mark.parametrize("pool", ["max", "mean", "overlapping max"])
 def test_pooling_written_as_a_window_matches_torch(pool):
     """Written as a user would from the README, not tried while building windows: max pooling
-    (stride 2, the argmax's gradient scattered back) and padded average pooling."""
+    (stride 2, the argmax's gradient scattered back), padded average pooling, and a padded max
+    pool whose windows overlap (each maximum added back at its window's start plus its argmax: no
+    window-sized buffer, three times the input's size)."""
 
     @op(x="n t c")
     def pooled(x):
         if pool == "max":
             out = x.unfold("t", 2, 2, "k").max("k")
-        else:
+        elif pool == "mean":
             out = x.pad("t", 1, 1).unfold("t", 3, 1, "k").mean("k")
+        else:
+            windows = x.pad("t", 1, 1).unfold("t", 3, 1, "k")
+            out = windows.max("k")
         return out
 
     d = derive(pooled)
@@ -205,6 +210,8 @@ def test_pooling_written_as_a_window_matches_torch(pool):
     x = torch.randn(2, 8, 3, dtype=torch.float64, requires_grad=True)
     if pool == "max":
         want = F.max_pool1d(x.transpose(1, 2), 2).transpose(1, 2)
+    elif pool == "overlapping max":  # zeros padded, as x.pad does (F.max_pool1d pads with -inf)
+        want = F.pad(x, (0, 0, 1, 1)).unfold(1, 3, 1).max(-1).values
     else:
         want = F.avg_pool1d(x.transpose(1, 2), 3, 1, padding=1, count_include_pad=True).transpose(1, 2)
     with TensorSizes() as forward:

@@ -115,6 +115,9 @@ def lower_program(
         layouts[s.name] = s.statement.target
     fits = _admissible(program)
     positions = program.index_dims
+    for s in saved_values:  # a kept argmax is a position along the dim it maximised over
+        if isinstance(s.statement.expr, ArgMax):
+            positions[s.name] = dim_of(s.statement.expr.var)
     names = set(layouts) | {
         p.name for p in program.params
     }  # a temporary takes neither a tensor's nor a parameter's name

@@ -756,7 +756,12 @@ class Lowerer:
         ungathered = self._ungather(body, indices)
         if ungathered is not None:
             return ungathered
-        scatter = self._index_put(body, indices) or self._scatter(body, indices) or self._fold(body, indices)
+        scatter = (
+            self._index_put(body, indices)
+            or self._scatter(body, indices)
+            or self._scatter_shifted(body, indices)
+            or self._fold(body, indices)
+        )
         if scatter is not None:
             return scatter
         summed = frozenset(indices)
@@ -1055,6 +1060,39 @@ class Lowerer:
                 return self._scatter_add(pick, v, rest, rest_expr, batch, summed, other)
         return None
 
+    def _scatter_shifted(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
+        """``Σ_S f[B, S] δ(v, t + argmax[B, S])``: a max pool's values added back where each window's
+        maximum was read (its window's start plus the argmax), one ``scatter_add_``, no window-sized
+        buffer. Positions a padding added fall outside ``v``: the scatter runs on the padded length
+        and keeps ``v``'s part."""
+        for f in sympy.Mul.make_args(body):
+            if not isinstance(f, sympy.KroneckerDelta):
+                continue
+            for pick, v in (f.args, f.args[::-1]):
+                if not (is_index(v) and v not in indices and isinstance(pick, sympy.Add)):
+                    continue
+                bounds = _position_bounds(pick, self.positions)
+                rest_expr = body / f
+                if bounds is None or v in free_indices(rest_expr):
+                    continue
+                lead = tuple(sorted(free_indices(pick), key=str))
+                summed = tuple(i for i in lead if i in indices)
+                if not summed:
+                    continue
+                for k in [i for i in indices if i not in lead]:
+                    rest_expr = ISum(rest_expr, k)
+                rest = self.lower(rest_expr)
+                batch = tuple(i for i in lead if i not in indices)
+                other = tuple(a for a in rest.axes if a not in lead)
+                low, length = _span(pick, v, self.positions)
+                padded = self._scatter_add(pick - low, v, rest, rest_expr, batch, summed, other, length)
+                if low == 0 and length == size_code(dim_of(v).size):
+                    return padded
+                axis = padded.axes.index(v)
+                code = f"{atom(padded.code)}.narrow({axis}, {size_code(-low)}, {size_code(dim_of(v).size)})"
+                return Val(code, padded.axes)
+        return None
+
     def _gathered_position(self, e: sympy.Expr) -> bool:
         """An integer input's entry, or one coordinate of it in a flattened dim (``idx[n].1``)."""
         if isinstance(e, Flat):
@@ -1152,8 +1190,9 @@ class Lowerer:
                     continue
                 if (
                     isinstance(pick, ArgMax)
-                    or (is_entry(pick) and self.layouts[entry_name(pick)].is_int)
+                    or self._gathered_position(pick)  # idx[m, d], or one coordinate of it, idx[m, d].1
                     or is_window_index(pick)  # a window's position, 2*t + k: routed like a gathered one
+                    or _position_bounds(pick, self.positions) is not None  # a pooled maximum's, t + argmax
                 ):
                     routes.append((f, pick, v))
                     break
@@ -1182,12 +1221,17 @@ class Lowerer:
                 src = f"{atom(src)}.expand{shape_tuple(sizes)}"
         else:
             src = f"torch.full({shape_tuple(sizes)}, {rest.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
-        picks = [self.align(self.lower(pick), lead, strip=False) for _, pick, _ in routes]
+        # a position t + argmax may fall outside its target (or short of its end): a longer one, cut after
+        spans = [_span(pick, v, self.positions) for _, pick, v in routes]
+        picks = [self.align(self.lower(pick - low), lead, strip=False) for (_, pick, _), (low, _) in zip(routes, spans)]
         for b in batch:
             rng = f"torch.arange({size_code(dim_of(b).size)}, device={self.ref}.device)"
             picks.append(self.align(Val(rng, (b,)), lead, strip=False))
-        shape = shape_tuple([size_code(dim_of(a).size) for a in targets + batch + other])
-        code = f"{self.ref}.new_zeros({shape}).index_put_(({', '.join(picks)},), {src}, accumulate=True)"
+        lengths = [length for _, length in spans] + [size_code(dim_of(a).size) for a in batch + other]
+        code = f"{self.ref}.new_zeros({shape_tuple(lengths)}).index_put_(({', '.join(picks)},), {src}, accumulate=True)"
+        for axis, ((low, length), v) in enumerate(zip(spans, targets)):
+            if length != size_code(dim_of(v).size) or low != 0:
+                code = f"{code}.narrow({axis}, {size_code(-low)}, {size_code(dim_of(v).size)})"
         return Val(code, targets + batch + other)
 
     def _scatter_add(
@@ -1199,7 +1243,10 @@ class Lowerer:
         batch: Axes,
         summed: Axes,
         other: Axes,
+        length: str | None = None,
     ) -> Val:
+        """``rest`` added at positions ``pick`` along ``v`` (``length`` positions, code; ``v``'s size by default)."""
+
         def sizes(axes: Axes) -> list[str]:
             return [size_code(dim_of(a).size) for a in axes]
 
@@ -1215,7 +1262,8 @@ class Lowerer:
             src = self.align(rest, order, strip=False) if rest.axes else rest.code
             if not set(batch + summed) <= set(rest.axes):
                 src = f"{atom(src)}.expand{shape_tuple(sizes(order))}"
-        zeros = f"{self.ref}.new_zeros({shape_tuple(sizes(batch) + [size_code(dim_of(v).size)] + sizes(other))})"
+        along = size_code(dim_of(v).size) if length is None else length
+        zeros = f"{self.ref}.new_zeros({shape_tuple(sizes(batch) + [along] + sizes(other))})"
         if not batch:  # every index of idx summed: index_add_ over its flattened entries
             flat_src = f"{atom(src)}.reshape({', '.join(['-1'] + sizes(other))})"
             where = f"{atom(self.align(index, summed, strip=False))}.reshape(-1)"
@@ -1269,8 +1317,8 @@ class Lowerer:
                     continue
                 if not free_indices(p) <= free_indices(e):
                     continue  # a position that reads an index summed inside the body (Σ_m x[idx[d, m], k])
-                if isinstance(p, Flat) and is_index(p.args[0]):
-                    continue  # a part of a flattened index (read as a run by a reshape), not a gather
+                if (isinstance(p, Flat) and is_index(p.args[0])) or _plain_pack(p):
+                    continue  # a part of a flattened index, or (d, k) in one (a reshape), not a gather
                 k = fresh_index(d, free_indices(e) | bound_indices(e) | {e.var})
                 inner = self.lower(type(e)(e.body.xreplace({p: k}), e.var))
                 if k not in inner.axes:
@@ -1491,6 +1539,48 @@ def _summed(e: sympy.Expr, indices: list[sympy.Symbol]) -> sympy.Expr:
     for i in indices:
         e = ISum(e, i)
     return e
+
+
+def _position_bounds(pick: sympy.Expr, positions: dict[str, Dim]) -> tuple[sympy.Expr, sympy.Expr] | None:
+    """The lowest and highest value of ``t + argmax_j(...)`` (integer multiples of indices and of one
+    or more argmaxes or kept positions, plus a number) from the dims' sizes; None for any other
+    expression, or one without a position (a window's own, which ``_fold`` adds back)."""
+    low, high, argmax = sympy.S.Zero, sympy.S.Zero, False
+    for term in sympy.Add.make_args(pick):
+        coeff, part = term.as_coeff_Mul()
+        if not coeff.is_integer:
+            return None
+        if part == 1:
+            low, high = low + coeff, high + coeff
+            continue
+        if is_index(part):
+            top = dim_of(part).size - 1
+        elif isinstance(part, ArgMax) and is_index(part.var):
+            top, argmax = dim_of(part.var).size - 1, True
+        elif is_entry(part) and entry_name(part) in positions and not positions[entry_name(part)].parts:
+            top, argmax = positions[entry_name(part)].size - 1, True
+        elif isinstance(part, Flat) and is_entry(part.args[0]) and entry_name(part.args[0]) in positions:
+            parts = positions[entry_name(part.args[0])].parts  # idx[m].0: a coordinate in a flattened dim
+            if not parts:
+                return None
+            top, argmax = parts[int(part.args[1])].size - 1, True
+        else:
+            return None
+        low, high = (low, high + coeff * top) if coeff > 0 else (low + coeff * top, high)
+    return (low, high) if argmax else None
+
+
+def _span(pick: sympy.Expr, v: sympy.Symbol, positions: dict[str, Dim]) -> tuple[sympy.Expr, str]:
+    """The lowest position ``pick`` takes and (code) a length along ``v`` from there that holds every
+    position and all of ``v`` (a tail no window reads): ``v``'s size for any other position."""
+    bounds = _position_bounds(pick, positions)
+    if bounds is None:
+        return sympy.S.Zero, size_code(dim_of(v).size)
+    low, high = bounds
+    need, whole = sympy.expand(high - low + 1), sympy.expand(dim_of(v).size - low)
+    if need == whole or sympy.simplify(whole - need).is_nonnegative:
+        return low, size_code(whole)
+    return low, f"max({size_code(need)}, {size_code(whole)})"
 
 
 def _plain_pack(i: sympy.Basic) -> bool:
@@ -1894,7 +1984,7 @@ def _value_leaves(e: sympy.Expr, repeated: set[sympy.Expr] | None = None, top: b
 
     A costly sub-expression whose key is in ``repeated`` is a leaf too, unless it is ``e`` itself.
     """
-    if is_entry(e) or isinstance(e, (ISum, IMax, ArgMax, sympy.KroneckerDelta)):
+    if is_entry(e) or isinstance(e, (ISum, IMax, ArgMax, sympy.KroneckerDelta, Flat)):
         return [e]
     if e.is_Symbol and (e.name.startswith("__val_") or is_index(e)):
         return [e]
