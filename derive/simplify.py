@@ -925,6 +925,10 @@ class Simplifier:
         if cancelled != e:
             e = cancelled
             steps.append(Step("cancel δ terms", "a·(b - δ) + a·δ = a·b: products over δ terms distributed", e))
+        dropped = drop_zero_delta_terms(e, self.program.statements)
+        if dropped != e:
+            e = dropped
+            steps.append(Step("δ terms that sum to 0", "δ·(1 - (e + S)/p) = 0 where the forward defined p = e + S", e))
         collected = _collect(e)
         if collected != e:
             steps.append(Step("collect", "factor common factors out of sums of terms", collected))
@@ -969,6 +973,47 @@ def cancel_deltas(e: sympy.Expr, most_terms: int = 64) -> sympy.Expr:
         return e
     after = _deltas(flat)
     return flat if len(set(after)) < len(set(before)) or len(after) < len(before) else e
+
+
+def drop_zero_delta_terms(e: sympy.Expr, statements: tuple[Statement, ...], most_terms: int = 64) -> sympy.Expr:
+    """The terms at one δ whose coefficients add up to 0 once the forward values they divide by are
+    written out, dropped: ``δ(c, argmax)·(1 - exp(a - m)/p - Σ_c exp(x - m)/p)`` with
+    ``p = exp(a - m) + Σ_c exp(x - m)``. Left in, each is a scatter of exact zeros (and rounding)."""
+    if not _deltas(e):
+        return e
+    flat = _surface_deltas(e)
+    terms = sympy.Add.make_args(flat)
+    if len(terms) > most_terms:
+        return e
+    groups: dict[tuple, list[sympy.Expr]] = {}
+    for t in terms:
+        groups.setdefault(tuple(sorted(_deltas(t), key=sympy.default_sort_key)), []).append(t)
+    zero = [
+        key
+        for key, ts in groups.items()
+        if key and _is_zero(sympy.Add(*(t.xreplace({d: 1 for d in key}) for t in ts)), statements)
+    ]
+    if not zero:
+        return e
+    return sympy.Add(*(t for key, ts in groups.items() if key not in zero for t in ts))
+
+
+def _is_zero(coefficient: sympy.Expr, statements: tuple[Statement, ...]) -> bool:
+    """Whether ``coefficient`` is 0 with each forward value it divides by written out one level, in
+    terms of the values before it (``p``'s inline max read as the ``m`` the coefficient reads)."""
+    written: dict[sympy.Expr, sympy.Expr] = {}
+    divisors = [p.base for p in coefficient.atoms(sympy.Pow) if p.exp.is_negative]
+    for a in {a for b in divisors for a in b.atoms(sympy.core.function.AppliedUndef)}:
+        k = next((k for k, s in enumerate(statements) if is_entry(a) and s.name == entry_name(a)), None)
+        if k is None:
+            continue
+        stmt = statements[k]
+        expr = recognize(stmt.expr, list(statements[:k]))
+        written[a] = substitute_indices(expr, dict(zip(stmt.target.indices, entry_indices(a))))
+    if not written:
+        return False
+    masked, _ = _exps_of_sums_masked(canonical_bound(coefficient.xreplace(written)))
+    return sympy.cancel(sympy.together(masked)) == 0
 
 
 def _collect(e: sympy.Expr) -> sympy.Expr:

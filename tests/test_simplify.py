@@ -644,6 +644,22 @@ def test_an_exp_of_a_difference_stays_one_exp_through_rational_simplification():
         torch.testing.assert_close(got.double(), leaf.grad, atol=1e-4, rtol=1e-5)
 
 
+@op(x="n c", a="n")
+def logsumexp_with_one_more_term(x, a):
+    m = x.max("c")
+    return log(exp(a - m) + exp(x - x.max("c", keepdim=True)).sum("c")) + m
+
+
+def test_delta_terms_whose_coefficients_sum_to_zero_through_a_forward_value_are_dropped():
+    """``δ(c, argmax)·(1 - exp(a - m)/p - Σ exp(x - m)/p)`` is 0 by ``p``'s definition: no argmax
+    kept, no scatter of zeros; the gradient is ``exp(x - m)/p·dout``."""
+    d = derive(logsumexp_with_one_more_term)
+    dx = d.gradient("x").result
+    assert not dx.has(sympy.KroneckerDelta), text(dx)
+    assert not any("scatter" in line or "argmax" in line for line in d.code.backward), d.code.backward
+    assert verify(d, load_module(render(d), "logsumexp_with_one_more_term")).ok
+
+
 @op(x="n d", y="n d")
 def ratio(x, y):
     out = x / y
