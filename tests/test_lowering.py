@@ -1604,6 +1604,18 @@ def max_of_a_sum_of_gathered_rows(x, idx):
     return x.take(idx, "n").sum("m").max("k")
 
 
+@op(s="n m")
+def logsumexp_written_out(s):
+    return (log(exp(s - s.max("m", keepdim=True)).sum("m")) + s.max("m")).mean("n")
+
+
+def test_a_max_written_twice_is_taken_once():
+    """The max inside the sum and the one added back are one max (their bound indices differ: the
+    call's key had not renamed them, so the forward took s.amax(1) twice)."""
+    d, _ = generated(logsumexp_written_out)
+    assert sum(".amax(" in line or ".max(" in line for line in d.code.forward) == 1, d.code.forward
+
+
 @op(x="d k")
 def max_of_a_flattened_window(x):
     """The argmax over j of v[(d, k), j] read at (d, k): a reshape, not a gather (it printed an

@@ -564,8 +564,10 @@ class Lowerer:
         self.lines.append(f"{name} = {code}")
         return name
 
-    def _cached(self, e: sympy.Expr, fn) -> Val:
-        key, placeholders = canonical_key(e)
+    def _cached(self, e: sympy.Expr, fn, like: sympy.Expr | None = None) -> Val:
+        """``fn(e)`` once per canonical form of ``e`` (or of ``like``, an equal form with the same free
+        indices), into a temporary that later reads share."""
+        key, placeholders = canonical_key(e if like is None else like)
         if key in self.memo and self.share:
             code, axes = self.memo[key]
             back = {p: s for s, p in placeholders.items()}
@@ -1340,12 +1342,24 @@ class Lowerer:
 
         Cached under its own key: the max's value (``.values``) is cached under the ``IMax`` itself.
         """
-        return self._cached(_MaxCall(IMax(e.body, e.var)), lambda call: self._max_values_and_indices(call.args[0]))
+        call = _MaxCall(IMax(e.body, e.var))
+        # (a key sees no binder inside a call: the max's own index is named in it as any max of this
+        # body over this dim would name it, the first of its dim the body does not use)
+        own = fresh_index(dim_of(e.var), (free_indices(e.body) | bound_indices(e.body)) - {e.var})
+        key = _MaxCall(IMax(e.body.xreplace({e.var: own}), own))
+        return self._cached(call, lambda call: self._max_values_and_indices(call.args[0]), key)
 
     def _max_values_and_indices(self, e: IMax) -> Val:
         if dim_of(e.var).parts and _reads_by_part(e.body, e.var):
             return self._max_over_parts(e)
         body = self.lower(e.body)
+        if e.var not in body.axes:  # constant along the max's dim (max_d x - max_d x is 0): broadcast it there
+            axes = body.axes + (e.var,)
+            sizes = shape_tuple([size_code(dim_of(a).size) for a in axes])
+            if body.axes:
+                body = Val(f"{atom(self.align(body, axes, strip=False))}.expand{sizes}", axes)
+            else:
+                body = Val(f"torch.full({sizes}, {body.code}, dtype={self.ref}.dtype, device={self.ref}.device)", axes)
         axis = body.axes.index(e.var)
         return Val(f"{atom(body.code)}.max({axis})", tuple(a for a in body.axes if a != e.var))
 
