@@ -180,7 +180,7 @@ def _size_denominators(d: Derivation) -> list[str]:
                 and all(s.is_positive and s.is_integer for s in base.free_symbols)
                 and not tensor_names(base)  # a scalar tensor's entry (out2()) has no free symbols
             ):
-                found[str(base).replace(" ", "")] = None
+                found[size_code(base)] = None
     return list(found)
 
 

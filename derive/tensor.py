@@ -562,7 +562,7 @@ def apply(fn: Callable[..., Any], *tensors: Tensor) -> Tensor:
     if body.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
         raise trace.error(f"the expression is infinite or undefined ({body}: a division by zero?)")
     for f in body.atoms(sympy.Function):
-        if isinstance(f, _NO_DERIVATIVE):
+        if isinstance(f, _NO_DERIVATIVE) and f.has(*dummies):  # (a size's floor is a constant)
             raise NotDifferentiableError(
                 f"op '{trace.op_name}': {type(f).__name__} has no derivative (it is piecewise constant)"
                 f" (at {_user_line()})"

@@ -226,6 +226,27 @@ def test_pooling_written_as_a_window_matches_torch(pool):
     assert verify(d, module).ok
 
 
+def test_a_mean_over_a_strided_window_dim_divides_by_its_floor_sized_count():
+    """The count of stride-2 windows is floor((T - 3)/2) + 1: a constant, not a function to
+    differentiate (it was refused: "floor has no derivative"); printed as Python (``//``)."""
+
+    @op(x="n t c")
+    def strided_window_mean(x):
+        out = x.unfold("t", 3, 2, "k").sum("k").mean("t")
+        return out
+
+    d = derive(strided_window_mean)
+    module = load_module(render(d), "strided_window_mean")
+    assert verify(d, module).ok
+    x = torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True)
+    out, saved = module.strided_window_mean_forward(x.detach())
+    want = x.unfold(1, 3, 2).sum(-1).mean(1)
+    torch.testing.assert_close(out, want.detach())
+    dout = torch.randn_like(out)
+    (dx,) = module.strided_window_mean_backward(dout, saved)
+    torch.testing.assert_close(dx, torch.autograd.grad(want, x, dout)[0])
+
+
 @pytest.mark.parametrize("kernel", [5, 8])
 def test_a_window_wider_than_four_verifies(kernel: int):
     """gradcheck runs at small sizes: a dim cut into windows of 5 or more is lengthened there to
