@@ -648,7 +648,7 @@ def bounded_exponentials(e: sympy.Expr) -> sympy.Expr:
             if not any(_divides(p, E) for p in node.atoms(sympy.Pow)):
                 continue
             s = sympy.Dummy("s")
-            masked, back = _exps_of_sums_masked(node.xreplace({E: (1 - s) / s}))
+            masked, back = _exps_masked(node.xreplace({E: (1 - s) / s}))
             candidate = sympy.factor(sympy.cancel(sympy.together(masked))).xreplace(back)
             _, denominator = sympy.fraction(candidate)
             if denominator.has(s) or candidate.has(E):
@@ -663,12 +663,13 @@ def bounded_exponentials(e: sympy.Expr) -> sympy.Expr:
     return _bottom_up(e, rewrite)
 
 
-def _exps_of_sums_masked(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Expr, sympy.Expr]]:
-    """``e`` with each ``exp(a + b)`` a positive stand-in, and the map back. SymPy's rational
-    functions split ``exp(a - b)`` into ``exp(a)·exp(-b)``, which overflows where the whole is finite
-    (``exp(s·ct - zmax)`` at s = 100); a stand-in keeps it whole."""
-    sums = sorted((a for a in e.atoms(sympy.exp) if isinstance(a.args[0], sympy.Add)), key=sympy.default_sort_key)
-    table = {a: sympy.Dummy(f"exp{k}", positive=True) for k, a in enumerate(sums)}
+def _exps_masked(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Expr, sympy.Expr]]:
+    """``e`` with each ``exp`` a positive stand-in, and the map back. SymPy's rational functions
+    split ``exp(a - b)`` into ``exp(a)·exp(-b)``, and take ``exp(-v)`` for a denominator: put over
+    it, ``x·exp(-x²/2) + y`` became ``(x + y·exp(x²/2))·exp(-x²/2)``, whose ``exp(x²/2)`` overflows
+    (a GELU's derivative past |x| = 13) and ``exp(s·ct - zmax)`` did at s = 100; a stand-in keeps each whole."""
+    exps = sorted(e.atoms(sympy.exp), key=sympy.default_sort_key)
+    table = {a: sympy.Dummy(f"exp{k}", positive=True) for k, a in enumerate(exps)}
     return e.xreplace(table), {v: k for k, v in table.items()}
 
 
@@ -705,10 +706,12 @@ def combine_fractions(e: sympy.Expr) -> sympy.Expr:
         if any(_guarded_division(t) for t in node.args):
             return node
         best = node
-        masked, back = _exps_of_sums_masked(node)
+        masked, back = _exps_masked(node)
         for candidate in (sympy.together(masked).xreplace(back), sympy.cancel(sympy.together(masked)).xreplace(back)):
-            if _cost(candidate) < _cost(best) and not (
-                _exp_over_one_plus_exp(candidate) and not _exp_over_one_plus_exp(node)
+            if (
+                _cost(candidate) < _cost(best)
+                and tensor_names(sympy.fraction(candidate)[1])  # (over a number: no shorter to compute)
+                and not (_exp_over_one_plus_exp(candidate) and not _exp_over_one_plus_exp(node))
             ):
                 best = candidate  # (never back to the ratio bounded_exponentials took apart: they would take turns)
         return best
@@ -1012,7 +1015,7 @@ def _is_zero(coefficient: sympy.Expr, statements: tuple[Statement, ...]) -> bool
         written[a] = substitute_indices(expr, dict(zip(stmt.target.indices, entry_indices(a))))
     if not written:
         return False
-    masked, _ = _exps_of_sums_masked(canonical_bound(coefficient.xreplace(written)))
+    masked, _ = _exps_masked(canonical_bound(coefficient.xreplace(written)))
     return sympy.cancel(sympy.together(masked)) == 0
 
 

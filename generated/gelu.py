@@ -4,7 +4,7 @@ Forward, in index notation:
     out[n, d] = (tanh(sqrt(2)*(8943*x[n, d]**3/200000 + x[n, d])/sqrt(pi)) + 1)*x[n, d]/2
 
 Fused gradients (derived by SymPy, simplified by derive):
-    dx[n, d] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*x[n, d]**2/200000 + 1)*x[n, d]/sqrt(pi))**2)*(26829*x[n, d]**2 + 200000)*x[n, d] + 200000*sqrt(pi)*tanh(sqrt(2)*(8943*x[n, d]**2/200000 + 1)*x[n, d]/sqrt(pi)) + 200000*sqrt(pi))*dout[n, d]/(400000*sqrt(pi))
+    dx[n, d] = (sqrt(2)*(1 - tanh(sqrt(2)*(8943*x[n, d]**2/200000 + 1)*x[n, d]/sqrt(pi))**2)*(26829*x[n, d]**2 + 200000)*x[n, d]/(200000*sqrt(pi)) + tanh(sqrt(2)*(8943*x[n, d]**2/200000 + 1)*x[n, d]/sqrt(pi)) + 1)*dout[n, d]/2
 
 Kept by the forward for the fused backward: x.
 The backward recomputes anything else it needs from these.
@@ -92,13 +92,9 @@ def gelu_backward_steps(grad_output, saved):
     t4 = torch.tanh((0.7978845608028654) * x * ((8943 / 200000) * t2 + 1))
     # x <- out
     dx = (
-        (1.4104739588693907e-06)
+        (1 / 2)
         * dout
-        * (
-            200000 * 1.772453850905516 * t4
-            + 1.4142135623730951 * x * (1 - t4**2) * (26829 * t2 + 200000)
-            + 354490.7701811032
-        )
+        * (t4 + (3.989422804014327e-06) * x * (1 - t4**2) * (26829 * t2 + 200000) + 1)
     )
     return {
         "x": dx,

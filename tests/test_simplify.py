@@ -644,6 +644,25 @@ def test_an_exp_of_a_difference_stays_one_exp_through_rational_simplification():
         torch.testing.assert_close(got.double(), leaf.grad, atol=1e-4, rtol=1e-5)
 
 
+@op(x="n d", g="d", mask="const n d")
+def scaled_masked_gelu(x, g, mask):
+    return g * (mask * apply(lambda v: v / 2 * (1 + sympy.erf(v / sympy.sqrt(2))), x))
+
+
+def test_an_exp_of_a_negative_stays_a_factor_not_a_denominator():
+    """Over a common denominator ``x·exp(-x²/2) + c`` had become ``(x + c·exp(x²/2))·exp(-x²/2)``:
+    inf·0 past |x| = 13.3 in float32, where the GELU's derivative is 0 or 1."""
+    d = derive(scaled_masked_gelu)
+    module = load_module(render(d), "scaled_masked_gelu")
+    x = torch.tensor([[-20.0, -14.0, -13.0, 0.5, 13.0, 14.0, 20.0]])
+    g, mask = torch.ones(7), torch.ones(1, 7)
+    _, saved = module.scaled_masked_gelu_forward(x, g, mask)
+    dx, _ = module.scaled_masked_gelu_backward(torch.ones(1, 7), saved)
+    leaf = x.clone().requires_grad_()
+    torch.nn.functional.gelu(leaf).sum().backward()
+    torch.testing.assert_close(dx, leaf.grad)
+
+
 @op(x="n c", a="n")
 def logsumexp_with_one_more_term(x, a):
     m = x.max("c")
