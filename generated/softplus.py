@@ -64,7 +64,7 @@ def softplus_backward(grad_output, saved):
             f"softplus: grad_output must have the output's shape {_shape}, got {tuple(grad_output.shape)}"
         )
     dout = grad_output
-    dx = (exp_x + 1).reciprocal_().mul_(-1).add_(1).mul_(dout)
+    dx = torch.div(dout, 1 + 1 / exp_x)
     return softplus_Grads(
         x=dx,
     )
@@ -82,7 +82,7 @@ def softplus_backward_steps(grad_output, saved):
         )
     dout = grad_output
     # x <- out
-    dx = dout * (1 - (exp_x + 1) ** (-1))
+    dx = dout / (1 + exp_x ** (-1))
     return {
         "x": dx,
         "out": dout,

@@ -663,6 +663,26 @@ def test_an_exp_of_a_negative_stays_a_factor_not_a_denominator():
     torch.testing.assert_close(dx, leaf.grad)
 
 
+@op(mu="n d", raw="n d", y="n d")
+def gaussian_nll_with_a_softplus_variance(mu, raw, y, eps=1e-6):
+    v = apply(lambda u: sympy.log(1 + sympy.exp(u)), raw) + eps
+    return (0.5 * (log(v) + (y - mu) ** 2 / v)).mean(("n", "d"))
+
+
+def test_one_minus_a_bounded_ratio_is_written_without_cancellation():
+    """sigmoid(raw) had been ``1 - 1/(1 + exp(raw))``: exactly 0 in float32 below raw = -17, where
+    the gradient, multiplied by 1/v², is -257 at raw = -20. Written ``1/(1 + exp(-raw))`` it is exact."""
+    d = derive(gaussian_nll_with_a_softplus_variance)
+    module = load_module(render(d), "gaussian_nll_with_a_softplus_variance")
+    mu, raw, y = torch.zeros(1, 4), torch.tensor([[-5.0, -15.0, -20.0, -30.0]]), torch.ones(1, 4)
+    _, saved = module.gaussian_nll_with_a_softplus_variance_forward(mu, raw, y)
+    grads = module.gaussian_nll_with_a_softplus_variance_backward(None, saved)
+    leaf = raw.double().requires_grad_()
+    v = torch.nn.functional.softplus(leaf) + 1e-6
+    (0.5 * (torch.log(v) + 1 / v)).mean().backward()
+    torch.testing.assert_close(grads.raw.double(), leaf.grad, rtol=1e-4, atol=0)
+
+
 @op(x="n c", a="n")
 def logsumexp_with_one_more_term(x, a):
     m = x.max("c")
