@@ -208,7 +208,13 @@ def run(
         module = load_module(source, d.name)
         try:
             verification = verify_module(d, module, sizes=sizes, device=device)
-        except (RuntimeError, IndexError, TypeError, ValueError) as exc:  # the generated code's own failure
+        except (
+            RuntimeError,
+            IndexError,
+            KeyError,
+            TypeError,
+            ValueError,
+        ) as exc:  # the generated code or the checks failing
             first = (str(exc).splitlines() or [""])[0]
             raise VerificationError(
                 f"op '{d.name}': the generated code raised {type(exc).__name__} while being verified ({first}); "

@@ -125,11 +125,14 @@ def prologue(d: Derivation) -> list[str]:
                 f"if {t.name}.shape[{axis}] != {want}:\n"
                 f'    raise ValueError(f"{name}: {t.name} must be {_dims_text(t)} with {_size_values(t)}, got shape {{tuple({t.name}.shape)}}")'
             )
+    dims = {dim.name: dim for dim in program.dims}
     for tied, partner in program.ties:
-        a, b = tied.upper(), partner.upper()
+        # a window's count is its source's size in arithmetic (floor(T/2) for tw), not a variable
+        a, b = tied.upper(), size_code(dims[partner].size) if partner in dims else partner.upper()
+        b_text = partner.upper() if b == partner.upper() else f"{partner.upper()} = {b}"
         lines.append(
             f"if {a} != {b}:\n"
-            f'    raise ValueError(f"{name}: dim {tied} is dim {partner} renamed, so {a} must equal {b}, got {a}={{{a}}}, {b}={{{b}}}")'
+            f'    raise ValueError(f"{name}: dim {tied} is dim {partner} renamed, so {a} must equal {b_text}, got {a}={{{a}}}, {partner.upper()}={{{b}}}")'
         )
     for dim in (x for x in program.dims if x.derived is not None and not x.derived.is_positive):
         size = size_code(dim.size)

@@ -217,8 +217,18 @@ class Program:
         def root(name: str) -> str:
             return root(ties[name]) if name in ties else name
 
+        by_name = {d.name: d for d in self.dims}
+
+        def size_of(name: str, sizes: dict[str, int]) -> int | None:
+            """A plain dim's given size, or a window's count from its source's (None if neither)."""
+            dim = by_name.get(name)
+            if name in sizes or dim is None or dim.derived is None:
+                return sizes.get(name)
+            return derived_size(dim, sizes)
+
         def tied(sizes: dict[str, int]) -> dict[str, int]:
-            return {**sizes, **{s: sizes[root(s)] for s in ties if root(s) in sizes}}
+            partners = {s: size_of(root(s), sizes) for s in ties}
+            return {**sizes, **{s: n for s, n in partners.items() if n is not None}}
 
         sizes = tied(sizes)
         derived = [d for d in self.dims if d.derived is not None]

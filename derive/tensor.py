@@ -362,8 +362,15 @@ class Tensor:
             missing = [n for n in names if n not in {d.name for d in side.dims}]
             if missing:
                 have = ", ".join(d.name for d in side.dims) or "none"
+                windowed = [d for d in side.dims if d.alias == missing[0]]
+                hint = (
+                    f"; its '{windowed[0].name}' is the windows cut from '{missing[0]}', a dim of another size:"
+                    f' rename it (.rename({missing[0]}="p")) and give the other tensor that dim p'
+                    if windowed
+                    else ""
+                )
                 raise self.trace.error(
-                    f"matmul over {missing[0]!r}: {side._label()} has no such dim (its dims: {have})"
+                    f"matmul over {missing[0]!r}: {side._label()} has no such dim (its dims: {have}){hint}"
                 )
         contracted = [self.dim(n) for n in names]
         batch = [d for d in self.dims if d in other.dims and d not in contracted]

@@ -226,6 +226,31 @@ def test_pooling_written_as_a_window_matches_torch(pool):
     assert verify(d, module).ok
 
 
+def test_a_window_count_renamed_for_a_weight_verifies_and_a_plain_name_gets_a_hint():
+    """Pooled positions contracted with a weight over them: the weight's p is tied to the count of
+    windows, floor(T/2) (the checks' sizes had no p: KeyError; the forward checked P against TW,
+    undefined). Contracting over the plain t says what to write."""
+
+    @op(x="n t c", W="p c o")
+    def pooled_then_linear(x, W):
+        out = x.unfold("t", 2, 2, "k").mean("k").rename(t="p").matmul(W, over=("p", "c"))
+        return out
+
+    d = derive(pooled_then_linear)
+    module = load_module(render(d), "pooled_then_linear")
+    assert verify(d, module).ok
+    with pytest.raises(ValueError, match=r"P must equal TW = \(T//2\)"):
+        module.pooled_then_linear_forward(torch.randn(2, 8, 3), torch.randn(3, 3, 5))
+
+    @op(x="n t c", W="t c o")
+    def over_the_plain_name(x, W):
+        out = x.unfold("t", 2, 2, "k").mean("k").matmul(W, over=("t", "c"))
+        return out
+
+    with pytest.raises(OpDefinitionError, match=r"windows cut from 't'.*\.rename\(t=\"p\"\)"):
+        over_the_plain_name.program()
+
+
 def test_a_mean_over_a_strided_window_dim_divides_by_its_floor_sized_count():
     """The count of stride-2 windows is floor((T - 3)/2) + 1: a constant, not a function to
     differentiate (it was refused: "floor has no derivative"); printed as Python (``//``)."""
