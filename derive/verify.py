@@ -716,11 +716,14 @@ class _Scalars:
         table: dict[tuple[int, ...], sympy.Expr] = {}
         for combo in _product([self.interp.size(i) for i in target.indices]):
             local = self.interp.eval(expr, dict(zip(target.indices, combo)))
-            value = _number(local.xreplace(self.values))
+            try:
+                value = _number(local.xreplace(self.values))
+            except (ValueError, TypeError):  # Max(0, nan) at a pole (u/a at a = 0): SymPy cannot compare
+                value = sympy.nan
             if local.free_symbols & self.values.keys():
                 table[combo] = sym = self._symbol(target.name, combo, value)
                 self.definitions.append((sym, local))
-                self.at_kink = self.at_kink or _at_kink(local, self.values) or _singular(value)
+                self.at_kink = self.at_kink or _singular(value) or _at_kink(local, self.values)
             else:  # a constant (or an index such as an argmax): folded
                 table[combo] = value
         self.interp.values[target.name] = table
@@ -763,6 +766,8 @@ def _at_kink(local: sympy.Expr, values: dict[sympy.Symbol, sympy.Expr]) -> bool:
     takes its own convention (Heaviside(0) = 1/2), not PyTorch's, which the formulas follow."""
     for a, b in _ties(local):
         gap = _number((a - b).xreplace(values))
+        if _singular(gap):  # a pole inside (u/a at a = 0): no point to compare at
+            return True
         if gap == 0 or (gap.is_number and abs(sympy.N(gap, 60)) < sympy.Float(10) ** -50):
             return True
     return False

@@ -1604,6 +1604,26 @@ def max_of_a_sum_of_gathered_rows(x, idx):
     return x.take(idx, "n").sum("m").max("k")
 
 
+@op(x="n d", alpha="1")
+def celu_with_a_learnt_alpha(x, alpha):
+    return apply(lambda u, a: sympy.Max(0, u) + sympy.Min(0, a * (sympy.exp(u / a) - 1)), x, alpha)
+
+
+def test_an_exp_no_region_bounds_is_selected_not_multiplied_by_its_mask():
+    """exp(u/a) with a tensor a: no region clamps it, and inf·0 was NaN at x = 100 in dx and
+    dalpha (autograd: 1 and -1.2642); the exact check's point at a = 0 had crashed SymPy's Max."""
+    d, module = generated(celu_with_a_learnt_alpha)
+    assert verify(d, module).ok
+    x, alpha = torch.tensor([[-100.0, -1.0, 0.5, 100.0]]), torch.tensor([1.0])
+    _, saved = module.celu_with_a_learnt_alpha_forward(x, alpha)
+    grads = module.celu_with_a_learnt_alpha_backward(torch.ones(1, 4), saved)
+    leaves = [x.clone().requires_grad_(), alpha.clone().requires_grad_()]
+    a = leaves[1]
+    (F.relu(leaves[0]) + torch.clamp(a * (torch.exp(leaves[0].clamp(max=0) / a) - 1), max=0)).sum().backward()
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad)
+
+
 @op(s="n m")
 def logsumexp_written_out(s):
     return (log(exp(s - s.max("m", keepdim=True)).sum("m")) + s.max("m")).mean("n")

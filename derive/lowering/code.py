@@ -36,7 +36,7 @@ from ..notation import text
 from ..program import Program, TensorInfo
 from ..simplify import recognize, stable_forward
 from . import blocks, extrema, regions, share
-from .finite import finite_values, stays_finite
+from .finite import finite_values, may_overflow, stays_finite
 from .lowerer import Lowerer, Sharding
 from .printer import FAITHFUL, MASKING, PRINTER, size_code
 from .reductions import share_reductions
@@ -147,6 +147,7 @@ def lower_program(
     ref = program.differentiable_inputs[0].name
     distributed = sharding(program, shard)
     finite = finite_values(program, [s.statement for s in saved_values])
+    overflowing = frozenset(s.name for s in saved_values if may_overflow(s.statement.expr))
     fwd = Lowerer(
         layouts,
         ref=ref,
@@ -210,7 +211,7 @@ def lower_program(
             admissible=fits,
             positions=positions,
             shard=distributed,
-            printer=MASKING if all(stays_finite(e) for e in fused) else PRINTER,
+            printer=MASKING if all(stays_finite(e, overflowing) for e in fused) else PRINTER,
             finite=finite,
             returned=frozenset(t.name for t in program.differentiable_inputs),
         )

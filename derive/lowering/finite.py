@@ -57,18 +57,37 @@ _RANGES = {
 _LIMITED = tuple(_RANGES)
 
 
-def stays_finite(e: sympy.Expr) -> bool:
-    """Whether ``e`` is finite wherever the forward's values are: no division by a value, no log of one.
+def stays_finite(e: sympy.Expr, overflowing: frozenset[str] = frozenset()) -> bool:
+    """Whether ``e`` is finite wherever the forward's values are: no division by a value, no log of
+    one, and no step beside an exp that may overflow (``overflowing``: kept values that are such
+    exps, ``exp(u/a)`` of a tensor ``a``, which no region clamps).
 
     Such a backward may multiply by a 0/1 mask (``MASKING``); one that may divide by 0 where a
-    step is 0 (``sqrt(relu(x))``) keeps ``torch.where``, which gives 0 there as autograd does.
+    step is 0 (``sqrt(relu(x))``), or multiply inf by it, keeps ``torch.where``, which gives 0 there
+    as autograd does.
     """
     for node in sympy.preorder_traversal(e):
         if isinstance(node, sympy.Pow) and node.exp.is_negative is not False and not is_constant(node.base):
             return False
         if isinstance(node, _POLES) and not is_constant(node):
             return False
+        if (
+            isinstance(node, sympy.Mul)
+            and node.has(sympy.Heaviside)
+            and any(_may_overflow(f, overflowing) for f in node.args)
+        ):
+            return False
     return True
+
+
+def may_overflow(e: sympy.Expr) -> bool:
+    """Whether ``e`` is an exp whose argument derive sees no upper bound for."""
+    return isinstance(e, sympy.exp) and bound(e.args[0], True) is None
+
+
+def _may_overflow(f: sympy.Expr, overflowing: frozenset[str]) -> bool:
+    base = f.base if isinstance(f, sympy.Pow) and f.exp.is_positive else f
+    return may_overflow(base) or (is_entry(base) and entry_name(base) in overflowing)
 
 
 @dataclass(frozen=True)
