@@ -259,8 +259,8 @@ def positions_in_range(match: dict[sympy.Wild, sympy.Basic], dims: dict[sympy.Wi
     ``2*j + n = n2`` with ``j = n2/2``, which is no entry of the statement."""
     for w, s in dims.items():
         v = match.get(w)
-        if v is None or (is_index(v) and dim_of(v) == dim_of(s)):
-            continue  # unbound, or an index of the same dim
+        if v is None or (is_index(v) and (dim_of(v) == dim_of(s) or tied_size(v) == tied_size(s))):
+            continue  # unbound, or an index of the same dim (or of one tied to it: h.rename(d="e"))
         if not is_index(v) and (not all(is_index(a) for a in v.free_symbols) or tensor_names(v) or v.has(_Bound)):
             continue  # a gathered position (target[n], an argmax)
         if not (v.is_integer and always_within(v, dim_of(s).size)):

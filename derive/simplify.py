@@ -642,8 +642,13 @@ def bounded_exponentials(e: sympy.Expr) -> sympy.Expr:
     """
 
     def rewrite(node: sympy.Expr) -> sympy.Expr:
-        if not isinstance(node, (sympy.Add, sympy.Mul, sympy.Pow)) or node.has(ISum, IMax, sympy.KroneckerDelta):
+        if not isinstance(node, (sympy.Add, sympy.Mul, sympy.Pow)):
             return node
+        if node.has(ISum, IMax, sympy.KroneckerDelta):  # sums are values here: (Σ_s a·b)·e/(1 + e)
+            masked, back = _reductions_masked(node)
+            if masked.has(ISum, IMax, sympy.KroneckerDelta):
+                return node
+            return rewrite(masked).xreplace(back)
         for E in sorted(node.atoms(sympy.exp), key=sympy.default_sort_key):
             if not any(_divides(p, E) for p in node.atoms(sympy.Pow)):
                 continue
@@ -661,6 +666,21 @@ def bounded_exponentials(e: sympy.Expr) -> sympy.Expr:
         return node
 
     return _bottom_up(e, rewrite)
+
+
+def _reductions_masked(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Expr, sympy.Expr]]:
+    """``e`` with each sum, max and δ a stand-in (the outermost ones), and the map back."""
+    table: dict[sympy.Expr, sympy.Expr] = {}
+
+    def mask(node: sympy.Expr) -> sympy.Expr:
+        if isinstance(node, (ISum, IMax, sympy.KroneckerDelta)):
+            return table.setdefault(node, sympy.Dummy(f"r{len(table)}", real=True))
+        if not node.args or is_entry(node):
+            return node
+        return node.func(*(mask(a) for a in node.args))
+
+    masked = mask(e)
+    return masked, {v: k for k, v in table.items()}
 
 
 def _exps_masked(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Expr, sympy.Expr]]:

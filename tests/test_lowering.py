@@ -1604,6 +1604,24 @@ def max_of_a_sum_of_gathered_rows(x, idx):
     return x.take(idx, "n").sum("m").max("k")
 
 
+@op(x="n d", h="n d s", Wd="d e", bd="e", A="e s", B="n s", C="n s")
+def selective_state_step(x, h, Wd, bd, A, B, C):
+    """One selective state-space step: a softplus step size, exp(delta·A) decay of a renamed state."""
+    delta = apply(lambda u: sympy.log(1 + sympy.exp(u)), x @ Wd + bd)
+    h_new = exp(delta * A) * h.rename(d="e") + (delta * x.rename(d="e")) * B
+    return (h_new * C).sum("s")
+
+
+def test_a_kept_exp_is_read_through_a_renamed_dim_and_its_ratio_stays_bounded_beside_sums():
+    """dh read exp(pre2) again though the forward kept it (pre2 is [n, e, s], dh's index is d, tied
+    to e); dpre1's (Σ_s …)·e/(1 + e) kept the ratio, inf/inf past 88, because a sum stood beside it."""
+    d, module = generated(selective_state_step)
+    code = "\n".join(d.code.backward)
+    assert "torch.exp(" not in code and ".exp_()" not in code, code
+    assert "/ (exp_pre1 + 1)" not in code and ".div_(exp_pre1 + 1)" not in code, code
+    assert verify(d, module).ok
+
+
 @op(x="n d", alpha="1")
 def celu_with_a_learnt_alpha(x, alpha):
     return apply(lambda u, a: sympy.Max(0, u) + sympy.Min(0, a * (sympy.exp(u / a) - 1)), x, alpha)
