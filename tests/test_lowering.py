@@ -1572,6 +1572,31 @@ def a_condition_over_m_beside_a_scatter_over_m(x, idx):
     return apply(lambda u, w: sympy.Piecewise((2 * u - w, u > w), (u - w / 2, True)), x, v()), s()
 
 
+@op(y="k d", idx="int d")
+def two_factors_read_at_one_gathered_row(y, idx):
+    """Σ_d2 g[d2]·v0[idx[d2], d]·y[idx[d2], d]: both factors read at one position, so g is scattered
+    once and contracted with v0·y, and the forward sums before it gathers (each factor had been given
+    its own index, which no scatter could take: the gathered copies, D x D, outgrew y)."""
+    v0 = y * y
+    v1 = y.sum("k", keepdim=True)
+    v2 = v1 * y
+    return (v0 * v2).sum("d").take(idx, "k")
+
+
+def test_factors_read_at_one_gathered_position_share_its_index():
+    d, module = generated(two_factors_read_at_one_gathered_row)
+    y, idx = _randn(3, 24, seed=1), torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(2))
+    with TensorSizes() as forward:
+        out, saved = module.two_factors_read_at_one_gathered_row_forward(y, idx)
+    with TensorSizes() as backward:
+        (dy,) = module.two_factors_read_at_one_gathered_row_backward(torch.ones_like(out), saved)
+    # the op as written makes nothing larger than y (K x D): neither the forward nor the backward may
+    assert forward.largest <= y.numel() and backward.largest <= y.numel(), (forward.largest_op, backward.largest_op)
+    leaf = y.clone().requires_grad_()
+    ((leaf * leaf) * (leaf.sum(0, keepdim=True) * leaf)).sum(1)[idx].sum().backward()
+    torch.testing.assert_close(dy, leaf.grad)
+
+
 @op(x="d", y="n d k", idx="int m d")
 def clipped_squares_summed_then_gathered(x, y, idx):
     """Σ_k of a function of x - y, read at m gathered rows: the forward sums over k first (N x D),

@@ -146,7 +146,10 @@ def _check_module(
     reference = _forward_function(d)(*inputs, **params)
     # named values the reference forward made (a window is a view of its source: not a tensor made)
     named = [v.numel() for v in reference.values() if isinstance(v, torch.Tensor) and v._base is None]
-    bound = max([forward_sizes.largest, as_written] + [o.numel() for o in outs] + [x.numel() for x in inputs] + named)
+    written = max([as_written] + [o.numel() for o in outs] + [x.numel() for x in inputs] + named)
+    if as_written:  # the generated forward makes nothing larger than the op as written does
+        _no_blow_up("generated forward", forward_sizes, written)
+    bound = max(forward_sizes.largest, written)
     for o_name, o in zip(d.program.outputs, outs):
         _close(f"forward output {o_name} vs reference forward", o, reference[o_name])
     if several:

@@ -806,13 +806,17 @@ class Lowerer:
             inside = _summed(sympy.Mul(*(f for f in factors if free_indices(f) & summed)), indices)
             return self.lower(sympy.Mul(*(f for f in factors if not free_indices(f) & summed)) * inside)
         taken = set(free_indices(body)) | set(bound_indices(body)) | summed
-        plain, picks, moved = [], {}, []
+        plain: list[sympy.Expr] = []
+        picks: dict[sympy.Symbol, sympy.Expr] = {}
+        moved: list[sympy.Expr] = []
         for f in wide:  # the moves below read a gathered tensor itself, or a function of such reads
             if is_entry(f):
                 idx = list(entry_indices(f))
+                dims = self.layouts[entry_name(f)].dims
                 for j, i in enumerate(idx):
-                    if self._position(i):
-                        k = fresh_index(self.layouts[entry_name(f)].dims[j], taken)
+                    if self._position(i):  # read at the index another factor reads it at, or a fresh one
+                        known = [k for k, p in picks.items() if p == i and dim_of(k) == dims[j] and k not in idx]
+                        k = known[0] if known else fresh_index(dims[j], taken)
                         taken.add(k)
                         idx[j], picks[k] = k, i
                 plain.append(entry(entry_name(f), idx))
