@@ -653,7 +653,7 @@ def bounded_exponentials(e: sympy.Expr) -> sympy.Expr:
             if not any(_divides(p, E) for p in node.atoms(sympy.Pow)):
                 continue
             s = sympy.Dummy("s")
-            masked, back = _exps_masked(node.xreplace({E: (1 - s) / s}))
+            masked, back = _exps_of_sums_masked(node.xreplace(_through_s(node, E, s)))
             candidate = sympy.factor(sympy.cancel(sympy.together(masked))).xreplace(back)
             _, denominator = sympy.fraction(candidate)
             if denominator.has(s) or candidate.has(E):
@@ -683,14 +683,53 @@ def _reductions_masked(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Expr, symp
     return masked, {v: k for k, v in table.items()}
 
 
-def _exps_masked(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Expr, sympy.Expr]]:
-    """``e`` with each ``exp`` a positive stand-in, and the map back. SymPy's rational functions
-    split ``exp(a - b)`` into ``exp(a)·exp(-b)``, and take ``exp(-v)`` for a denominator: put over
-    it, ``x·exp(-x²/2) + y`` became ``(x + y·exp(x²/2))·exp(-x²/2)``, whose ``exp(x²/2)`` overflows
-    (a GELU's derivative past |x| = 13) and ``exp(s·ct - zmax)`` did at s = 100; a stand-in keeps each whole."""
-    exps = sorted(e.atoms(sympy.exp), key=sympy.default_sort_key)
-    table = {a: sympy.Dummy(f"exp{k}", positive=True) for k, a in enumerate(exps)}
+def _through_s(node: sympy.Expr, E: sympy.Expr, s: sympy.Symbol) -> dict[sympy.Expr, sympy.Expr]:
+    """``E = exp(v)`` as ``(1 - s)/s``, and each ``exp(k·v)`` of ``node`` (k an integer) as its k-th
+    power: ``exp(2x)/(1 + exp(x))²`` is ``(1 - s)²``, where it had kept ``exp(2x)``, inf/inf past 44."""
+    v = E.args[0]
+    out: dict[sympy.Expr, sympy.Expr] = {E: (1 - s) / s}
+    for a in node.atoms(sympy.exp):
+        k = sympy.simplify(a.args[0] / v)
+        if a != E and k.is_integer:
+            out[a] = ((1 - s) / s) ** k
+    return out
+
+
+def _exps_of_sums_masked(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Expr, sympy.Expr]]:
+    """``e`` with each ``exp(a + b)`` a positive stand-in (SymPy would split it in two, one of
+    which may overflow), and the map back; an exp of one term stays, so ``exp(2x)`` still meets
+    ``exp(x)`` as its square where :func:`bounded_exponentials` writes ``exp(x)`` through ``s``."""
+    sums = sorted((a for a in e.atoms(sympy.exp) if isinstance(a.args[0], sympy.Add)), key=sympy.default_sort_key)
+    table = {a: sympy.Dummy(f"exp{k}", positive=True) for k, a in enumerate(sums)}
     return e.xreplace(table), {v: k for k, v in table.items()}
+
+
+def _exps_masked(e: sympy.Expr) -> tuple[sympy.Expr, dict[sympy.Expr, sympy.Expr]]:
+    """``e`` with its exps as powers of positive stand-ins, one per argument up to a rational factor
+    (``exp(x)``, ``exp(-x)``, ``exp(2x)`` are ``E``, ``1/E``, ``E²``), and the map back.
+
+    SymPy's rational functions split ``exp(a - b)`` into ``exp(a)·exp(-b)``, which overflows where
+    the whole is finite (``exp(s·ct - zmax)`` at s = 100), and take a lone ``exp(-v)`` for a
+    denominator: ``x·exp(-x²/2) + c`` over it is ``(x + c·exp(x²/2))·exp(-x²/2)``, NaN past |x| = 13
+    in a GELU's derivative. A stand-in keeps each argument whole, and a lone exp is its own unit
+    (``exp(-x²/2)`` is ``E``, no denominator), while ``exp(x)`` beside ``exp(-x)`` still cancel."""
+    units: dict[sympy.Expr, list[sympy.Expr]] = {}
+    for a in sorted(e.atoms(sympy.exp), key=sympy.default_sort_key):
+        coeff, rest = a.args[0].as_coeff_Mul()
+        if rest.could_extract_minus_sign():
+            coeff, rest = -coeff, -rest
+        units.setdefault(rest, []).append(coeff)
+    table: dict[sympy.Expr, sympy.Expr] = {}
+    back: dict[sympy.Expr, sympy.Expr] = {}
+    for k, (rest, coeffs) in enumerate(units.items()):
+        step = min(
+            coeffs, key=lambda c: (abs(c), bool(c.is_negative))
+        )  # the unit: the smallest power, positive if it may be
+        unit = sympy.Dummy(f"exp{k}", positive=True)
+        back[unit] = sympy.exp(step * rest)
+        for c in coeffs:
+            table[sympy.exp(c * rest)] = unit ** (c / step)
+    return e.xreplace(table), back
 
 
 def _exp_over_one_plus_exp(e: sympy.Expr) -> bool:

@@ -644,6 +644,24 @@ def test_an_exp_of_a_difference_stays_one_exp_through_rational_simplification():
         torch.testing.assert_close(got.double(), leaf.grad, atol=1e-4, rtol=1e-5)
 
 
+@op(x="n d")
+def sigmoid_plus_x_times_its_mirror(x):
+    return apply(lambda u: sympy.exp(u) / (1 + sympy.exp(u)) + sympy.exp(-u) / (1 + sympy.exp(-u)) * u, x)
+
+
+def test_powers_of_an_exp_are_written_through_the_bounded_ratio_too():
+    """``exp(2x)/(1 + exp(x))²`` is ``(1 - s)²``: left with ``exp(2x)`` it was inf/inf past x = 44,
+    and the sum it joined kept the ratio unbounded (a review found dx NaN at ±100)."""
+    d = derive(sigmoid_plus_x_times_its_mirror)
+    module = load_module(render(d), "sigmoid_plus_x_times_its_mirror")
+    x = torch.tensor([[-100.0, -1.0, 0.5, 100.0]])
+    _, saved = module.sigmoid_plus_x_times_its_mirror_forward(x)
+    (dx,) = module.sigmoid_plus_x_times_its_mirror_backward(torch.ones(1, 4), saved)
+    leaf = x.double().requires_grad_()
+    (torch.sigmoid(leaf) + torch.sigmoid(-leaf) * leaf).sum().backward()
+    torch.testing.assert_close(dx.double(), leaf.grad, atol=1e-6, rtol=1e-5)
+
+
 @op(x="n d", g="d", mask="const n d")
 def scaled_masked_gelu(x, g, mask):
     return g * (mask * apply(lambda v: v / 2 * (1 + sympy.erf(v / sympy.sqrt(2))), x))
