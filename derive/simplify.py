@@ -689,7 +689,7 @@ def _through_s(node: sympy.Expr, E: sympy.Expr, s: sympy.Symbol) -> dict[sympy.E
     v = E.args[0]
     out: dict[sympy.Expr, sympy.Expr] = {E: (1 - s) / s}
     for a in node.atoms(sympy.exp):
-        k = sympy.simplify(a.args[0] / v)
+        k = sympy.cancel(a.args[0] / v)
         if a != E and k.is_integer:
             out[a] = ((1 - s) / s) ** k
     return out

@@ -701,6 +701,22 @@ def test_one_minus_a_bounded_ratio_is_written_without_cancellation():
     torch.testing.assert_close(grads.raw.double(), leaf.grad, rtol=1e-4, atol=0)
 
 
+@op(z="n", t="const n")
+def logistic_loss_with_soft_targets(z, t):
+    return (apply(lambda u: sympy.log(1 + sympy.exp(u)), z) - t * z).sum("n")
+
+
+def test_the_complement_of_the_bounded_ratio_keeps_its_tail_inside_a_longer_sum():
+    """dz = 1 - 1/(1 + exp(z)) - t: the pair is rewritten among other terms (only a sum of exactly
+    two had been), so at t = 0 and z = -30 dz is exp(-30), not 0."""
+    d = derive(logistic_loss_with_soft_targets)
+    module = load_module(render(d), "logistic_loss_with_soft_targets")
+    z, t = torch.tensor([-30.0, -20.0, 0.5, 30.0]), torch.zeros(4)
+    _, saved = module.logistic_loss_with_soft_targets_forward(z, t)
+    (dz,) = module.logistic_loss_with_soft_targets_backward(None, saved)
+    torch.testing.assert_close(dz.double(), torch.sigmoid(z.double()), rtol=1e-5, atol=0)
+
+
 @op(x="n c", a="n")
 def logsumexp_with_one_more_term(x, a):
     m = x.max("c")

@@ -86,22 +86,24 @@ def _values(e: sympy.Expr) -> sympy.Expr:
 
 
 def _complements(e: sympy.Expr) -> sympy.Expr:
-    """``1 - 1/(1 + exp(v))`` as ``1/(1 + exp(-v))``: the same value, without the cancellation
-    that makes it 0 in float32 below v = -17 (where it is exp(v), not 0); bounded, as before."""
+    """``c - c/(1 + exp(v))`` (among other terms of a sum) as ``c/(1 + exp(-v))``: the same value,
+    without the cancellation that makes it 0 in float32 below v = -17 (where it is c·exp(v)); bounded,
+    as before."""
 
     def complement(node: sympy.Basic) -> sympy.Basic:
-        if not isinstance(node, sympy.Add) or len(node.args) != 2:
+        if not isinstance(node, sympy.Add):
             return node
-        number, other = sorted(node.args, key=lambda a: not a.is_Number)
-        if number not in (1, -1):
+        number = next((a for a in node.args if a.is_Number), None)
+        if number is None:
             return node
-        coeff, ratio = other.as_coeff_Mul()
-        if coeff != -number or not (isinstance(ratio, sympy.Pow) and ratio.exp == -1):
-            return node
-        exps = [a for a in sympy.Add.make_args(ratio.base) if isinstance(a, sympy.exp)]
-        if len(exps) != 1 or ratio.base - exps[0] != 1:
-            return node
-        return number / (1 + sympy.exp(-exps[0].args[0]))
+        for term in node.args:
+            coeff, ratio = term.as_coeff_Mul()
+            if coeff != -number or not (isinstance(ratio, sympy.Pow) and ratio.exp == -1):
+                continue
+            exps = [a for a in sympy.Add.make_args(ratio.base) if isinstance(a, sympy.exp)]
+            if len(exps) == 1 and ratio.base - exps[0] == 1:
+                return node - number - term + number / (1 + sympy.exp(-exps[0].args[0]))
+        return node
 
     return e.replace(lambda n: isinstance(n, sympy.Add), complement) if e.has(sympy.exp) else e
 
