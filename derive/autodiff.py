@@ -16,6 +16,7 @@ from .indexalg import (
     IMax,
     ISum,
     bound_indices,
+    dim_of,
     entry,
     entry_indices,
     entry_name,
@@ -185,9 +186,19 @@ def cut_tensors(program: Program) -> list[str]:
     """
     inputs = {t.name for t in program.differentiable_inputs}
     cuts = set(program.outputs) | inputs
-    contracted = {n for s in program.statements if s.kind == "contraction" for n in tensor_names(s.expr)}
+    windows = {s.name for s in program.statements if s.kind == "window"}
+    elementwise = {s.name for s in program.statements if s.kind == "contraction" and _sums_offsets_only(s)}
+    contracted = {
+        n
+        for s in program.statements
+        if s.kind == "contraction"
+        for n in tensor_names(s.expr)
+        if not (s.name in elementwise and n in windows)
+    }
     for stmt in program.statements:
         reads = tensor_names(stmt.expr)
+        if stmt.name in elementwise:
+            reads -= windows  # each window's values are read once, where they are: no adjoint of their own
         if stmt.kind in ("contraction", "window"):
             cuts |= reads  # (a padding a window reads among them)
             if stmt.kind == "contraction" or stmt.name in contracted:
@@ -197,6 +208,14 @@ def cut_tensors(program: Program) -> list[str]:
     order = [t.name for t in program.inputs] + [s.name for s in program.statements]
     varying = _reads_an_input(program) | set(program.outputs)
     return [n for n in reversed(order) if n in cuts and n in varying and not program.tensors[n].is_int]
+
+
+def _sums_offsets_only(stmt: Statement) -> bool:
+    """A contraction that sums only windows' offsets (dims of a fixed size): a depthwise conv,
+    ``Σ_k win[t, c, k]·w[k, c]``. Its windows' adjoint would be the size of the windows, and is
+    added back offset by offset instead (``_add_windows`` of ``dout[t, c]·w[k, c]``)."""
+    sums = [s for s in sympy.preorder_traversal(stmt.expr) if isinstance(s, ISum)]
+    return all(dim_of(s.var).fixed is not None for s in sums)
 
 
 def _reads_an_input(program: Program) -> set[str]:

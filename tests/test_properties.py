@@ -22,7 +22,7 @@ deriver bug: there is none left.
 3. regression tests for the bugs the properties found, each a minimal repro that runs (a bug found
    and not yet fixed would be a strict xfail: an XPASS fails, so the marker goes with the fix).
 
-Profiles: ``ci`` (the default: derandomized, 150 compositions per style or construct, 1,350 in
+Profiles: ``ci`` (the default: derandomized, 150 compositions per style or construct, 1,650 in
 all, and 50 examples per catalogue op, no deadline), ``long`` (1,800 and 600 each, random) and
 ``dev`` (ci's examples, no shrinking), chosen with ``HYPOTHESIS_PROFILE=long``. The number of
 compositions checked is printed at the end of the run, summed over the pytest-xdist workers
@@ -84,7 +84,7 @@ PROFILE = settings.get_profile(PROFILE_NAME if PROFILE_NAME in ("ci", "long", "d
 DEVICE = os.environ.get("DERIVE_TEST_DEVICE", "cpu")
 # Per-test example counts are multiples of the profile's: catalogue examples are cheap (torch
 # only, the derivation is cached), compositions cost a SymPy derivation each (~0.1-0.3 s); nine
-# composition tests at 6x the profile's examples are 1,350 compositions a CI run.
+# composition tests at 6x the profile's examples are 1,650 compositions a CI run.
 CATALOGUE_EXAMPLES = PROFILE.max_examples * 2
 COMPOSITION_EXAMPLES = PROFILE.max_examples * 6
 
@@ -710,6 +710,7 @@ FIRST_INPUTS = {
     "contract": [("n", "d"), ("d", "k"), ("d",)],  # (x * y * w).sum("d"): three factors
     "middle_max": [("n", "d", "k")],  # x.max("d"): a max over a middle dim
     "conv": [("n", "d"), (WINDOW, "m")],  # a padded window of x contracted with a weight over j
+    "depthwise": [("n", "d"), (WINDOW, "d")],  # each d's window with its own weights: summed over j alone
     "pool": [("n", "d")],  # a padded window of x reduced over its offsets j: sum, mean or max pooling
     "shared": [("n", "d"), ("d", "k"), ("d", "k")],  # f(x @ W) op (x @ V): x's gradient sums two matmuls
     "select": [("n", "d"), ("n", "d")],  # a Piecewise of two inputs: linear branches, a lerp both ways
@@ -717,7 +718,7 @@ FIRST_INPUTS = {
 
 
 def _first(draw: st.DrawFn, first: str, pool: list[Node], ints: list[Node], sizes: dict[str, int]) -> Node:
-    if first == "conv":
+    if first in ("conv", "depthwise"):
         x, w = pool
         window = _make(draw, "window", [x], ints, sizes)
         assert window is not None

@@ -285,3 +285,34 @@ def test_a_window_wider_than_four_verifies(kernel: int):
     d = derive(wide_conv)
     v = verify(d, load_module(render(d, formatted=False), "wide_conv"))
     assert v.ok and v.gradcheck, v.failure
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_a_depthwise_conv_loops_over_its_offsets_and_never_makes_the_windows(dilation: int):
+    """A depthwise conv sums only its window's offsets, each channel apart: forward, input gradient
+    and weight gradient go one offset at a time (a view per offset), never the windows' size (three
+    times the input's) nor an einsum, which copied the window view into a ``bmm`` of one-row matrices."""
+
+    @op(x="n t c", w="k c")
+    def depthwise(x, w):
+        return (x.pad("t", dilation, dilation).unfold("t", 3, 1, "k", dilation=dilation) * w).sum("k")
+
+    d = derive(depthwise)
+    source = render(d, formatted=False)
+    assert "einsum" not in source[: source.index("def depthwise_backward_steps(")]
+    module = load_module(source, "depthwise")
+    n, t, c = 2, 11, 5
+    x = torch.randn(n, t, c, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, c, dtype=torch.float64, requires_grad=True)
+    want = F.conv1d(x.transpose(1, 2), w.T[:, None, :], padding=dilation, dilation=dilation, groups=c).transpose(1, 2)
+    with TensorSizes() as forward:
+        out, saved = module.depthwise_forward(x.detach(), w.detach())
+    torch.testing.assert_close(out, want.detach())
+    dout = torch.randn(want.shape, dtype=torch.float64)
+    with TensorSizes() as sizes:
+        got = module.depthwise_backward(dout, saved)
+    for g, ref in zip(got, torch.autograd.grad(want, (x, w), dout)):
+        torch.testing.assert_close(g, ref)
+    padded = n * (t + 2 * dilation) * c
+    assert max(forward.largest, sizes.largest) <= padded, (forward.largest_op, sizes.largest, sizes.largest_op)
+    assert verify(d, module).ok

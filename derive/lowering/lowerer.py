@@ -77,6 +77,10 @@ class Val:
     product: tuple[str, str] | None = None  # a matrix product ``left @ right`` of two 2-D operands
 
 
+# A window's offsets (an axis of at most this fixed size) are looped over rather than copied into an einsum.
+MAX_OFFSETS_LOOPED = 32
+
+
 def _number(val: Val) -> sympy.Expr:
     """A constant value (one that cancelled) as a SymPy number, so arithmetic on it folds; else a symbol."""
     try:
@@ -1006,7 +1010,38 @@ class Lowerer:
         batch = (set(a.axes) & set(b.axes)) - summed
         if not batch and len(summed) == 1 and len(a.axes) <= 2 and len(b.axes) <= 2:
             return self._matmul(a, b, next(iter(summed)), preferred)
-        return self._einsum(a, b, summed, preferred)
+        return self._per_offset(a, b, summed, preferred) or self._einsum(a, b, summed, preferred)
+
+    def _per_offset(self, a: Val, b: Val, summed: frozenset[sympy.Symbol], preferred: Axes) -> Val | None:
+        """``Σ_summed a·b`` one window offset at a time, where an axis of offsets (a fixed, small size)
+        is all that keeps the pair from being a product and a sum (a depthwise conv, its weight's
+        gradient): ``einsum`` would copy the window view into a ``bmm`` of one-row matrices. Each
+        offset's slice is a view; the result is the offsets' sum, or their stack when kept."""
+        for k in dict.fromkeys(a.axes + b.axes):
+            size = dim_of(k).fixed
+            if size is None or size > MAX_OFFSETS_LOOPED:
+                continue
+            rest_a, rest_b = ({x for x in v.axes if x != k} for v in (a, b))
+            if not (rest_a <= rest_b or rest_b <= rest_a):
+                continue
+            var = self.fresh_name("k")
+            a_k, b_k = (
+                (
+                    Val(f"{atom(v.code)}.select({v.axes.index(k)}, {var})", tuple(x for x in v.axes if x != k))
+                    if k in v.axes
+                    else v
+                )
+                for v in (a, b)
+            )
+            written = len(self.lines)
+            body = self._pair(a_k, b_k, summed - {k}, preferred)
+            if len(self.lines) != written:  # the body needed a temporary: it would sit outside the loop
+                del self.lines[written:]
+                continue
+            if k in summed:
+                return Val(f"sum({body.code} for {var} in range({size}))", body.axes)
+            return Val(f"torch.stack([{body.code} for {var} in range({size})])", (k,) + body.axes)
+        return None
 
     def _matmul(self, a: Val, b: Val, k: sympy.Symbol, preferred: Axes) -> Val:
         """``a @ b`` over ``k`` with transposes (matrix or vector on either side)."""
@@ -1164,8 +1199,9 @@ class Lowerer:
                     (at, step), (offset, dilation) = strided
                     order = tuple(others[:pos]) + (at,) + tuple(others[pos:]) + (offset,)
                     shape = shape_tuple(sizes[:pos] + [size_code(dim_of(v).size)] + sizes[pos:])
-                    src = self.align(rest, order, strip=False)
-                    code = f"_add_windows({self.ref}.new_zeros({shape}), {pos}, {src}, {step}, {dilation})"
+                    factors = self._offset_factors(rest_expr, offset, set(rest.axes)) if not missing else None
+                    src = ", ".join(self.align(f, order, strip=False) for f in factors or [rest])
+                    code = f"_add_windows({self.ref}.new_zeros({shape}), {pos}, {step}, {dilation}, {src})"
                     return Val(code, tuple(others[:pos]) + (v,) + tuple(others[pos:]))
                 order = tuple(others[:pos]) + lead + tuple(others[pos:])
                 src = f"{atom(self.align(rest, order, strip=False))}.reshape({', '.join(sizes[:pos] + ['-1'] + sizes[pos:])})"
@@ -1174,6 +1210,22 @@ class Lowerer:
                 code = f"{self.ref}.new_zeros({shape}).index_add_({pos}, {where}, {src})"
                 return Val(code, tuple(others[:pos]) + (v,) + tuple(others[pos:]))
         return None
+
+    def _offset_factors(self, e: sympy.Expr, offset: sympy.Symbol, axes: set[sympy.Symbol]) -> list[Val] | None:
+        """A window's values ``e`` as the factor free of its ``offset`` times the factor along it
+        (``dout[t]·w[k]``), each lowered apart, so the windows are added back one offset at a time and
+        never made whole; None when ``e`` is not such a product (a sum, or every factor along ``offset``).
+        Together the two factors still span ``axes``, so the windows keep their shape."""
+        if isinstance(e, ISum) or not isinstance(e, sympy.Mul):
+            return None
+        along = [f for f in e.args if offset in free_indices(f)]
+        free = [f for f in e.args if offset not in free_indices(f)]
+        if not along or not free or not any(free_indices(f) for f in free):
+            return None
+        vals = [self.lower(sympy.Mul(*free)), self.lower(sympy.Mul(*along))]
+        if set(vals[0].axes) | set(vals[1].axes) != axes:
+            return None
+        return vals
 
     def _index_put(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
         """``Σ_S f[S, R] δ(v1, p1[S, B]) δ(v2, p2[S, B])…``: ``f`` added at positions ``(p1, p2, …)``.
