@@ -22,6 +22,8 @@ from .indexalg import (
     IMax,
     ISum,
     always_within,
+    bound_indices,
+    fresh_index,
     Pack,
     dim_of,
     entry,
@@ -991,10 +993,17 @@ class Simplifier:
         if dropped != e:
             e = dropped
             steps.append(Step("δ terms that sum to 0", "δ·(1 - (e + S)/p) = 0 where the forward defined p = e + S", e))
-        collected = _collect(e)
-        if collected != e:
-            steps.append(Step("collect", "factor common factors out of sums of terms", collected))
-        return collected, steps
+        for _ in range(2):  # collecting factors may bring sums over one index side by side
+            merged = merge_sums(e)
+            if merged != e:
+                e = merged
+                steps.append(Step("merge sums", _MERGE, e))
+            collected = _collect(e)
+            if collected == e:
+                break
+            e = collected
+            steps.append(Step("collect", "factor common factors out of sums of terms", e))
+        return e, steps
 
 
 def _surface_deltas(e: sympy.Expr) -> sympy.Expr:
@@ -1076,6 +1085,70 @@ def _is_zero(coefficient: sympy.Expr, statements: tuple[Statement, ...]) -> bool
         return False
     masked, _ = _exps_masked(canonical_bound(coefficient.xreplace(written)))
     return sympy.cancel(sympy.together(masked)) == 0
+
+
+_MERGE = "c·Σ_k f + d·Σ_k g = Σ_k (c·f + d·g): a difference per entry, summed once (no sums that cancel)"
+
+
+def merge_sums(e: sympy.Expr) -> sympy.Expr:
+    """``c1·Σ_k f1 + c2·Σ_k f2 = Σ_k (c1·f1 + c2·f2)``, factored, where ``c1``, ``c2`` read no index
+    the sums do not: a difference taken entry by entry, then summed once.
+
+    Splitting sums finds shared reductions, but ``Σ_t dout·x - mu·Σ_t dout`` subtracts two large sums
+    that cancel (float32 loses every digit when ``|mu|`` dwarfs the spread of ``x``; a swish's
+    ``Σ dout·out·x - Σ dout·out²`` where ``out ≈ x``), where ``Σ_t dout·(x - mu)`` does not. Applied
+    to every sum of terms, outermost first, until nothing merges.
+    """
+    for _ in range(8):
+        merged = _bottom_up(e, _merge_terms)
+        if merged == e:
+            return e
+        e = merged
+    return e
+
+
+def _merge_terms(e: sympy.Expr) -> sympy.Expr:
+    if not isinstance(e, sympy.Add):
+        return e
+    groups: dict[tuple, list[tuple[sympy.Expr, ISum]]] = {}
+    rest = []
+    for t in e.args:
+        sums = [f for f in sympy.Mul.make_args(t) if isinstance(f, ISum)]
+        if len(sums) != 1 or sums[0].body.has(sympy.KroneckerDelta):
+            rest.append(t)
+            continue
+        (s,) = sums
+        coefficient = t / s
+        if not free_indices(coefficient) <= free_indices(s):
+            rest.append(t)  # moving it in would make the sum read more indices
+            continue
+        groups.setdefault((dim_of(s.var), frozenset(free_indices(s))), []).append((coefficient, s))
+    if all(len(g) == 1 for g in groups.values()):
+        return e
+    for group in groups.values():
+        if len(group) == 1:
+            rest.append(group[0][0] * group[0][1])
+            continue
+        taken = set().union(*(free_indices(c * s) | bound_indices(c * s) for c, s in group))
+        var = fresh_index(dim_of(group[0][1].var), taken)
+        body = sympy.factor_terms(sympy.Add(*(c * substitute_indices(s.body, {s.var: var}) for c, s in group)))
+        if _elementwise_difference(body):
+            rest.append(ISum(body, var))
+        else:
+            rest += [c * s for c, s in group]
+    return sympy.Add(*rest)
+
+
+def _elementwise_difference(body: sympy.Expr) -> bool:
+    """Whether a merged body is a common factor that reads a tensor times sums over its own entries
+    (``dout·(x - mu)``): merged, the sum stays one pass over the common factor. Sums of different
+    products (``Wk·dk + Wq·dq``, matrix products) stay apart."""
+    factors = sympy.Mul.make_args(body)
+    common = [f for f in factors if not isinstance(f, sympy.Add)]
+    spans = set().union(*(free_indices(f) for f in common))
+    return bool(tensor_names(sympy.Mul(*common))) and all(
+        free_indices(f) <= spans for f in factors if isinstance(f, sympy.Add)
+    )
 
 
 def _collect(e: sympy.Expr) -> sympy.Expr:
