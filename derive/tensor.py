@@ -21,6 +21,7 @@ import functools
 import inspect
 import linecache
 import keyword
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from .materialize import boundaries, synthetic_name
 from .program import Layout, Param, Program, Statement, TensorInfo
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
-_NO_DERIVATIVE = (sympy.floor, sympy.ceiling, sympy.sign, sympy.frac)
+_NO_DERIVATIVE = (sympy.floor, sympy.ceiling, sympy.sign, sympy.frac, sympy.Heaviside, sympy.DiracDelta)
 
 
 @functools.lru_cache(maxsize=None)
@@ -574,12 +575,46 @@ def apply(fn: Callable[..., Any], *tensors: Tensor) -> Tensor:
                 f"op '{trace.op_name}': {type(f).__name__} has no derivative (it is piecewise constant)"
                 f" (at {_user_line()})"
             )
+    for p in body.atoms(sympy.Piecewise):
+        if p.args[-1].cond != sympy.true:
+            shown = p.xreplace({u: sympy.Symbol(u.name) for u in dummies})
+            raise trace.error(
+                f"{shown} has no value where none of its conditions holds (NaN there): end it with (value, True)"
+            )
+    missing = _without_torch_code(body, dummies)
+    if missing:
+        raise trace.error(f"elementwise function uses {missing}, which has no PyTorch function derive can write")
     layout = _broadcast(list(tensors))
 
     def build(idx: dict[Dim, sympy.Basic]) -> sympy.Expr:
         return body.xreplace({u: t.ref(idx) for u, t in zip(dummies, tensors)})
 
     return Tensor(trace, layout, build, source=_user_line(), operands=tuple(tensors), body=body, dummies=tuple(dummies))
+
+
+def _without_torch_code(body: sympy.Expr, dummies: list[sympy.Dummy]) -> str | None:
+    """The first function of ``body`` or of its derivatives that derive cannot print as torch code
+    (``LambertW``, ``besselj``, ``gamma``: no torch kernel), or None."""
+    import torch
+
+    from .lowering.printer import PRINTER
+
+    for e in [body] + [sympy.diff(body, u) for u in dummies if body.has(u)]:
+        try:
+            code = PRINTER.doprint(e)
+        except (NotImplementedError, OpDefinitionError) as exc:
+            return f"{e} ({exc})"
+        if "Not supported" in code:  # SymPy's printer lists what it could not print, as comments
+            return ", ".join(
+                dict.fromkeys(line.strip("# ") for line in code.splitlines()[1:] if line.startswith("  #"))
+            )
+        for name in re.findall(r"\btorch(?:\.\w+)+", code):
+            owner: Any = torch
+            for part in name.split(".")[1:]:
+                owner = getattr(owner, part, None)
+            if owner is None:
+                return f"{name} (not in this PyTorch)"
+    return None
 
 
 def _elementwise(fn: Callable[..., sympy.Expr]) -> Callable[[Any], Any]:

@@ -4,10 +4,12 @@ and leaves the output folder exactly as it was."""
 from __future__ import annotations
 
 import pytest
+import sympy
 
-from derive import DeriveError, api
-
+from derive import DeriveError, api, apply, derive, op
 from derive.cli import main
+from derive.emit import render
+from derive.verify import load_module, verify
 
 from .test_cli import derive_cli
 
@@ -90,6 +92,22 @@ BAD_OPS = {
     "undefined_sympy_function": (
         '@op(x="n d")\ndef f(x):\n    out = apply(lambda u: sympy.Function("g")(u), x)\n    return out\n',
         ["undefined SymPy function", "g(", "f.py:"],
+    ),
+    "function_without_torch_code": (
+        '@op(x="n d")\ndef f(x):\n    out = apply(lambda u: sympy.LambertW(u), x)\n    return out\n',
+        ["LambertW", "no PyTorch function", "f.py:6"],  # black had failed on the printer's comment
+    ),
+    "function_torch_lacks": (
+        '@op(x="n d")\ndef f(x):\n    out = apply(lambda u: sympy.gamma(u), x)\n    return out\n',
+        ["torch.special.gamma", "not in this PyTorch", "f.py:6"],
+    ),
+    "heaviside_of_an_input": (
+        '@op(x="n d")\ndef f(x):\n    out = apply(lambda u: sympy.Heaviside(u) * u, x)\n    return out\n',
+        ["Heaviside has no derivative", "f.py:6"],
+    ),
+    "piecewise_without_a_default": (
+        '@op(x="n d")\ndef f(x):\n    out = apply(lambda u: sympy.Piecewise((u, u > 0)), x)\n    return out\n',
+        ["no value where none of its conditions holds", "(value, True)", "f.py:6"],
     ),
     "sympy_function_on_a_tensor": (
         '@op(x="n d")\ndef f(x):\n    out = sympy.tanh(x)\n    return out\n',
@@ -275,3 +293,27 @@ def test_a_grad_output_of_the_wrong_shape_is_refused_naming_the_shape():
     out, saved = linear_forward(torch.randn(4, 3), torch.randn(3, 5), torch.randn(5))
     with pytest.raises(ValueError, match=r"linear: grad_output must have the output's shape \(4, 5\), got \(5,\)"):
         linear_backward(torch.randn(5), saved)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda u: sympy.erfc(u),
+        lambda u: sympy.erfinv(sympy.tanh(u) / 2),
+        lambda u: sympy.cot(u / 4 + 1),
+        lambda u: sympy.sec(u / 4),
+        lambda u: sympy.csc(u / 4 + 1),
+        lambda u: sympy.sinc(u),
+        lambda u: sympy.polygamma(1, u * u + 2),
+    ],
+    ids=["erfc", "erfinv", "cot", "sec", "csc", "sinc", "polygamma"],
+)
+def test_sympy_functions_with_a_torch_kernel_are_printed_and_verify(fn):
+    """Functions SymPy's torch printer left as unsupported comments (black then failed on them)."""
+
+    @op(x="n d")
+    def f(x):
+        return apply(fn, x)
+
+    d = derive(f)
+    assert verify(d, load_module(render(d), "f")).ok

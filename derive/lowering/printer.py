@@ -317,6 +317,31 @@ class TorchCodePrinter(TorchPrinter):
             return f"torch.relu({code})"  # relu'(0) = 0, as derived
         return f"{clamp}({code}, {self._print(bound)})"
 
+    def _print_erfc(self, expr: sympy.Expr) -> str:
+        return f"torch.erfc({self._print(expr.args[0])})"
+
+    def _print_erfinv(self, expr: sympy.Expr) -> str:
+        return f"torch.erfinv({self._print(expr.args[0])})"
+
+    def _print_cot(self, expr: sympy.Expr) -> str:
+        return f"(1 / torch.tan({self._print(expr.args[0])}))"
+
+    def _print_sec(self, expr: sympy.Expr) -> str:
+        return f"(1 / torch.cos({self._print(expr.args[0])}))"
+
+    def _print_csc(self, expr: sympy.Expr) -> str:
+        return f"(1 / torch.sin({self._print(expr.args[0])}))"
+
+    def _print_sinc(self, expr: sympy.Expr) -> str:
+        # SymPy's sinc is sin(u)/u; torch.sinc is the normalised sin(pi u)/(pi u)
+        return f"torch.sinc({atom(self._print(expr.args[0]))} / math.pi)"
+
+    def _print_polygamma(self, expr: sympy.Expr) -> str:
+        order, arg = expr.args
+        if not order.is_Integer:
+            raise OpDefinitionError(f"{expr}: PyTorch's polygamma takes an integer order")
+        return f"torch.special.polygamma({int(order)}, {self._print(arg)})"
+
     def _print_sign(self, expr: sympy.Expr) -> str:
         return f"torch.sign({self._print(expr.args[0])})"
 
