@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true", help="exit 1 and name the files if generated/ is stale")
     parser.add_argument("--all", action="store_true", help="regenerate every catalogue op into the output folder")
     parser.add_argument(
-        "--out", type=Path, default=None, metavar="DIR", help="write generated code here (default: generated/)"
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write generated code here (default: derive's generated/ for a catalogue op, ./generated/ in the "
+        "current folder for PATH.py:FUNCTION)",
     )
     parser.add_argument(
         "--format", choices=["text", "latex", "markdown", "json"], default="text", help="how to print the derivation"
@@ -262,6 +267,15 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
             file=sys.stderr,
         )
         return 2
+    if args.op and ":" in args.op and args.out is None and not args.no_write:
+        args.out = Path("generated")  # the user's folder: derive's own generated/ holds the catalogue alone
+        if args.out.resolve() == api.default_out().resolve():
+            print(
+                "derive: error: generated/ here is derive's own catalogue folder (its --check would fail on "
+                f"{args.op}): write your op elsewhere with --out DIR",
+                file=sys.stderr,
+            )
+            return 2
     if args.out is not None and (args.all or (args.op and not args.no_write)):
         from .emit import writable_folder
 

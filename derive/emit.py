@@ -353,24 +353,24 @@ def _umask() -> int:
 
 
 def writable_folder(out_dir: Path, option: str | None = None) -> Path:
-    """``out_dir``, created if missing; an :class:`OutputPathError` naming why it cannot be written.
+    """``out_dir`` if it can be written (or created, by the write itself); else an
+    :class:`OutputPathError` naming why.
 
-    Checked before any work, so that a long derivation is not lost to a typo in ``--out``.
+    Checked before any work, so that a long derivation is not lost to a typo in ``--out``; nothing
+    is created here, so a run that fails leaves no empty folder behind.
     ``option`` is how the message names the path (default ``--out DIR``).
     """
     label = option or f"--out {out_dir}"
     blocker = next((p for p in [out_dir, *out_dir.parents] if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise OutputPathError(f"{label}: {blocker} is a file, not a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    what = "write there" if blocker == out_dir else "create the folder"
+    if blocker is None or not os.access(blocker, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{label}: cannot {what} (permission denied in {blocker})")
+    try:  # a read-only file system, which os.access does not see for root
+        tempfile.TemporaryFile(dir=blocker).close()
     except OSError as exc:
-        raise OutputPathError(f"{label}: cannot create the folder ({exc.strerror})") from None
-    try:
-        probe = tempfile.TemporaryFile(dir=out_dir)
-    except OSError as exc:
-        raise OutputPathError(f"{label}: cannot write there ({exc.strerror})") from None
-    probe.close()
+        raise OutputPathError(f"{label}: cannot {what} ({exc.strerror})") from None
     return out_dir
 
 

@@ -317,3 +317,19 @@ def test_sympy_functions_with_a_torch_kernel_are_printed_and_verify(fn):
 
     d = derive(f)
     assert verify(d, load_module(render(d), "f")).ok
+
+
+def test_a_user_op_without_out_goes_to_generated_here_never_into_the_catalogue(tmp_path, capsys, monkeypatch):
+    """With no --out, a user's op went into derive's own generated/, whose --check then failed; a
+    failed run left an empty --out folder behind."""
+    (tmp_path / "f.py").write_text(HEADER + '@op(x="n d")\ndef f(x):\n    return x * x\n')
+    (tmp_path / "bad.py").write_text(HEADER + '@op(x="n d")\ndef f(x):\n    return x.sum("q")\n')
+    monkeypatch.chdir(tmp_path)
+    r = cli(capsys, "bad.py:f", "--out", "new/deeper", "-q")
+    assert r.returncode == 2 and not (tmp_path / "new").exists(), r.stderr
+    r = cli(capsys, "f.py:f", "-q")
+    assert r.returncode == 0 and (tmp_path / "generated" / "f.py").is_file(), r.stderr
+    monkeypatch.chdir(api.default_out().parent)
+    r = cli(capsys, f"{tmp_path / 'f.py'}:f", "-q")
+    assert r.returncode == 2 and "derive's own catalogue folder" in r.stderr and "--out DIR" in r.stderr, r.stderr
+    assert not (api.default_out() / "f.py").exists()
