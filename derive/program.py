@@ -139,6 +139,9 @@ class Program:
     doc: str = ""
     ties: tuple[tuple[str, str], ...] = ()  # (s, t): input dim s renamed from t, so S must equal T
     stable_forward: bool = False  # compute log(exp-products) in the stabler rewritten form
+    # the dims of every tensor the op as written makes, unnamed ones too: what a generated
+    # intermediate may span (never larger than the forward the user wrote)
+    written: tuple[tuple[Dim, ...], ...] = ()
 
     @property
     def output(self) -> str:

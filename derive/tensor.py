@@ -908,6 +908,7 @@ def _build_program(
         the_op.doc,
         tuple(trace.ties.items()),
         the_op.stable_forward,
+        tuple(dict.fromkeys(n.dims for n in trace.nodes)),
     )
     _check_generated_names(program)
     return program

@@ -1875,3 +1875,28 @@ def named_like_temporaries(x, w, t1=2.0, t2=3.0, r1=1.5, r2=0.5, s1=1.25):
 def test_a_parameter_named_like_a_temporary_keeps_its_value():
     d, module = generated(named_like_temporaries)
     assert verify(d, module).ok
+
+
+@op(x="n d", y="d k", w="d", idx="int j k")
+def gathered_contraction(x, y, w, idx):
+    return (((x * y) * w).sum("d")).take(idx, "n")
+
+
+def test_a_contraction_gathered_along_its_result_is_summed_first_and_its_gradient_scattered_alone():
+    """``out[j, k] = Σ_d x[idx[j, k], d]·y[d, k]·w[d]`` (found by the long property run): the forward
+    had gathered x into a [J, K, D] copy and the backward scattered a [J, K, D] source, both larger
+    than the op as written (its largest, ``x * y``, is [N, D, K]). Now the sum is one [K, N] matmul
+    read at ``idx``, and ``dout`` alone is scattered into [K, N], then multiplied out."""
+    d = derive(gathered_contraction)
+    module = load_module(render(d, formatted=False), d.name)
+    n, dd, k, j = 3, 8, 2, 8
+    g = torch.Generator().manual_seed(0)
+    x, y, w = torch.randn(n, dd, generator=g), torch.randn(dd, k, generator=g), torch.randn(dd, generator=g)
+    idx = torch.randint(0, n, (j, k), generator=g)
+    with TensorSizes() as forward:
+        out, saved = module.gathered_contraction_forward(x, y, w, idx)
+    with TensorSizes() as backward:
+        module.gathered_contraction_backward(torch.randn_like(out), saved)
+    as_written = n * dd * k
+    assert forward.largest <= as_written and backward.largest <= as_written, (forward.largest_op, backward.largest_op)
+    assert verify(d, module).ok

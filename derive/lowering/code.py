@@ -784,7 +784,8 @@ def release_dead(lines: list[str], names: set[str]) -> list[str]:
 
 
 def _admissible(program: Program) -> list[Counter[str]]:
-    """The dims of every forward tensor as multisets of plain dims: what an intermediate may span.
+    """The dims of every forward tensor (as written: unnamed ones too) as multisets of plain dims:
+    what an intermediate may span.
 
     Besides the named tensors, the body of every max: the forward holds it whole to take its max
     (at every position of a dim it reads at gathered positions: the max of ``y[d, idx[n]]`` over
@@ -794,7 +795,7 @@ def _admissible(program: Program) -> list[Counter[str]]:
     def plain(dims: list[Dim]) -> Counter[str]:
         return Counter(p.name for d in dims for p in (d.parts or (d,)))
 
-    out = [plain(list(t.dims)) for t in program.tensors.values()]
+    out = [plain(list(t.dims)) for t in program.tensors.values()] + [plain(list(d)) for d in program.written]
     tensors = program.tensors
     for s in program.statements:
         for node in sympy.preorder_traversal(s.expr):

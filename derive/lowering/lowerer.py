@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy
 
@@ -971,16 +971,21 @@ class Lowerer:
         """``Σ_S A[S]·y[p(B), S]`` as ``(Σ_S A[S]·y[k, S])`` read at ``k = p(B)``: summed before gathered."""
         plain, others, picks, indices = move.plain, move.others, move.picks, move.indices
         batch = set().union(*(free_indices(p) for p in picks.values()))
-        inner = [g for g in others if not free_indices(g) & batch and free_indices(g) & set(indices)]
-        outer = [g for g in others if g not in inner]
-        inside = [s for s in indices if not any(s in free_indices(g) for g in outer)]
-        if not inside:
-            return None
-        named = self._named(_summed(sympy.Mul(*plain, *inner), inside), "r")
-        if named is None:
-            return None
-        rest = sympy.Mul(*outer) * substitute_indices(named, picks)
-        return self.lower(_summed(rest, [i for i in indices if i not in inside]))
+        reads_sum = [g for g in others if free_indices(g) & set(indices)]
+        # first the factors free of the positions' indices; else every factor that reads a summed
+        # index, the positions' indices then kept as axes of the sum (Σ_d x[m, d]·y[d, k] for all
+        # m, read at m = idx[j, k]: an [M, K] sum, not the gathered [J, K, D] copy)
+        for inner in ([g for g in reads_sum if not free_indices(g) & batch], reads_sum):
+            outer = [g for g in others if not any(g is f for f in inner)]
+            inside = [s for s in indices if not any(s in free_indices(g) for g in outer)]
+            if not inside:
+                continue
+            named = self._named(_summed(sympy.Mul(*plain, *inner), inside), "r")
+            if named is None:
+                continue
+            rest = sympy.Mul(*outer) * substitute_indices(named, picks)
+            return self.lower(_summed(rest, [i for i in indices if i not in inside]))
+        return None
 
     # -- contraction steps ------------------------------------------------------------------------
     def _weight(self, axes: frozenset[sympy.Symbol]) -> int:
@@ -1024,6 +1029,11 @@ class Lowerer:
             rest_a, rest_b = ({x for x in v.axes if x != k} for v in (a, b))
             if not (rest_a <= rest_b or rest_b <= rest_a):
                 continue
+            written = len(self.lines)
+            # an operand that is an expression is computed once, before the loop over the offsets
+            a_once, b_once = (
+                v if v.code.isidentifier() else replace(v, code=self._temp(v.code), raw=None) for v in (a, b)
+            )
             var = self.fresh_name("k")
             a_k, b_k = (
                 (
@@ -1031,11 +1041,11 @@ class Lowerer:
                     if k in v.axes
                     else v
                 )
-                for v in (a, b)
+                for v in (a_once, b_once)
             )
-            written = len(self.lines)
+            hoisted = len(self.lines)
             body = self._pair(a_k, b_k, summed - {k}, preferred)
-            if len(self.lines) != written:  # the body needed a temporary: it would sit outside the loop
+            if len(self.lines) != hoisted:  # the body needed a temporary: it would sit outside the loop
                 del self.lines[written:]
                 continue
             if k in summed:
@@ -1146,23 +1156,34 @@ class Lowerer:
         """``Σ_{k,m} A[m]·B[k, m]·δ(v, idx[k])`` as ``Σ_m A[m]·(Σ_k B[k, m]·δ(v, idx[k]))`` when summing
         ``m`` before the scatter would make a value no forward tensor is as large as (``A`` and ``B``
         meeting over ``k``), and scattering first does not."""
-        inner = [g for g in sympy.Mul.make_args(rest) if free_indices(g) & set(summed)]
-        outer = [g for g in sympy.Mul.make_args(rest) if not free_indices(g) & set(summed)]
-        if not outer or not inner:
-            return None
         before = free_indices(rest) - (set(indices) - set(summed))  # the source the scatter would read
-        scattered = ISum(sympy.Mul(*inner) * delta, summed[0])
-        for k in summed[1:]:
-            scattered = ISum(scattered, k)
-        if self._admissible(frozenset(before)) or not self._admissible(frozenset(free_indices(scattered))):
+        if self._admissible(frozenset(before)):
             return None
-        val = self.lower(scattered)  # named, so the outer sum cannot merge it back (flatten_sums)
-        name = val.code if val.code.isidentifier() else self._temp(val.code, "s")
-        self.layouts[name] = TensorInfo(name, tuple(dim_of(a) for a in val.axes))
-        body: sympy.Expr = sympy.Mul(*outer) * entry(name, val.axes)
-        for k in [i for i in indices if i not in summed]:
-            body = ISum(body, k)
-        return body
+        factors = sympy.Mul.make_args(rest)
+        result = free_indices(rest) - set(indices)
+        # the factors that read a scattered index; else those of them that read no result index, the
+        # indices they share with the others kept as axes of the scatter (Σ_{j,k} dout[j, k]·y[d, k]·
+        # δ(n, idx[j, k]) scatters dout alone into [N, K], then one matmul with y)
+        reads = [g for g in factors if free_indices(g) & set(summed)]
+        keeps = [g for g in reads if not free_indices(g) & result]
+        for inner in [reads] if len(reads) < len(factors) else [keeps]:
+            outer = [g for g in factors if not any(g is f for f in inner)]
+            over = [k for k in summed if not any(k in free_indices(g) for g in outer)]
+            if not outer or not inner or not over:
+                continue
+            scattered = ISum(sympy.Mul(*inner) * delta, over[0])
+            for k in over[1:]:
+                scattered = ISum(scattered, k)
+            if not self._admissible(frozenset(free_indices(scattered))):
+                continue
+            val = self.lower(scattered)  # named, so the outer sum cannot merge it back (flatten_sums)
+            name = val.code if val.code.isidentifier() else self._temp(val.code, "s")
+            self.layouts[name] = TensorInfo(name, tuple(dim_of(a) for a in val.axes))
+            body: sympy.Expr = sympy.Mul(*outer) * entry(name, val.axes)
+            for k in [i for i in indices if i not in over]:
+                body = ISum(body, k)
+            return body
+        return None
 
     def _fold(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
         """``Σ_{t,k} f[t, k, R] δ(v, 2*t + k)``: each window's values added back at the positions
@@ -1256,6 +1277,9 @@ class Lowerer:
                     break
         if len(routes) < 2 or all(is_window_index(pick) for _, pick, _ in routes):
             return None
+        first = self._route_first(body, indices, routes)
+        if first is not None:
+            return first
         targets = tuple(v for _, _, v in routes)
         # a position read at another target (δ(m, argmax[d])·δ(n, idx[m, d])): that target's position
         known = {v: pick for _, pick, v in routes if not free_indices(pick) & set(targets)}
@@ -1291,6 +1315,39 @@ class Lowerer:
             if length != size_code(dim_of(v).size) or low != 0:
                 code = f"{code}.narrow({axis}, {size_code(-low)}, {size_code(dim_of(v).size)})"
         return Val(code, targets + batch + other)
+
+    def _route_first(
+        self,
+        body: sympy.Expr,
+        indices: list[sympy.Symbol],
+        routes: list[tuple[sympy.KroneckerDelta, sympy.Expr, sympy.Symbol]],
+    ) -> Val | None:
+        """One route's values scattered alone first, where all the routes' entries at once would
+        outgrow every forward tensor: ``Σ_{k,j,n} c[k, n]·y[j]·δ(d, idx[k])·δ(p, j + n)`` scatters
+        ``c`` over ``k`` into ``[D, N]``, then adds the windows back (not a ``[K, J, N]`` source).
+        The route's position reads summed indices no other route's does; the scattered values keep the
+        other indices they read as axes (``n`` above)."""
+        summed = set(indices)
+        lead = set().union(*(free_indices(pick) for _, pick, _ in routes))
+        factors = [f for f in sympy.Mul.make_args(body) if not any(f is r[0] for r in routes)]
+        if self._admissible(frozenset(free_indices(sympy.Mul(*factors)) - (summed - lead))):
+            return None
+        for delta, pick, v in routes:
+            own = free_indices(pick) & summed
+            elsewhere = set().union(*(free_indices(p) for _, p, w in routes if w != v))
+            inner = [g for g in factors if free_indices(g) & own]
+            if not own or own & elsewhere or not inner:
+                continue
+            scattered = sympy.Mul(*inner) * delta
+            for k in sorted(own, key=str):
+                scattered = ISum(scattered, k)
+            named = self._named(scattered, "s")
+            if named is None:
+                continue
+            rest = sympy.Mul(*(g for g in factors if not any(g is f for f in inner)), named)
+            rest *= sympy.Mul(*(d for d, _, w in routes if w != v))
+            return self.lower(_summed(rest, [i for i in indices if i not in own]))
+        return None
 
     def _scatter_add(
         self,
