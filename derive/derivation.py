@@ -75,8 +75,9 @@ def _canonical(e: sympy.Expr, at: tuple[sympy.Symbol, ...], target: TensorInfo) 
     return canonical_bound(substitute_indices(e, dict(zip(at, target.indices))))
 
 
-def derive(the_op: Op, shard: str | None = None) -> Derivation:
-    """Run the pipeline on one op; ``shard`` names a dim split across processes (see ``lower_program``).
+def derive(the_op: Op | str, shard: str | None = None) -> Derivation:
+    """Run the pipeline on one op (or a catalogue name, or ``PATH.py:FUNCTION``); ``shard`` names a
+    dim split across processes (see ``lower_program``).
 
     Example:
         >>> from derive.ops import catalogue
@@ -84,6 +85,10 @@ def derive(the_op: Op, shard: str | None = None) -> Derivation:
         >>> [g.wrt.name for g in d.gradients]
         ['x']
     """
+    if isinstance(the_op, str):
+        from .api import resolve  # the api stage runs this one: imported when a name is given
+
+        the_op = resolve(the_op)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     program = the_op.program()

@@ -333,3 +333,10 @@ def test_a_user_op_without_out_goes_to_generated_here_never_into_the_catalogue(t
     r = cli(capsys, f"{tmp_path / 'f.py'}:f", "-q")
     assert r.returncode == 2 and "derive's own catalogue folder" in r.stderr and "--out DIR" in r.stderr, r.stderr
     assert not (api.default_out() / "f.py").exists()
+
+
+def test_derive_takes_a_catalogue_name_too_and_a_misspelt_one_is_a_derive_error():
+    """``derive("linear")`` failed with "'str' object has no attribute 'program'"."""
+    assert derive("linear").name == "linear"
+    with pytest.raises(DeriveError, match="did you mean linear"):
+        derive("lineer")
