@@ -1572,6 +1572,12 @@ REPROS = {
         '@op(x="n d", y="j m")\ndef comp(x, y):\n',
         lambda: [_x(3, 2), _x(1, 4, seed=1)],
     ),
+    "an exp of a 0-dim value in a branch (its entry v4() had no free symbols: taken for a number)": (
+        'v4 = y @ (y + (y.sum("dk", keepdim=True) + y).sum("dk", keepdim=True))\n'
+        '    return apply(lambda u: sympy.Piecewise((u, u > 0), (0.5 * (sympy.exp(u) - 1), True)), v4) + x.sum("n")',
+        '@op(x="n d k", y="(d k)")\ndef comp(x, y):\n',
+        lambda: [_x(2, 7, 7), torch.full((49,), 0.6, dtype=torch.float64)],
+    ),
     "a select between two copies of one max (the value scattered to its argmax cancelled to the number 0)": (
         'return tanh(x), apply(lambda u, v: sympy.Piecewise((u * v, u > v), (u - v, True)), x.max("d"), x.max("d"))',
         '@op(x="n d k")\ndef comp(x):\n',

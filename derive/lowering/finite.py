@@ -156,7 +156,7 @@ def at_most_one(e: sympy.Expr) -> bool:
 def bound(e: sympy.Expr, up: bool) -> sympy.Expr | None:
     """A number ``e`` never exceeds (``up``) or never falls below, wherever its values are finite; None if
     there is none that derive can see. A parameter's value is the caller's, so it bounds nothing."""
-    if e.is_number:
+    if e.is_number and not e.has(AppliedUndef):  # (a 0-dim tensor's entry, v(), is no number)
         return e
     if isinstance(e, tuple(_RANGES)):
         return sympy.sympify(_RANGES[type(e)][int(up)])

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 
 import sympy
+from sympy.core.function import AppliedUndef
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 from sympy.printing.pytorch import TorchPrinter
@@ -415,8 +416,9 @@ def comparison(printer: TorchCodePrinter, arg: sympy.Expr, tie: sympy.Expr, nega
 
 
 def is_constant(e: sympy.Expr) -> bool:
-    """Free of tensor values: numbers, scalar parameters and sizes (all positive symbols here)."""
-    return all(s.is_positive for s in e.free_symbols)
+    """Free of tensor values: numbers, scalar parameters and sizes (all positive symbols here). An
+    entry of a 0-dim tensor (``v()``) has no free symbols, and is still a tensor value."""
+    return all(s.is_positive for s in e.free_symbols) and not e.has(AppliedUndef)
 
 
 class FaithfulPrinter(TorchCodePrinter):
