@@ -316,3 +316,27 @@ def test_a_depthwise_conv_loops_over_its_offsets_and_never_makes_the_windows(dil
     padded = n * (t + 2 * dilation) * c
     assert max(forward.largest, sizes.largest) <= padded, (forward.largest_op, sizes.largest, sizes.largest_op)
     assert verify(d, module).ok
+
+
+def test_a_depthwise_conv2d_loops_over_both_offsets():
+    """Two windows, each offset a view: the loops nest (an outer offset's ``select`` is read in the
+    inner loop as it is, not computed into a temporary outside it, which broke the nesting)."""
+
+    @op(x="n h w c", k="kh kw c")
+    def dw2d(x, k):
+        win = x.pad("h", 1, 1).pad("w", 1, 1).unfold("h", 3, 1, "kh").unfold("w", 3, 1, "kw")
+        return (win * k).sum(("kh", "kw"))
+
+    d = derive(dw2d)
+    source = render(d, formatted=False)
+    assert "einsum" not in source[: source.index("def dw2d_backward_steps(")]
+    module = load_module(source, "dw2d")
+    x = torch.randn(2, 5, 6, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 3, 3, dtype=torch.float64, requires_grad=True)
+    want = F.conv2d(x.permute(0, 3, 1, 2), k.permute(2, 0, 1)[:, None], padding=1, groups=3).permute(0, 2, 3, 1)
+    out, saved = module.dw2d_forward(x.detach(), k.detach())
+    torch.testing.assert_close(out, want.detach())
+    dout = torch.randn(want.shape, dtype=torch.float64)
+    for g, ref in zip(module.dw2d_backward(dout, saved), torch.autograd.grad(want, (x, k), dout)):
+        torch.testing.assert_close(g, ref)
+    assert verify(d, module).ok

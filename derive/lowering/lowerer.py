@@ -79,6 +79,8 @@ class Val:
 
 # A window's offsets (an axis of at most this fixed size) are looped over rather than copied into an einsum.
 MAX_OFFSETS_LOOPED = 32
+# a tensor or a view of one by offset (an outer loop's ``w.select(0, k1)``): read in a loop as it is
+_VIEW = re.compile(r"[A-Za-z_]\w*(\.select\(\d+, \w+\))*")
 
 
 def _number(val: Val) -> sympy.Expr:
@@ -1028,11 +1030,11 @@ class Lowerer:
                 continue
             rest_a, rest_b = ({x for x in v.axes if x != k} for v in (a, b))
             if not (rest_a <= rest_b or rest_b <= rest_a):
-                continue
+                continue  # a matrix product apart from the offsets (a conv): one einsum is faster
             written = len(self.lines)
             # an operand that is an expression is computed once, before the loop over the offsets
             a_once, b_once = (
-                v if v.code.isidentifier() else replace(v, code=self._temp(v.code), raw=None) for v in (a, b)
+                v if _VIEW.fullmatch(v.code) else replace(v, code=self._temp(v.code), raw=None) for v in (a, b)
             )
             var = self.fresh_name("k")
             a_k, b_k = (
