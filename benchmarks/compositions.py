@@ -128,6 +128,13 @@ def leaky_mm(x):
     return out
 
 
+@op(x="b t c", w="k c")
+def depthwise_conv(x, w):
+    """A depthwise conv over time (kernel 3, padded: a Mamba/ConvNeXt block's), as windows times weights."""
+    out = (x.pad("t", 1, 1).unfold("t", 3, 1, "k") * w).sum("k")
+    return out
+
+
 # -- the same computations in PyTorch's own ops ------------------------------------------------
 def _mlp_mse(x, W1, b1, W2, b2, y):  # noqa: ANN001, ANN202
     return ((F.relu(x @ W1 + b1) @ W2 + b2 - y) ** 2).mean()
@@ -181,6 +188,10 @@ def _leaky_mm(x):  # noqa: ANN001, ANN202
     return F.leaky_relu(x, 0.01)
 
 
+def _depthwise_conv(x, w):  # noqa: ANN001, ANN202
+    return F.conv1d(x.transpose(1, 2), w.T[:, None, :], padding=1, groups=x.shape[2]).transpose(1, 2)
+
+
 @dataclass(frozen=True)
 class Composition:
     """One benchmarked composition: the op, its PyTorch twin, and input shapes by input name."""
@@ -226,6 +237,7 @@ COMPOSITIONS = {
         Composition("hardswish", hardswish, _hardswish, {"x": (2048, 1024)}),
         Composition("celu", celu, _celu, {"x": (2048, 1024)}, (("alpha", 1.0),)),
         Composition("leaky_mm", leaky_mm, _leaky_mm, {"x": (2048, 1024)}),
+        Composition("depthwise_conv", depthwise_conv, _depthwise_conv, {"x": (32, 512, 256), "w": (3, 256)}),
     ]
 }
 SMALL = {  # --quick: the same ops at small sizes
@@ -242,6 +254,7 @@ SMALL = {  # --quick: the same ops at small sizes
     "hardswish": {"x": (64, 32)},
     "celu": {"x": (64, 32)},
     "leaky_mm": {"x": (64, 32)},
+    "depthwise_conv": {"x": (2, 16, 8), "w": (3, 8)},
 }
 
 
