@@ -1145,9 +1145,12 @@ def _elementwise_difference(body: sympy.Expr) -> bool:
     products (``Wk·dk + Wq·dq``, matrix products) stay apart."""
     factors = sympy.Mul.make_args(body)
     common = [f for f in factors if not isinstance(f, sympy.Add)]
+    differences = [f for f in factors if isinstance(f, sympy.Add)]
     spans = set().union(*(free_indices(f) for f in common))
-    return bool(tensor_names(sympy.Mul(*common))) and all(
-        free_indices(f) <= spans for f in factors if isinstance(f, sympy.Add)
+    return (
+        bool(tensor_names(sympy.Mul(*common)))
+        and any(tensor_names(f) for f in differences)  # (1 - 1/D)·Σ x is a scale: no difference to take
+        and all(free_indices(f) <= spans for f in differences)
     )
 
 

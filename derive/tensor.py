@@ -576,8 +576,8 @@ def apply(fn: Callable[..., Any], *tensors: Tensor) -> Tensor:
                 f" (at {_user_line()})"
             )
     for p in body.atoms(sympy.Piecewise):
-        if p.args[-1].cond != sympy.true:
-            shown = p.xreplace({u: sympy.Symbol(u.name) for u in dummies})
+        if p.args[-1].cond != sympy.true and sympy.simplify(sympy.Or(*(c for _, c in p.args))) != sympy.true:
+            shown = p.xreplace(dict(zip(dummies, _parameter_symbols(fn, len(dummies)))))
             raise trace.error(
                 f"{shown} has no value where none of its conditions holds (NaN there): end it with (value, True)"
             )
@@ -590,6 +590,16 @@ def apply(fn: Callable[..., Any], *tensors: Tensor) -> Tensor:
         return body.xreplace({u: t.ref(idx) for u, t in zip(dummies, tensors)})
 
     return Tensor(trace, layout, build, source=_user_line(), operands=tuple(tensors), body=body, dummies=tuple(dummies))
+
+
+def _parameter_symbols(fn: Callable[..., Any], count: int) -> list[sympy.Symbol]:
+    """Symbols named as ``fn``'s parameters (``lambda u, v: ...``), to show its expression as written."""
+    try:
+        names = list(inspect.signature(fn).parameters)[:count]
+    except (TypeError, ValueError):
+        names = []
+    names += [f"u{k}" for k in range(len(names), count)]
+    return [sympy.Symbol(n) for n in names]
 
 
 def _without_torch_code(body: sympy.Expr, dummies: list[sympy.Dummy]) -> str | None:

@@ -107,7 +107,7 @@ BAD_OPS = {
     ),
     "piecewise_without_a_default": (
         '@op(x="n d")\ndef f(x):\n    out = apply(lambda u: sympy.Piecewise((u, u > 0)), x)\n    return out\n',
-        ["no value where none of its conditions holds", "(value, True)", "f.py:6"],
+        ["Piecewise((u, u > 0)) has no value where none of its conditions holds", "(value, True)", "f.py:6"],
     ),
     "sympy_function_on_a_tensor": (
         '@op(x="n d")\ndef f(x):\n    out = sympy.tanh(x)\n    return out\n',
@@ -340,3 +340,14 @@ def test_derive_takes_a_catalogue_name_too_and_a_misspelt_one_is_a_derive_error(
     assert derive("linear").name == "linear"
     with pytest.raises(DeriveError, match="did you mean linear"):
         derive("lineer")
+
+
+def test_a_piecewise_whose_conditions_cover_every_value_needs_no_true_branch():
+    """(u > 0), (u < 0), (u = 0) cover the reals: refused by a check that read only the last condition."""
+
+    @op(x="n d")
+    def f(x):
+        return apply(lambda u: sympy.Piecewise((u, u > 0), (-u, u < 0), (0, sympy.Eq(u, 0))), x)
+
+    d = derive(f)
+    assert verify(d, load_module(render(d), "f")).ok

@@ -1900,3 +1900,26 @@ def test_a_contraction_gathered_along_its_result_is_summed_first_and_its_gradien
     as_written = n * dd * k
     assert forward.largest <= as_written and backward.largest <= as_written, (forward.largest_op, backward.largest_op)
     assert verify(d, module).ok
+
+
+@op(C="v e", X="int n t", W="e o")
+def bag_of_rows(C, X, W):
+    return C[X].mean("t") @ W
+
+
+def test_rows_gathered_in_bags_are_summed_by_embedding_bag_never_copied_out():
+    """``C[X].mean("t")`` as written makes an [N, T, E] gather; counting it as a size the lowering may
+    use (c1ce2f2) turned the bag into that copy, 20-40x slower. A gathered copy is weighed against
+    the named tensors alone, and rows in bags go to ``F.embedding_bag``."""
+    d = derive(bag_of_rows)
+    source = render(d, formatted=False)
+    forward = source[source.index("def bag_of_rows_forward(") : source.index("def bag_of_rows_backward(")]
+    assert "embedding_bag" in forward and "C[X" not in forward
+    module = load_module(source, d.name)
+    n, t, e, v, o = 16, 8, 4, 50, 3
+    C, W = torch.randn(v, e), torch.randn(e, o)
+    X = torch.randint(0, v, (n, t))
+    with TensorSizes() as sizes:
+        module.bag_of_rows_forward(C, X, W)
+    assert sizes.largest <= max(v * e, n * e, n * o), (sizes.largest, sizes.largest_op)
+    assert verify(d, module).ok

@@ -939,6 +939,9 @@ def check_composition(c: Composition, values: dict[str, torch.Tensor], grad_seed
         if grad_seed % 3:
             g = (g[0], randn(second.shape))
         torch.autograd.backward([expected, second], [g[0], torch.zeros_like(second) if g[1] is None else g[1]])
+    for leaf in leaves.values():  # 1/(1 + exp(-u)) at u = -800: inf inside, NaN out of autograd
+        if leaf.grad is not None and not bool(leaf.grad.isfinite().all()):
+            raise Rejected("autograd's gradient is not finite")
 
     the_op = build_op(c.source)
     d = derive(the_op)

@@ -791,3 +791,15 @@ def test_a_sum_of_a_centred_value_is_not_split_into_sums_that_cancel():
     got = module.swish_learnt_backward(dout, saved).beta.double()
     assert (got - want).abs().max() <= 1e-3 * want.abs().max()
     assert verify(d, module).ok
+
+
+@op(x="n d", a="n")
+def sum_minus_mean(x, a):
+    return a * (x.sum("d") - x.mean("d"))
+
+
+def test_sums_that_differ_by_a_scale_are_collected_not_merged():
+    """Σ_d x - Σ_d x/D has no difference to take per entry: it stays (1 - 1/D)·Σ_d x, the sum the
+    forward keeps (merged, dout moved inside and the backward summed x again)."""
+    da = text(derive(sum_minus_mean).gradient("a").result)
+    assert "Σ_d(x[n, d])" in da and "dout[n]*x" not in da, da

@@ -137,6 +137,7 @@ def lower_program(
     for s in saved_values:
         layouts[s.name] = s.statement.target
     fits = _admissible(program)
+    named_fits = _admissible(program, written=False)
     positions = program.index_dims
     for s in saved_values:  # a kept argmax is a position along the dim it maximised over
         if isinstance(s.statement.expr, ArgMax):
@@ -156,6 +157,7 @@ def lower_program(
         names=names,
         single_assignment=True,
         admissible=fits,
+        named_admissible=named_fits,
         positions=positions,
         printer=FAITHFUL,
         shard=distributed,
@@ -163,7 +165,16 @@ def lower_program(
     )
     # the reference forward for autograd: every statement its own tensor (no shared temporaries,
     # or retain_grad on one name would collect the gradients of its look-alikes)
-    plain = Lowerer(layouts, ref=ref, names=names, share=False, admissible=fits, positions=positions, printer=FAITHFUL)
+    plain = Lowerer(
+        layouts,
+        ref=ref,
+        names=names,
+        share=False,
+        admissible=fits,
+        named_admissible=named_fits,
+        positions=positions,
+        printer=FAITHFUL,
+    )
     statements = list(program.statements)
     # the statements as written; a stabler form only when the op asks for it (@op(stable_forward=True))
     stabler = (lambda s: stable_forward(s, statements)) if program.stable_forward else None
@@ -211,6 +222,7 @@ def lower_program(
             single_assignment=True,
             fuse_arithmetic=True,
             admissible=fits,
+            named_admissible=named_fits,
             positions=positions,
             shard=distributed,
             printer=MASKING if all(stays_finite(e, overflowing) for e in fused) else PRINTER,
@@ -242,6 +254,7 @@ def lower_program(
         ref=seed,
         names=names,
         admissible=fits,
+        named_admissible=named_fits,
         positions=positions,
         printer=FAITHFUL,
         shard=distributed,
@@ -543,6 +556,7 @@ def lower_terms(program: Program, terms: list[tuple[str, sympy.Expr, TensorInfo]
         ref=ref,
         names=set(layouts),
         admissible=_admissible(program),
+        named_admissible=_admissible(program, written=False),
         positions=program.index_dims,
         printer=FAITHFUL,
     )
@@ -783,9 +797,9 @@ def release_dead(lines: list[str], names: set[str]) -> list[str]:
     return out
 
 
-def _admissible(program: Program) -> list[Counter[str]]:
-    """The dims of every forward tensor (as written: unnamed ones too) as multisets of plain dims:
-    what an intermediate may span.
+def _admissible(program: Program, written: bool = True) -> list[Counter[str]]:
+    """The dims of every forward tensor (as written: unnamed ones too, unless not ``written``) as
+    multisets of plain dims: what an intermediate may span.
 
     Besides the named tensors, the body of every max: the forward holds it whole to take its max
     (at every position of a dim it reads at gathered positions: the max of ``y[d, idx[n]]`` over
@@ -795,7 +809,8 @@ def _admissible(program: Program) -> list[Counter[str]]:
     def plain(dims: list[Dim]) -> Counter[str]:
         return Counter(p.name for d in dims for p in (d.parts or (d,)))
 
-    out = [plain(list(t.dims)) for t in program.tensors.values()] + [plain(list(d)) for d in program.written]
+    out = [plain(list(t.dims)) for t in program.tensors.values()]
+    out += [plain(list(d)) for d in program.written] if written else []
     tensors = program.tensors
     for s in program.statements:
         for node in sympy.preorder_traversal(s.expr):

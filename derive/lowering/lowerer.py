@@ -127,6 +127,9 @@ class Lowerer:
     share: bool = True
     # dims of every forward tensor, as multisets of plain dims: an intermediate must fit in one
     admissible: list[Counter[str]] = field(default_factory=list)
+    # the same for the named tensors alone (not the op's unnamed values as written): what a value
+    # that a cheaper form avoids (a gathered copy, a scatter's source) is weighed against
+    named_admissible: list[Counter[str]] | None = None
     # keys of costly sub-expressions (share.repeated) computed once, into temporaries
     repeated: set[sympy.Expr] = field(default_factory=set)
     # the rank of each temporary this lowerer made
@@ -803,7 +806,7 @@ class Lowerer:
         """
         summed = set(indices)
         factors = list(sympy.Mul.make_args(body))
-        wide = [f for f in factors if self._gathers(f) and not self._admissible(frozenset(free_indices(f)))]
+        wide = [f for f in factors if self._gathers(f) and not self._fits_named(frozenset(free_indices(f)))]
         if not wide:
             return None
         read_at_target = self._read_at_targets(body, summed)
@@ -835,8 +838,8 @@ class Lowerer:
         others = [g for g in factors if not any(g is f for f in moved)]
         by_sum = set().union(*(free_indices(p) & summed for p in picks.values()))
         move = _Ungather(plain, others, picks, by_sum, indices)
-        if by_sum:
-            return self._scatter_positions(move) or self._bag(move)
+        if by_sum:  # rows in bags read each gathered row once: never the count matrix of all rows
+            return self._bag(move) or self._scatter_positions(move)
         return self._gather_last(move)
 
     def _read_whole(self, f: sympy.Expr, taken: set, picks: dict[sympy.Symbol, sympy.Expr]) -> sympy.Expr | None:
@@ -993,6 +996,14 @@ class Lowerer:
     def _weight(self, axes: frozenset[sympy.Symbol]) -> int:
         """A size estimate without runtime sizes: every plain dim counts as ``BIG``."""
         return planner.BIG ** sum(len(_parts(i)) for i in axes)
+
+    def _fits_named(self, axes: frozenset[sympy.Symbol]) -> bool:
+        """Whether a value with these axes fits inside a named forward tensor (a gathered copy that
+        does not is read another way: in bags, scattered first, summed before it is gathered)."""
+        if self.named_admissible is None:
+            return self._admissible(axes)
+        need = Counter(p for i in axes for p in _parts(i))
+        return any(not (need - have) for have in self.named_admissible)
 
     def _admissible(self, axes: frozenset[sympy.Symbol]) -> bool:
         """Whether a value with these axes fits inside some forward tensor (so it is never larger)."""
@@ -1159,7 +1170,7 @@ class Lowerer:
         ``m`` before the scatter would make a value no forward tensor is as large as (``A`` and ``B``
         meeting over ``k``), and scattering first does not."""
         before = free_indices(rest) - (set(indices) - set(summed))  # the source the scatter would read
-        if self._admissible(frozenset(before)):
+        if self._fits_named(frozenset(before)):
             return None
         factors = sympy.Mul.make_args(rest)
         result = free_indices(rest) - set(indices)
@@ -1332,7 +1343,7 @@ class Lowerer:
         summed = set(indices)
         lead = set().union(*(free_indices(pick) for _, pick, _ in routes))
         factors = [f for f in sympy.Mul.make_args(body) if not any(f is r[0] for r in routes)]
-        if self._admissible(frozenset(free_indices(sympy.Mul(*factors)) - (summed - lead))):
+        if self._fits_named(frozenset(free_indices(sympy.Mul(*factors)) - (summed - lead))):
             return None
         for delta, pick, v in routes:
             own = free_indices(pick) & summed
