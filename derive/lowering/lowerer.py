@@ -1045,7 +1045,8 @@ class Lowerer:
             written = len(self.lines)
             # an operand that is an expression is computed once, before the loop over the offsets
             a_once, b_once = (
-                v if _VIEW.fullmatch(v.code) else replace(v, code=self._temp(v.code), raw=None) for v in (a, b)
+                v if _VIEW.fullmatch(v.code) else replace(v, code=self._temp(v.code), raw=None, product=None)
+                for v in (a, b)
             )
             var = self.fresh_name("k")
             a_k, b_k = (
