@@ -123,7 +123,7 @@ def prologue(d: Derivation) -> list[str]:
                 continue
             lines.append(
                 f"if {t.name}.shape[{axis}] != {want}:\n"
-                f'    raise ValueError(f"{name}: {t.name} must be {_dims_text(t)} with {_size_values(t)}, got shape {{tuple({t.name}.shape)}}")'
+                f'    raise ValueError(f"{name}: {t.name} must be {_dims_text(t)}{_size_values(t)}, got shape {{tuple({t.name}.shape)}}")'
             )
     dims = {dim.name: dim for dim in program.dims}
     for tied, partner in program.ties:
@@ -157,8 +157,10 @@ def _size_values(info) -> str:
     names = []
     for d in info.dims:
         for part in d.parts or (d,):
-            names.append(str(part.size))
-    return ", ".join(f"{n}={{{n}}}" for n in dict.fromkeys(names))
+            if not part.size.is_number:  # a window's fixed size is in the shape itself (not "3=3")
+                names.append(str(part.size))
+    text = ", ".join(f"{n}={{{n}}}" for n in dict.fromkeys(names))
+    return f" with {text}" if text else ""
 
 
 def _size_values_all(d: Derivation) -> str:
@@ -235,10 +237,12 @@ def render(d: Derivation, command: str | None = None, formatted: bool = True) ->
             shard=code.shard,
             prologue=prologue(d),
             annotated=", ".join(
-                [f"{t.name}: torch.Tensor" for t in program.inputs] + [f"{p.name}: float" for p in program.params]
+                [f"{t.name}: torch.Tensor" for t in program.inputs]
+                + [f"{p.name}: float = {float(p.default)!r}" for p in program.params]  # defaults in the schema
             ),
             n_inputs=len(program.inputs),
             param_names=[p.name for p in program.params],
+            param_defaults=[repr(float(p.default)) for p in program.params],
             positional=", ".join([t.name for t in program.inputs] + [p.name for p in program.params]),
             call_args=", ".join([t.name for t in program.inputs] + [f"{p.name}={p.name}" for p in program.params]),
             backward_returns=[f"grads.{t.name}" if t.differentiable else "None" for t in program.inputs]

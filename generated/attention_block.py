@@ -568,17 +568,28 @@ def register_custom_op(namespace="derive"):
         Wo: torch.Tensor,
         bo: torch.Tensor,
         mask: torch.Tensor,
-        eps: float,
+        eps: float = 1e-05,
     ) -> torch.Tensor:
         return attention_block_forward(x, gamma, beta, Wq, Wk, Wv, Wo, bo, mask, eps=eps)[0].clone()
 
     @op.register_fake
-    def _(*args):
-        return attention_block_forward(*args[:9], eps=args[9])[0]
+    def _(
+        x: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        Wq: torch.Tensor,
+        Wk: torch.Tensor,
+        Wv: torch.Tensor,
+        Wo: torch.Tensor,
+        bo: torch.Tensor,
+        mask: torch.Tensor,
+        eps: float = 1e-05,
+    ):
+        return attention_block_forward(x, gamma, beta, Wq, Wk, Wv, Wo, bo, mask, eps=eps)[0]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:9])
-        ctx.params = inputs[9:]
+        ctx.params = tuple(inputs[9:]) + (1e-05,)[len(inputs) - 9 :]
 
     def backward(ctx, grad_output):
         _, saved = attention_block_forward(*ctx.saved_tensors, eps=ctx.params[0])

@@ -190,12 +190,12 @@ def register_custom_op(namespace="derive"):
         return bce_with_logits_forward(z, y)[0].clone()
 
     @op.register_fake
-    def _(*args):
-        return bce_with_logits_forward(*args[:2])[0]
+    def _(z: torch.Tensor, y: torch.Tensor):
+        return bce_with_logits_forward(z, y)[0]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:2])
-        ctx.params = inputs[2:]
+        ctx.params = tuple(inputs[2:]) + ()[len(inputs) - 2 :]
 
     def backward(ctx, grad_output):
         _, saved = bce_with_logits_forward(*ctx.saved_tensors)

@@ -232,12 +232,12 @@ def register_custom_op(namespace="derive"):
         return cross_entropy_forward(logits, target)[0].clone()
 
     @op.register_fake
-    def _(*args):
-        return cross_entropy_forward(*args[:2])[0]
+    def _(logits: torch.Tensor, target: torch.Tensor):
+        return cross_entropy_forward(logits, target)[0]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:2])
-        ctx.params = inputs[2:]
+        ctx.params = tuple(inputs[2:]) + ()[len(inputs) - 2 :]
 
     def backward(ctx, grad_output):
         _, saved = cross_entropy_forward(*ctx.saved_tensors)

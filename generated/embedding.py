@@ -166,12 +166,12 @@ def register_custom_op(namespace="derive"):
         return embedding_forward(C, X)[0].clone()
 
     @op.register_fake
-    def _(*args):
-        return embedding_forward(*args[:2])[0]
+    def _(C: torch.Tensor, X: torch.Tensor):
+        return embedding_forward(C, X)[0]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:2])
-        ctx.params = inputs[2:]
+        ctx.params = tuple(inputs[2:]) + ()[len(inputs) - 2 :]
 
     def backward(ctx, grad_output):
         _, saved = embedding_forward(*ctx.saved_tensors)

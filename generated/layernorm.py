@@ -340,16 +340,18 @@ def register_custom_op(namespace="derive"):
         return _CUSTOM_OP
 
     @torch.library.custom_op(f"{namespace}::layernorm", mutates_args=())
-    def op(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    def op(
+        x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-05
+    ) -> torch.Tensor:
         return layernorm_forward(x, gamma, beta, eps=eps)[0].clone()
 
     @op.register_fake
-    def _(*args):
-        return layernorm_forward(*args[:3], eps=args[3])[0]
+    def _(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-05):
+        return layernorm_forward(x, gamma, beta, eps=eps)[0]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:3])
-        ctx.params = inputs[3:]
+        ctx.params = tuple(inputs[3:]) + (1e-05,)[len(inputs) - 3 :]
 
     def backward(ctx, grad_output):
         _, saved = layernorm_forward(*ctx.saved_tensors, eps=ctx.params[0])

@@ -188,12 +188,12 @@ def register_custom_op(namespace="derive"):
         return linear_forward(x, W, b)[0].clone()
 
     @op.register_fake
-    def _(*args):
-        return linear_forward(*args[:3])[0]
+    def _(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor):
+        return linear_forward(x, W, b)[0]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:3])
-        ctx.params = inputs[3:]
+        ctx.params = tuple(inputs[3:]) + ()[len(inputs) - 3 :]
 
     def backward(ctx, grad_output):
         _, saved = linear_forward(*ctx.saved_tensors)

@@ -528,17 +528,28 @@ def register_custom_op(namespace="derive"):
         bnbias: torch.Tensor,
         Xb: torch.Tensor,
         Yb: torch.Tensor,
-        eps: float,
+        eps: float = 1e-05,
     ) -> torch.Tensor:
         return makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, eps=eps)[0].clone()
 
     @op.register_fake
-    def _(*args):
-        return makemore_mlp_forward(*args[:9], eps=args[9])[0]
+    def _(
+        C: torch.Tensor,
+        W1: torch.Tensor,
+        b1: torch.Tensor,
+        W2: torch.Tensor,
+        b2: torch.Tensor,
+        bngain: torch.Tensor,
+        bnbias: torch.Tensor,
+        Xb: torch.Tensor,
+        Yb: torch.Tensor,
+        eps: float = 1e-05,
+    ):
+        return makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, eps=eps)[0]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:9])
-        ctx.params = inputs[9:]
+        ctx.params = tuple(inputs[9:]) + (1e-05,)[len(inputs) - 9 :]
 
     def backward(ctx, grad_output):
         _, saved = makemore_mlp_forward(*ctx.saved_tensors, eps=ctx.params[0])

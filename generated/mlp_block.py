@@ -386,17 +386,26 @@ def register_custom_op(namespace="derive"):
         b1: torch.Tensor,
         W2: torch.Tensor,
         b2: torch.Tensor,
-        eps: float,
+        eps: float = 1e-05,
     ) -> torch.Tensor:
         return mlp_block_forward(x, gamma, beta, W1, b1, W2, b2, eps=eps)[0].clone()
 
     @op.register_fake
-    def _(*args):
-        return mlp_block_forward(*args[:7], eps=args[7])[0]
+    def _(
+        x: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        W1: torch.Tensor,
+        b1: torch.Tensor,
+        W2: torch.Tensor,
+        b2: torch.Tensor,
+        eps: float = 1e-05,
+    ):
+        return mlp_block_forward(x, gamma, beta, W1, b1, W2, b2, eps=eps)[0]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:7])
-        ctx.params = inputs[7:]
+        ctx.params = tuple(inputs[7:]) + (1e-05,)[len(inputs) - 7 :]
 
     def backward(ctx, grad_output):
         _, saved = mlp_block_forward(*ctx.saved_tensors, eps=ctx.params[0])

@@ -172,12 +172,12 @@ def register_custom_op(namespace="derive"):
         return mse_loss_forward(x, y)[0].clone()
 
     @op.register_fake
-    def _(*args):
-        return mse_loss_forward(*args[:2])[0]
+    def _(x: torch.Tensor, y: torch.Tensor):
+        return mse_loss_forward(x, y)[0]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:2])
-        ctx.params = inputs[2:]
+        ctx.params = tuple(inputs[2:]) + ()[len(inputs) - 2 :]
 
     def backward(ctx, grad_output):
         _, saved = mse_loss_forward(*ctx.saved_tensors)

@@ -288,16 +288,16 @@ def register_custom_op(namespace="derive"):
         return _CUSTOM_OP
 
     @torch.library.custom_op(f"{namespace}::rmsnorm", mutates_args=())
-    def op(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    def op(x: torch.Tensor, gamma: torch.Tensor, eps: float = 1e-06) -> torch.Tensor:
         return rmsnorm_forward(x, gamma, eps=eps)[0].clone()
 
     @op.register_fake
-    def _(*args):
-        return rmsnorm_forward(*args[:2], eps=args[2])[0]
+    def _(x: torch.Tensor, gamma: torch.Tensor, eps: float = 1e-06):
+        return rmsnorm_forward(x, gamma, eps=eps)[0]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:2])
-        ctx.params = inputs[2:]
+        ctx.params = tuple(inputs[2:]) + (1e-06,)[len(inputs) - 2 :]
 
     def backward(ctx, grad_output):
         _, saved = rmsnorm_forward(*ctx.saved_tensors, eps=ctx.params[0])

@@ -151,12 +151,12 @@ def register_custom_op(namespace="derive"):
         return silu_forward(x)[0].clone()
 
     @op.register_fake
-    def _(*args):
-        return silu_forward(*args[:1])[0]
+    def _(x: torch.Tensor):
+        return silu_forward(x)[0]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:1])
-        ctx.params = inputs[1:]
+        ctx.params = tuple(inputs[1:]) + ()[len(inputs) - 1 :]
 
     def backward(ctx, grad_output):
         _, saved = silu_forward(*ctx.saved_tensors)

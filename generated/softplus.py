@@ -150,12 +150,12 @@ def register_custom_op(namespace="derive"):
         return softplus_forward(x)[0].clone()
 
     @op.register_fake
-    def _(*args):
-        return softplus_forward(*args[:1])[0]
+    def _(x: torch.Tensor):
+        return softplus_forward(x)[0]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:1])
-        ctx.params = inputs[1:]
+        ctx.params = tuple(inputs[1:]) + ()[len(inputs) - 1 :]
 
     def backward(ctx, grad_output):
         _, saved = softplus_forward(*ctx.saved_tensors)

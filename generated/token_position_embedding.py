@@ -198,12 +198,12 @@ def register_custom_op(namespace="derive"):
         return token_position_embedding_forward(tok, pos, X)[0].clone()
 
     @op.register_fake
-    def _(*args):
-        return token_position_embedding_forward(*args[:3])[0]
+    def _(tok: torch.Tensor, pos: torch.Tensor, X: torch.Tensor):
+        return token_position_embedding_forward(tok, pos, X)[0]
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:3])
-        ctx.params = inputs[3:]
+        ctx.params = tuple(inputs[3:]) + ()[len(inputs) - 3 :]
 
     def backward(ctx, grad_output):
         _, saved = token_position_embedding_forward(*ctx.saved_tensors)

@@ -173,6 +173,8 @@ def test_custom_ops_pass_opcheck_and_compile_without_graph_breaks():
         1e-5,
     )
     torch.library.opcheck(torch.ops.derive.batchnorm.default, args)
+    # the parameters' defaults are in the schema: eps may be left out, as in the Python function
+    torch.testing.assert_close(torch.ops.derive.batchnorm(*args[:3]), torch.ops.derive.batchnorm(*args))
     x, g, b, _ = (a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
     y = torch.randint(0, 4, (6,))
     loss = torch.compile(
