@@ -1923,3 +1923,17 @@ def test_rows_gathered_in_bags_are_summed_by_embedding_bag_never_copied_out():
         module.bag_of_rows_forward(C, X, W)
     assert sizes.largest <= max(v * e, n * e, n * o), (sizes.largest, sizes.largest_op)
     assert verify(d, module).ok
+
+
+@op(x="n d")
+def max_of_flat_windows(x):
+    return x.unfold("n", 1, 1, "j").flatten("n", "d").max("nd")
+
+
+def test_a_value_at_a_position_is_scattered_not_a_one_hot_times_the_value():
+    """``dout[j]·δ((n, d), argmax[j])`` (the long property run): a one-hot of the windows' size was
+    made and multiplied by ``dout``; ``dout``'s values are now scattered at the argmax."""
+    d = derive(max_of_flat_windows)
+    backward = "\\n".join(d.code.backward)
+    assert ", 1.0)" not in backward and "scatter_(" in backward, backward
+    assert verify(d, load_module(render(d, formatted=False), d.name)).ok

@@ -511,6 +511,40 @@ class Lowerer:
             return self._with_shared_part(e)
         return self._elementwise(e)
 
+    def _values_at(self, e: sympy.Mul) -> Val | None:
+        """``f·δ(v, p)`` with ``f`` free of ``v``: ``f``'s values put at position ``p`` along ``v`` (one
+        ``scatter_`` of values), not a one-hot the size of ``v``'s axis times every position, then
+        multiplied by ``f`` (a max over a flattened window's gradient, ``dout[j]·δ((n, d), argmax[j])``)."""
+        deltas = [f for f in e.args if isinstance(f, sympy.KroneckerDelta)]
+        if len(deltas) != 1:
+            return None
+        a, b = deltas[0].args
+        pick, v = (a, b) if is_index(b) or _plain_pack(b) else (b, a)
+        if not (is_index(v) or _plain_pack(v)) or is_index(pick) or is_window_index(pick):
+            return None
+        parts = tuple(v.args) if isinstance(v, Pack) else (v,)
+        rest = e / deltas[0]
+        if free_indices(rest) & set(parts) or not tensor_names(rest):
+            return None
+        position = self.lower(pick)
+        if set(parts) & set(position.axes) or not free_indices(rest) <= set(position.axes) or not position.axes:
+            return None
+        lead = list(position.axes)
+        sizes = [size_code(dim_of(x).size) for x in lead]
+        values = self.lower(rest)
+        src = self.align(values, tuple(lead), strip=False)
+        if set(values.axes) != set(lead):
+            src = f"{atom(src)}.expand({', '.join(sizes)})"
+        axis = len(lead)
+        flat = size_code(sympy.Mul(*(dim_of(i).size for i in parts)))
+        code = (
+            f"{self.ref}.new_zeros({shape_tuple(sizes + [flat])})"
+            f".scatter_({axis}, {atom(position.code)}.unsqueeze({axis}), {atom(src)}.unsqueeze({axis}))"
+        )
+        if len(parts) > 1:
+            code = f"{code}.reshape({', '.join(sizes + [size_code(dim_of(i).size) for i in parts])})"
+        return Val(code, tuple(lead) + parts)
+
     def _scale_in_scatter(self, e: sympy.Mul) -> sympy.Expr | None:
         """``a[n]·Σ_k δ(c, idx[n, k])`` as ``Σ_k a[n]·δ(c, idx[n, k])``: the values scattered are ``a``'s,
         not ones scaled afterwards (a count tensor of the result's size, and one more pass over it).
@@ -1530,6 +1564,9 @@ class Lowerer:
         scattered = self._scale_in_scatter(e) if isinstance(e, sympy.Mul) and not known else None
         if scattered is not None:
             return self.lower(scattered)
+        put = self._values_at(e) if isinstance(e, sympy.Mul) and not known else None
+        if put is not None:
+            return put
         known = dict(known or {})
         if self.fuse_arithmetic:  # the fused backward (the forward and the chain keep the forms as written)
             e = saturated(e)
