@@ -605,11 +605,19 @@ def _parameter_symbols(fn: Callable[..., Any], count: int) -> list[sympy.Symbol]
 def _without_torch_code(body: sympy.Expr, dummies: list[sympy.Dummy]) -> str | None:
     """The first function of ``body`` or of its derivatives that derive cannot print as torch code
     (``LambertW``, ``besselj``, ``gamma``: no torch kernel), or None."""
+    symbols = tuple(sympy.Symbol(f"u{k}", real=True) for k in range(len(dummies)))
+    return _unprintable(body.xreplace(dict(zip(dummies, symbols))), symbols)
+
+
+@functools.lru_cache(maxsize=256)
+def _unprintable(body: sympy.Expr, symbols: tuple[sympy.Symbol, ...]) -> str | None:
+    """:func:`_without_torch_code` of one function as written, once per function (a layer applies its
+    activation many times; each apply has fresh dummies, so the cache sees it with plain symbols)."""
     import torch
 
     from .lowering.printer import PRINTER
 
-    for e in [body] + [sympy.diff(body, u) for u in dummies if body.has(u)]:
+    for e in [body] + [sympy.diff(body, u) for u in symbols if body.has(u)]:
         try:
             code = PRINTER.doprint(e)
         except (NotImplementedError, OpDefinitionError) as exc:

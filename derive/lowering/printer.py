@@ -318,20 +318,15 @@ class TorchCodePrinter(TorchPrinter):
             return f"torch.relu({code})"  # relu'(0) = 0, as derived
         return f"{clamp}({code}, {self._print(bound)})"
 
-    def _print_erfc(self, expr: sympy.Expr) -> str:
-        return f"torch.erfc({self._print(expr.args[0])})"
+    # SymPy's own table of torch equivalents, with the ones it lacks
+    mapping = {**TorchPrinter.mapping, sympy.erfc: "torch.erfc", sympy.erfinv: "torch.erfinv"}
+    _RECIPROCALS = {sympy.cot: sympy.tan, sympy.sec: sympy.cos, sympy.csc: sympy.sin}
 
-    def _print_erfinv(self, expr: sympy.Expr) -> str:
-        return f"torch.erfinv({self._print(expr.args[0])})"
+    def _print_reciprocal(self, expr: sympy.Expr) -> str:
+        """``cot``, ``sec``, ``csc`` as one over ``tan``, ``cos``, ``sin`` (torch has none of them)."""
+        return f"(1 / {self._print(self._RECIPROCALS[type(expr)](*expr.args))})"
 
-    def _print_cot(self, expr: sympy.Expr) -> str:
-        return f"(1 / torch.tan({self._print(expr.args[0])}))"
-
-    def _print_sec(self, expr: sympy.Expr) -> str:
-        return f"(1 / torch.cos({self._print(expr.args[0])}))"
-
-    def _print_csc(self, expr: sympy.Expr) -> str:
-        return f"(1 / torch.sin({self._print(expr.args[0])}))"
+    _print_cot = _print_sec = _print_csc = _print_reciprocal
 
     def _print_sinc(self, expr: sympy.Expr) -> str:
         # SymPy's sinc is sin(u)/u; torch.sinc is the normalised sin(pi u)/(pi u)
