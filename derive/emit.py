@@ -128,11 +128,13 @@ def prologue(d: Derivation) -> list[str]:
     dims = {dim.name: dim for dim in program.dims}
     for tied, partner in program.ties:
         # a window's count is its source's size in arithmetic (floor(T/2) for tw), not a variable
-        a, b = tied.upper(), size_code(dims[partner].size) if partner in dims else partner.upper()
-        b_text = partner.upper() if b == partner.upper() else f"{partner.upper()} = {b}"
+        a = size_code(dims[tied].size) if tied in dims else tied.upper()
+        p_name = str(dims[partner].size_name or partner.upper()) if partner in dims else partner.upper()
+        b = size_code(dims[partner].size) if partner in dims else p_name
+        b_text = p_name if b == p_name else f"{p_name} = {b}"
         lines.append(
             f"if {a} != {b}:\n"
-            f'    raise ValueError(f"{name}: dim {tied} is dim {partner} renamed, so {a} must equal {b_text}, got {a}={{{a}}}, {partner.upper()}={{{b}}}")'
+            f'    raise ValueError(f"{name}: dim {tied} is dim {partner} renamed, so {a} must equal {b_text}, got {a}={{{a}}}, {p_name}={{{b}}}")'
         )
     for dim in (x for x in program.dims if x.derived is not None and not x.derived.is_positive):
         size = size_code(dim.size)

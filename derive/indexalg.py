@@ -37,7 +37,10 @@ __all__ = [
 ]
 
 _DIMS: dict[str, Dim] = {}
-_TIES: dict[str, str] = {}  # the op being derived: dim -> the dim whose size it must have
+_TIES: dict[str, str] = {}
+_SIZE_NAMES: dict[str, str] = (
+    {}
+)  # a size renamed because a tensor had its name: size_w -> w  # the op being derived: dim -> the dim whose size it must have
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ class Dim:
     """A named dimension. ``parts`` is non-empty for a dim made by flattening others;
     ``size_of`` names the dim whose size a renamed dim has (``x.rename(t="s")``: ``S`` is ``T``);
     ``derived`` is the size of a dim a window or padding made from another (``T + 4``,
-    ``floor((T - 3)/2) + 1``), and ``alias`` the name the user calls it by (``t``)."""
+    ``floor((T - 3)/2) + 1``), and ``alias`` the name the user calls it by (``t``). ``size_name``
+    replaces the size's usual name (``W`` for ``w``) when a tensor or parameter has that name."""
 
     name: str
     parts: tuple[Dim, ...] = field(default=())
@@ -53,6 +57,7 @@ class Dim:
     size_of: str | None = None
     derived: sympy.Expr | None = None
     alias: str | None = None
+    size_name: str | None = None
 
     @property
     def owns_size(self) -> bool:
@@ -66,6 +71,8 @@ class Dim:
 
     def __post_init__(self) -> None:
         _DIMS[self.name] = self
+        if self.size_name:
+            _SIZE_NAMES[self.size_name] = self.name
 
     @property
     def size(self) -> sympy.Expr:
@@ -78,7 +85,7 @@ class Dim:
             return sympy.Mul(*(p.size for p in self.parts))
         if self.size_of is not None:
             return _DIMS[self.size_of].size
-        return sympy.Symbol(self.name.upper(), integer=True, positive=True)
+        return sympy.Symbol(self.size_name or self.name.upper(), integer=True, positive=True)
 
     def index(self, k: int = 0) -> sympy.Symbol:
         """The k-th index symbol ranging over this dim: ``n``, ``n2``, ``n3``..."""
@@ -118,12 +125,18 @@ def tied_size(sym: sympy.Basic) -> sympy.Expr:
 
 def dim_of(sym: sympy.Basic) -> Dim:
     """The dim an index symbol ranges over."""
-    return _DIMS[str(sym)]
+    return _DIMS[sym.name if isinstance(sym, sympy.Symbol) else str(sym)]
+
+
+def dim_named_by_size(size: str) -> str:
+    """The name of the dim whose size symbol is called ``size``: ``n`` for ``N``, ``w`` for ``size_w``."""
+    return _SIZE_NAMES.get(size, size.lower())
 
 
 def is_index(e: sympy.Basic) -> bool:
     """True for a plain index symbol (not a size, a parameter or a compound index)."""
-    return isinstance(e, sympy.Symbol) and e.is_integer is True and e.is_positive is None and str(e) in _DIMS
+    # the name first: printing a symbol, or asking its assumptions, costs far more
+    return isinstance(e, sympy.Symbol) and e.name in _DIMS and e.is_integer is True and e.is_positive is None
 
 
 def fresh_index(dim: Dim, avoid: Iterable[sympy.Basic]) -> sympy.Symbol:

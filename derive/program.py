@@ -9,6 +9,7 @@ import sympy
 from .indexalg import (
     ArgMax,
     Dim,
+    dim_named_by_size,
     Flat,
     IMax,
     ISum,
@@ -241,7 +242,7 @@ class Program:
                 break
             for d in short:
                 for sym in d.derived.free_symbols:  # type: ignore[union-attr]
-                    sizes[root(sym.name.lower())] += 1
+                    sizes[root(dim_named_by_size(sym.name))] += 1
             sizes = tied(sizes)
         return sizes
 
@@ -249,7 +250,7 @@ class Program:
 def derived_size(d: Dim, sizes: dict[str, int]) -> int:
     """The size of a window's or padding's dim at concrete sizes of the plain dims."""
     assert d.derived is not None
-    return int(d.derived.xreplace({s: sympy.Integer(sizes[s.name.lower()]) for s in d.derived.free_symbols}))
+    return int(d.derived.xreplace({s: sympy.Integer(sizes[dim_named_by_size(s.name)]) for s in d.derived.free_symbols}))
 
 
 __all__ = ["ArgMax", "Layout", "Param", "Program", "Statement", "TensorInfo", "derived_size", "is_window_index"]

@@ -23,7 +23,7 @@ import linecache
 import keyword
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -671,7 +671,9 @@ class InputSpec:
     const: bool = False
 
     @staticmethod
-    def parse(op_name: str, name: str, text: str) -> InputSpec:
+    def parse(op_name: str, name: str, text: str, taken: Collection[str] = ()) -> InputSpec:
+        """Read ``text``; a dim whose size would be called by a name in ``taken`` (a weight ``W``
+        beside a width ``w``) gets ``size_w`` instead."""
         if not isinstance(text, str):
             raise OpDefinitionError(
                 f"op '{op_name}': input '{name}' spec {text!r} is not a string: write its dims as one, like 'n d'"
@@ -697,7 +699,7 @@ class InputSpec:
             elif w == "1":
                 layout.append(None)
             elif w.isidentifier() and not keyword.iskeyword(w):
-                (group if group is not None else layout).append(Dim(w))
+                (group if group is not None else layout).append(Dim(w, size_name=_size_name(w, taken)))
             else:
                 raise OpDefinitionError(f"op '{op_name}': input '{name}' spec '{text}': '{w}' is not a dim name")
         names = [d.name for d in layout if d is not None]
@@ -709,6 +711,16 @@ class InputSpec:
                 "would share one name: rename one"
             )
         return InputSpec(name, tuple(layout), is_int, const)
+
+
+def _size_name(dim: str, taken: Collection[str]) -> str | None:
+    """None for the usual size name (``N`` for ``n``); ``size_n`` when a parameter is called ``N``."""
+    if dim.upper() not in taken:
+        return None
+    name = f"size_{dim}"
+    while name in taken:
+        name += "_"
+    return name
 
 
 @dataclass
@@ -799,7 +811,7 @@ def trace_op(the_op: Op, fixed: dict[str, int] | None = None) -> Program:
                 "declare each input and parameter as a plain positional parameter"
             )
         if p.name in the_op.specs:
-            spec = InputSpec.parse(name, p.name, the_op.specs[p.name])
+            spec = InputSpec.parse(name, p.name, the_op.specs[p.name], taken=sig.parameters)
             if fixed:
                 layout = tuple(Dim(d.name, fixed=fixed[d.name]) if d and d.name in fixed else d for d in spec.layout)
                 spec = InputSpec(spec.name, layout, spec.is_int, spec.const)

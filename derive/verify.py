@@ -28,6 +28,7 @@ from .indexalg import (
     IMax,
     ISum,
     Pack,
+    dim_named_by_size,
     dim_of,
     entry_indices,
     entry_name,
@@ -599,7 +600,7 @@ class _Interpreter:
             if e in self.params:
                 return self.params[e]
             if e.is_positive and e.is_integer:
-                return sympy.Integer(self.sizes[e.name.lower()])
+                return sympy.Integer(self.sizes[dim_named_by_size(e.name)])
             return e
         if not e.args:
             return e

@@ -548,3 +548,30 @@ def test_a_flatten_into_a_dim_the_tensor_already_has_is_a_one_line_error(tmp_pat
     with pytest.raises(OpDefinitionError, match="already has a dim 'nd'") as caught:
         load_user_op(path, "bad").program()
     assert "\n" not in str(caught.value) and "bad_ops.py:5" in str(caught.value)
+
+
+def test_a_weight_called_w_beside_a_width_w_gives_the_width_size_another_name():
+    """The size of ``w`` is ``W``: with a weight called ``W`` it is ``size_w`` in the derivation and
+    the code, through a padding, a window, a tie and the shape checks (and ``S`` is ``size_s``)."""
+
+    @op(x="n h w c", W="kh kw c o", S="s c")
+    def conv_then_mix(x, W, S):
+        y = x.pad("h", 1, 1).pad("w", 1, 1).unfold("h", 3, 1, "kh").unfold("w", 3, 1, "kw")
+        out = y.matmul(W, over=("kh", "kw", "c")) + (S.rename(s="w") ** 2).sum("c")
+        return out
+
+    d, module = _generated(conv_then_mix)
+    assert d.program.ties == (("w", "s"),)
+    source = "\n".join(d.code.forward + d.code.backward)
+    assert "size_w" in source
+    x = torch.randn(2, 5, 6, 3, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(3, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    S = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    module.conv_then_mix(x, W, S).square().sum().backward()
+    ref = [t.detach().clone().requires_grad_() for t in (x, W, S)]
+    conv = F.conv2d(ref[0].permute(0, 3, 1, 2), ref[1].permute(3, 2, 0, 1), padding=1).permute(0, 2, 3, 1)
+    (conv + (ref[2] ** 2).sum(1)[None, None, :, None]).square().sum().backward()
+    for got, want in zip((x, W, S), ref):
+        torch.testing.assert_close(got.grad, want.grad)
+    with pytest.raises(ValueError, match="size_w must equal size_s"):
+        module.conv_then_mix_forward(x, W, S[:5])
