@@ -204,8 +204,12 @@ def canonical_bound(e: sympy.Expr, avoid: set[sympy.Symbol] | None = None) -> sy
 
     if avoid is None:
         avoid = free_indices(e)
-    if not isinstance(e, sympy.Basic) or not e.args or is_entry(e):
+    if not isinstance(e, sympy.Basic) or not e.args:
         return e
+    if is_entry(e):  # an index may bind its own (k[n, argmax_s(scores[n, t, s]), d])
+        if all(a.is_Symbol or a.is_Integer for a in e.args):
+            return e
+        return e.func(*(canonical_bound(a, avoid) for a in e.args))
     if isinstance(e, (ISum, IMax, ArgMax)):
         body = canonical_bound(e.body, avoid | {e.var})
         taken = avoid | (free_indices(body) - {e.var}) | (bound_indices(body) - {e.var})
@@ -1113,16 +1117,11 @@ def _merge_terms(e: sympy.Expr) -> sympy.Expr:
     groups: dict[tuple, list[tuple[sympy.Expr, ISum]]] = {}
     rest = []
     for t in e.args:
-        sums = [f for f in sympy.Mul.make_args(t) if isinstance(f, ISum)]
-        if len(sums) != 1 or sums[0].body.has(sympy.KroneckerDelta):
+        s = _mergeable_sum(t)
+        if s is None:
             rest.append(t)
             continue
-        (s,) = sums
-        coefficient = t / s
-        if not free_indices(coefficient) <= free_indices(s):
-            rest.append(t)  # moving it in would make the sum read more indices
-            continue
-        groups.setdefault((dim_of(s.var), frozenset(free_indices(s))), []).append((coefficient, s))
+        groups.setdefault((dim_of(s.var), frozenset(free_indices(s))), []).append((t / s, s))
     if all(len(g) == 1 for g in groups.values()):
         return e
     for group in groups.values():
@@ -1137,6 +1136,14 @@ def _merge_terms(e: sympy.Expr) -> sympy.Expr:
         else:
             rest += [c * s for c, s in group]
     return sympy.Add(*rest)
+
+
+def _mergeable_sum(term: sympy.Expr) -> ISum | None:
+    """The sum of ``term`` that its other factors could move into without it reading more indices
+    (``Σ_s k·p`` in ``Σ_s(dp·p)·Σ_s(k·p)``, whose other factor reads no ``d``); the one reading most."""
+    sums = [f for f in sympy.Mul.make_args(term) if isinstance(f, ISum) and not f.body.has(sympy.KroneckerDelta)]
+    fits = [s for s in sums if free_indices(term / s) <= free_indices(s)]
+    return max(fits, key=lambda s: (len(free_indices(s)), sympy.default_sort_key(s)), default=None)
 
 
 def _elementwise_difference(body: sympy.Expr) -> bool:

@@ -63,6 +63,21 @@ class InnerBroadcasts(TorchDispatchMode):
         return out
 
 
+class MatrixProducts(TorchDispatchMode):
+    """The shapes of the matrix products (mm, bmm) run inside the block: a product of matrices, not
+    of a matrix and a vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("mm", "bmm") and min(out.shape[-2:]) > 1:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
 relu = lambda u: sympy.Max(u, 0)  # noqa: E731
 
 
@@ -1937,3 +1952,36 @@ def test_a_value_at_a_position_is_scattered_not_a_one_hot_times_the_value():
     backward = "\\n".join(d.code.backward)
     assert ", 1.0)" not in backward and "scatter_(" in backward, backward
     assert verify(d, load_module(render(d, formatted=False), d.name)).ok
+
+
+@op(q="n t d", k="n s d", v="n s e", table="r", rel="int t s")
+def biased_attention(q, k, v, table, rel):
+    """Attention with a learnt bias per relative position (T5), gathered from a table."""
+    scores = q.matmul(k, over="d") + table[rel]
+    p = exp(scores - scores.max("s", keepdim=True))
+    p = p / p.sum("s", keepdim=True)
+    out = p.matmul(v, over="s")
+    return out
+
+
+def test_dq_and_dk_of_attention_contract_the_one_scores_gradient_they_share():
+    """``dq = Σ_s dp·p·k - r·Σ_s p·k`` is one contraction of ``(dp - r)·p``, which ``dk`` reads too:
+    four matrix products in all, as autograd's, not six (a product with a vector, the table's
+    ``Σ_n p·r``, is a reduction); and the two terms through the max's
+    argmax, alike but for the name of their bound index, cancel in the formula shown."""
+    d, module = generated(biased_attention)
+    shown = d.formula("q")
+    assert "argmax" not in shown, shown
+    N, T, D, R = 2, 5, 3, 4
+    args = [_randn(N, T, D, seed=1), _randn(N, T, D, seed=2), _randn(N, T, D, seed=3), _randn(R, seed=4)]
+    rel = torch.randint(0, R, (T, T), generator=torch.Generator().manual_seed(5))
+    _, saved = module.biased_attention_forward(*args, rel)
+    with MatrixProducts() as products:
+        grads = module.biased_attention_backward(_randn(N, T, D, seed=6), saved)
+    assert len(products.shapes) == 4, products.shapes
+    leaves = [a.clone().requires_grad_() for a in args]
+    q, k, v, table = leaves
+    out = torch.softmax(q @ k.transpose(1, 2) + table[rel], -1) @ v
+    out.backward(_randn(N, T, D, seed=6))
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad)

@@ -119,9 +119,14 @@ def plan(
     sums: dict[str, TensorInfo] = {}
     bodies: dict[str, sympy.Expr] = {}
     names = set(taken) | {v.name for v in values}
-    # a gradient that is one sum over the batch is that sum, named after the gradient
+    # a gradient that is one sum over the batch is that sum, named after the gradient (unless the
+    # sum reads another over the batch: hoisting that one changes its key, and it gets a name)
     for v in values:
-        if _over(v.expr, dim) and set(free_indices(v.expr)) == set(v.target.indices):
+        if (
+            _over(v.expr, dim)
+            and set(free_indices(v.expr)) == set(v.target.indices)
+            and not any(_over(s, dim) for s in sympy.preorder_traversal(v.expr.body))
+        ):
             key, placeholders = canonical_key(v.expr)
             if key not in found:
                 found[key] = (v.name, tuple(placeholders[i] for i in v.target.indices))
