@@ -187,6 +187,7 @@ def cut_tensors(program: Program) -> list[str]:
     inputs = {t.name for t in program.differentiable_inputs}
     cuts = set(program.outputs) | inputs
     windows = {s.name for s in program.statements if s.kind == "window"}
+    unfolds = {s.name for s in program.statements if s.kind == "window" and _unfolds(s)}
     elementwise = {s.name for s in program.statements if s.kind == "contraction" and _sums_offsets_only(s)}
     contracted = {
         n
@@ -200,7 +201,9 @@ def cut_tensors(program: Program) -> list[str]:
         if stmt.name in elementwise:
             reads -= windows  # each window's values are read once, where they are: no adjoint of their own
         if stmt.kind in ("contraction", "window"):
-            cuts |= reads  # (a padding a window reads among them)
+            # (a padding a window reads among them; not a window another window reads: the two
+            # are one window of two dims, x[2i + kh, 2j + kw], whose adjoint is never made)
+            cuts |= reads - unfolds if stmt.name in unfolds else reads
             if stmt.kind == "contraction" or stmt.name in contracted:
                 cuts.add(stmt.name)  # a window only a contraction reads: a pool's is never made
         elif len(reads & inputs) >= 2 and reads - inputs - {t.name for t in program.inputs}:
@@ -208,6 +211,12 @@ def cut_tensors(program: Program) -> list[str]:
     order = [t.name for t in program.inputs] + [s.name for s in program.statements]
     varying = _reads_an_input(program) | set(program.outputs)
     return [n for n in reversed(order) if n in cuts and n in varying and not program.tensors[n].is_int]
+
+
+def _unfolds(stmt: Statement) -> bool:
+    """A window statement that reads windows (``x[2*t + k]``), not only shifted positions (a padding)."""
+    entries = [e for e in sympy.preorder_traversal(stmt.expr) if is_entry(e)]
+    return any(len(free_indices(i)) >= 2 for e in entries for i in e.args)
 
 
 def _sums_offsets_only(stmt: Statement) -> bool:

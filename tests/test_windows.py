@@ -338,6 +338,41 @@ def test_a_depthwise_conv2d_loops_over_both_offsets():
     out, saved = module.dw2d_forward(x.detach(), k.detach())
     torch.testing.assert_close(out, want.detach())
     dout = torch.randn(want.shape, dtype=torch.float64)
-    for g, ref in zip(module.dw2d_backward(dout, saved), torch.autograd.grad(want, (x, k), dout)):
+    with TensorSizes() as sizes:
+        got = module.dw2d_backward(dout, saved)
+    for g, ref in zip(got, torch.autograd.grad(want, (x, k), dout)):
         torch.testing.assert_close(g, ref)
+    # dx adds dout·k back a pair of offsets at a time into the padded input: never the windows of
+    # one dim made whole (3x the input, as when each window dim was folded back alone)
+    assert sizes.largest <= 2 * 7 * 8 * 3, (sizes.largest, sizes.largest_op)
+    assert verify(d, module).ok
+
+
+@pytest.mark.parametrize("kernel,step,pad", [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
+def test_a_2d_max_pool_puts_dout_at_its_maxima_straight_into_the_input_gradient(kernel, step, pad):
+    """``x.unfold("h", ...).unfold("w", ...).max("kh").max("kw")``: each window's maximum found by
+    two argmaxes, the inner read at the outer (a gather), and ``dout`` added at the flat position
+    of both in one ``put_`` into the (padded) input's gradient: no window-sized buffer (1.5x the
+    input for overlapping windows), and no ``index_put_`` with an index per axis (5x slower)."""
+
+    @op(x="n h w c")
+    def pool2d(x):
+        win = x.pad("h", pad, pad).pad("w", pad, pad).unfold("h", kernel, step, "kh").unfold("w", kernel, step, "kw")
+        return win.max("kh").max("kw")
+
+    d = derive(pool2d)
+    backward = "\n".join(d.code.backward)
+    assert "put_(" in backward and "index_put_" not in backward and "_add_windows" not in backward, backward
+    module = load_module(render(d, formatted=False), "pool2d")
+    x = torch.randn(2, 7, 6, 3, dtype=torch.float64, requires_grad=True)
+    padded = F.pad(x.permute(0, 3, 1, 2), (pad,) * 4)  # zeros, as x.pad (F.max_pool2d pads with -inf)
+    want = F.max_pool2d(padded, kernel, step).permute(0, 2, 3, 1)
+    with TensorSizes() as forward:
+        out, saved = module.pool2d_forward(x.detach())
+    torch.testing.assert_close(out, want.detach())
+    dout = torch.randn(want.shape, dtype=torch.float64)
+    with TensorSizes() as sizes:
+        (dx,) = module.pool2d_backward(dout, saved)
+    torch.testing.assert_close(dx, torch.autograd.grad(want, x, dout)[0])
+    assert sizes.largest <= max(forward.largest, x.numel()), (sizes.largest, sizes.largest_op)
     assert verify(d, module).ok

@@ -742,6 +742,9 @@ class Lowerer:
 
     def _gather(self, code: str, idx: list[sympy.Basic], is_int: bool) -> Val:
         """Advanced indexing: gathered axes take integer tensors, shared indices take aranges."""
+        along = self._take_along(code, idx, is_int)
+        if along is not None:
+            return along
         match = re.match(r"[A-Za-z_][A-Za-z_0-9]*", code)
         base = match.group(0) if match else code  # the tensor's variable, for its device
         gathered = [self.lower(i) for i in idx if not is_index(i)]
@@ -770,6 +773,24 @@ class Lowerer:
                 parts.append(self.align(self.lower(i), tuple(lead_axes)))
         parts += [":"] * len(tail)
         return Val(f"{atom(code)}[{', '.join(parts)}]", tuple(lead_axes) + tuple(tail), is_int)
+
+    def _take_along(self, code: str, idx: list[sympy.Basic], is_int: bool) -> Val | None:
+        """``x[n, t, p[n, t]]``: along one axis, a position per entry of the others, read by
+        ``gather``, not by advanced indexing with an ``arange`` per other axis (5x slower on a CPU
+        for a 2-D max pool's argmaxes, ``[N, H, W, C, 2]``)."""
+        picked = [axis for axis, i in enumerate(idx) if not is_index(i)]
+        plain = [i for i in idx if is_index(i)]
+        if len(idx) < 3 or len(picked) != 1 or len(set(plain)) != len(plain):
+            return None  # of a matrix, logprobs[arange(N), Yb] reads as the lecture writes it
+        (axis,) = picked
+        position = self.lower(idx[axis])
+        if not position.axes or not set(position.axes) <= set(plain):
+            return None
+        slot = sympy.Dummy("slot")
+        index = self.align(position, tuple(slot if a == axis else i for a, i in enumerate(idx)), strip=False)
+        if set(position.axes) == set(plain):  # gather (take_along_dim broadcasts, at 5x its cost)
+            return Val(f"{atom(code)}.gather({axis}, {index}).squeeze({axis})", tuple(plain), is_int)
+        return Val(f"torch.take_along_dim({code}, {index}, {axis}).squeeze({axis})", tuple(plain), is_int)
 
     def _sum(self, e: ISum) -> Val:
         split = _split_flat_sums(e)
@@ -802,7 +823,7 @@ class Lowerer:
         if ungathered is not None:
             return ungathered
         scatter = (
-            self._index_put(body, indices)
+            self._index_put(body, indices, preferred)
             or self._scatter(body, indices)
             or self._scatter_shifted(body, indices)
             or self._fold(body, indices)
@@ -1238,6 +1259,9 @@ class Lowerer:
         they were read from (col2im), no one-hot: a strided add of a view per offset ``k``
         (``_add_windows``) for ``t*step + k*dilation``, else one ``index_add_`` along ``v``."""
         summed = set(indices)
+        several = self._fold_windows(body, indices)
+        if several is not None:
+            return several
         for f in sympy.Mul.make_args(body):
             if not isinstance(f, sympy.KroneckerDelta):
                 continue
@@ -1270,7 +1294,10 @@ class Lowerer:
                     shape = shape_tuple(sizes[:pos] + [size_code(dim_of(v).size)] + sizes[pos:])
                     factors = self._offset_factors(rest_expr, offset, set(rest.axes)) if not missing else None
                     src = ", ".join(self.align(f, order, strip=False) for f in factors or [rest])
-                    code = f"_add_windows({self.ref}.new_zeros({shape}), {pos}, {step}, {dilation}, {src})"
+                    count = size_code(dim_of(offset).size)
+                    code = (
+                        f"_add_windows({self.ref}.new_zeros({shape}), (({pos}, {step}, {dilation}, {count}),), {src})"
+                    )
                     return Val(code, tuple(others[:pos]) + (v,) + tuple(others[pos:]))
                 order = tuple(others[:pos]) + lead + tuple(others[pos:])
                 src = f"{atom(self.align(rest, order, strip=False))}.reshape({', '.join(sizes[:pos] + ['-1'] + sizes[pos:])})"
@@ -1280,15 +1307,57 @@ class Lowerer:
                 return Val(code, tuple(others[:pos]) + (v,) + tuple(others[pos:]))
         return None
 
-    def _offset_factors(self, e: sympy.Expr, offset: sympy.Symbol, axes: set[sympy.Symbol]) -> list[Val] | None:
+    def _fold_windows(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
+        """``Σ f[i, j, kh, kw, R] δ(h, i + kh) δ(w, j + kw)``: windows along several dims (a 2-D
+        pool's or depthwise conv's) added back at once, one strided add of a view per pair of
+        offsets (``_add_windows``), where one dim at a time made the first dims' windows whole."""
+        summed = set(indices)
+        windows: list[tuple[sympy.KroneckerDelta, sympy.Symbol, tuple, tuple]] = []
+        for f in sympy.Mul.make_args(body):
+            if not isinstance(f, sympy.KroneckerDelta):
+                continue
+            for pick, v in (f.args, f.args[::-1]):
+                lead = tuple(sorted(free_indices(pick), key=str))
+                if is_index(v) and v not in summed and is_window_index(pick) and set(lead) <= summed:
+                    strided = _strided_windows(pick, lead)
+                    if strided is not None:
+                        windows.append((f, v, *strided))
+                        break
+        used = [i for _, _, at, offset in windows for i in (at[0], offset[0])]
+        if len(windows) < 2 or len(set(used)) != len(used) or len({v for _, v, _, _ in windows}) != len(windows):
+            return None
+        rest_expr = body / sympy.Mul(*(f for f, _, _, _ in windows))
+        for k in [i for i in indices if i not in used]:
+            rest_expr = ISum(rest_expr, k)
+        offsets = {offset[0] for _, _, _, offset in windows}
+        factors = self._offset_factors(rest_expr, offsets, free_indices(rest_expr))
+        vals = factors or [self.lower(rest_expr)]
+        ordered = list(dict.fromkeys(a for f in vals for a in f.axes if a not in offsets))
+        if not set(used) - offsets <= set(ordered) or {v for _, v, _, _ in windows} & set(ordered):
+            return None
+        at_of = {at[0]: v for _, v, at, _ in windows}
+        out_axes = tuple(at_of.get(a, a) for a in ordered)
+        order = tuple(ordered) + tuple(offset[0] for _, _, _, offset in windows)
+        spec = ", ".join(
+            f"({out_axes.index(v)}, {at[1]}, {offset[1]}, {size_code(dim_of(offset[0]).size)})"
+            for _, v, at, offset in windows
+        )
+        src = ", ".join(self.align(f, order, strip=False) for f in vals)
+        shape = shape_tuple([size_code(dim_of(a).size) for a in out_axes])
+        return Val(f"_add_windows({self.ref}.new_zeros({shape}), ({spec},), {src})", out_axes)
+
+    def _offset_factors(
+        self, e: sympy.Expr, offset: sympy.Symbol | set[sympy.Symbol], axes: set[sympy.Symbol]
+    ) -> list[Val] | None:
         """A window's values ``e`` as the factor free of its ``offset`` times the factor along it
         (``dout[t]·w[k]``), each lowered apart, so the windows are added back one offset at a time and
         never made whole; None when ``e`` is not such a product (a sum, or every factor along ``offset``).
         Together the two factors still span ``axes``, so the windows keep their shape."""
         if isinstance(e, ISum) or not isinstance(e, sympy.Mul):
             return None
-        along = [f for f in e.args if offset in free_indices(f)]
-        free = [f for f in e.args if offset not in free_indices(f)]
+        offsets = offset if isinstance(offset, set) else {offset}
+        along = [f for f in e.args if offsets & free_indices(f)]
+        free = [f for f in e.args if not offsets & free_indices(f)]
         if not along or not free or not any(free_indices(f) for f in free):
             return None
         vals = [self.lower(sympy.Mul(*free)), self.lower(sympy.Mul(*along))]
@@ -1296,7 +1365,7 @@ class Lowerer:
             return None
         return vals
 
-    def _index_put(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
+    def _index_put(self, body: sympy.Expr, indices: list[sympy.Symbol], preferred: Axes = ()) -> Val | None:
         """``Σ_S f[S, R] δ(v1, p1[S, B]) δ(v2, p2[S, B])…``: ``f`` added at positions ``(p1, p2, …)``.
 
         Two or more deltas route one summed entry to one position along several result dims (a
@@ -1344,25 +1413,42 @@ class Lowerer:
         if set(targets) & set(rest.axes):
             return None
         other = tuple(a for a in rest.axes if a not in lead)
-        sizes = [size_code(dim_of(a).size) for a in lead + other]
+        # the values in their own layout (no copy), each position computed in it too
+        full = tuple(rest.axes) + tuple(a for a in lead if a not in rest.axes)
+        sizes = [size_code(dim_of(a).size) for a in full]
         if rest.axes:
-            src = self.align(rest, lead + other, strip=False)
+            src = self.align(rest, full, strip=False)
             if not set(lead) <= set(rest.axes):
                 src = f"{atom(src)}.expand{shape_tuple(sizes)}"
         else:
             src = f"torch.full({shape_tuple(sizes)}, {rest.code}, dtype={self.ref}.dtype, device={self.ref}.device)"
         # a position t + argmax may fall outside its target (or short of its end): a longer one, cut after
         spans = [_span(pick, v, self.positions) for _, pick, v in routes]
-        picks = [self.align(self.lower(pick - low), lead, strip=False) for (_, pick, _), (low, _) in zip(routes, spans)]
-        for b in batch:
+        # the buffer: one axis per target (its span), batch and other axis, in the order its reader wants
+        axes = [
+            (v, length, self.align(self.lower(pick - low), full, strip=False), low)
+            for (_, pick, v), (low, length) in zip(routes, spans)
+        ]
+        for b in batch + other:
             rng = f"torch.arange({size_code(dim_of(b).size)}, device={self.ref}.device)"
-            picks.append(self.align(Val(rng, (b,)), lead, strip=False))
-        lengths = [length for _, length in spans] + [size_code(dim_of(a).size) for a in batch + other]
-        code = f"{self.ref}.new_zeros({shape_tuple(lengths)}).index_put_(({', '.join(picks)},), {src}, accumulate=True)"
-        for axis, ((low, length), v) in enumerate(zip(spans, targets)):
-            if length != size_code(dim_of(v).size) or low != 0:
+            axes.append((b, size_code(dim_of(b).size), self.align(Val(rng, (b,)), full, strip=False), None))
+        if {a for a, *_ in axes} <= set(preferred):
+            axes.sort(key=lambda axis: preferred.index(axis[0]))
+        lengths = [length for _, length, _, _ in axes]
+        zeros = f"{self.ref}.new_zeros({shape_tuple(lengths)})"
+        if self._admissible(frozenset(full)):
+            # one flat position per entry: put_ adds along one index, where index_put_ with an index per
+            # axis ran about 5x slower on a CPU; the aranges first, so their sum broadcasts small
+            strides = ["*".join(atom(n) for n in lengths[k + 1 :]) for k in range(len(lengths))]
+            flat = [f"{atom(c)} * {atom(stride)}" if stride else c for (_, _, c, _), stride in zip(axes, strides)]
+            flat = sorted(flat, key=lambda term: term.startswith("torch.arange"), reverse=True)
+            code = f"{zeros}.put_({' + '.join(flat)}, {src}, accumulate=True)"
+        else:  # the flat positions would outgrow the forward: index_put_ broadcasts one index per axis
+            code = f"{zeros}.index_put_(({', '.join(c for _, _, c, _ in axes)},), {src}, accumulate=True)"
+        for axis, (v, length, _, low) in enumerate(axes):
+            if low is not None and (length != size_code(dim_of(v).size) or low != 0):
                 code = f"{code}.narrow({axis}, {size_code(-low)}, {size_code(dim_of(v).size)})"
-        return Val(code, targets + batch + other)
+        return Val(code, tuple(a for a, *_ in axes))
 
     def _route_first(
         self,
