@@ -21,12 +21,12 @@ from typing import Any
 
 from . import cache, emit, report
 from .derivation import Derivation, derive
-from .errors import DeriveError, OpDefinitionError, UnknownOpError, VerificationError
+from .errors import DeriveError, OpDefinitionError, OutputPathError, UnknownOpError, VerificationError
 from .notation import text
 from .ops import catalogue
 from .tensor import Op
 from .userfile import import_file
-from .verify import Verification, default_sizes, load_module
+from .verify import Verification, default_sizes, load_module, usable_device
 from .verify import verify as verify_module
 
 PACKAGE_OUT = Path(__file__).resolve().parent.parent / "generated"
@@ -192,6 +192,11 @@ def run(
     """
     do_verify = verify
     say = progress or (lambda message: None)
+    if do_verify and device != "cpu":
+        device = usable_device(device)  # a usage error, before any work
+    if write:  # before any work: a refused folder loses nothing
+        emit.writable_folder(out_dir or default_out(), option=f"out_dir={out_dir or default_out()}")
+        claim_output(out_dir or default_out(), the_op.name, spec_of(the_op, spec) if shard is None else "--shard")
     say(f"deriving {the_op.name} (trace, differentiate, simplify, lower)")
     d = derive_op(the_op, shard)
     t0 = time.perf_counter()
@@ -237,6 +242,25 @@ def run(
     return RunResult(d, source, path, written, verification, sizes, spec_text)
 
 
+def claim_output(out: Path, name: str, spec: str) -> None:
+    """Refuse to write op ``name`` (spelled ``spec``) into ``out`` where that would overwrite a file
+    derive did not write (another package's ``__init__.py``, a module of the same name), or put a
+    user's op (or a sharded one) into derive's own ``generated/``, which holds the catalogue alone."""
+    if out.resolve() == PACKAGE_OUT.resolve() and (":" in spec or spec == "--shard"):
+        raise OutputPathError(
+            f"{out} is derive's own catalogue folder (its --check would fail on {spec if ':' in spec else name}): "
+            "write this op elsewhere with --out DIR"
+        )
+    init, path = out / "__init__.py", out / f"{name}.py"
+    if init.is_file() and not init.read_text(encoding="utf-8", errors="replace").startswith(_INIT.splitlines()[0]):
+        raise OutputPathError(
+            f"{out} holds an __init__.py derive did not write (another package): write into a folder of "
+            "its own with --out DIR"
+        )
+    if path.is_file() and not _HEADER.match(path.read_text(encoding="utf-8", errors="replace")):
+        raise OutputPathError(f"{path} exists and derive did not write it: move it, or write elsewhere with --out DIR")
+
+
 def module_source(the_op: Op, spec: str | None = None, verified: bool = True) -> str:
     """The generated module's source for ``the_op``, from the cache when nothing changed.
 
@@ -269,6 +293,8 @@ def check(out_dir: Path | None = None, progress: Callable[[str], None] | None = 
         []
     """
     out = out_dir or default_out()
+    if not out.is_dir():
+        raise OutputPathError(f"--check --out {out}: no such folder")
     stale: list[str] = []
     init = out / "__init__.py"
     if not init.exists() or init.read_text(encoding="utf-8") != _INIT:
@@ -292,9 +318,10 @@ def check(out_dir: Path | None = None, progress: Callable[[str], None] | None = 
             continue
         if source != path.read_text(encoding="utf-8"):
             stale.append(f"{path}: differs from what `python -m derive {spec}` writes now")
-    for name in expected:
-        if name not in seen:
-            stale.append(f"{out / (name + '.py')}: missing (catalogue op '{name}')")
+    if out.resolve() == PACKAGE_OUT.resolve():  # derive's own folder holds the whole catalogue
+        for name in expected:
+            if name not in seen:
+                stale.append(f"{out / (name + '.py')}: missing (catalogue op '{name}')")
     return stale
 
 
@@ -303,6 +330,8 @@ def generate_all(out_dir: Path | None = None, progress: Callable[[str], None] | 
     out = out_dir or default_out()
     written = []
     ops = catalogue()
+    for name in ops:
+        claim_output(out, name, name)
     emit.write_atomic(out / "__init__.py", _INIT)
     for k, (name, the_op) in enumerate(ops.items(), 1):
         if progress:

@@ -240,6 +240,12 @@ def check_main(argv: Sequence[str]) -> int:
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: float) -> int:
+    modes = [flag for flag, on in (("--list", args.list), ("--check", args.check), ("--all", args.all)) if on]
+    if len(modes) > 1 or (modes and args.op):
+        parser.print_usage(sys.stderr)
+        asked = " and ".join(modes + ([f"the op {args.op}"] if args.op else []))
+        print(f"derive: error: {asked} ask for different runs: give one", file=sys.stderr)
+        return 2
     if args.list:
         for name, op in api.catalogue().items():
             first = (op.doc.splitlines() or [""])[0]
@@ -249,10 +255,16 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, started: flo
         stale = api.check(args.out)
         for line in stale:
             print(line)
+        folder = "generated/" if args.out is None else f"{args.out}/"
         if stale:
-            print(f"derive: generated/ is stale ({len(stale)} file(s)); run: python -m derive --all", file=sys.stderr)
+            fix = (
+                "run: python -m derive --all"
+                if args.out is None or args.out.resolve() == api.default_out().resolve()
+                else f"regenerate each with the command in its first line, with --out {args.out}"
+            )
+            print(f"derive: {folder} is stale ({len(stale)} file(s)); {fix}", file=sys.stderr)
             return 1
-        print("generated/ is current")
+        print(f"{folder} is current")
         return 0
     if args.latex and args.format not in ("text", "latex"):
         parser.print_usage(sys.stderr)

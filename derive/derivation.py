@@ -89,6 +89,9 @@ def derive(the_op: Op | str, shard: str | None = None) -> Derivation:
         from .api import resolve  # the api stage runs this one: imported when a name is given
 
         the_op = resolve(the_op)
+    if not isinstance(the_op, Op):
+        what = "a plain function: decorate it with @op(...)" if callable(the_op) else f"a {type(the_op).__name__}"
+        raise OpDefinitionError(f"derive() takes an op, a catalogue name or 'PATH.py:FUNCTION', not {what}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     program = the_op.program()

@@ -246,9 +246,21 @@ def render(d: Derivation, command: str | None = None, formatted: bool = True) ->
             param_names=[p.name for p in program.params],
             param_defaults=[repr(float(p.default)) for p in program.params],
             positional=", ".join([t.name for t in program.inputs] + [p.name for p in program.params]),
+            # the differentiable function's: a sharded op's takes the process group too
+            fn_signature=signature + ((", " if params else ", *, ") + "group=None" if code.shard else ""),
+            fn_positional=", ".join(
+                [t.name for t in program.inputs] + [p.name for p in program.params] + (["group"] if code.shard else [])
+            ),
+            fn_call_args=", ".join(
+                [t.name for t in program.inputs]
+                + [f"{p.name}={p.name}" for p in program.params]
+                + (["group=group"] if code.shard else [])
+            ),
             call_args=", ".join([t.name for t in program.inputs] + [f"{p.name}={p.name}" for p in program.params]),
             backward_returns=[f"grads.{t.name}" if t.differentiable else "None" for t in program.inputs]
             + ["None"] * len(program.params),
+            fn_returns=[f"grads.{t.name}" if t.differentiable else "None" for t in program.inputs]
+            + ["None"] * (len(program.params) + (1 if code.shard else 0)),
             forward=forward,
             keep_all_lines=keep_all_lines,
             saved=kept,
@@ -325,9 +337,23 @@ def _seed_lines(program, keys: list[str]) -> str:
                 keys.append(out.name)
         return f"    if grad_output is None:\n        {missing}{check}\n    {seed} = grad_output"
     seeds = [program.seed_name(o) for o in program.outputs]
-    lines = [f"    {', '.join(seeds)} = grad_outputs"]
+    count, names = len(seeds), ", ".join(program.outputs)
+    given = (
+        "{type(grad_outputs).__name__}{f' of {len(grad_outputs)}' if isinstance(grad_outputs, (tuple, list)) else ''}"
+    )
+    lines = [
+        f"    if not isinstance(grad_outputs, (tuple, list)) or len(grad_outputs) != {count}:\n"
+        f'        raise ValueError(f"{program.name}: grad_outputs must be {count} gradients, one per output '
+        f'({names}; None for an unused one), got {given}")',
+        f"    {', '.join(seeds)} = grad_outputs",
+    ]
     for o, seed in zip(program.outputs, seeds):
-        lines.append(f'    if {seed} is None:  # {o} unused\n        {seed} = torch.zeros_like(saved["{o}"])')
+        lines.append(
+            f'    if {seed} is None:  # {o} unused\n        {seed} = torch.zeros_like(saved["{o}"])\n'
+            f'    elif tuple({seed}.shape) != tuple(saved["{o}"].shape):\n'
+            f'        raise ValueError(f"{program.name}: the gradient of {o} must have its shape '
+            f"{{tuple(saved['{o}'].shape)}}, got {{tuple({seed}.shape)}}\")"
+        )
         if o not in keys:
             keys.append(o)
     return "\n".join(lines)

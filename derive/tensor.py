@@ -684,6 +684,16 @@ class InputSpec:
         is_int = bool(words) and words[0] == "int"
         const = bool(words) and words[0] == "const"
         words = words[1:] if is_int or const else words
+        meant = _keyword_meant(words[0]) if words else None
+        if meant is not None:  # "Int n", "ints n t", or "const int n"
+            raise OpDefinitionError(
+                f"op '{op_name}': input '{name}' spec '{text}': '{words[0]}' reads as the keyword '{meant}', "
+                + (
+                    "but an input is int or const, not both"
+                    if is_int or const
+                    else f"which is written '{meant}' (lower case, first); a dim cannot have that name"
+                )
+            )
         layout: list[Dim | None] = []
         group: list[Dim] | None = None
         for w in words:
@@ -698,10 +708,13 @@ class InputSpec:
                 group = None
             elif w == "1":
                 layout.append(None)
-            elif w.isidentifier() and not keyword.iskeyword(w):
+            elif w.isidentifier() and not keyword.iskeyword(w) and w.isascii():
                 (group if group is not None else layout).append(Dim(w, size_name=_size_name(w, taken)))
             else:
-                raise OpDefinitionError(f"op '{op_name}': input '{name}' spec '{text}': '{w}' is not a dim name")
+                ascii_hint = "" if w.isascii() else " (ASCII letters, digits and _)"
+                raise OpDefinitionError(
+                    f"op '{op_name}': input '{name}' spec '{text}': '{w}' is not a dim name{ascii_hint}"
+                )
         names = [d.name for d in layout if d is not None]
         if len(set(names)) != len(names):
             raise OpDefinitionError(f"op '{op_name}': input '{name}' spec '{text}' repeats a dim")
@@ -711,6 +724,16 @@ class InputSpec:
                 "would share one name: rename one"
             )
         return InputSpec(name, tuple(layout), is_int, const)
+
+
+_KEYWORD_SPELLINGS = {"int": "int", "ints": "int", "integer": "int", "integers": "int", "const": "const"}
+_KEYWORD_SPELLINGS |= {"consts": "const", "constant": "const", "constants": "const", "cosnt": "const", "cnst": "const"}
+
+
+def _keyword_meant(word: str) -> str | None:
+    """The spec keyword (``int``, ``const``) a first word was probably meant to be (``Int``, ``ints``,
+    ``constant``, or the other keyword right after one); None for a plain dim name."""
+    return _KEYWORD_SPELLINGS.get(word.lower())
 
 
 def _size_name(dim: str, taken: Collection[str]) -> str | None:
@@ -944,16 +967,37 @@ def _build_program(
     return program
 
 
-_GENERATED_NAMES = {"torch", "NamedTuple", "saved", "grad_output", "grads", "_ctx", "register_custom_op"}
+_GENERATED_NAMES = {
+    "torch",
+    "math",
+    "itertools",
+    "NamedTuple",
+    "saved",
+    "grad_output",
+    "grads",
+    "_ctx",
+    "register_custom_op",
+}
 
 
 def _check_generated_names(program: Program) -> None:
     """Names the generated module uses itself, and gradient names ``d<name>``, must not be taken."""
     op = program.name
+    if op in _GENERATED_NAMES or op in sys.stdlib_module_names:  # its function would shadow it, or its file
+        raise OpDefinitionError(
+            f"op '{op}': the name is taken by "
+            + ("the generated code itself" if op in _GENERATED_NAMES else "a module of Python's standard library")
+            + " (the generated function or file would hide it); rename the op"
+        )
     taken = {f"{op}_Grads", f"{op}_forward", f"{op}_backward", f"{op}_backward_steps", f"{op}_Function", op}
     taken |= _GENERATED_NAMES
     tensors = [t.name for t in program.inputs] + [s.name for s in program.statements]
     for name in tensors + [p.name for p in program.params]:
+        if not name.isascii():
+            raise OpDefinitionError(
+                f"op '{op}': the name '{name}' is not ASCII (letters, digits and _), as the generated code's "
+                "names must be; rename that tensor or parameter"
+            )
         if name in taken or name.startswith("_"):
             raise OpDefinitionError(
                 f"op '{op}': the name '{name}' is used by the generated code itself; rename that tensor or parameter"

@@ -220,6 +220,8 @@ def _call(
             f"backward(t) must return a dict from tensor name to gradient, not {type(result).__name__}"
         )
     names = [n for n in program.tensors if n in graded]  # float tensors with a gradient (not int, not const)
+    if not result:  # nothing graded would pass
+        raise CheckUsageError(f"backward(t) returned no gradients: return a dict with some of {', '.join(names)}")
     out: dict[str, torch.Tensor] = {}
     for key, value in result.items():
         if key not in names:
@@ -254,7 +256,7 @@ class _Grader:
     rows: dict[str, Row] = field(default_factory=dict)
 
     def grade(self, name: str, got: torch.Tensor) -> Row:
-        d, want = self.batch.d, self.batch.correct[name]
+        d, want = self.batch.d, self.batch.correct[name].to(torch.float64)  # the output's own: dout's dtype
         if got.shape != want.shape:
             diagnosis, detail = _shape_diagnosis(name, got, want, d)
             return Row(name, tuple(got.shape), False, False, False, float("nan"), diagnosis, detail, _right(d, name))

@@ -44,7 +44,11 @@ def _worker(rank: int, folder: str) -> None:
         out, saved = module.batchnorm_forward(x[rows], gamma, beta, group=dist.group.WORLD)
         grads = module.batchnorm_backward(dout[rows], saved)
         steps = module.batchnorm_backward_steps(dout[rows], saved)
-        torch.save({"out": out, **grads._asdict(), "steps_x": steps["x"]}, f"{folder}/rank{rank}.pt")
+        # the differentiable layer, through autograd: the same all-reduces
+        leaves = [t.clone().requires_grad_() for t in (x[rows], gamma, beta)]
+        module.batchnorm(*leaves, group=dist.group.WORLD).backward(dout[rows])
+        layer = {f"layer_{n}": t.grad for n, t in zip(("x", "gamma", "beta"), leaves)}
+        torch.save({"out": out, **grads._asdict(), "steps_x": steps["x"], **layer}, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -58,11 +62,14 @@ def test_a_sharded_batchnorm_on_two_processes_equals_one_process(tmp_path):
     x, gamma, beta, dout = _inputs()
     out, saved = module.batchnorm_forward(x, gamma, beta)  # group=None: one process, the whole batch
     grads = module.batchnorm_backward(dout, saved)
-    for name, whole in [("out", out), ("x", grads.x), ("steps_x", grads.x)]:
+    for name, whole in [("out", out), ("x", grads.x), ("steps_x", grads.x), ("layer_x", grads.x)]:
         torch.testing.assert_close(torch.cat([p[name] for p in parts]), whole, rtol=0, atol=1e-6)
     for name in ("gamma", "beta"):  # a parameter's gradient sums over the batch: every process has all of it
         for p in parts:
             torch.testing.assert_close(p[name], getattr(grads, name), rtol=0, atol=1e-6)
+            torch.testing.assert_close(p[f"layer_{name}"], getattr(grads, name), rtol=0, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="process group"):
+        module.register_custom_op()
 
 
 @pytest.mark.parametrize(

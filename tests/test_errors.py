@@ -30,6 +30,18 @@ def cli(capsys, *args: str) -> Result:
 HEADER = "import sympy\nfrom derive import op, apply, exp, log\n\n"
 
 BAD_OPS = {
+    "non_ascii_dim": (
+        '@op(x="n é")\ndef f(x):\n    out = x * x\n    return out\n',
+        ["'é' is not a dim name (ASCII letters, digits and _)"],
+    ),
+    "spec_keyword_misspelt": (
+        '@op(x="n d", idx="ints n")\ndef f(x, idx):\n    out = x.take(idx, "n")\n    return out\n',
+        ["'ints' reads as the keyword 'int'", "lower case"],
+    ),
+    "spec_int_and_const": (
+        '@op(x="const int n d")\ndef f(x):\n    out = x * x\n    return out\n',
+        ["int or const, not both"],
+    ),
     "unknown_dim": ('@op(x="n d")\ndef f(x):\n    out = x.sum("q")\n    return out\n', ["'q'", "x", "f.py:"]),
     "kept_dim_reduced_again": (
         '@op(x="n t d")\ndef f(x):\n    out = x.sum("t", keepdim=True).sum("t")\n    return out\n',
@@ -54,7 +66,8 @@ BAD_OPS = {
     "returns_number": ('@op(x="n d")\ndef f(x):\n    return 3\n', ["returned int", "not a tensor"]),
     "bad_dim_name": ('@op(x="n 2d")\ndef f(x):\n    return x * 2\n', ["'2d'", "not a dim name"]),
     "undeclared_input": ('@op(x="n d")\ndef f(x, w):\n    return x * w\n', ["'w'", "no dims declared"]),
-    "size_name_clash": ('@op(x="n d", N="d")\ndef f(x, N):\n    out = x * N\n    return out\n', ["'N'", "dim 'n'"]),
+    # an input called N gives dim n's size another name (size_n); a local called N cannot
+    "size_name_clash": ('@op(x="n d")\ndef f(x):\n    N = x * x\n    return N\n', ["'N'", "dim 'n'"]),
     "max_over_a_tuple": (
         '@op(x="b t d")\ndef f(x):\n    out = x.max(("t", "d"))\n    return out\n',
         ["max takes one dim", 'x.max("t").max(...)'],
@@ -351,3 +364,64 @@ def test_a_piecewise_whose_conditions_cover_every_value_needs_no_true_branch():
 
     d = derive(f)
     assert verify(d, load_module(render(d), "f")).ok
+
+
+def test_an_out_folder_never_loses_a_file_derive_did_not_write(tmp_path, capsys, monkeypatch):
+    """``--out`` overwrote another package's ``__init__.py`` and a module of the op's name (a helper
+    wrote into ``derive/`` itself and broke ``from derive import op``), and an explicit ``--out``
+    into derive's own ``generated/`` replaced a catalogue module with a user's op."""
+    (tmp_path / "f.py").write_text(HEADER + '@op(x="n d")\ndef linear(x):\n    return x * x\n')
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text('VERSION = "1.0"\n')
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "linear.py").write_text("x = 1\n")
+    for out, says in [("pkg", "__init__.py derive did not write"), ("mods", "derive did not write it")]:
+        r = cli(capsys, "f.py:linear", "--out", out, "-q")
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "pkg" / "__init__.py").read_text() == 'VERSION = "1.0"\n'
+    assert sorted(p.name for p in (tmp_path / "pkg").iterdir()) == ["__init__.py"]
+    assert (tmp_path / "mods" / "linear.py").read_text() == "x = 1\n"
+    before = (api.default_out() / "linear.py").read_text()
+    r = cli(capsys, "f.py:linear", "--out", str(api.default_out()), "-q")
+    assert r.returncode == 2 and "derive's own catalogue folder" in r.stderr, r.stderr
+    assert (api.default_out() / "linear.py").read_text() == before
+    assert cli(capsys, "f.py:linear", "--out", "fresh", "-q").returncode == 0  # its own folder: written
+    assert cli(capsys, "f.py:linear", "--out", "fresh", "-q").returncode == 0  # and again: derive's file
+    r = cli(capsys, "--check", "--out", "fresh")
+    assert r.returncode == 0 and "fresh/ is current" in r.stdout, r.stdout + r.stderr  # no catalogue asked for
+
+
+@pytest.mark.parametrize("name", ["torch", "typing", "itertools"])
+def test_an_op_named_after_a_module_its_code_or_file_would_hide_is_refused(name: str, tmp_path, capsys):
+    """An op called ``torch`` shadowed the module in its own generated code (a traceback in the
+    verification); ``typing.py`` would hide the standard library's from its folder."""
+    (tmp_path / "f.py").write_text(HEADER + f'@op(x="n d")\ndef {name}(x):\n    return x * x\n')
+    r = cli(capsys, f"{tmp_path / 'f.py'}:{name}", "--out", str(tmp_path / "gen"), "-q")
+    assert r.returncode == 2 and "rename the op" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "gen").exists()
+
+
+@pytest.mark.parametrize("args", [("--check", "tanh"), ("--list", "--all"), ("--all", "--check")])
+def test_two_runs_asked_at_once_are_a_usage_error(args: tuple[str, ...], capsys):
+    """``--check batchnorm`` ignored the op; ``--list --all`` listed and ignored ``--all``."""
+    r = cli(capsys, *args)
+    assert r.returncode == 2 and "give one" in r.stderr, r.stderr
+
+
+def test_the_python_api_refuses_what_the_command_line_refuses(tmp_path):
+    """``api.run(out_dir=<a file>)`` raised FileExistsError, ``device="foo"`` a VerificationError
+    calling itself derive's bug, and ``derive(<plain function>)`` an AttributeError."""
+    from derive.errors import DeviceError, OutputPathError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputPathError, match="is a file, not a folder"):
+        api.run(api.resolve("tanh"), out_dir=tmp_path / "afile")
+    with pytest.raises(DeviceError, match="not a torch device name"):
+        api.run(api.resolve("tanh"), write=False, device="foo")
+
+    def plain(x):
+        return x
+
+    with pytest.raises(DeriveError, match="decorate it with @op"):
+        derive(plain)

@@ -518,6 +518,16 @@ def test_an_lstm_cell_returns_two_outputs_and_its_backward_takes_one_gradient_pe
     module.lstm_cell(*args)[1].sum().backward()
     assert torch.equal(args[6].grad, torch.zeros_like(args[6]))
 
+    # one gradient per output, each of its output's shape: a [2, K] tensor was unpacked as two rows
+    for wrong, says in [
+        (torch.ones(2, k), "must be 2 gradients"),
+        ((g,), "got tuple of 1"),
+        ((torch.ones(k), None), "the gradient of h_new must have its shape"),
+        ((g, torch.ones(1, 1)), "the gradient of c_new must have its shape"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            module.lstm_cell_backward(wrong, saved)
+
 
 def test_an_op_file_imports_as_python_runs_it_dataclasses_and_sibling_modules_included(tmp_path):
     """benchmarks/compositions.py once failed to load: a dataclass needs its module in sys.modules."""

@@ -135,6 +135,12 @@ def test_a_flipped_sign_and_a_transpose_are_named():
     assert "code: t2 = x.T @ dout" in render(g)
 
 
+def test_the_outputs_own_gradient_is_graded_too():
+    """``{"out": t.dout}`` crashed (float32 ``dout`` against float64 gradients in ``allclose``)."""
+    g = check("linear", lambda t: {"out": t.dout, "b": t.dout.sum(0)})
+    assert [r.ok for r in g.rows] == [True, True], render(g)
+
+
 def test_a_gradient_with_no_pattern_says_where_it_differs():
     g = check("linear", lambda t: {"b": t.dout.sum(0) + (t.dout.sum(0) > 0).double()})
     assert g.rows[0].diagnosis == "differs" and "largest difference at [" in g.rows[0].detail
@@ -153,6 +159,7 @@ def test_a_gradient_with_no_pattern_says_where_it_differs():
             "no tensor 'xx' in this op; did you mean x? (at solution.py:3)",
         ),
         ("def backward(t):\n    return {'x': 1 / 0}\n", "ZeroDivisionError: division by zero (at solution.py:2)"),
+        ("def backward(t):\n    return {}\n", "returned no gradients"),  # it printed "all 0 right"
     ],
 )
 def test_usage_errors_are_one_line_with_exit_2(tmp_path, text, message):
