@@ -156,6 +156,10 @@ MORE_ERRORS = {
     "unknown option": Case(["--bogus"], "unrecognized arguments: --bogus"),
     "--plot without matplotlib": Case(["--plot", "{tmp}/loss.png"], "pip install 'derive[plot]'", no_matplotlib=True),
     "--plot into a missing folder": Case(["--plot", "{tmp}/nowhere/loss.png"], "does not exist"),
+    # each failed only after training (or wrote {tmp}.png and printed {tmp})
+    "--plot a folder": Case(["--plot", "{tmp}"], "is a folder; name the file"),
+    "--plot a .txt": Case(["--plot", "{tmp}/loss.txt"], "name the file .png"),
+    "--plot under a file": Case(["--plot", "{tmp}/afile/loss.png"], "afile is a file", {"afile": "x"}),
     "--ddp 1": Case(["--ddp", "1"], "--ddp: must be at least 2"),
     "--ddp uneven": Case(["--ddp", "3", "--batch-size", "32"], "does not split into 3 equal parts"),
     "--ddp network": Case(["--ddp", "2", "--backward", "network"], "--ddp composes the per-layer modules"),

@@ -359,11 +359,27 @@ def require_matplotlib() -> None:
         ) from None
 
 
+_PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")  # matplotlib writes each without extras
+
+
 def check_plot_path(path: Path) -> None:
-    """The folder of the plot must exist, so a long run does not end in an error."""
+    """The plot's file name and folder, checked before training, so a long run does not end in an error."""
+    if path.is_dir():
+        raise TrainUsageError(f"--plot {path}: is a folder; name the file, e.g. {path / 'loss.png'}")
+    if path.suffix.lower() not in _PLOT_SUFFIXES:
+        raise TrainUsageError(f"--plot {path}: name the file {', '.join(_PLOT_SUFFIXES)}")
+    from ..emit import writable_folder
+    from ..errors import OutputPathError
+
     folder = path.expanduser().resolve().parent
     if not folder.is_dir():
-        raise TrainUsageError(f"--plot: folder {str(folder)!r} does not exist")
+        blocker = next((p for p in [folder, *folder.parents] if p.exists()), None)
+        why = f"{blocker} is a file" if blocker is not None and not blocker.is_dir() else "does not exist"
+        raise TrainUsageError(f"--plot: folder {str(folder)!r} {why}")
+    try:
+        writable_folder(folder, option=f"--plot {path}")
+    except OutputPathError as exc:
+        raise TrainUsageError(str(exc)) from None
 
 
 class ProgressLine:
