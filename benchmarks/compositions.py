@@ -135,6 +135,13 @@ def depthwise_conv(x, w):
     return out
 
 
+@op(x="n h w c")
+def max_pool2d(x):
+    """A 2x2 max pool, stride 2, over the two spatial dims of a channels-last image."""
+    out = x.unfold("h", 2, 2, "kh").unfold("w", 2, 2, "kw").max("kh").max("kw")
+    return out
+
+
 # -- the same computations in PyTorch's own ops ------------------------------------------------
 def _mlp_mse(x, W1, b1, W2, b2, y):  # noqa: ANN001, ANN202
     return ((F.relu(x @ W1 + b1) @ W2 + b2 - y) ** 2).mean()
@@ -192,6 +199,10 @@ def _depthwise_conv(x, w):  # noqa: ANN001, ANN202
     return F.conv1d(x.transpose(1, 2), w.T[:, None, :], padding=1, groups=x.shape[2]).transpose(1, 2)
 
 
+def _max_pool2d(x):  # noqa: ANN001, ANN202
+    return F.max_pool2d(x.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+
+
 @dataclass(frozen=True)
 class Composition:
     """One benchmarked composition: the op, its PyTorch twin, and input shapes by input name."""
@@ -238,6 +249,7 @@ COMPOSITIONS = {
         Composition("celu", celu, _celu, {"x": (2048, 1024)}, (("alpha", 1.0),)),
         Composition("leaky_mm", leaky_mm, _leaky_mm, {"x": (2048, 1024)}),
         Composition("depthwise_conv", depthwise_conv, _depthwise_conv, {"x": (32, 512, 256), "w": (3, 256)}),
+        Composition("max_pool2d", max_pool2d, _max_pool2d, {"x": (16, 64, 64, 64)}),
     ]
 }
 SMALL = {  # --quick: the same ops at small sizes
@@ -255,6 +267,7 @@ SMALL = {  # --quick: the same ops at small sizes
     "celu": {"x": (64, 32)},
     "leaky_mm": {"x": (64, 32)},
     "depthwise_conv": {"x": (2, 16, 8), "w": (3, 8)},
+    "max_pool2d": {"x": (2, 8, 6, 4)},
 }
 
 
