@@ -125,6 +125,13 @@ def prologue(d: Derivation) -> list[str]:
                 f"if {t.name}.shape[{axis}] != {want}:\n"
                 f'    raise ValueError(f"{name}: {t.name} must be {_dims_text(t)}{_size_values(t)}, got shape {{tuple({t.name}.shape)}}")'
             )
+    for index, size in _index_ranges(program):  # x[-1] would read the last row, and its gradient fail
+        lines.append(
+            f"if {index}.device.type == 'cpu' and not _compiling() and {index}.numel() "
+            f"and not (0 <= {index}.min() and {index}.max() < {size}):\n"
+            f'    raise ValueError(f"{name}: {index} indexes a dim of size {size}={{{size}}}: its values must be in '
+            f'[0, {size}), got [{{int({index}.min())}}, {{int({index}.max())}}]")'
+        )
     dims = {dim.name: dim for dim in program.dims}
     for tied, partner in program.ties:
         # a window's count is its source's size in arithmetic (floor(T/2) for tw), not a variable
@@ -153,6 +160,26 @@ def prologue(d: Derivation) -> list[str]:
             f'    raise ValueError(f"{name}: needs {denominator} != 0 (the formulas divide by it), got {_size_values_all(d)}")'
         )
     return lines
+
+
+def _index_ranges(program) -> list[tuple[str, str]]:
+    """Each integer input read whole as one index of a tensor (``x[n, idx[n]]``), and the size of the
+    dim it indexes there, where that is one plain size (on a CPU: a check on the device would wait)."""
+    import sympy
+
+    from .indexalg import entry_indices, entry_name, is_entry
+
+    ints = {t.name for t in program.inputs if t.is_int}
+    found: dict[str, set[str]] = {}
+    for stmt in program.statements:
+        for e in sympy.preorder_traversal(stmt.expr):
+            if not is_entry(e) or entry_name(e) not in program.tensors:
+                continue
+            layout = program.tensors[entry_name(e)].layout
+            for axis, i in enumerate(entry_indices(e)):
+                if is_entry(i) and entry_name(i) in ints and axis < len(layout) and layout[axis] is not None:
+                    found.setdefault(entry_name(i), set()).add(size_code(layout[axis].size))
+    return [(t, next(iter(sizes))) for t, sizes in sorted(found.items()) if len(sizes) == 1]
 
 
 def _size_values(info) -> str:
@@ -218,6 +245,7 @@ def render(d: Derivation, command: str | None = None, formatted: bool = True) ->
     uses_math = any(re.search(r"\bmath\.", line) for line in code.forward + code.backward + code.backward_steps)
     every_line = code.forward + code.backward + code.backward_steps + (code.in_blocks.lines if code.in_blocks else [])
     uses_windows = any("_add_windows(" in line for line in every_line)
+    checks = prologue(d)
     source = (
         _environment()
         .get_template("module.py.j2")
@@ -237,7 +265,8 @@ def render(d: Derivation, command: str | None = None, formatted: bool = True) ->
                 + ["_keep_all=False"]
             ),
             shard=code.shard,
-            prologue=prologue(d),
+            prologue=checks,
+            index_checks=any("_compiling()" in line for line in checks),
             annotated=", ".join(
                 [f"{t.name}: torch.Tensor" for t in program.inputs]
                 + [f"{p.name}: float = {float(p.default)!r}" for p in program.params]  # defaults in the schema

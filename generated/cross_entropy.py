@@ -29,6 +29,10 @@ _STEPS_ONLY_KEYS = (
 )
 
 
+# an index tensor's range is checked in eager mode on a CPU (a compiled graph cannot branch on it)
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
 class cross_entropy_Grads(NamedTuple):
     """Gradients of the output of `cross_entropy` w.r.t. each differentiable input."""
 
@@ -56,6 +60,15 @@ def cross_entropy_forward(logits, target, *, _keep_all=False):
     if target.shape[0] != N:
         raise ValueError(
             f"cross_entropy: target must be [N] with N={N}, got shape {tuple(target.shape)}"
+        )
+    if (
+        target.device.type == "cpu"
+        and not _compiling()
+        and target.numel()
+        and not (0 <= target.min() and target.max() < C)
+    ):
+        raise ValueError(
+            f"cross_entropy: target indexes a dim of size C={C}: its values must be in [0, C), got [{int(target.min())}, {int(target.max())}]"
         )
     if N == 0:
         raise ValueError(

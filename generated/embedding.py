@@ -17,6 +17,10 @@ import torch
 _STEPS_ONLY_KEYS = ()
 
 
+# an index tensor's range is checked in eager mode on a CPU (a compiled graph cannot branch on it)
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
 class embedding_Grads(NamedTuple):
     """Gradients of the output of `embedding` w.r.t. each differentiable input."""
 
@@ -41,6 +45,15 @@ def embedding_forward(C, X, *, _keep_all=False):
     E = C.shape[1]
     N = X.shape[0]
     T = X.shape[1]
+    if (
+        X.device.type == "cpu"
+        and not _compiling()
+        and X.numel()
+        and not (0 <= X.min() and X.max() < V)
+    ):
+        raise ValueError(
+            f"embedding: X indexes a dim of size V={V}: its values must be in [0, V), got [{int(X.min())}, {int(X.max())}]"
+        )
     emb = C[X, :]
     saved = {
         "C": C,

@@ -54,6 +54,10 @@ _STEPS_ONLY_KEYS = (
 )
 
 
+# an index tensor's range is checked in eager mode on a CPU (a compiled graph cannot branch on it)
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
 class makemore_mlp_Grads(NamedTuple):
     """Gradients of the output of `makemore_mlp` w.r.t. each differentiable input."""
 
@@ -148,6 +152,24 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
         )
     if Yb.shape[0] != N:
         raise ValueError(f"makemore_mlp: Yb must be [N] with N={N}, got shape {tuple(Yb.shape)}")
+    if (
+        Xb.device.type == "cpu"
+        and not _compiling()
+        and Xb.numel()
+        and not (0 <= Xb.min() and Xb.max() < V)
+    ):
+        raise ValueError(
+            f"makemore_mlp: Xb indexes a dim of size V={V}: its values must be in [0, V), got [{int(Xb.min())}, {int(Xb.max())}]"
+        )
+    if (
+        Yb.device.type == "cpu"
+        and not _compiling()
+        and Yb.numel()
+        and not (0 <= Yb.min() and Yb.max() < K)
+    ):
+        raise ValueError(
+            f"makemore_mlp: Yb indexes a dim of size K={K}: its values must be in [0, K), got [{int(Yb.min())}, {int(Yb.max())}]"
+        )
     if N == 0:
         raise ValueError(
             f"makemore_mlp: needs N != 0 (the formulas divide by it), got V={V}, E={E}, J={J}, K={K}, N={N}, T={T}"

@@ -18,6 +18,10 @@ import torch
 _STEPS_ONLY_KEYS = ()
 
 
+# an index tensor's range is checked in eager mode on a CPU (a compiled graph cannot branch on it)
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
 class token_position_embedding_Grads(NamedTuple):
     """Gradients of the output of `token_position_embedding` w.r.t. each differentiable input."""
 
@@ -60,6 +64,15 @@ def token_position_embedding_forward(tok, pos, X, *, _keep_all=False):
     if X.shape[1] != T:
         raise ValueError(
             f"token_position_embedding: X must be [N, T] with N={N}, T={T}, got shape {tuple(X.shape)}"
+        )
+    if (
+        X.device.type == "cpu"
+        and not _compiling()
+        and X.numel()
+        and not (0 <= X.min() and X.max() < V)
+    ):
+        raise ValueError(
+            f"token_position_embedding: X indexes a dim of size V={V}: its values must be in [0, V), got [{int(X.min())}, {int(X.max())}]"
         )
     out = pos + tok[X, :]
     saved = {

@@ -425,3 +425,18 @@ def test_the_python_api_refuses_what_the_command_line_refuses(tmp_path):
 
     with pytest.raises(DeriveError, match="decorate it with @op"):
         derive(plain)
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_an_index_outside_the_dim_it_indexes_is_refused_by_the_forward(bad: int):
+    """``cross_entropy_forward(logits, [0, 1, 2, -1])`` read class C-1 for -1 and its backward then
+    failed inside torch; an embedding's too."""
+    import torch
+
+    from generated.cross_entropy import cross_entropy_forward
+    from generated.embedding import embedding_forward
+
+    with pytest.raises(ValueError, match=r"target indexes a dim of size C=5: its values must be in \[0, C\)"):
+        cross_entropy_forward(torch.randn(4, 5), torch.tensor([0, 1, 2, bad]))
+    with pytest.raises(ValueError, match="X indexes a dim of size V=5"):
+        embedding_forward(torch.randn(5, 3), torch.tensor([[0, bad]]))
