@@ -543,7 +543,7 @@ def attention_block(x, gamma, beta, Wq, Wk, Wv, Wo, bo, mask, *, eps=1e-05):
     return attention_block_Function.apply(x, gamma, beta, Wq, Wk, Wv, Wo, bo, mask, eps)
 
 
-_CUSTOM_OP = None
+_CUSTOM_OPS = {}
 
 
 def register_custom_op(namespace="derive"):
@@ -551,11 +551,16 @@ def register_custom_op(namespace="derive"):
 
     Its autograd formula is derive's fused backward, which recomputes the forward's saved values
     so the op stays functional. Registration is explicit because it costs import time.
-    Returns the custom op; calling this again returns the same op.
+    Returns the custom op; calling this again with the same namespace returns the same op. An op
+    of that name another module registered there is an error: pick another namespace.
     """
-    global _CUSTOM_OP
-    if _CUSTOM_OP is not None:
-        return _CUSTOM_OP
+    if namespace in _CUSTOM_OPS:
+        return _CUSTOM_OPS[namespace]
+    if hasattr(getattr(torch.ops, namespace), "attention_block"):
+        raise RuntimeError(
+            f"torch.ops.{namespace}.attention_block is registered already (by another module of that name): "
+            "pass register_custom_op(namespace=...) another namespace"
+        )
 
     @torch.library.custom_op(f"{namespace}::attention_block", mutates_args=())
     def op(
@@ -608,5 +613,5 @@ def register_custom_op(namespace="derive"):
         )
 
     op.register_autograd(backward, setup_context=setup_context)
-    _CUSTOM_OP = op
+    _CUSTOM_OPS[namespace] = op
     return op

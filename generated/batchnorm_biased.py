@@ -323,7 +323,7 @@ def batchnorm_biased(x, gamma, beta, *, eps=1e-05):
     return batchnorm_biased_Function.apply(x, gamma, beta, eps)
 
 
-_CUSTOM_OP = None
+_CUSTOM_OPS = {}
 
 
 def register_custom_op(namespace="derive"):
@@ -331,11 +331,16 @@ def register_custom_op(namespace="derive"):
 
     Its autograd formula is derive's fused backward, which recomputes the forward's saved values
     so the op stays functional. Registration is explicit because it costs import time.
-    Returns the custom op; calling this again returns the same op.
+    Returns the custom op; calling this again with the same namespace returns the same op. An op
+    of that name another module registered there is an error: pick another namespace.
     """
-    global _CUSTOM_OP
-    if _CUSTOM_OP is not None:
-        return _CUSTOM_OP
+    if namespace in _CUSTOM_OPS:
+        return _CUSTOM_OPS[namespace]
+    if hasattr(getattr(torch.ops, namespace), "batchnorm_biased"):
+        raise RuntimeError(
+            f"torch.ops.{namespace}.batchnorm_biased is registered already (by another module of that name): "
+            "pass register_custom_op(namespace=...) another namespace"
+        )
 
     @torch.library.custom_op(f"{namespace}::batchnorm_biased", mutates_args=())
     def op(
@@ -362,5 +367,5 @@ def register_custom_op(namespace="derive"):
         )
 
     op.register_autograd(backward, setup_context=setup_context)
-    _CUSTOM_OP = op
+    _CUSTOM_OPS[namespace] = op
     return op

@@ -169,7 +169,7 @@ def linear(x, W, b):
     return linear_Function.apply(x, W, b)
 
 
-_CUSTOM_OP = None
+_CUSTOM_OPS = {}
 
 
 def register_custom_op(namespace="derive"):
@@ -177,11 +177,16 @@ def register_custom_op(namespace="derive"):
 
     Its autograd formula is derive's fused backward, which recomputes the forward's saved values
     so the op stays functional. Registration is explicit because it costs import time.
-    Returns the custom op; calling this again returns the same op.
+    Returns the custom op; calling this again with the same namespace returns the same op. An op
+    of that name another module registered there is an error: pick another namespace.
     """
-    global _CUSTOM_OP
-    if _CUSTOM_OP is not None:
-        return _CUSTOM_OP
+    if namespace in _CUSTOM_OPS:
+        return _CUSTOM_OPS[namespace]
+    if hasattr(getattr(torch.ops, namespace), "linear"):
+        raise RuntimeError(
+            f"torch.ops.{namespace}.linear is registered already (by another module of that name): "
+            "pass register_custom_op(namespace=...) another namespace"
+        )
 
     @torch.library.custom_op(f"{namespace}::linear", mutates_args=())
     def op(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -205,5 +210,5 @@ def register_custom_op(namespace="derive"):
         )
 
     op.register_autograd(backward, setup_context=setup_context)
-    _CUSTOM_OP = op
+    _CUSTOM_OPS[namespace] = op
     return op

@@ -166,7 +166,7 @@ def logsumexp(x):
     return logsumexp_Function.apply(x)
 
 
-_CUSTOM_OP = None
+_CUSTOM_OPS = {}
 
 
 def register_custom_op(namespace="derive"):
@@ -174,11 +174,16 @@ def register_custom_op(namespace="derive"):
 
     Its autograd formula is derive's fused backward, which recomputes the forward's saved values
     so the op stays functional. Registration is explicit because it costs import time.
-    Returns the custom op; calling this again returns the same op.
+    Returns the custom op; calling this again with the same namespace returns the same op. An op
+    of that name another module registered there is an error: pick another namespace.
     """
-    global _CUSTOM_OP
-    if _CUSTOM_OP is not None:
-        return _CUSTOM_OP
+    if namespace in _CUSTOM_OPS:
+        return _CUSTOM_OPS[namespace]
+    if hasattr(getattr(torch.ops, namespace), "logsumexp"):
+        raise RuntimeError(
+            f"torch.ops.{namespace}.logsumexp is registered already (by another module of that name): "
+            "pass register_custom_op(namespace=...) another namespace"
+        )
 
     @torch.library.custom_op(f"{namespace}::logsumexp", mutates_args=())
     def op(x: torch.Tensor) -> torch.Tensor:
@@ -198,5 +203,5 @@ def register_custom_op(namespace="derive"):
         return (grads.x,)
 
     op.register_autograd(backward, setup_context=setup_context)
-    _CUSTOM_OP = op
+    _CUSTOM_OPS[namespace] = op
     return op

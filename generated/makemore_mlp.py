@@ -525,7 +525,7 @@ def makemore_mlp(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05):
     return makemore_mlp_Function.apply(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, eps)
 
 
-_CUSTOM_OP = None
+_CUSTOM_OPS = {}
 
 
 def register_custom_op(namespace="derive"):
@@ -533,11 +533,16 @@ def register_custom_op(namespace="derive"):
 
     Its autograd formula is derive's fused backward, which recomputes the forward's saved values
     so the op stays functional. Registration is explicit because it costs import time.
-    Returns the custom op; calling this again returns the same op.
+    Returns the custom op; calling this again with the same namespace returns the same op. An op
+    of that name another module registered there is an error: pick another namespace.
     """
-    global _CUSTOM_OP
-    if _CUSTOM_OP is not None:
-        return _CUSTOM_OP
+    if namespace in _CUSTOM_OPS:
+        return _CUSTOM_OPS[namespace]
+    if hasattr(getattr(torch.ops, namespace), "makemore_mlp"):
+        raise RuntimeError(
+            f"torch.ops.{namespace}.makemore_mlp is registered already (by another module of that name): "
+            "pass register_custom_op(namespace=...) another namespace"
+        )
 
     @torch.library.custom_op(f"{namespace}::makemore_mlp", mutates_args=())
     def op(
@@ -590,5 +595,5 @@ def register_custom_op(namespace="derive"):
         )
 
     op.register_autograd(backward, setup_context=setup_context)
-    _CUSTOM_OP = op
+    _CUSTOM_OPS[namespace] = op
     return op

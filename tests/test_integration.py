@@ -188,6 +188,25 @@ def test_custom_ops_pass_opcheck_and_compile_without_graph_breaks():
         torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_a_custom_op_of_a_name_another_module_registered_is_refused(tmp_path):
+    """A user's ``linear`` registered after the catalogue's replaced ``torch.ops.derive.linear``
+    silently, and a second call with another namespace returned the first op."""
+    import importlib.util
+    import shutil
+
+    import generated.linear as catalogue_linear
+
+    op = catalogue_linear.register_custom_op()
+    assert catalogue_linear.register_custom_op() is op
+    shutil.copy(catalogue_linear.__file__, tmp_path / "linear.py")
+    spec = importlib.util.spec_from_file_location("users_linear", tmp_path / "linear.py")
+    users = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(users)
+    with pytest.raises(RuntimeError, match="registered already"):
+        users.register_custom_op()
+    assert "users_ns::linear" in str(users.register_custom_op("users_ns"))
+
+
 def test_an_input_may_be_called_ctx():
     """The wrapper's own context is `_ctx`: `ctx`, natural for a context vector, is the user's."""
     from derive import apply, derive, op
