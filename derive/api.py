@@ -196,7 +196,8 @@ def run(
         device = usable_device(device)  # a usage error, before any work
     if write:  # before any work: a refused folder loses nothing
         emit.writable_folder(out_dir or default_out(), option=f"out_dir={out_dir or default_out()}")
-        claim_output(out_dir or default_out(), the_op.name, spec_of(the_op, spec) if shard is None else "--shard")
+        single_catalogue_op = catalogue().get(the_op.name) is the_op and spec is None and shard is None
+        claim_output(out_dir or default_out(), the_op.name, spec_of(the_op, spec), single_catalogue_op)
     say(f"deriving {the_op.name} (trace, differentiate, simplify, lower)")
     d = derive_op(the_op, shard)
     t0 = time.perf_counter()
@@ -242,13 +243,13 @@ def run(
     return RunResult(d, source, path, written, verification, sizes, spec_text)
 
 
-def claim_output(out: Path, name: str, spec: str) -> None:
+def claim_output(out: Path, name: str, spec: str, catalogue_op: bool = True) -> None:
     """Refuse to write op ``name`` (spelled ``spec``) into ``out`` where that would overwrite a file
-    derive did not write (another package's ``__init__.py``, a module of the same name), or put a
-    user's op (or a sharded one) into derive's own ``generated/``, which holds the catalogue alone."""
-    if out.resolve() == PACKAGE_OUT.resolve() and (":" in spec or spec == "--shard"):
+    derive did not write (another package's ``__init__.py``, a module of the same name), or put an
+    op that is not the catalogue's own single-process one into derive's own ``generated/``."""
+    if out.resolve() == PACKAGE_OUT.resolve() and not catalogue_op:
         raise OutputPathError(
-            f"{out} is derive's own catalogue folder (its --check would fail on {spec if ':' in spec else name}): "
+            f"{out} is derive's own catalogue folder (its --check would fail on {spec}): "
             "write this op elsewhere with --out DIR"
         )
     init, path = out / "__init__.py", out / f"{name}.py"
@@ -331,7 +332,7 @@ def generate_all(out_dir: Path | None = None, progress: Callable[[str], None] | 
     written = []
     ops = catalogue()
     for name in ops:
-        claim_output(out, name, name)
+        claim_output(out, name, name)  # (the catalogue's own ops)
     emit.write_atomic(out / "__init__.py", _INIT)
     for k, (name, the_op) in enumerate(ops.items(), 1):
         if progress:

@@ -188,6 +188,7 @@ def cut_tensors(program: Program) -> list[str]:
     cuts = set(program.outputs) | inputs
     windows = {s.name for s in program.statements if s.kind == "window"}
     unfolds = {s.name for s in program.statements if s.kind == "window" and _unfolds(s)}
+    joined = {s.name for s in program.statements if s.name in unfolds and _reduced_alike(program, s)}
     elementwise = {s.name for s in program.statements if s.kind == "contraction" and _sums_offsets_only(s)}
     contracted = {
         n
@@ -201,9 +202,9 @@ def cut_tensors(program: Program) -> list[str]:
         if stmt.name in elementwise:
             reads -= windows  # each window's values are read once, where they are: no adjoint of their own
         if stmt.kind in ("contraction", "window"):
-            # (a padding a window reads among them; not a window another window reads: the two
-            # are one window of two dims, x[2i + kh, 2j + kw], whose adjoint is never made)
-            cuts |= reads - unfolds if stmt.name in unfolds else reads
+            # (a padding a window reads among them; not a window another window reads, where both
+            # offsets are reduced alike: one window of two dims, x[2i + kh, 2j + kw], never made)
+            cuts |= reads - unfolds if stmt.name in joined else reads
             if stmt.kind == "contraction" or stmt.name in contracted:
                 cuts.add(stmt.name)  # a window only a contraction reads: a pool's is never made
         elif len(reads & inputs) >= 2 and reads - inputs - {t.name for t in program.inputs}:
@@ -217,6 +218,34 @@ def _unfolds(stmt: Statement) -> bool:
     """A window statement that reads windows (``x[2*t + k]``), not only shifted positions (a padding)."""
     entries = [e for e in sympy.preorder_traversal(stmt.expr) if is_entry(e)]
     return any(len(free_indices(i)) >= 2 for e in entries for i in e.args)
+
+
+def _reduced_alike(program: Program, window: Statement) -> bool:
+    """Whether every reader of ``window`` reduces all its offsets by one kind of reduction: a sum
+    over them (a depthwise conv, an average pool, a conv), or a max whose one reader takes the max
+    over the rest (a max pool). Mixed (a max along one offset, a sum along the other), each window's
+    gradient is added back alone, by the faster scatter of each."""
+    offsets = {d for d in window.target.layout if d is not None and d.fixed is not None}
+    readers = [s for s in program.statements if window.name in tensor_names(s.expr)]
+    return bool(readers) and all(_chain_reduces(program, r, offsets) for r in readers)
+
+
+def _chain_reduces(program: Program, node: Statement, offsets: set) -> bool:
+    covered: set = set()
+    kind = None
+    while True:
+        sums = {dim_of(s.var) for s in sympy.preorder_traversal(node.expr) if isinstance(s, ISum)}
+        maxes = {dim_of(m.var) for m in sympy.preorder_traversal(node.expr) if isinstance(m, IMax)}
+        if bool(sums) == bool(maxes) or (kind is not None and kind != bool(sums)):
+            return False  # neither, both, or another kind than before
+        kind = bool(sums)
+        covered |= (sums | maxes) & offsets
+        if offsets <= covered:
+            return True
+        after = [s for s in program.statements if node.name in tensor_names(s.expr)]
+        if len(after) != 1:
+            return False
+        node = after[0]
 
 
 def _sums_offsets_only(stmt: Statement) -> bool:

@@ -127,10 +127,11 @@ def prologue(d: Derivation) -> list[str]:
             )
     for index, size in _index_ranges(program):  # x[-1] would read the last row, and its gradient fail
         lines.append(
-            f"if {index}.device.type == 'cpu' and not _compiling() and {index}.numel() "
-            f"and not (0 <= {index}.min() and {index}.max() < {size}):\n"
-            f'    raise ValueError(f"{name}: {index} indexes a dim of size {size}={{{size}}}: its values must be in '
-            f'[0, {size}), got [{{int({index}.min())}}, {{int({index}.max())}}]")'
+            f"if {index}.device.type == 'cpu' and not _compiling() and {index}.numel():\n"
+            f"    _range = torch.aminmax({index})  # one pass\n"
+            f"    if not (0 <= _range.min and _range.max < {size}):\n"
+            f'        raise ValueError(f"{name}: {index} indexes a dim of size {size}={{{size}}}: its values must be '
+            f'in [0, {size}), got [{{int(_range.min)}}, {{int(_range.max)}}]")'
         )
     dims = {dim.name: dim for dim in program.dims}
     for tied, partner in program.ties:

@@ -302,7 +302,9 @@ def sharded_reductions(d: Derivation) -> list[str]:
     import re
 
     local, total = d.code.shard or ("", "")
-    out = [f"{local.lower()} is split across the processes of `group`; {total} is its size over all of them"]
+    from .indexalg import dim_named_by_size
+
+    out = [f"{dim_named_by_size(local)} is split across the processes of `group`; {total} is its size over all of them"]
     for part, lines in (("forward", d.code.forward), ("backward", d.code.backward)):
         found = [line for line in lines if "_all_reduce(" in line]
         out.append(f"{part}: {len(found)} all-reduce(s)" + (":" if found else ""))

@@ -983,11 +983,10 @@ _GENERATED_NAMES = {
 def _check_generated_names(program: Program) -> None:
     """Names the generated module uses itself, and gradient names ``d<name>``, must not be taken."""
     op = program.name
-    if op in _GENERATED_NAMES or op in sys.stdlib_module_names:  # its function would shadow it, or its file
+    if op in _GENERATED_NAMES or op == "typing":  # the function would hide the module its own code uses
         raise OpDefinitionError(
-            f"op '{op}': the name is taken by "
-            + ("the generated code itself" if op in _GENERATED_NAMES else "a module of Python's standard library")
-            + " (the generated function or file would hide it); rename the op"
+            f"op '{op}': the name is taken by a module the generated code uses (its function or file would "
+            "hide it); rename the op"
         )
     taken = {f"{op}_Grads", f"{op}_forward", f"{op}_backward", f"{op}_backward_steps", f"{op}_Function", op}
     taken |= _GENERATED_NAMES

@@ -171,7 +171,7 @@ def bce_with_logits(z, y):
     return bce_with_logits_Function.apply(z, y)
 
 
-_CUSTOM_OPS = {}
+_CUSTOM_OPS: dict = {}  # namespace -> the op registered there
 
 
 def register_custom_op(namespace="derive"):

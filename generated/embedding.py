@@ -45,15 +45,12 @@ def embedding_forward(C, X, *, _keep_all=False):
     E = C.shape[1]
     N = X.shape[0]
     T = X.shape[1]
-    if (
-        X.device.type == "cpu"
-        and not _compiling()
-        and X.numel()
-        and not (0 <= X.min() and X.max() < V)
-    ):
-        raise ValueError(
-            f"embedding: X indexes a dim of size V={V}: its values must be in [0, V), got [{int(X.min())}, {int(X.max())}]"
-        )
+    if X.device.type == "cpu" and not _compiling() and X.numel():
+        _range = torch.aminmax(X)  # one pass
+        if not (0 <= _range.min and _range.max < V):
+            raise ValueError(
+                f"embedding: X indexes a dim of size V={V}: its values must be in [0, V), got [{int(_range.min)}, {int(_range.max)}]"
+            )
     emb = C[X, :]
     saved = {
         "C": C,
@@ -160,7 +157,7 @@ def embedding(C, X):
     return embedding_Function.apply(C, X)
 
 
-_CUSTOM_OPS = {}
+_CUSTOM_OPS: dict = {}  # namespace -> the op registered there
 
 
 def register_custom_op(namespace="derive"):

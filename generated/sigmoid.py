@@ -123,7 +123,7 @@ def sigmoid(x):
     return sigmoid_Function.apply(x)
 
 
-_CUSTOM_OPS = {}
+_CUSTOM_OPS: dict = {}  # namespace -> the op registered there
 
 
 def register_custom_op(namespace="derive"):

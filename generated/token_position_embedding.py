@@ -65,15 +65,12 @@ def token_position_embedding_forward(tok, pos, X, *, _keep_all=False):
         raise ValueError(
             f"token_position_embedding: X must be [N, T] with N={N}, T={T}, got shape {tuple(X.shape)}"
         )
-    if (
-        X.device.type == "cpu"
-        and not _compiling()
-        and X.numel()
-        and not (0 <= X.min() and X.max() < V)
-    ):
-        raise ValueError(
-            f"token_position_embedding: X indexes a dim of size V={V}: its values must be in [0, V), got [{int(X.min())}, {int(X.max())}]"
-        )
+    if X.device.type == "cpu" and not _compiling() and X.numel():
+        _range = torch.aminmax(X)  # one pass
+        if not (0 <= _range.min and _range.max < V):
+            raise ValueError(
+                f"token_position_embedding: X indexes a dim of size V={V}: its values must be in [0, V), got [{int(_range.min)}, {int(_range.max)}]"
+            )
     out = pos + tok[X, :]
     saved = {
         "tok": tok,
@@ -192,7 +189,7 @@ def token_position_embedding(tok, pos, X):
     return token_position_embedding_Function.apply(tok, pos, X)
 
 
-_CUSTOM_OPS = {}
+_CUSTOM_OPS: dict = {}  # namespace -> the op registered there
 
 
 def register_custom_op(namespace="derive"):

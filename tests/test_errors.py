@@ -395,7 +395,8 @@ def test_an_out_folder_never_loses_a_file_derive_did_not_write(tmp_path, capsys,
 @pytest.mark.parametrize("name", ["torch", "typing", "itertools"])
 def test_an_op_named_after_a_module_its_code_or_file_would_hide_is_refused(name: str, tmp_path, capsys):
     """An op called ``torch`` shadowed the module in its own generated code (a traceback in the
-    verification); ``typing.py`` would hide the standard library's from its folder."""
+    verification); ``typing.py`` would hide the module the generated code imports from its folder.
+    Other standard-library names (``trace``, ``select``) are fine: nothing imports them there."""
     (tmp_path / "f.py").write_text(HEADER + f'@op(x="n d")\ndef {name}(x):\n    return x * x\n')
     r = cli(capsys, f"{tmp_path / 'f.py'}:{name}", "--out", str(tmp_path / "gen"), "-q")
     assert r.returncode == 2 and "rename the op" in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -419,6 +420,14 @@ def test_the_python_api_refuses_what_the_command_line_refuses(tmp_path):
         api.run(api.resolve("tanh"), out_dir=tmp_path / "afile")
     with pytest.raises(DeviceError, match="not a torch device name"):
         api.run(api.resolve("tanh"), write=False, device="foo")
+
+    @op(x="n d")
+    def two(x):
+        return x * 2
+
+    with pytest.raises(OutputPathError, match="derive's own catalogue folder"):  # no spec: still a user's op
+        api.run(two, verify=False)
+    assert not (api.default_out() / "two.py").exists()
 
     def plain(x):
         return x
