@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("op", nargs="?", help="a catalogue op (see --list) or PATH.py:FUNCTION")
     parser.add_argument("--list", action="store_true", help="list the catalogue, one op per line")
-    parser.add_argument("--check", action="store_true", help="exit 1 and name the files if generated/ is stale")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 and name the files if generated/ (or --out DIR, your own ops) is stale",
+    )
     parser.add_argument("--all", action="store_true", help="regenerate every catalogue op into the output folder")
     parser.add_argument(
         "--out",
