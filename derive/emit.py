@@ -128,10 +128,10 @@ def prologue(d: Derivation) -> list[str]:
     for index, size in _index_ranges(program):  # x[-1] would read the last row, and its gradient fail
         lines.append(
             f"if {index}.device.type == 'cpu' and not _compiling() and {index}.numel():\n"
-            f"    _range = torch.aminmax({index})  # one pass\n"
-            f"    if not (0 <= _range.min and _range.max < {size}):\n"
+            f"    _low, _high = map(int, torch.aminmax({index}))  # one pass\n"
+            f"    if not 0 <= _low <= _high < {size}:\n"
             f'        raise ValueError(f"{name}: {index} indexes a dim of size {size}={{{size}}}: its values must be '
-            f'in [0, {size}), got [{{int(_range.min)}}, {{int(_range.max)}}]")'
+            f'in [0, {size}), got [{{_low}}, {{_high}}]")'
         )
     dims = {dim.name: dim for dim in program.dims}
     for tied, partner in program.ties:

@@ -62,10 +62,10 @@ def cross_entropy_forward(logits, target, *, _keep_all=False):
             f"cross_entropy: target must be [N] with N={N}, got shape {tuple(target.shape)}"
         )
     if target.device.type == "cpu" and not _compiling() and target.numel():
-        _range = torch.aminmax(target)  # one pass
-        if not (0 <= _range.min and _range.max < C):
+        _low, _high = map(int, torch.aminmax(target))  # one pass
+        if not 0 <= _low <= _high < C:
             raise ValueError(
-                f"cross_entropy: target indexes a dim of size C={C}: its values must be in [0, C), got [{int(_range.min)}, {int(_range.max)}]"
+                f"cross_entropy: target indexes a dim of size C={C}: its values must be in [0, C), got [{_low}, {_high}]"
             )
     if N == 0:
         raise ValueError(

@@ -46,10 +46,10 @@ def embedding_forward(C, X, *, _keep_all=False):
     N = X.shape[0]
     T = X.shape[1]
     if X.device.type == "cpu" and not _compiling() and X.numel():
-        _range = torch.aminmax(X)  # one pass
-        if not (0 <= _range.min and _range.max < V):
+        _low, _high = map(int, torch.aminmax(X))  # one pass
+        if not 0 <= _low <= _high < V:
             raise ValueError(
-                f"embedding: X indexes a dim of size V={V}: its values must be in [0, V), got [{int(_range.min)}, {int(_range.max)}]"
+                f"embedding: X indexes a dim of size V={V}: its values must be in [0, V), got [{_low}, {_high}]"
             )
     emb = C[X, :]
     saved = {

@@ -153,16 +153,16 @@ def makemore_mlp_forward(C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb, *, eps=1e-05
     if Yb.shape[0] != N:
         raise ValueError(f"makemore_mlp: Yb must be [N] with N={N}, got shape {tuple(Yb.shape)}")
     if Xb.device.type == "cpu" and not _compiling() and Xb.numel():
-        _range = torch.aminmax(Xb)  # one pass
-        if not (0 <= _range.min and _range.max < V):
+        _low, _high = map(int, torch.aminmax(Xb))  # one pass
+        if not 0 <= _low <= _high < V:
             raise ValueError(
-                f"makemore_mlp: Xb indexes a dim of size V={V}: its values must be in [0, V), got [{int(_range.min)}, {int(_range.max)}]"
+                f"makemore_mlp: Xb indexes a dim of size V={V}: its values must be in [0, V), got [{_low}, {_high}]"
             )
     if Yb.device.type == "cpu" and not _compiling() and Yb.numel():
-        _range = torch.aminmax(Yb)  # one pass
-        if not (0 <= _range.min and _range.max < K):
+        _low, _high = map(int, torch.aminmax(Yb))  # one pass
+        if not 0 <= _low <= _high < K:
             raise ValueError(
-                f"makemore_mlp: Yb indexes a dim of size K={K}: its values must be in [0, K), got [{int(_range.min)}, {int(_range.max)}]"
+                f"makemore_mlp: Yb indexes a dim of size K={K}: its values must be in [0, K), got [{_low}, {_high}]"
             )
     if N == 0:
         raise ValueError(

@@ -66,10 +66,10 @@ def token_position_embedding_forward(tok, pos, X, *, _keep_all=False):
             f"token_position_embedding: X must be [N, T] with N={N}, T={T}, got shape {tuple(X.shape)}"
         )
     if X.device.type == "cpu" and not _compiling() and X.numel():
-        _range = torch.aminmax(X)  # one pass
-        if not (0 <= _range.min and _range.max < V):
+        _low, _high = map(int, torch.aminmax(X))  # one pass
+        if not 0 <= _low <= _high < V:
             raise ValueError(
-                f"token_position_embedding: X indexes a dim of size V={V}: its values must be in [0, V), got [{int(_range.min)}, {int(_range.max)}]"
+                f"token_position_embedding: X indexes a dim of size V={V}: its values must be in [0, V), got [{_low}, {_high}]"
             )
     out = pos + tok[X, :]
     saved = {
