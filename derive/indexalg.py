@@ -29,6 +29,7 @@ __all__ = [
     "free_indices",
     "fresh_index",
     "fresh_indices",
+    "position_dim",
     "is_entry",
     "is_index",
     "may_read_past",
@@ -239,6 +240,15 @@ class Flat(sympy.Function):
 
     def _sympystr(self, printer) -> str:
         return f"{printer._print(self.args[0])}.{int(self.args[1])}"
+
+
+def position_dim(a: sympy.Basic) -> Dim | None:
+    """The dim ``a`` is a position in, when it shows: an index of it, or an argmax over it."""
+    if is_index(a):
+        return dim_of(a)
+    if isinstance(a, ArgMax):
+        return dim_of(a.var)
+    return None
 
 
 _ENTRY_CLASSES: dict[str, type] = {}

@@ -33,6 +33,7 @@ from .indexalg import (
     is_entry,
     is_index,
     may_read_past,
+    position_dim,
     positions_in_range,
     substitute_indices,
     tensor_names,
@@ -96,7 +97,8 @@ def _unpack_delta(f: sympy.Basic) -> list[sympy.Basic]:
     """``δ(f, (t, e))`` for an index ``f`` of a flattened dim is ``δ(f.0, t)·δ(f.1, e)``: one delta per part."""
     if isinstance(f, sympy.KroneckerDelta):
         for a, b in (f.args, f.args[::-1]):
-            if isinstance(b, Pack) and is_index(a) and len(dim_of(a).parts) == len(b.args):
+            dim = position_dim(a)
+            if isinstance(b, Pack) and dim is not None and len(dim.parts) == len(b.args):
                 return [sympy.KroneckerDelta(Flat(a, p), part) for p, part in enumerate(b.args)]
     return [f]
 

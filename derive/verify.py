@@ -556,7 +556,9 @@ class _Interpreter:
         if isinstance(e, Flat):
             f, p = self.index(e.args[0], env), int(e.args[1])
             of = e.args[0]
-            parts = (self.index_dims[entry_name(of)] if is_entry(of) else dim_of(of)).parts
+            parts = (
+                self.index_dims[entry_name(of)] if is_entry(of) else dim_of(of.var if isinstance(of, ArgMax) else of)
+            ).parts
             coords = []
             for part in reversed(parts):
                 coords.append(f % _dim_size(part, self.sizes))
@@ -589,6 +591,9 @@ class _Interpreter:
             vals = [self.eval(e.body, {**env, e.var: v}) for v in range(self.size(e.var))]
             nums = [float(v.xreplace(self.point) if self.point is not None else v) for v in vals]
             return sympy.Integer(nums.index(max(nums)))
+        if isinstance(e, (Flat, Pack)):  # a position inside an index expression: ``j + argmax.0``
+            at = self.index(e, env)
+            return sympy.Integer(at) if isinstance(at, int) else at
         if isinstance(e, sympy.KroneckerDelta):
             a, b = self.index(e.args[0], env), self.index(e.args[1], env)
             if isinstance(a, int) and isinstance(b, int):

@@ -1950,7 +1950,21 @@ def test_a_value_at_a_position_is_scattered_not_a_one_hot_times_the_value():
     made and multiplied by ``dout``; ``dout``'s values are now scattered at the argmax."""
     d = derive(max_of_flat_windows)
     backward = "\\n".join(d.code.backward)
-    assert ", 1.0)" not in backward and "scatter_(" in backward, backward
+    assert ", 1.0)" not in backward and ("scatter_(" in backward or ".put_(" in backward), backward
+    assert verify(d, load_module(render(d, formatted=False), d.name)).ok
+
+
+@op(x="n d k", y="n")
+def scaled_max_of_flattened(x, y):
+    return (x * y).flatten("d", "k").max("dk")
+
+
+def test_a_value_read_at_a_flattened_argmax_is_gathered_not_summed_against_a_one_hot():
+    """``Σ_d Σ_k x·δ((d, k), argmax)`` (CI's property run): the delta on a flattened position was
+    not split into one per part, so ``dy`` summed ``x`` against an ``(N, D*K)`` one-hot."""
+    d = derive(scaled_max_of_flattened)
+    backward = "\n".join(d.code.backward)
+    assert ", 1.0)" not in backward, backward
     assert verify(d, load_module(render(d, formatted=False), d.name)).ok
 
 

@@ -35,6 +35,7 @@ from ..indexalg import (
     fresh_indices,
     is_entry,
     is_index,
+    position_dim,
     rename_bound,
     substitute_indices,
     tensor_names,
@@ -577,13 +578,10 @@ class Lowerer:
     def _flat_part(self, e: Flat) -> Val:
         """Coordinate ``p`` of positions in a flattened dim (``idx.1`` of ``idx`` into ``(n d)``): ``idx % D``."""
         of, p = e.args
-        if is_index(of):
-            dim = dim_of(of)
-        elif isinstance(of, ArgMax):
-            dim = dim_of(of.var)
-        elif is_entry(of) and entry_name(of) in self.positions:
+        dim = position_dim(of)
+        if dim is None and is_entry(of) and entry_name(of) in self.positions:
             dim = self.positions[entry_name(of)]
-        else:
+        if dim is None:
             raise OpDefinitionError(f"cannot lower {e}: the flattened dim of {of} is not known")
         parts = dim.parts
         val = self.lower(of)
