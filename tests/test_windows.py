@@ -393,3 +393,32 @@ def test_windows_reduced_unalike_fold_back_one_at_a_time(first, then):
     assert any(line.startswith("dwin1 = ") for line in d.code.backward), d.code.backward
     module = load_module(render(d, formatted=False), "mixed")
     assert verify(d, module).ok
+
+
+@pytest.mark.parametrize("first,second", [((3, 1, 1), (2, 1, 1)), ((3, 2, 1), (2, 1, 1)), ((2, 1, 2), (3, 2, 1))])
+def test_two_windows_along_one_dim_add_their_offsets_back_without_making_the_windows(first, second):
+    """A window of windows along one dim (an average of an average: ``x[t*s2*s1 + e*s1 + k*d1]``)
+    sums back one strided view per pair of offsets; it expanded ``dout`` to the windows' size
+    (``K·E`` times the input) for one ``index_add_`` (review)."""
+    (k1, s1, d1), (k2, s2, d2) = first, second
+
+    @op(x="n t c")
+    def pool_of_pool(x):
+        inner = x.unfold("t", k1, s1, "k", dilation=d1)
+        return inner.unfold("t", k2, s2, "e", dilation=d2).sum("k").sum("e")
+
+    d = derive(pool_of_pool)
+    backward = "\n".join(d.code.backward)
+    assert "_add_windows(" in backward and "index_add_" not in backward, backward
+    module = load_module(render(d, formatted=False), "pool_of_pool")
+    x = torch.randn(2, 19, 3, dtype=torch.float64, requires_grad=True)
+    inner = F.conv1d(x.transpose(1, 2), torch.ones(3, 1, k1, dtype=x.dtype), stride=s1, dilation=d1, groups=3)
+    want = F.conv1d(inner, torch.ones(3, 1, k2, dtype=x.dtype), stride=s2, dilation=d2, groups=3).transpose(1, 2)
+    out, saved = module.pool_of_pool_forward(x.detach())
+    torch.testing.assert_close(out, want.detach())
+    dout = torch.randn(want.shape, dtype=torch.float64)
+    with TensorSizes() as sizes:
+        (dx,) = module.pool_of_pool_backward(dout, saved)
+    torch.testing.assert_close(dx, torch.autograd.grad(want, x, dout)[0])
+    assert sizes.largest <= x.numel(), (sizes.largest, sizes.largest_op)
+    assert verify(d, module).ok

@@ -821,7 +821,8 @@ class Lowerer:
         if ungathered is not None:
             return ungathered
         scatter = (
-            self._index_put(body, indices, preferred)
+            self._scatter_then_fold(body, indices)
+            or self._index_put(body, indices, preferred)
             or self._scatter(body, indices)
             or self._scatter_shifted(body, indices)
             or self._fold(body, indices)
@@ -1165,7 +1166,7 @@ class Lowerer:
                 if not all(is_index(i) for i in lead) or not summed or len(set(lead)) != len(lead):
                     continue
                 rest_expr = substitute_indices(body / f, {v: pick})  # f(v)·δ(v, p) = f(p)·δ(v, p)
-                split = self._scatter_first(rest_expr, f, indices, summed)
+                split = self._scatter_first(body / f, f, (v, pick), indices, summed)
                 if split is not None:
                     return self.lower(split)
                 for k in [i for i in indices if i not in lead]:
@@ -1176,6 +1177,43 @@ class Lowerer:
                 batch = tuple(i for i in lead if i not in indices)
                 other = tuple(a for a in rest.axes if a not in lead)
                 return self._scatter_add(pick, v, rest, rest_expr, batch, summed, other)
+        return None
+
+    def _scatter_then_fold(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
+        """``Σ_{S,k} A[S]·w[k]·δ(v, p[S] + k)``: windows read at gathered positions (``take`` of a
+        pooled tensor) scatter ``A`` to ``p`` first, then add the windows back (``_fold``): one index
+        per entry of ``A``, not one per entry and offset (``K`` times ``A``'s size)."""
+        summed = set(indices)
+        for f in sympy.Mul.make_args(body):
+            if not isinstance(f, sympy.KroneckerDelta):
+                continue
+            for pick, v in (f.args, f.args[::-1]):
+                if not (is_index(v) and v not in summed and isinstance(pick, sympy.Add)):
+                    continue
+                terms = sympy.Add.make_args(pick)
+                at = [t for t in terms if self._position(t) or self._gathered_position(t)]
+                moving = {i for t in terms if t not in at for i in free_indices(t)}
+                if len(at) != 1 or not moving <= summed or moving & free_indices(at[0]):
+                    continue
+                if not free_indices(at[0]) & (summed - moving):
+                    continue  # one position per result entry (a max's): put there, no scatter to sum
+                if any(t.as_coeff_Mul()[1] == 1 or not is_index(t.as_coeff_Mul()[1]) for t in terms if t not in at):
+                    continue  # a constant shift (a padding's) would read before the start: not a window
+                dim = dim_of(at[0].var) if isinstance(at[0], ArgMax) else self.positions.get(entry_name(at[0]))
+                factors = sympy.Mul.make_args(body / f)
+                if dim is None or dim.parts or any(v in free_indices(g) for g in factors):
+                    continue
+                along = [g for g in factors if free_indices(g) & moving]
+                scattered_part = [g for g in factors if not free_indices(g) & moving]
+                if any(free_indices(g) & (summed - moving) for g in along):
+                    continue  # a factor of an offset and a scattered entry at once: no split
+                q = fresh_index(dim, set(free_indices(body)) | set(bound_indices(body)) | summed | {v})
+                inner = [i for i in indices if i not in moving]
+                named = self._named(_summed(sympy.Mul(*scattered_part) * sympy.KroneckerDelta(q, at[0]), inner), "s")
+                if named is None:
+                    continue
+                folded = sympy.Mul(*along) * named * sympy.KroneckerDelta(v, pick.xreplace({at[0]: q}))
+                return self.lower(_summed(folded, [i for i in indices if i in moving] + [q]))
         return None
 
     def _scatter_shifted(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
@@ -1218,16 +1256,25 @@ class Lowerer:
         return is_entry(e) and self.layouts[entry_name(e)].is_int
 
     def _scatter_first(
-        self, rest: sympy.Expr, delta: sympy.KroneckerDelta, indices: list[sympy.Symbol], summed: Axes
+        self,
+        rest: sympy.Expr,
+        delta: sympy.KroneckerDelta,
+        route: tuple[sympy.Symbol, sympy.Expr],
+        indices: list[sympy.Symbol],
+        summed: Axes,
     ) -> sympy.Expr | None:
         """``Σ_{k,m} A[m]·B[k, m]·δ(v, idx[k])`` as ``Σ_m A[m]·(Σ_k B[k, m]·δ(v, idx[k]))`` when summing
         ``m`` before the scatter would make a value no forward tensor is as large as (``A`` and ``B``
-        meeting over ``k``), and scattering first does not."""
-        before = free_indices(rest) - (set(indices) - set(summed))  # the source the scatter would read
-        if self._fits_named(frozenset(before)):
-            return None
+        meeting over ``k``), or would read a factor of ``v`` at ``idx[k]`` into a copy that large
+        (``Σ_{k,n} A[k, n]·w[n, v]·δ(v, idx[k])``: ``w`` is read at ``v`` after ``A`` is scattered)."""
+        v, pick = route
         factors = sympy.Mul.make_args(rest)
-        result = free_indices(rest) - set(indices)
+        at_pick = [substitute_indices(g, {v: pick}) for g in factors]  # what the scatter would read
+        before = free_indices(sympy.Mul(*at_pick)) - (set(indices) - set(summed))
+        copies = [g for g in at_pick if self._gathers(g) and not self._fits_named(frozenset(free_indices(g)))]
+        if self._fits_named(frozenset(before)) and not copies:
+            return None
+        result = free_indices(rest) - set(indices) - {v}
         # the factors that read a scattered index; else those of them that read no result index, the
         # indices they share with the others kept as axes of the scatter (Σ_{j,k} dout[j, k]·y[d, k]·
         # δ(n, idx[j, k]) scatters dout alone into [N, K], then one matmul with y)
@@ -1238,7 +1285,8 @@ class Lowerer:
             over = [k for k in summed if not any(k in free_indices(g) for g in outer)]
             if not outer or not inner or not over:
                 continue
-            scattered = ISum(sympy.Mul(*inner) * delta, over[0])
+            inside = [substitute_indices(g, {v: pick}) for g in inner]
+            scattered = ISum(sympy.Mul(*inside) * delta, over[0])
             for k in over[1:]:
                 scattered = ISum(scattered, k)
             if not self._admissible(frozenset(free_indices(scattered))):
@@ -1286,8 +1334,8 @@ class Lowerer:
                 others = [a for a in rest.axes if a not in lead]
                 sizes = [size_code(dim_of(a).size) for a in others]
                 strided = _strided_windows(pick, lead)
-                if strided is not None:  # one strided add of a view per offset: no copy of the windows
-                    (at, step), (offset, dilation) = strided
+                if strided is not None and len(strided[1]) == 1:  # a strided add of a view per offset
+                    (at, step), ((offset, dilation),) = strided
                     order = tuple(others[:pos]) + (at,) + tuple(others[pos:]) + (offset,)
                     shape = shape_tuple(sizes[:pos] + [size_code(dim_of(v).size)] + sizes[pos:])
                     factors = self._offset_factors(rest_expr, offset, set(rest.axes)) if not missing else None
@@ -1321,13 +1369,15 @@ class Lowerer:
                     if strided is not None:
                         windows.append((f, v, *strided))
                         break
-        used = [i for _, _, at, offset in windows for i in (at[0], offset[0])]
-        if len(windows) < 2 or len(set(used)) != len(used) or len({v for _, v, _, _ in windows}) != len(windows):
+        used = [i for _, _, at, offsets in windows for i in (at[0], *(k for k, _ in offsets))]
+        several = len(windows) > 1 or any(len(offsets) > 1 for *_, offsets in windows)
+        if not several or len(set(used)) != len(used) or len({v for _, v, _, _ in windows}) != len(windows):
             return None
         rest_expr = body / sympy.Mul(*(f for f, _, _, _ in windows))
         for k in [i for i in indices if i not in used]:
             rest_expr = ISum(rest_expr, k)
-        offsets = {offset[0] for _, _, _, offset in windows}
+        looped = [(v, at, k, dilation) for _, v, at, offsets in windows for k, dilation in offsets]
+        offsets = {k for _, _, k, _ in looped}
         factors = self._offset_factors(rest_expr, offsets, free_indices(rest_expr))
         vals = factors or [self.lower(rest_expr)]
         ordered = list(dict.fromkeys(a for f in vals for a in f.axes if a not in offsets))
@@ -1335,10 +1385,9 @@ class Lowerer:
             return None
         at_of = {at[0]: v for _, v, at, _ in windows}
         out_axes = tuple(at_of.get(a, a) for a in ordered)
-        order = tuple(ordered) + tuple(offset[0] for _, _, _, offset in windows)
+        order = tuple(ordered) + tuple(k for _, _, k, _ in looped)
         spec = ", ".join(
-            f"({out_axes.index(v)}, {at[1]}, {offset[1]}, {size_code(dim_of(offset[0]).size)})"
-            for _, v, at, offset in windows
+            f"({out_axes.index(v)}, {at[1]}, {dilation}, {size_code(dim_of(k).size)})" for v, at, k, dilation in looped
         )
         src = ", ".join(self.align(f, order, strip=False) for f in vals)
         shape = shape_tuple([size_code(dim_of(a).size) for a in out_axes])
@@ -2221,18 +2270,19 @@ def _positional_deltas(e: sympy.Expr, indices: tuple[sympy.Symbol, ...], layouts
 
 def _strided_windows(
     pick: sympy.Expr, lead: tuple[sympy.Symbol, ...]
-) -> tuple[tuple[sympy.Symbol, int], tuple[sympy.Symbol, int]] | None:
-    """``((t, step), (k, dilation))`` for a window position ``t*step + k*dilation`` read along one
-    dim, ``k`` the index of fewer values (the offsets, looped over); None for another form."""
-    if len(lead) != 2:
+) -> tuple[tuple[sympy.Symbol, int], tuple[tuple[sympy.Symbol, int], ...]] | None:
+    """``((t, step), ((k, dilation), ...))`` for a window position ``t*step + k*dilation + ...`` read
+    along one dim (two windows on one dim add their offsets: ``t + k + e``), the offsets the indices
+    of fewer values (looped over); None for another form."""
+    if len(lead) < 2:
         return None
     coefficients = [pick.coeff(i) for i in lead]
     if not all(c.is_Integer and c > 0 for c in coefficients) or sympy.expand(
         pick - sum(c * i for c, i in zip(coefficients, lead))
     ):
         return None
-    (a, ca), (b, cb) = sorted(zip(lead, coefficients), key=lambda ic: (_fixed_size(ic[0]), str(ic[0])), reverse=True)
-    return (a, int(ca)), (b, int(cb))
+    (a, ca), *offsets = sorted(zip(lead, coefficients), key=lambda ic: (_fixed_size(ic[0]), str(ic[0])), reverse=True)
+    return (a, int(ca)), tuple((b, int(cb)) for b, cb in offsets)
 
 
 def _fixed_size(i: sympy.Symbol) -> int:
