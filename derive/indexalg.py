@@ -30,6 +30,7 @@ __all__ = [
     "fresh_index",
     "fresh_indices",
     "position_dim",
+    "size_key",
     "is_entry",
     "is_index",
     "may_read_past",
@@ -240,6 +241,11 @@ class Flat(sympy.Function):
 
     def _sympystr(self, printer) -> str:
         return f"{printer._print(self.args[0])}.{int(self.args[1])}"
+
+
+def size_key(d: Dim) -> str:
+    """What tells two plain dims' lengths apart: their size (a renamed dim has its source's)."""
+    return str(d.size)
 
 
 def position_dim(a: sympy.Basic) -> Dim | None:

@@ -1665,6 +1665,17 @@ REPROS = {
         '@op(x="n d", y="j d", idx="int k")\ndef comp(x, y, idx):\n',
         lambda: [_x(3, 4), _x(2, 4, seed=1), torch.tensor([0, 3, 3, 1, 2])],
     ),
+    "a sum written six times inline, its dim renamed (the forward contracted windows with windows: 3x the op's)": (
+        'a = lambda: (x.pad("n", 0, 1).unfold("n", 2, 1, "j") * y).sum("j")  # unnamed each time\n'
+        '    return ((a() * a() * a()).sum("m") * (a() * a() * a()).sum("m")).sum("n").rename(d="r")',
+        '@op(x="n d", y="j m")\ndef comp(x, y):\n',
+        lambda: [_x(4, 2), _x(2, 6, seed=1)],
+    ),
+    "a sqrt branch of a sum's terms (autograd's reference was NaN where the branch is not taken)": (
+        'return apply(lambda u: sympy.Piecewise((sympy.sqrt(u + 1) - 1, u > 0), (u / 2, True)), x + x.sum("n", keepdim=True))',
+        '@op(x="n d")\ndef comp(x):\n',
+        lambda: [_x(6, 5) - 1.5],
+    ),
     "a window's mean gathered (an index per gathered entry and offset, M x J x N)": (
         'return ((x.pad("d", 1, 0).unfold("d", 2, 1, "j")).mean("j")).take(idx, "d")',
         '@op(x="n d", idx="int m n")\ndef comp(x, idx):\n',
@@ -1677,7 +1688,10 @@ REPROS = {
 def test_a_composition_the_hunt_found(what: str):
     body, header, inputs = REPROS[what]
     d, module = _generated(f"{header}    {body}\n")
-    _check_module(d, module, inputs(), lambda shape: _x(*shape, seed=3))
+    given = inputs()
+    sizes = {dim.name: n for t, x in zip(d.program.inputs, given) for dim, n in zip(t.layout, x.shape) if dim}
+    as_written = max(math.prod(_dim_size(x, sizes) for x in layout) for layout in d.program.written)
+    _check_module(d, module, given, lambda shape: _x(*shape, seed=3), as_written)
     _no_blow_up_at_larger_sizes(d, module)
     for shape in _ONE_HOT.findall("\n".join(d.code.backward)):  # none along two dims (item 4)
         assert "," not in shape.strip().rstrip(","), "\n".join(d.code.backward)

@@ -29,12 +29,13 @@ from ..indexalg import (
     free_indices,
     is_entry,
     is_index,
+    size_key,
     substitute_indices,
     tensor_names,
 )
 from ..notation import text
 from ..program import Program, TensorInfo
-from ..simplify import recognize, stable_forward
+from ..simplify import canonical_bound, recognize, stable_forward
 from . import blocks, extrema, regions, share
 from .finite import finite_values, may_overflow, stays_finite
 from .lowerer import Lowerer, Sharding
@@ -179,6 +180,8 @@ def lower_program(
     # the statements as written; a stabler form only when the op asks for it (@op(stable_forward=True))
     stabler = (lambda s: stable_forward(s, statements)) if program.stable_forward else None
     written = [s.expr if stabler is None else stabler(s) for s in statements]
+    # a sum written twice inline is one value (Σ_j a·Σ_j2 a is (Σ_j a)**2), not a network of both
+    written = [canonical_bound(e) for e in written]
     # a value an earlier statement holds, written again inside another ((x @ W) twice), is read, not
     # recomputed; a statement that is that value whole stays a tensor of its own (an output, say)
     read_again = [recognize(e, statements[:k], powers=False) for k, e in enumerate(written)]
@@ -807,7 +810,7 @@ def _admissible(program: Program, written: bool = True) -> list[Counter[str]]:
     """
 
     def plain(dims: list[Dim]) -> Counter[str]:
-        return Counter(p.name for d in dims for p in (d.parts or (d,)))
+        return Counter(size_key(p) for d in dims for p in (d.parts or (d,)))
 
     out = [plain(list(t.dims)) for t in program.tensors.values()]
     out += [plain(list(d)) for d in program.written] if written else []

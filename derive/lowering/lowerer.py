@@ -35,6 +35,7 @@ from ..indexalg import (
     fresh_indices,
     is_entry,
     is_index,
+    size_key,
     position_dim,
     rename_bound,
     substitute_indices,
@@ -2349,9 +2350,10 @@ def _full_ops(e: sympy.Expr, full: set[sympy.Symbol], stand_ins: dict[sympy.Symb
 
 
 def _parts(index: sympy.Symbol) -> tuple[str, ...]:
-    """The plain dims an index ranges over (several for a flattened dim)."""
+    """The sizes of the plain dims an index ranges over (several for a flattened dim), by which
+    values are compared: a renamed dim (``rename(d="r")``) is as long as its source."""
     d = dim_of(index)
-    return tuple(p.name for p in d.parts) if d.parts else (d.name,)
+    return tuple(size_key(p) for p in (d.parts or (d,)))
 
 
 def size_variables(dims: tuple[Dim, ...]) -> list[str]:

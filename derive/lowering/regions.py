@@ -169,7 +169,29 @@ def guarded(e: sympy.Expr) -> sympy.Expr:
         >>> guarded(sympy.Piecewise((sympy.sqrt(u), u > 0), (u, True)))
         Piecewise((sqrt(Max(0, u)), u > 0), (u, True))
     """
-    return _each_branch(e, lambda value, bounds: value.xreplace(_clamps(bounds)) if _singular(value) else value)
+    return _each_branch(e, lambda value, bounds: _clamped_in(value, _clamps(bounds)) if _singular(value) else value)
+
+
+def _clamped_in(value: sympy.Expr, clamps: dict[sympy.Expr, sympy.Expr]) -> sympy.Expr:
+    """``value`` reading each bounded value clamped, where it stands whole (``sqrt(u)``) or as the
+    terms of a larger sum, either sign (``sqrt(a - b + 1)`` for ``b < a``: ``sqrt(Max(a - b, 0) + 1)``)."""
+    out = value.xreplace(clamps)
+    for u, clamp in clamps.items():
+        if not isinstance(u, sympy.Add):
+            continue
+        for sign in (1, -1):
+            terms = set(sympy.Add.make_args(sympy.expand(sign * u)))
+
+            def holds(n: sympy.Basic, terms: set = terms, sign: int = sign) -> bool:
+                return isinstance(n, sympy.Add) and (terms < set(n.args) or (sign < 0 and terms == set(n.args)))
+
+            def clamped_sum(
+                n: sympy.Expr, terms: set = terms, sign: int = sign, clamp: sympy.Expr = clamp
+            ) -> sympy.Expr:
+                return sign * clamp + sympy.Add(*(t for t in n.args if t not in terms))
+
+            out = out.replace(holds, clamped_sum)
+    return out
 
 
 def _singular(value: sympy.Expr) -> bool:
