@@ -1676,6 +1676,12 @@ REPROS = {
         '@op(x="n d")\ndef comp(x):\n',
         lambda: [_x(6, 5) - 1.5],
     ),
+    "a hardtanh of a relu of a max over padded windows (the reference folded the relu into a clamp: gradient 1 at 0)": (
+        'm = lambda: apply(lambda u: sympy.Max(u, 0), x.pad("d", 0, 2).unfold("d", 3, 1, "j").max("j"))\n'
+        '    return apply(lambda u: sympy.Piecewise((-1.5, u < -1.5), (1.5, u > 1.5), (u, True)), m()).sum("d")',
+        '@op(x="n d")\ndef comp(x):\n',
+        lambda: [_x(3, 5) - 2.0],
+    ),
     "a window's mean gathered (an index per gathered entry and offset, M x J x N)": (
         'return ((x.pad("d", 1, 0).unfold("d", 2, 1, "j")).mean("j")).take(idx, "d")',
         '@op(x="n d", idx="int m n")\ndef comp(x, idx):\n',

@@ -288,13 +288,15 @@ class TorchCodePrinter(TorchPrinter):
     def _print_Max(self, expr: sympy.Expr) -> str:
         return self._print_extremum(expr, "torch.maximum", "torch.clamp_min")
 
+    relu_in_clamps = True  # min(max(v, 0), hi) as torch.clamp(v, 0, hi): one pass, the same values
+
     def _print_Min(self, expr: sympy.Expr) -> str:
         highs = [a for a in expr.args if is_constant(a)]
         inner = [a for a in expr.args if not is_constant(a)]
         if highs and len(inner) == 1 and isinstance(inner[0], sympy.Max):  # min(max(v, lo), hi): a clamp
             lows = [a for a in inner[0].args if is_constant(a)]
             values = [a for a in inner[0].args if not is_constant(a)]
-            if lows and len(values) == 1:
+            if lows and len(values) == 1 and (self.relu_in_clamps or sympy.Max(*lows) != 0):
                 low, high = sympy.Max(*lows), sympy.Min(*highs)
                 return f"torch.clamp({self._print(values[0])}, {self._print(low)}, {self._print(high)})"
         return self._print_extremum(expr, "torch.minimum", "torch.clamp_max")
@@ -422,7 +424,12 @@ class FaithfulPrinter(TorchCodePrinter):
     ``x**-1`` stays a power and ``c * Σx`` with ``c = 1/(N - 1)`` stays a multiplication by the
     reciprocal (the op language's ``mean`` is exactly that): the same float operations as the
     user's program, so the forward and the atom-by-atom chain can agree with autograd bit for bit.
+    ``min(max(v, 0), hi)`` stays a relu then a ``clamp_max``: autograd's relu'(0) is 0, as derive
+    takes it, where ``torch.clamp(v, 0, hi)`` passes the gradient at 0 (SymPy folds a hardtanh of
+    a relu, ``min(max(max(v, 0), -1.5), 1.5)``, into that form).
     """
+
+    relu_in_clamps = False
 
     def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
         base, exp = expr.as_base_exp()
