@@ -1682,6 +1682,12 @@ REPROS = {
         '@op(x="n d")\ndef comp(x):\n',
         lambda: [_x(3, 5) - 2.0],
     ),
+    "a derivative that is numbers on both sides of a break (torch.where(c, 0, 2): int64, then add_ of a float)": (
+        "f = lambda u: sympy.Piecewise((2 * u + 1, u < 0.5), (2.0, True))\n"
+        '    return (x.max("d") + apply(f, x.max("d")).sum("n", keepdim=True)).mean("n").sum("k")',
+        '@op(x="n d k")\ndef comp(x):\n',
+        lambda: [_x(3, 4, 5)],
+    ),
     "a window's mean gathered (an index per gathered entry and offset, M x J x N)": (
         'return ((x.pad("d", 1, 0).unfold("d", 2, 1, "j")).mean("j")).take(idx, "d")',
         '@op(x="n d", idx="int m n")\ndef comp(x, idx):\n',

@@ -222,7 +222,7 @@ class TorchCodePrinter(TorchPrinter):
                 condition = " & ".join(f"({comparison(self, *s.args)})" for s in step.args)
             else:
                 condition = f"{atom(self._print(step))} > 0"
-            return f"torch.where({condition}, {self._print(a)}, {self._print(b)})"
+            return f"torch.where({condition}, {self._print(a)}, {self._numbers_typed(expr, b)})"
         with self.steps_as_floats():  # lerp reads floats only: a branch that is a step is a float mask
             return f"torch.lerp({self._print(b)}, {self._print(a)}, {mask})"
 
@@ -347,16 +347,32 @@ class TorchCodePrinter(TorchPrinter):
         return f"torch.abs({self._print(expr.args[0])})"
 
     def _print_Piecewise(self, expr: sympy.Expr) -> str:
-        """``torch.where`` nested in the order written: the first branch whose condition holds."""
+        """``torch.where`` nested in the order written: the first branch whose condition holds.
+
+        Numbers in every branch (a derivative of pieces linear in ``u``, ``where(u < 0.5, 2, 0)``)
+        take the dtype of a tensor the conditions read: ``torch.where`` of two Python ints is an
+        int64 tensor, which an in-place ``add_`` of a float cannot update."""
         *branches, (last, cond) = expr.args
         code = (
             self._print(last)
             if cond == sympy.true
             else f"torch.where({self._print(cond)}, {self._print(last)}, torch.nan)"
         )
+        if cond == sympy.true and all(v.is_number for v, _ in expr.args):
+            code = self._numbers_typed(expr, last)
         for value, condition in reversed(branches):
             code = f"torch.where({self._print(condition)}, {self._print(value)}, {code})"
         return code
+
+    def _numbers_typed(self, expr: sympy.Expr, value: sympy.Expr) -> str:
+        """``value``, the last branch of a select whose branches are all numbers, as a 0-dim tensor of
+        the dtype of a tensor ``expr`` reads: ``torch.where(c, 0, 2)`` would be int64 (no in-place
+        ``add_`` of a float onto it), ``torch.where(c, 0.0, 2.0)`` the default dtype, not float64."""
+        named = sorted((s.name for s in expr.free_symbols if is_tensor_code(s)), key=len)
+        branches = [v for v, _ in expr.args] if isinstance(expr, sympy.Piecewise) else list(expr.args[:2])
+        if not named or not all(v.is_number for v in branches):
+            return self._print(value)
+        return f"{named[0]}.new_tensor({float(value)!r})"
 
     def _print_Relational(self, expr: sympy.Expr) -> str:
         sides = [self._print(s) if s.is_number else atom(self._print(s)) for s in (expr.lhs, expr.rhs)]
