@@ -132,26 +132,30 @@ def _no_blow_up(what: str, sizes: TensorSizes, bound: int) -> None:
 
 
 def _no_blow_up_at_larger_sizes(d: Any, module: Any) -> None:
-    """The invariant again with every plain dim 6 to 9 long (a window keeps its length): at the
-    drawn sizes, 1 to 3, a copy of a window's ``K·E`` values per position can still be smaller than
-    the padded input the forward made. The bound counts every tensor of the forward as written
-    (``program.written``). Sizes only: the values were checked at the drawn sizes."""
+    """The invariant again with every plain dim 6 to 9 long (a window keeps its length), in the
+    order the dims appear and reversed: at the drawn sizes, 1 to 3, a copy of a window's ``K·E``
+    values per position can still be smaller than the padded input the forward made, and an
+    ``N x D x D`` value hides behind ``N x D x K`` while ``D <= K``. The bound counts every tensor
+    of the forward as written (``program.written``). Sizes only: the values were checked at the
+    drawn sizes."""
     p = d.program
-    sizes = p.tie(default_sizes(p, 6))
-    inputs = example_inputs(p, sizes, torch.float64, seed=1)
-    params = {q.name: q.default for q in p.params}
-    with TensorSizes() as forward_sizes:
-        out, saved = getattr(module, f"{p.name}_forward")(*inputs, **params)
-    outs = list(out) if p.several_outputs else [out]
-    named = [v.numel() for v in _forward_function(d)(*inputs, **params).values() if isinstance(v, torch.Tensor)]
-    as_written = [math.prod(_dim_size(x, sizes) for x in layout) for layout in p.written]
-    bound = max([forward_sizes.largest] + [t.numel() for t in [*inputs, *outs]] + named + as_written)
-    g: Any = tuple(torch.ones_like(o) for o in outs) if p.several_outputs else None
-    if not p.several_outputs and out.dim():
-        g = torch.ones_like(out)
-    with TensorSizes() as sizes_made:
-        getattr(module, f"{p.name}_backward")(g, saved)
-    _no_blow_up("fused backward at larger sizes", sizes_made, bound)
+    ascending = default_sizes(p, 6)
+    for order in (ascending, dict(zip(ascending, reversed(ascending.values())))):
+        sizes = p.tie(order)
+        inputs = example_inputs(p, sizes, torch.float64, seed=1)
+        params = {q.name: q.default for q in p.params}
+        with TensorSizes() as forward_sizes:
+            out, saved = getattr(module, f"{p.name}_forward")(*inputs, **params)
+        outs = list(out) if p.several_outputs else [out]
+        named = [v.numel() for v in _forward_function(d)(*inputs, **params).values() if isinstance(v, torch.Tensor)]
+        as_written = [math.prod(_dim_size(x, sizes) for x in layout) for layout in p.written]
+        bound = max([forward_sizes.largest] + [t.numel() for t in [*inputs, *outs]] + named + as_written)
+        g: Any = tuple(torch.ones_like(o) for o in outs) if p.several_outputs else None
+        if not p.several_outputs and out.dim():
+            g = torch.ones_like(out)
+        with TensorSizes() as sizes_made:
+            getattr(module, f"{p.name}_backward")(g, saved)
+        _no_blow_up(f"fused backward at sizes {sizes}", sizes_made, bound)
 
 
 def _check_module(
@@ -1480,7 +1484,7 @@ REPROS = {
     "a shared value that cancels and takes an axis with it (t1 - (x + t1) lost k)": (
         'return (x * y * w).sum("d") - (x + (x * y * w).sum("d"))',
         '@op(x="n d", y="d k", w="d")\ndef comp(x, y, w):\n',
-        lambda: [_x(2, 3), _x(3, 4, seed=1), _x(3, seed=2)],
+        lambda: [_x(2, 5), _x(5, 3, seed=1), _x(5, seed=2)],
     ),
     "one minus a step (bool arithmetic: `1 - mask`, addcmul of a mask)": (
         'return x - apply(lambda u: sympy.Min(u, 0.5), x), x.max("d")',
@@ -1687,6 +1691,11 @@ REPROS = {
         '    return (x.max("d") + apply(f, x.max("d")).sum("n", keepdim=True)).mean("n").sum("k")',
         '@op(x="n d k")\ndef comp(x):\n',
         lambda: [_x(3, 4, 5)],
+    ),
+    "a sum over a sum of two products of a matrix and a batch (a·b + c·e made whole: N x D x D)": (
+        'h = lambda: (x * y * w).sum("d")\n' '    return (((y * y) * h()).sum("k") * h() * x).sum("n"), tanh(w @ y)',
+        '@op(x="n d", y="d k", w="d")\ndef comp(x, y, w):\n',
+        lambda: [_x(2, 5), _x(5, 3, seed=1), _x(5, seed=2)],
     ),
     "a window's mean gathered (an index per gathered entry and offset, M x J x N)": (
         'return ((x.pad("d", 1, 0).unfold("d", 2, 1, "j")).mean("j")).take(idx, "d")',

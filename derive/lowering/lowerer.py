@@ -831,6 +831,10 @@ class Lowerer:
         if scatter is not None:
             return scatter
         summed = frozenset(indices)
+        for f in sympy.Mul.make_args(body):  # Σ (a·b + c·e)·x with a·b larger than any forward tensor
+            if isinstance(f, sympy.Add) and not self._admissible(frozenset(free_indices(f))):
+                rest = body / f
+                return self.lower(sympy.Add(*(_summed(t * rest, indices) for t in f.args)))
         scalars, groups = factor_groups(body, summed)
         # factors of one layout multiply elementwise (once per function when several sums share them);
         # the groups contract pairwise, cheapest first
