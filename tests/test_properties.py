@@ -1697,6 +1697,18 @@ REPROS = {
         '@op(x="n d", y="d k", w="d")\ndef comp(x, y, w):\n',
         lambda: [_x(2, 5), _x(5, 3, seed=1), _x(5, seed=2)],
     ),
+    "a sum of windowed sums gathered (the sums' rows copied out at every gathered position, K x M x D)": (
+        'h = lambda: (x.pad("n", 0, 2).unfold("n", 2, 1, "j", dilation=2) * y).sum("j")\n'
+        '    return (h() * y * h()).sum("d").take(idx, "n")',
+        '@op(x="n d", y="j d", idx="int k m")\ndef comp(x, y, idx):\n',
+        lambda: [_x(2, 3), _x(2, 3, seed=1), torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 1, 1]])],
+    ),
+    "a 2-D window's contraction flattened, one factor along the flat dim's first part only (y[j, e, nd.0])": (
+        'win = x.pad("d", 0, 4).unfold("d", 3, 1, "j", dilation=2).pad("k", 0, 2).unfold("k", 2, 1, "e", dilation=2)\n'
+        '    return (alpha * (win * y).sum("j").sum("e").flatten("n", "d")).take(idx, "k")',
+        '@op(x="n d k", y="j e n", idx="int d")\ndef comp(x, y, idx, alpha=0.75):\n',
+        lambda: [_x(2, 3, 4), _x(3, 2, 2, seed=1), torch.tensor([3, 0, 1])],
+    ),
     "a window's mean gathered (an index per gathered entry and offset, M x J x N)": (
         'return ((x.pad("d", 1, 0).unfold("d", 2, 1, "j")).mean("j")).take(idx, "d")',
         '@op(x="n d", idx="int m n")\ndef comp(x, idx):\n',

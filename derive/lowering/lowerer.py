@@ -576,12 +576,27 @@ class Lowerer:
                 return self._elementwise(sympy.Mul(*rest) * sympy.Symbol(stand_in), {stand_in: shared})
         return self._elementwise(e)
 
-    def _flat_part(self, e: Flat) -> Val:
-        """Coordinate ``p`` of positions in a flattened dim (``idx.1`` of ``idx`` into ``(n d)``): ``idx % D``."""
-        of, p = e.args
+    def _flattened_dim(self, of: sympy.Basic) -> Dim | None:
+        """The flattened dim ``of`` is a position in: an index's, an argmax's, a gathered position's."""
         dim = position_dim(of)
         if dim is None and is_entry(of) and entry_name(of) in self.positions:
             dim = self.positions[entry_name(of)]
+        return dim
+
+    def _all_parts_at(self, idx: tuple[sympy.Basic, ...], k: int) -> bool:
+        """Whether ``idx[k:]`` starts with every coordinate of one flattened position in order
+        (``f.0, f.1``: the axes merge into one, read at ``f``); with some missing (``y[j, nd.0]``, a
+        tensor of ``n`` read along ``(n d)``) the coordinates are computed and gathered instead."""
+        f = idx[k].args[0]
+        dim = self._flattened_dim(f)
+        if dim is None or not dim.parts:  # not known here: the axes merge as they stand
+            return True
+        return list(idx[k : k + len(dim.parts)]) == [Flat(f, p) for p in range(len(dim.parts))]
+
+    def _flat_part(self, e: Flat) -> Val:
+        """Coordinate ``p`` of positions in a flattened dim (``idx.1`` of ``idx`` into ``(n d)``): ``idx % D``."""
+        of, p = e.args
+        dim = self._flattened_dim(of)
         if dim is None:
             raise OpDefinitionError(f"cannot lower {e}: the flattened dim of {of} is not known")
         parts = dim.parts
@@ -677,7 +692,7 @@ class Lowerer:
                 new_dims += list(d.parts)
                 reshaped = True
                 k += 1
-            elif isinstance(i, Flat) and int(i.args[1]) == 0:
+            elif isinstance(i, Flat) and int(i.args[1]) == 0 and self._all_parts_at(idx, k):
                 f = i.args[0]  # an index of a flattened dim, or a gathered position in one
                 n = 1
                 while k + n < len(idx) and idx[k + n] == Flat(f, n):
@@ -902,10 +917,14 @@ class Lowerer:
         return self._gather_last(move)
 
     def _read_whole(self, f: sympy.Expr, taken: set, picks: dict[sympy.Symbol, sympy.Expr]) -> sympy.Expr | None:
-        """An elementwise function of reads at gathered positions (``step(v0[p, d])·y[p, d]**2``) with
-        each position ``p`` read at an index of its dim (recorded in ``picks``, shared by the factors);
-        None when a position stands along two dims or the function sums inside."""
-        if f.has(ISum, IMax):
+        """A function of reads at gathered positions (``step(v0[p, d])·y[p, d]**2``, or the square
+        of a sum of such reads, ``(Σ_j w[p, d, j]·y[j, d])**2``) with each position ``p`` read at an
+        index of its dim (recorded in ``picks``, shared by the factors); None when a position
+        stands along two dims, depends on an index the function sums over, or sits in a max."""
+        if f.has(IMax) or any(
+            isinstance(n, ISum) and any(n.var in free_indices(i) for i in self._positions_in(n))
+            for n in sympy.preorder_traversal(f)
+        ):
             return None
         mine: dict[sympy.Expr, tuple[sympy.Symbol, Dim]] = {}
         for leaf in sympy.preorder_traversal(f):
@@ -927,6 +946,10 @@ class Lowerer:
             return None
         picks.update({k: p for p, (k, _) in mine.items()})
         return whole
+
+    def _positions_in(self, f: sympy.Expr) -> list[sympy.Basic]:
+        """The gathered positions ``f`` reads tensors at."""
+        return [i for e in sympy.preorder_traversal(f) if is_entry(e) for i in entry_indices(e) if self._position(i)]
 
     def _gathers(self, f: sympy.Expr) -> bool:
         """Whether ``f`` reads some tensor at gathered positions (``x[d, idx[m]]``, ``x[argmax, d] ** 2``)."""
