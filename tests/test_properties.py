@@ -1716,6 +1716,12 @@ REPROS = {
         '@op(x="n d k", y="j e n", idx="int d")\ndef comp(x, y, idx, alpha=0.75):\n',
         lambda: [_x(2, 3, 4), _x(3, 2, 2, seed=1), torch.tensor([3, 0, 1])],
     ),
+    "a row sum read at gathered rows beside other gathered reads (the rows copied out whole, D x K x K)": (
+        'return (((x * y) * ((y * ((x + y).sum("k", keepdim=True))).take(idx, "n"))).sum("d"))'
+        '.pad("k", 0, 1).unfold("k", 2, 1, "j")',
+        '@op(x="1 d", y="n d k", idx="int d k")\ndef comp(x, y, idx):\n',
+        lambda: [_x(1, 3), _x(2, 3, 4, seed=1), torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 1, 1]])],
+    ),
     "a window's mean gathered (an index per gathered entry and offset, M x J x N)": (
         'return ((x.pad("d", 1, 0).unfold("d", 2, 1, "j")).mean("j")).take(idx, "d")',
         '@op(x="n d", idx="int m n")\ndef comp(x, idx):\n',

@@ -913,7 +913,8 @@ class Lowerer:
         by_sum = set().union(*(free_indices(p) & summed for p in picks.values()))
         move = _Ungather(plain, others, picks, by_sum, indices)
         if by_sum:  # rows in bags read each gathered row once: never the count matrix of all rows
-            return self._bag(move) or self._scatter_positions(move)
+            # (or, what only the gathered rows sum over summed before they are gathered)
+            return self._bag(move) or self._scatter_positions(move) or self._gather_last(move)
         return self._gather_last(move)
 
     def _read_whole(self, f: sympy.Expr, taken: set, picks: dict[sympy.Symbol, sympy.Expr]) -> sympy.Expr | None:
