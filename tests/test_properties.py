@@ -1722,6 +1722,11 @@ REPROS = {
         '@op(x="1 d", y="n d k", idx="int d k")\ndef comp(x, y, idx):\n',
         lambda: [_x(1, 3), _x(2, 3, 4, seed=1), torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 1, 1]])],
     ),
+    "a sum of a max over a middle dim, gathered by an index whose dim is the summed one (x.max(d).sum(k).take)": (
+        'return x.max("d").sum("k").take(idx, "n")',
+        '@op(x="n d k", idx="int k m")\ndef comp(x, idx):\n',
+        lambda: [_x(2, 3, 5), torch.tensor([[0, 1], [1, 1], [0, 0], [1, 0], [0, 1]])],
+    ),
     "a window's mean gathered (an index per gathered entry and offset, M x J x N)": (
         'return ((x.pad("d", 1, 0).unfold("d", 2, 1, "j")).mean("j")).take(idx, "d")',
         '@op(x="n d", idx="int m n")\ndef comp(x, idx):\n',

@@ -818,7 +818,9 @@ def _admissible(program: Program, written: bool = True) -> list[Counter[str]]:
     for s in program.statements:
         for node in sympy.preorder_traversal(s.expr):
             if isinstance(node, (IMax, ArgMax)):
-                axes: list[Dim] = [dim_of(i) for i in free_indices(node.body) if not _only_in_positions(i, node.body)]
+                axes: list[Dim] = [
+                    dim_of(i) for i in free_indices(node.body) if not _only_in_positions(i, node.body, tensors)
+                ]
                 gathered: list[Dim] = []  # each dim read at gathered positions counts once
                 for e in sympy.preorder_traversal(node.body):
                     if is_entry(e) and entry_name(e) in tensors:
@@ -832,10 +834,12 @@ def _admissible(program: Program, written: bool = True) -> list[Counter[str]]:
     return out
 
 
-def _only_in_positions(i: sympy.Symbol, body: sympy.Expr) -> bool:
-    """Whether index ``i`` occurs in ``body`` only inside gathered positions (``idx[n]`` in ``y[d, idx[n]]``)."""
+def _only_in_positions(i: sympy.Symbol, body: sympy.Expr, tensors: dict[str, TensorInfo]) -> bool:
+    """Whether index ``i`` occurs in ``body`` only inside gathered positions (``idx[n]`` in ``y[d, idx[n]]``):
+    the integer tensor's own entry ``idx[n]`` is a position, not an axis of the max's body."""
     for e in sympy.preorder_traversal(body):
-        if is_entry(e) and i in entry_indices(e):
+        position = entry_name(e) in tensors and tensors[entry_name(e)].is_int if is_entry(e) else False
+        if is_entry(e) and not position and i in entry_indices(e):
             return False
     return True
 

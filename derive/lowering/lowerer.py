@@ -918,12 +918,12 @@ class Lowerer:
         return self._gather_last(move)
 
     def _read_whole(self, f: sympy.Expr, taken: set, picks: dict[sympy.Symbol, sympy.Expr]) -> sympy.Expr | None:
-        """A function of reads at gathered positions (``step(v0[p, d])·y[p, d]**2``, or the square
-        of a sum of such reads, ``(Σ_j w[p, d, j]·y[j, d])**2``) with each position ``p`` read at an
-        index of its dim (recorded in ``picks``, shared by the factors); None when a position
-        stands along two dims, depends on an index the function sums over, or sits in a max."""
-        if f.has(IMax) or any(
-            isinstance(n, ISum) and any(n.var in free_indices(i) for i in self._positions_in(n))
+        """A function of reads at gathered positions (``step(v0[p, d])·y[p, d]**2``, the square of
+        a sum of such reads, ``(Σ_j w[p, d, j]·y[j, d])**2``, a max of them) with each position
+        ``p`` read at an index of its dim (recorded in ``picks``, shared by the factors); None when
+        a position stands along two dims or depends on an index the function sums or maximises over."""
+        if any(
+            isinstance(n, (ISum, IMax)) and any(n.var in free_indices(i) for i in self._positions_in(n))
             for n in sympy.preorder_traversal(f)
         ):
             return None
@@ -960,16 +960,16 @@ class Lowerer:
 
     def _read_at_targets(self, body: sympy.Expr, summed: set) -> sympy.Expr | None:
         """``f(x[n, p])·δ(d, p)`` is ``f(x[n, d])·δ(d, p)``: what is read at a position a delta routes
-        to a result index reads that index instead (no gather); None if nothing is."""
+        to a result index reads that index instead (no gather), in any factor, a delta's own
+        argmax too (``δ(d, argmax(x[idx[k], d2]))·δ(n, idx[k])``); None if nothing is."""
         targets: dict[sympy.Expr, sympy.Symbol] = {}
-        deltas = [f for f in sympy.Mul.make_args(body) if isinstance(f, sympy.KroneckerDelta)]
-        for f in deltas:
-            for v, p in (f.args, f.args[::-1]):
+        factors = sympy.Mul.make_args(body)
+        for f in factors:
+            for v, p in (f.args, f.args[::-1]) if isinstance(f, sympy.KroneckerDelta) else ():
                 if is_index(v) and v not in summed and self._position(p):
                     targets.setdefault(p, v)
-        rest = [f for f in sympy.Mul.make_args(body) if not isinstance(f, sympy.KroneckerDelta)]
         mapping: dict[sympy.Expr, sympy.Expr] = {}
-        for e in sympy.preorder_traversal(sympy.Mul(*rest)):
+        for e in sympy.preorder_traversal(body):
             if not is_entry(e) or e in mapping or entry_name(e) not in self.layouts:
                 continue
             dims = self.layouts[entry_name(e)].dims
@@ -980,7 +980,7 @@ class Lowerer:
                 mapping[e] = entry(entry_name(e), idx)
         if not mapping:
             return None
-        return sympy.Mul(*(f.xreplace(mapping) for f in rest), *deltas)
+        return sympy.Mul(*(f.xreplace(mapping) for f in factors))
 
     def _position(self, i: sympy.Basic) -> bool:
         """An index that is a gathered position: an integer input's entry, or an argmax."""
@@ -1065,7 +1065,8 @@ class Lowerer:
         # m, read at m = idx[j, k]: an [M, K] sum, not the gathered [J, K, D] copy)
         for inner in ([g for g in reads_sum if not free_indices(g) & batch], reads_sum):
             outer = [g for g in others if not any(g is f for f in inner)]
-            inside = [s for s in indices if not any(s in free_indices(g) for g in outer)]
+            # (never an index a position reads: it is read at the position, after the sum)
+            inside = [s for s in indices if s not in move.by_sum and not any(s in free_indices(g) for g in outer)]
             if not inside:
                 continue
             named = self._named(_summed(sympy.Mul(*plain, *inner), inside), "r")
