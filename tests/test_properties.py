@@ -197,9 +197,9 @@ def _check_module(
     else:
         g = None if out.dim() == 0 else draw_grad(tuple(out.shape))
     want = autograd_grads(d, inputs, g)
-    for name, grad in want.items():  # sigmoid written 1/(1 + exp(-u)) at u = -800: inf/inf in autograd
+    for wrt, grad in want.items():  # sigmoid written 1/(1 + exp(-u)) at u = -800: inf/inf in autograd
         if not bool(grad.isfinite().all()):
-            raise Rejected(f"autograd's reference for {name} is not finite")
+            raise Rejected(f"autograd's reference for {wrt} is not finite")
     with TensorSizes() as sizes:
         fused = getattr(module, f"{name}_backward")(g, saved)._asdict()
     _no_blow_up("fused backward", sizes, bound)
