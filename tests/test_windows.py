@@ -348,6 +348,19 @@ def test_a_depthwise_conv2d_loops_over_both_offsets():
     assert verify(d, module).ok
 
 
+def _matches_torch(module, name: str, x: torch.Tensor, want: torch.Tensor) -> tuple[TensorSizes, TensorSizes]:
+    """The generated forward and its dx against PyTorch's layer ``want`` of ``x`` (one input);
+    returns the sizes the forward and the backward made."""
+    with TensorSizes() as forward:
+        out, saved = getattr(module, f"{name}_forward")(x.detach())
+    torch.testing.assert_close(out, want.detach())
+    dout = torch.randn(want.shape, dtype=torch.float64)
+    with TensorSizes() as backward:
+        (dx,) = getattr(module, f"{name}_backward")(dout, saved)
+    torch.testing.assert_close(dx, torch.autograd.grad(want, x, dout)[0])
+    return forward, backward
+
+
 @pytest.mark.parametrize("kernel,step,pad", [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
 def test_a_2d_max_pool_puts_dout_at_its_maxima_straight_into_the_input_gradient(kernel, step, pad):
     """``x.unfold("h", ...).unfold("w", ...).max("kh").max("kw")``: each window's maximum found by
@@ -367,13 +380,7 @@ def test_a_2d_max_pool_puts_dout_at_its_maxima_straight_into_the_input_gradient(
     x = torch.randn(2, 7, 6, 3, dtype=torch.float64, requires_grad=True)
     padded = F.pad(x.permute(0, 3, 1, 2), (pad,) * 4)  # zeros, as x.pad (F.max_pool2d pads with -inf)
     want = F.max_pool2d(padded, kernel, step).permute(0, 2, 3, 1)
-    with TensorSizes() as forward:
-        out, saved = module.pool2d_forward(x.detach())
-    torch.testing.assert_close(out, want.detach())
-    dout = torch.randn(want.shape, dtype=torch.float64)
-    with TensorSizes() as sizes:
-        (dx,) = module.pool2d_backward(dout, saved)
-    torch.testing.assert_close(dx, torch.autograd.grad(want, x, dout)[0])
+    forward, sizes = _matches_torch(module, "pool2d", x, want)
     assert sizes.largest <= max(forward.largest, x.numel()), (sizes.largest, sizes.largest_op)
     assert verify(d, module).ok
 
@@ -414,11 +421,6 @@ def test_two_windows_along_one_dim_add_their_offsets_back_without_making_the_win
     x = torch.randn(2, 19, 3, dtype=torch.float64, requires_grad=True)
     inner = F.conv1d(x.transpose(1, 2), torch.ones(3, 1, k1, dtype=x.dtype), stride=s1, dilation=d1, groups=3)
     want = F.conv1d(inner, torch.ones(3, 1, k2, dtype=x.dtype), stride=s2, dilation=d2, groups=3).transpose(1, 2)
-    out, saved = module.pool_of_pool_forward(x.detach())
-    torch.testing.assert_close(out, want.detach())
-    dout = torch.randn(want.shape, dtype=torch.float64)
-    with TensorSizes() as sizes:
-        (dx,) = module.pool_of_pool_backward(dout, saved)
-    torch.testing.assert_close(dx, torch.autograd.grad(want, x, dout)[0])
+    _, sizes = _matches_torch(module, "pool_of_pool", x, want)
     assert sizes.largest <= x.numel(), (sizes.largest, sizes.largest_op)
     assert verify(d, module).ok

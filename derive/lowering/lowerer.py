@@ -1214,36 +1214,33 @@ class Lowerer:
         pooled tensor) scatter ``A`` to ``p`` first, then add the windows back (``_fold``): one index
         per entry of ``A``, not one per entry and offset (``K`` times ``A``'s size)."""
         summed = set(indices)
-        for f in sympy.Mul.make_args(body):
-            if not isinstance(f, sympy.KroneckerDelta):
+        for f, pick, v in _routes(body):
+            if v in summed or not isinstance(pick, sympy.Add):
                 continue
-            for pick, v in (f.args, f.args[::-1]):
-                if not (is_index(v) and v not in summed and isinstance(pick, sympy.Add)):
-                    continue
-                terms = sympy.Add.make_args(pick)
-                at = [t for t in terms if self._position(t) or self._gathered_position(t)]
-                moving = {i for t in terms if t not in at for i in free_indices(t)}
-                if len(at) != 1 or not moving <= summed or moving & free_indices(at[0]):
-                    continue
-                if not free_indices(at[0]) & (summed - moving):
-                    continue  # one position per result entry (a max's): put there, no scatter to sum
-                if any(t.as_coeff_Mul()[1] == 1 or not is_index(t.as_coeff_Mul()[1]) for t in terms if t not in at):
-                    continue  # a constant shift (a padding's) would read before the start: not a window
-                dim = dim_of(at[0].var) if isinstance(at[0], ArgMax) else self.positions.get(entry_name(at[0]))
-                factors = sympy.Mul.make_args(body / f)
-                if dim is None or dim.parts or any(v in free_indices(g) for g in factors):
-                    continue
-                along = [g for g in factors if free_indices(g) & moving]
-                scattered_part = [g for g in factors if not free_indices(g) & moving]
-                if any(free_indices(g) & (summed - moving) for g in along):
-                    continue  # a factor of an offset and a scattered entry at once: no split
-                q = fresh_index(dim, set(free_indices(body)) | set(bound_indices(body)) | summed | {v})
-                inner = [i for i in indices if i not in moving]
-                named = self._named(_summed(sympy.Mul(*scattered_part) * sympy.KroneckerDelta(q, at[0]), inner), "s")
-                if named is None:
-                    continue
-                folded = sympy.Mul(*along) * named * sympy.KroneckerDelta(v, pick.xreplace({at[0]: q}))
-                return self.lower(_summed(folded, [i for i in indices if i in moving] + [q]))
+            terms = sympy.Add.make_args(pick)
+            at = [t for t in terms if self._position(t) or self._gathered_position(t)]
+            moving = {i for t in terms if t not in at for i in free_indices(t)}
+            if len(at) != 1 or not moving <= summed or moving & free_indices(at[0]):
+                continue
+            if not free_indices(at[0]) & (summed - moving):
+                continue  # one position per result entry (a max's): put there, no scatter to sum
+            if any(t.as_coeff_Mul()[1] == 1 or not is_index(t.as_coeff_Mul()[1]) for t in terms if t not in at):
+                continue  # a constant shift (a padding's) would read before the start: not a window
+            dim = dim_of(at[0].var) if isinstance(at[0], ArgMax) else self.positions.get(entry_name(at[0]))
+            factors = sympy.Mul.make_args(body / f)
+            if dim is None or dim.parts or any(v in free_indices(g) for g in factors):
+                continue
+            along = [g for g in factors if free_indices(g) & moving]
+            scattered_part = [g for g in factors if not free_indices(g) & moving]
+            if any(free_indices(g) & (summed - moving) for g in along):
+                continue  # a factor of an offset and a scattered entry at once: no split
+            q = fresh_index(dim, set(free_indices(body)) | set(bound_indices(body)) | summed | {v})
+            inner = [i for i in indices if i not in moving]
+            named = self._named(_summed(sympy.Mul(*scattered_part) * sympy.KroneckerDelta(q, at[0]), inner), "s")
+            if named is None:
+                continue
+            folded = sympy.Mul(*along) * named * sympy.KroneckerDelta(v, pick.xreplace({at[0]: q}))
+            return self.lower(_summed(folded, [i for i in indices if i in moving] + [q]))
         return None
 
     def _scatter_shifted(self, body: sympy.Expr, indices: list[sympy.Symbol]) -> Val | None:
@@ -1251,32 +1248,29 @@ class Lowerer:
         maximum was read (its window's start plus the argmax), one ``scatter_add_``, no window-sized
         buffer. Positions a padding added fall outside ``v``: the scatter runs on the padded length
         and keeps ``v``'s part."""
-        for f in sympy.Mul.make_args(body):
-            if not isinstance(f, sympy.KroneckerDelta):
+        for f, pick, v in _routes(body):
+            if v in indices or not isinstance(pick, sympy.Add):
                 continue
-            for pick, v in (f.args, f.args[::-1]):
-                if not (is_index(v) and v not in indices and isinstance(pick, sympy.Add)):
-                    continue
-                bounds = _position_bounds(pick, self.positions)
-                rest_expr = body / f
-                if bounds is None or v in free_indices(rest_expr):
-                    continue
-                lead = tuple(sorted(free_indices(pick), key=str))
-                summed = tuple(i for i in lead if i in indices)
-                if not summed:
-                    continue
-                for k in [i for i in indices if i not in lead]:
-                    rest_expr = ISum(rest_expr, k)
-                rest = self.lower(rest_expr)
-                batch = tuple(i for i in lead if i not in indices)
-                other = tuple(a for a in rest.axes if a not in lead)
-                low, length = _span(pick, v, self.positions)
-                padded = self._scatter_add(pick - low, v, rest, rest_expr, batch, summed, other, length)
-                if low == 0 and length == size_code(dim_of(v).size):
-                    return padded
-                axis = padded.axes.index(v)
-                code = f"{atom(padded.code)}.narrow({axis}, {size_code(-low)}, {size_code(dim_of(v).size)})"
-                return Val(code, padded.axes)
+            bounds = _position_bounds(pick, self.positions)
+            rest_expr = body / f
+            if bounds is None or v in free_indices(rest_expr):
+                continue
+            lead = tuple(sorted(free_indices(pick), key=str))
+            summed = tuple(i for i in lead if i in indices)
+            if not summed:
+                continue
+            for k in [i for i in indices if i not in lead]:
+                rest_expr = ISum(rest_expr, k)
+            rest = self.lower(rest_expr)
+            batch = tuple(i for i in lead if i not in indices)
+            other = tuple(a for a in rest.axes if a not in lead)
+            low, length = _span(pick, v, self.positions)
+            padded = self._scatter_add(pick - low, v, rest, rest_expr, batch, summed, other, length)
+            if low == 0 and length == size_code(dim_of(v).size):
+                return padded
+            axis = padded.axes.index(v)
+            code = f"{atom(padded.code)}.narrow({axis}, {size_code(-low)}, {size_code(dim_of(v).size)})"
+            return Val(code, padded.axes)
         return None
 
     def _gathered_position(self, e: sympy.Expr) -> bool:
@@ -1873,6 +1867,16 @@ def _read_through(e: sympy.Expr, common: set[sympy.Expr], shared: sympy.Expr, st
         return (term / shared) * stand_in if common <= set(sympy.Mul.make_args(term)) else term
 
     return sympy.Add(*(read(t) for t in sympy.Add.make_args(sympy.expand(e)))) if e != 0 else e
+
+
+def _routes(body: sympy.Expr):
+    """Each delta factor of ``body`` read both ways round, ``(delta, pick, v)`` with ``v`` an index:
+    ``δ(v, pick)`` routes the entry at ``pick`` to ``v``."""
+    for f in sympy.Mul.make_args(body):
+        if isinstance(f, sympy.KroneckerDelta):
+            for pick, v in (f.args, f.args[::-1]):
+                if is_index(v):
+                    yield f, pick, v
 
 
 def _summed(e: sympy.Expr, indices: list[sympy.Symbol]) -> sympy.Expr:
